@@ -1,0 +1,145 @@
+"""The exo wire protocol: every message, in one place.
+
+Transport
+    Nodes and API frontends each hold a DEALER connected to the broker's ROUTER
+    (default port 52416). A message is ONE ZeroMQ frame: a msgpack map. On the
+    ROUTER side the frame is preceded by the peer's routing identity. The broker
+    also binds a PUB (default 52417) for cluster state; nothing that must arrive
+    travels on PUB alone.
+
+Envelope (every message)
+    v    int   protocol version, VERSION below. Checked at HELLO: a peer of
+               another version is refused (REFUSED) and both sides log why.
+    t    str   message type, one of TYPES.
+    rid  str   request id: present on all request traffic (SUBMIT, GENERATE,
+               TOKENS, FAIL, CANCEL, ACCEPTED).
+
+Conversation
+    peer -> broker  HELLO {role: "node"|"frontend", peer_id, name, info?}
+    broker -> peer  WELCOME {peer_id, heartbeat_s, expiry_s} | REFUSED {reason}
+    peer -> broker  HEARTBEAT {status?}      every heartbeat_s, both directions
+    broker -> peer  HEARTBEAT {}
+    broker -> peer  RECONNECT {reason}       the broker does not know this peer
+                                             (it restarted or expired it): send HELLO again
+    node -> broker  INFO {info}              the node's facts changed (models on disk...)
+
+    frontend -> broker  SUBMIT {rid, model, kind, payload, params}
+    broker -> frontend  ACCEPTED {rid, node}  or FAIL {rid, status, code, message}
+    broker -> node      GENERATE {rid, model, kind, payload, params}
+    node -> broker      TOKENS {rid, ids, text, finish?, usage?}   one per engine step
+    broker -> frontend  TOKENS (relayed unchanged)
+    node -> broker      FAIL {rid, status, code, message}          relayed to the frontend
+    frontend -> broker  CANCEL {rid}         broker forwards CANCEL {rid} to the node
+    frontend -> broker  QUERY {qid, what}    broker answers REPLY {qid, data}
+    node -> broker      STATE {state}        "loading"/"ready" progress for a request's model
+
+Robustness
+    Frames that are not msgpack maps, lack v/t, carry an unknown type, miss a
+    required field, or exceed MAX_FRAME bytes are dropped and counted by reason
+    (Counters); none is fatal. Liveness: a peer silent for expiry_s is dead;
+    ZeroMQ's own heartbeats (ZMQ_HEARTBEAT_*) also drop dead TCP connections.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+VERSION = 1
+MAX_FRAME = 8 * 1024 * 1024
+
+HEARTBEAT_S = 0.25
+EXPIRY_S = 1.5
+
+DEFAULT_ROUTER_PORT = 52416
+DEFAULT_PUB_PORT = 52417
+DEFAULT_API_PORT = 52415
+
+# Required fields per type, with their Python types.
+TYPES: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "HELLO": {"role": str, "peer_id": str},
+    "WELCOME": {"peer_id": str},
+    "REFUSED": {"reason": str},
+    "HEARTBEAT": {},
+    "RECONNECT": {"reason": str},
+    "INFO": {"info": dict},
+    "SUBMIT": {"rid": str, "model": str, "kind": str, "payload": (dict, list, str), "params": dict},
+    "ACCEPTED": {"rid": str, "node": str},
+    "GENERATE": {
+        "rid": str,
+        "model": str,
+        "kind": str,
+        "payload": (dict, list, str),
+        "params": dict,
+    },
+    "TOKENS": {"rid": str, "ids": list, "text": str},
+    "FAIL": {"rid": str, "status": int, "code": str, "message": str},
+    "CANCEL": {"rid": str},
+    "STATE": {"rid": str, "state": str},
+    "QUERY": {"qid": str, "what": str},
+    "REPLY": {"qid": str, "data": (dict, list)},
+}
+
+ROLES = ("node", "frontend")
+
+
+class ProtocolError(ValueError):
+    """A frame that must be dropped; `reason` is the counter it goes to."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+@dataclass(slots=True)
+class Message:
+    type: str
+    fields: dict[str, Any]
+    version: int = VERSION
+
+    def __getitem__(self, key: str) -> Any:
+        return self.fields[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.fields.get(key, default)
+
+
+def encode(type_: str, **fields: Any) -> bytes:
+    if type_ not in TYPES:
+        raise ValueError(f"unknown message type {type_}")
+    fields["v"] = VERSION
+    fields["t"] = type_
+    return msgpack.packb(fields, use_bin_type=True)
+
+
+def decode(frame: bytes | memoryview, max_frame: int = MAX_FRAME) -> Message:
+    """Parse one frame or raise ProtocolError. The version is returned, not enforced:
+    HELLO decides what to do with a peer of another version."""
+    if len(frame) > max_frame:
+        raise ProtocolError("oversize", f"{len(frame)} bytes > {max_frame}")
+    try:
+        obj = msgpack.unpackb(frame, raw=False, strict_map_key=True)
+    except Exception as e:  # msgpack raises several unrelated types
+        raise ProtocolError("undecodable", type(e).__name__) from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("undecodable", "not a map")
+    version, type_ = obj.pop("v", None), obj.pop("t", None)
+    if not isinstance(version, int) or not isinstance(type_, str):
+        raise ProtocolError("no_envelope")
+    spec = TYPES.get(type_)
+    if spec is None:
+        raise ProtocolError("unknown_type", type_[:40])
+    for name, kind in spec.items():
+        if not isinstance(obj.get(name), kind):
+            raise ProtocolError("bad_fields", f"{type_}.{name}")
+    return Message(type_, obj, version)
+
+
+class Counters(Counter[str]):
+    """Dropped-frame counts by reason, plus anything else worth counting."""
+
+    def snapshot(self) -> dict[str, int]:
+        return dict(self)
