@@ -1,0 +1,299 @@
+"""The OpenAI-compatible HTTP API. It holds no model: every request becomes a
+SUBMIT to the broker, and the tokens that come back are streamed out."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from exo.api.client import BrokerClient, BrokerUnavailable
+from exo.api.errors import error_body, error_response
+from exo.api.schemas import ChatRequest, CompletionRequest, Sampling, first_error
+from exo.broker import protocol as P
+
+log = logging.getLogger(__name__)
+
+KEEPALIVE_S = 5.0
+
+
+@dataclass
+class Job:
+    """One request on its way through the cluster, as the API sees it."""
+
+    rid: str
+    kind: str  # "chat" | "completion"
+    model: str
+    queue: asyncio.Queue[P.Message]
+    created: int = field(default_factory=lambda: int(time.time()))
+    peeked: list[P.Message] = field(default_factory=list)
+
+    @property
+    def id(self) -> str:
+        return f"chatcmpl-{self.rid}" if self.kind == "chat" else f"cmpl-{self.rid}"
+
+    def chunk(
+        self, text: str | None, finish: str | None = None, first: bool = False
+    ) -> dict[str, Any]:
+        if self.kind == "chat":
+            delta: dict[str, Any] = {}
+            if first:
+                delta["role"] = "assistant"
+            if text is not None:
+                delta["content"] = text
+            choice: dict[str, Any] = {
+                "index": 0,
+                "delta": delta,
+                "logprobs": None,
+                "finish_reason": finish,
+            }
+            obj = "chat.completion.chunk"
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            obj = "text_completion"
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": "exo",
+            "choices": [choice],
+        }
+
+    def whole(self, text: str, finish: str | None, usage: dict[str, int] | None) -> dict[str, Any]:
+        if self.kind == "chat":
+            choice: dict[str, Any] = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": finish,
+            }
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            obj = "text_completion"
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": "exo",
+            "choices": [choice],
+            "usage": usage,
+        }
+
+
+def sse(obj: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode()
+
+
+def create_app(broker: str) -> FastAPI:
+    client = BrokerClient(broker)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await client.start()
+        yield
+        await client.close()
+
+    app = FastAPI(title="exo", lifespan=lifespan)
+    app.state.client = client
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(400, str(exc.errors()[0].get("msg", "invalid request")))
+
+    @app.exception_handler(BrokerUnavailable)
+    async def broker_down(request: Request, exc: BrokerUnavailable) -> JSONResponse:
+        return error_response(503, str(exc), "broker_unavailable")
+
+    @app.get("/v1/models")
+    @app.get("/models")
+    async def models() -> dict[str, Any]:
+        data = await client.query("models")
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": m["id"],
+                    "object": "model",
+                    "created": m["created"],
+                    "owned_by": "exo",
+                    "loaded": bool(m["loaded_on"]),
+                    "nodes": m["nodes"],
+                }
+                for m in data
+            ],
+        }
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> Any:
+        for m in (await models())["data"]:
+            if m["id"] == model_id:
+                return m
+        return error_response(
+            404, f"The model '{model_id}' does not exist", "model_not_found", "model"
+        )
+
+    @app.get("/v1/cluster")
+    async def cluster() -> Any:
+        return await client.query("cluster")
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Any:
+        try:
+            body = ChatRequest.model_validate_json(await request.body())
+            payload: Any = [m.plain() for m in body.messages]
+        except ValidationError as e:
+            msg, param = first_error(e)
+            return error_response(400, msg, param=param)
+        except ValueError as e:
+            return error_response(400, str(e), param="messages")
+        return await run(request, "chat", body, payload, body.limit())
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        try:
+            body = CompletionRequest.model_validate_json(await request.body())
+            payload = body.payload()
+        except ValidationError as e:
+            msg, param = first_error(e)
+            return error_response(400, msg, param=param)
+        except ValueError as e:
+            return error_response(400, str(e), param="prompt")
+        return await run(request, "completion", body, payload, body.max_tokens)
+
+    async def run(
+        request: Request, kind: str, body: Sampling, payload: Any, limit: int | None
+    ) -> Any:
+        rid = uuid.uuid4().hex[:24]
+        queue = await client.submit(rid, body.model, kind, payload, body.params(limit))
+        job = Job(rid, kind, body.model, queue)
+        first = await queue.get()
+        if first.type == "FAIL":
+            client.done(rid)
+            return error_response(
+                first["status"],
+                first["message"],
+                first["code"],
+                "model" if first["code"] == "model_not_found" else None,
+                headers={"X-Request-Id": rid},
+            )
+        headers = {"X-Request-Id": rid}
+        if body.stream:
+            # Hold the status line until the node admits the request, so a refusal
+            # (prompt too long...) is a proper 4xx; past KEEPALIVE_S (a model still
+            # loading) start streaming and report any later failure in the stream.
+            verdict = await admitted(job)
+            if verdict is not None:
+                client.done(rid)
+                return error_response(
+                    verdict["status"], verdict["message"], verdict["code"], headers=headers
+                )
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(
+                stream(job, include_usage),
+                media_type="text/event-stream",
+                headers={**headers, "Cache-Control": "no-cache"},
+            )
+        return await collect(job, headers)
+
+    async def admitted(job: Job) -> P.Message | None:
+        """Wait for the node to take the request: its FAIL if it refuses, else None."""
+        deadline = time.monotonic() + KEEPALIVE_S
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                msg = await asyncio.wait_for(job.queue.get(), left)
+            except TimeoutError:
+                return None
+            if msg.type == "FAIL":
+                return msg
+            if msg.type == "TOKENS" or (msg.type == "STATE" and msg["state"] == "admitted"):
+                job.peeked.append(msg)
+                return None
+        return None
+
+    async def next_message(job: Job) -> P.Message | None:
+        """The request's next message, or None after KEEPALIVE_S of silence."""
+        if job.peeked:
+            return job.peeked.pop(0)
+        try:
+            return await asyncio.wait_for(job.queue.get(), KEEPALIVE_S)
+        except TimeoutError:
+            return None
+
+    async def stream(job: Job, include_usage: bool) -> AsyncIterator[bytes]:
+        finished = False
+        try:
+            yield sse(job.chunk("" if job.kind == "chat" else None, first=True))
+            while True:
+                msg = await next_message(job)
+                if msg is not None and msg.type == "STATE" and msg["state"] == "admitted":
+                    continue
+                if msg is None or msg.type == "STATE":
+                    # SSE comments keep proxies and clients from timing out while
+                    # a model loads or a long prompt prefills.
+                    state = msg["state"] if msg is not None else "working"
+                    yield f": {state}\n\n".encode()
+                    continue
+                if msg.type == "FAIL":
+                    finished = True
+                    yield sse(error_body(msg["status"], msg["message"], msg["code"]))
+                    yield b"data: [DONE]\n\n"
+                    return
+                if msg.type != "TOKENS":
+                    continue
+                finish = msg.get("finish")
+                if msg["text"]:
+                    yield sse(job.chunk(msg["text"]))
+                if finish:
+                    finished = True
+                    yield sse(job.chunk(None, finish))
+                    if include_usage:
+                        yield sse({**job.chunk(None), "choices": [], "usage": msg.get("usage")})
+                    yield b"data: [DONE]\n\n"
+                    return
+        finally:
+            if finished:
+                client.done(job.rid)
+            else:
+                # The client went away (or the server is stopping): no one is listening.
+                await client.cancel(job.rid)
+                log.info("rid=%s stream closed early; cancelled", job.rid)
+
+    async def collect(job: Job, headers: dict[str, str]) -> Any:
+        parts: list[str] = []
+        try:
+            while True:
+                msg = await next_message(job)
+                if msg is None or msg.type in ("STATE", "ACCEPTED"):
+                    continue
+                if msg.type == "FAIL":
+                    return error_response(
+                        msg["status"], msg["message"], msg["code"], headers=headers
+                    )
+                parts.append(msg["text"])
+                if msg.get("finish"):
+                    return JSONResponse(
+                        job.whole("".join(parts), msg["finish"], msg.get("usage")), headers=headers
+                    )
+        finally:
+            client.done(job.rid)
+
+    return app

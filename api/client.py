@@ -1,0 +1,160 @@
+"""The API's connection to the broker: an asyncio DEALER, one queue per request."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from exo.broker import protocol as P
+from exo.nodes.link import configure_dealer
+
+log = logging.getLogger(__name__)
+
+
+class BrokerUnavailable(Exception):
+    pass
+
+
+class BrokerClient:
+    def __init__(self, broker: str) -> None:
+        self.broker = broker
+        self.peer_id = f"api-{uuid.uuid4().hex[:8]}"
+        self.ctx = zmq.asyncio.Context.instance()
+        self.sock: zmq.asyncio.Socket | None = None
+        self.streams: dict[str, asyncio.Queue[P.Message]] = {}
+        self.queries: dict[str, asyncio.Future[Any]] = {}
+        self.registered = asyncio.Event()
+        self.last_heard = time.monotonic()
+        self.tasks: list[asyncio.Task[None]] = []
+        self.dropped = P.Counters()
+
+    async def start(self) -> None:
+        self._connect()
+        self.tasks = [
+            asyncio.create_task(self._recv_loop()),
+            asyncio.create_task(self._beat_loop()),
+        ]
+
+    async def close(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        for t in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        if self.sock is not None:
+            self.sock.close(linger=0)
+
+    def _connect(self) -> None:
+        if self.sock is not None:
+            self.sock.close(linger=0)
+        self.sock = self.ctx.socket(zmq.DEALER)
+        configure_dealer(self.sock, self.peer_id)
+        self.sock.connect(self.broker)
+        self._hello()
+
+    def _hello(self) -> None:
+        assert self.sock is not None
+        self.registered.clear()
+        self.sock.send(P.encode("HELLO", role="frontend", peer_id=self.peer_id, name="api"))
+
+    async def _recv_loop(self) -> None:
+        while True:
+            sock = self.sock
+            assert sock is not None
+            try:
+                frame = await sock.recv()
+            except zmq.ZMQError:
+                await asyncio.sleep(0.05)  # the socket was replaced under us
+                continue
+            self.last_heard = time.monotonic()
+            try:
+                msg = P.decode(frame)
+            except P.ProtocolError as e:
+                self.dropped[e.reason] += 1
+                continue
+            rid = msg.get("rid")
+            if rid is not None:
+                q = self.streams.get(rid)
+                if q is not None:
+                    q.put_nowait(msg)
+            elif msg.type == "REPLY":
+                fut = self.queries.pop(msg["qid"], None)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg["data"])
+            elif msg.type == "WELCOME":
+                self.registered.set()
+                log.info("API registered with broker %s as %s", self.broker, self.peer_id)
+            elif msg.type == "RECONNECT":
+                self._fail_all("the broker restarted; the request was lost")
+                self._hello()
+            elif msg.type == "REFUSED":
+                log.error("broker %s refused the API: %s", self.broker, msg["reason"])
+
+    async def _beat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(P.HEARTBEAT_S)
+            assert self.sock is not None
+            if time.monotonic() - self.last_heard > 2 * P.EXPIRY_S:
+                if self.registered.is_set() or self.streams:
+                    log.warning("broker %s silent; reconnecting", self.broker)
+                self._fail_all("lost contact with the broker")
+                self._connect()
+                self.last_heard = time.monotonic()
+            with contextlib.suppress(zmq.Again):
+                await self.sock.send(P.encode("HEARTBEAT"), flags=zmq.NOBLOCK)
+
+    def _fail_all(self, why: str) -> None:
+        for rid, q in self.streams.items():
+            q.put_nowait(
+                P.Message(
+                    "FAIL", {"rid": rid, "status": 503, "code": "broker_lost", "message": why}
+                )
+            )
+
+    async def _ready(self, timeout: float = 5.0) -> None:
+        try:
+            await asyncio.wait_for(self.registered.wait(), timeout)
+        except TimeoutError:
+            raise BrokerUnavailable(f"the broker at {self.broker} is not answering") from None
+
+    async def submit(
+        self, rid: str, model: str, kind: str, payload: Any, params: dict[str, Any]
+    ) -> asyncio.Queue[P.Message]:
+        await self._ready()
+        q: asyncio.Queue[P.Message] = asyncio.Queue()
+        self.streams[rid] = q
+        assert self.sock is not None
+        await self.sock.send(
+            P.encode("SUBMIT", rid=rid, model=model, kind=kind, payload=payload, params=params)
+        )
+        return q
+
+    def done(self, rid: str) -> None:
+        self.streams.pop(rid, None)
+
+    async def cancel(self, rid: str) -> None:
+        self.streams.pop(rid, None)
+        if self.sock is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                await self.sock.send(P.encode("CANCEL", rid=rid), flags=zmq.NOBLOCK)
+
+    async def query(self, what: str, timeout: float = 5.0) -> Any:
+        await self._ready()
+        qid = uuid.uuid4().hex
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.queries[qid] = fut
+        assert self.sock is not None
+        await self.sock.send(P.encode("QUERY", qid=qid, what=what))
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            raise BrokerUnavailable(f"the broker at {self.broker} did not answer") from None
+        finally:
+            self.queries.pop(qid, None)

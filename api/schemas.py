@@ -1,0 +1,118 @@
+"""Request bodies the API accepts, validated strictly: a wrong type is a 400, not a guess."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+NonNegFloat = Annotated[float, Field(ge=0.0)]
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    include_usage: bool = False
+
+
+class Sampling(BaseModel):
+    """Fields shared by chat and completions."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    model: str = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    n: int | None = Field(default=None, ge=1, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(v, list) and len(v) > 4:
+            raise ValueError("at most 4 stop sequences")
+        return v
+
+    def params(self, max_tokens: int | None) -> dict[str, Any]:
+        p: dict[str, Any] = {
+            "temperature": 1.0 if self.temperature is None else self.temperature,
+            "top_p": 1.0 if self.top_p is None else self.top_p,
+        }
+        if max_tokens is not None:
+            p["max_tokens"] = max_tokens
+        if self.seed is not None:
+            p["seed"] = self.seed
+        if self.stop:
+            p["stop"] = [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        return p
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: str
+    text: str | None = None
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def plain(self) -> dict[str, str]:
+        if isinstance(self.content, list):
+            parts = [p for p in self.content if p.type == "text"]
+            if len(parts) != len(self.content):
+                raise ValueError("only text content parts are supported")
+            text = "".join(p.text or "" for p in parts)
+        else:
+            text = self.content or ""
+        role = "system" if self.role == "developer" else self.role
+        return {"role": role, "content": text}
+
+
+class ChatRequest(Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+    def limit(self) -> int | None:
+        return (
+            self.max_completion_tokens
+            if self.max_completion_tokens is not None
+            else self.max_tokens
+        )
+
+
+class CompletionRequest(Sampling):
+    prompt: str | list[str] | list[int]
+    echo: bool | None = False
+
+    def payload(self) -> str | list[int]:
+        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str):
+            if len(self.prompt) != 1:
+                raise ValueError("batched prompts are not supported: send one prompt per request")
+            return self.prompt[0]
+        if isinstance(self.prompt, list) and not self.prompt:
+            raise ValueError("prompt must not be empty")
+        return self.prompt  # type: ignore[return-value]
+
+
+def first_error(e: ValidationError) -> tuple[str, str | None]:
+    """A one-line message and the offending parameter, from pydantic's report."""
+    err = e.errors()[0]
+    if err["type"] == "json_invalid":
+        return f"We could not parse the JSON body of your request: {err['msg']}", None
+    loc = [str(x) for x in err["loc"] if not isinstance(x, int)]
+    # Union members add their type names to the location; keep the field path only.
+    path = [
+        x for x in loc if not x.startswith(("str", "list[", "int", "float", "bool", "function"))
+    ]
+    param = ".".join(path) or None
+    if err["type"] == "missing":
+        return f"Missing required parameter: '{param}'.", param
+    if err["type"] == "model_type" and not path:
+        return "The request body must be a JSON object.", None
+    return f"Invalid value for '{param}': {err['msg']}.", param

@@ -1,0 +1,283 @@
+"""exo-broker's loop: one ROUTER for every peer, one PUB for cluster state.
+
+Single-threaded, Majordomo style: every message in is handled to completion
+before the next; liveness is checked and state published between polls.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import zmq
+
+from exo.broker import protocol as P
+from exo.broker.registry import InFlight, Peer, Registry
+from exo.broker.routing import Refusal, choose_node
+
+log = logging.getLogger(__name__)
+
+PUBLISH_S = 1.0
+
+
+class Broker:
+    def __init__(self, router_addr: str, pub_addr: str, ctx: zmq.Context | None = None) -> None:
+        self.ctx = ctx or zmq.Context.instance()
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self.router.setsockopt(zmq.SNDHWM, 100_000)
+        self.router.setsockopt(zmq.RCVHWM, 100_000)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.router.setsockopt(zmq.HEARTBEAT_IVL, int(P.HEARTBEAT_S * 1000))
+        self.router.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(P.EXPIRY_S * 1000))
+        # A hard ceiling: larger frames cost a reconnect; ones under it but over
+        # MAX_FRAME are dropped and counted by decode().
+        self.router.setsockopt(zmq.MAXMSGSIZE, 4 * P.MAX_FRAME)
+        self.router.bind(router_addr)
+        self.pub = self.ctx.socket(zmq.PUB)
+        self.pub.setsockopt(zmq.SNDHWM, 10_000)
+        self.pub.setsockopt(zmq.LINGER, 0)
+        self.pub.bind(pub_addr)
+        self.reg = Registry()
+        self.dropped = P.Counters()
+        self.stats = P.Counters()
+        self.stop_event = threading.Event()
+        self.started = time.time()
+
+    # -- sending --------------------------------------------------------------------
+
+    def send(self, identity: bytes, type_: str, **fields: Any) -> bool:
+        return self.send_raw(identity, P.encode(type_, **fields))
+
+    def send_raw(self, identity: bytes, frame: bytes | zmq.Frame) -> bool:
+        try:
+            self.router.send_multipart([identity, frame], flags=zmq.NOBLOCK, copy=False)
+            return True
+        except zmq.ZMQError as e:
+            # EHOSTUNREACH: the peer is gone (ROUTER_MANDATORY); EAGAIN: it is not reading.
+            self.stats[f"send_failed_{zmq.strerror(e.errno)}"] += 1
+            return False
+
+    # -- the loop -------------------------------------------------------------------
+
+    def run(self) -> None:
+        log.info(
+            "broker up: ROUTER %s, PUB %s",
+            self.router.getsockopt(zmq.LAST_ENDPOINT).decode(),
+            self.pub.getsockopt(zmq.LAST_ENDPOINT).decode(),
+        )
+        next_beat = next_pub = 0.0
+        while not self.stop_event.is_set():
+            if self.router.poll(int(P.HEARTBEAT_S * 1000 / 2)):
+                for _ in range(1000):  # bounded, so liveness work is never starved
+                    try:
+                        parts = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self.on_frames(parts)
+            now = time.monotonic()
+            if now >= next_beat:
+                self.expire(now)
+                beat = P.encode("HEARTBEAT")
+                for ident in list(self.reg.peers):
+                    self.send_raw(ident, beat)
+                next_beat = now + P.HEARTBEAT_S
+            if now >= next_pub:
+                self.pub.send_multipart(
+                    [b"cluster", P.encode("REPLY", qid="cluster", data=self.cluster())]
+                )
+                next_pub = now + PUBLISH_S
+        self.router.close(linger=0)
+        self.pub.close(linger=0)
+
+    def on_frames(self, parts: list[zmq.Frame]) -> None:
+        if len(parts) != 2:
+            self.dropped["bad_framing"] += 1
+            return
+        ident, frame = parts[0].bytes, parts[1].buffer
+        try:
+            msg = P.decode(frame)
+        except P.ProtocolError as e:
+            self.dropped[e.reason] += 1
+            log.debug("dropped frame from %r: %s", ident[:32], e)
+            return
+        peer = self.reg.peers.get(ident)
+        if msg.type == "HELLO":
+            self.on_hello(ident, msg)
+            return
+        if peer is None:
+            self.stats["unknown_peer"] += 1
+            self.send(ident, "RECONNECT", reason="unknown peer")
+            return
+        peer.last_seen = time.monotonic()
+        handler = self.HANDLERS.get((peer.role, msg.type))
+        if handler is None:
+            self.dropped["wrong_role"] += 1
+            return
+        handler(self, peer, msg, parts[1])
+
+    # -- registration and liveness --------------------------------------------------
+
+    def on_hello(self, ident: bytes, msg: P.Message) -> None:
+        role, peer_id = msg["role"], msg["peer_id"]
+        if msg.version != P.VERSION:
+            reason = f"protocol version {msg.version} is not the broker's {P.VERSION}"
+            log.error("refused %s %s: %s", role, peer_id, reason)
+            self.send(ident, "REFUSED", reason=reason)
+            return
+        if role not in P.ROLES:
+            self.send(ident, "REFUSED", reason=f"unknown role {role!r}")
+            return
+        if ident in self.reg.peers:
+            self.drop_peer(ident, "registered again")
+        peer = Peer(ident, peer_id, role, name=str(msg.get("name", "")), info=msg.get("info") or {})
+        self.reg.peers[ident] = peer
+        self.reg.seen_models.update(peer.models)
+        self.send(ident, "WELCOME", peer_id=peer_id, heartbeat_s=P.HEARTBEAT_S, expiry_s=P.EXPIRY_S)
+        log.info("%s %s (%s) registered; models: %s", role, peer_id, peer.name, peer.models or "-")
+
+    def expire(self, now: float) -> None:
+        for peer in self.reg.expired(now, P.EXPIRY_S):
+            self.drop_peer(peer.identity, f"silent for {now - peer.last_seen:.1f}s")
+
+    def drop_peer(self, ident: bytes, why: str) -> None:
+        peer, gone = self.reg.remove(ident)
+        if peer is None:
+            return
+        log.warning(
+            "%s %s dropped: %s; %d requests end with it", peer.role, peer.peer_id, why, len(gone)
+        )
+        for r in gone:
+            if r.node == ident:
+                self.send(
+                    r.frontend,
+                    "FAIL",
+                    rid=r.rid,
+                    status=503,
+                    code="node_lost",
+                    message=f"node {peer.peer_id} serving this request stopped responding ({why})",
+                )
+            else:
+                self.send(r.node, "CANCEL", rid=r.rid)
+                self.stats["cancelled_frontend_lost"] += 1
+
+    def on_heartbeat(self, peer: Peer, msg: P.Message, frame: zmq.Frame) -> None:
+        status = msg.get("status")
+        if isinstance(status, dict):
+            peer.status = status
+
+    def on_info(self, peer: Peer, msg: P.Message, frame: zmq.Frame) -> None:
+        peer.info = msg["info"]
+        self.reg.seen_models.update(peer.models)
+
+    # -- requests -------------------------------------------------------------------
+
+    def on_submit(self, fe: Peer, msg: P.Message, frame: zmq.Frame) -> None:
+        rid, model = msg["rid"], msg["model"]
+        if rid in self.reg.requests:
+            self.send(
+                fe.identity,
+                "FAIL",
+                rid=rid,
+                status=409,
+                code="duplicate_request",
+                message=f"request id {rid} is already in flight",
+            )
+            return
+        choice = choose_node(self.reg.nodes(), model, self.reg.seen_models)
+        if isinstance(choice, Refusal):
+            self.send(
+                fe.identity,
+                "FAIL",
+                rid=rid,
+                status=choice.status,
+                code=choice.code,
+                message=choice.message,
+            )
+            return
+        job = P.encode(
+            "GENERATE",
+            rid=rid,
+            model=model,
+            kind=msg["kind"],
+            payload=msg["payload"],
+            params=msg["params"],
+        )
+        if not self.send_raw(choice.identity, job):
+            self.drop_peer(choice.identity, "unreachable")
+            self.send(
+                fe.identity,
+                "FAIL",
+                rid=rid,
+                status=503,
+                code="node_lost",
+                message="the chosen node could not be reached; retry",
+            )
+            return
+        self.reg.requests[rid] = InFlight(rid, fe.identity, choice.identity, model)
+        # Count it now so a burst spreads over nodes before their next heartbeat.
+        choice.status["prefilling"] = int(choice.status.get("prefilling", 0)) + 1
+        self.send(fe.identity, "ACCEPTED", rid=rid, node=choice.peer_id)
+        log.info("rid=%s model=%s -> node %s", rid, model, choice.peer_id)
+
+    def on_cancel(self, fe: Peer, msg: P.Message, frame: zmq.Frame) -> None:
+        r = self.reg.requests.get(msg["rid"])
+        if r is None or r.frontend != fe.identity:
+            return
+        del self.reg.requests[r.rid]
+        self.send(r.node, "CANCEL", rid=r.rid)
+        self.stats["cancelled"] += 1
+        log.info("rid=%s cancelled by its frontend", r.rid)
+
+    def on_node_reply(self, node: Peer, msg: P.Message, frame: zmq.Frame) -> None:
+        r = self.reg.requests.get(msg["rid"])
+        if r is None or r.node != node.identity:
+            if msg.type == "TOKENS" and not msg.get("finish"):
+                # Nobody wants these tokens any more: make sure the node stops.
+                self.send(node.identity, "CANCEL", rid=msg["rid"])
+            return
+        if msg.type == "TOKENS":
+            r.tokens += len(msg["ids"])
+        ended = msg.type == "FAIL" or (msg.type == "TOKENS" and msg.get("finish"))
+        if ended:
+            del self.reg.requests[r.rid]
+        if not self.send_raw(r.frontend, frame) and r.rid in self.reg.requests:
+            del self.reg.requests[r.rid]
+            self.send(node.identity, "CANCEL", rid=r.rid)
+
+    def on_query(self, fe: Peer, msg: P.Message, frame: zmq.Frame) -> None:
+        what = msg["what"]
+        data: dict[str, Any] | list[Any]
+        if what == "models":
+            data = list(self.reg.models().values())
+        elif what == "cluster":
+            data = self.cluster()
+        else:
+            data = {"error": f"unknown query {what!r}"}
+        self.send(fe.identity, "REPLY", qid=msg["qid"], data=data)
+
+    def cluster(self) -> dict[str, Any]:
+        return {
+            "protocol": P.VERSION,
+            "uptime_s": round(time.time() - self.started, 1),
+            "nodes": [p.public() for p in self.reg.nodes()],
+            "frontends": [p.peer_id for p in self.reg.peers.values() if p.role == "frontend"],
+            "requests_active": len(self.reg.requests),
+            "dropped": self.dropped.snapshot(),
+            "stats": self.stats.snapshot(),
+        }
+
+    HANDLERS = {
+        ("node", "HEARTBEAT"): on_heartbeat,
+        ("frontend", "HEARTBEAT"): on_heartbeat,
+        ("node", "INFO"): on_info,
+        ("node", "TOKENS"): on_node_reply,
+        ("node", "FAIL"): on_node_reply,
+        ("node", "STATE"): on_node_reply,
+        ("frontend", "SUBMIT"): on_submit,
+        ("frontend", "CANCEL"): on_cancel,
+        ("frontend", "QUERY"): on_query,
+    }

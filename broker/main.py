@@ -1,0 +1,82 @@
+"""exo-broker: the cluster's one broker, serving the OpenAI API in-process by default."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+import click
+
+from exo.broker import protocol as P
+from exo.common import logs
+
+log = logging.getLogger(__name__)
+
+
+def serve_api(broker: str, host: str, port: int) -> None:
+    import uvicorn
+
+    from exo.api.app import create_app
+
+    config = uvicorn.Config(
+        create_app(broker),
+        host=host,
+        port=port,
+        loop="asyncio",
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=2,
+    )
+    server = uvicorn.Server(config)
+    log.info("OpenAI API on http://%s:%d/v1", host, port)
+    server.run()
+
+
+@click.command()
+@click.option(
+    "--host", default="0.0.0.0", show_default=True, help="Interface for the ROUTER and PUB sockets."
+)
+@click.option("--port", default=P.DEFAULT_ROUTER_PORT, show_default=True, help="ROUTER port.")
+@click.option("--pub-port", default=P.DEFAULT_PUB_PORT, show_default=True, help="PUB port.")
+@click.option("--api-host", default="127.0.0.1", show_default=True)
+@click.option("--api-port", default=P.DEFAULT_API_PORT, show_default=True)
+@click.option(
+    "--no-api",
+    is_flag=True,
+    help="Run the broker alone (an API can run elsewhere with exo-tools api).",
+)
+@click.option("--log", "log_spec", default=None, help='e.g. "info" or "broker=info,api=debug".')
+@click.option(
+    "--log-file", default=None, help="DEBUG log file (default ~/.exo/logs/broker-PID.log)."
+)
+def main(
+    host: str,
+    port: int,
+    pub_port: int,
+    api_host: str,
+    api_port: int,
+    no_api: bool,
+    log_spec: str | None,
+    log_file: str | None,
+) -> None:
+    """Route requests to the cluster's nodes and serve the OpenAI-compatible API."""
+    logs.setup(log_spec, log_file or logs.default_log_file("broker"))
+    from exo.broker.broker import Broker
+
+    broker = Broker(f"tcp://{host}:{port}", f"tcp://{host}:{pub_port}")
+    if no_api:
+        signal.signal(signal.SIGTERM, lambda *_: broker.stop_event.set())
+        try:
+            broker.run()
+        except KeyboardInterrupt:
+            pass
+        return
+    thread = threading.Thread(target=broker.run, name="broker", daemon=True)
+    thread.start()
+    local = "127.0.0.1" if host in ("0.0.0.0", "*") else host
+    try:
+        serve_api(f"tcp://{local}:{port}", api_host, api_port)  # uvicorn handles SIGINT/SIGTERM
+    finally:
+        broker.stop_event.set()
+        thread.join(timeout=2)

@@ -1,0 +1,83 @@
+"""Who the broker knows: nodes and API frontends, and the requests in flight."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Peer:
+    identity: bytes
+    peer_id: str
+    role: str  # "node" | "frontend"
+    name: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+    status: dict[str, Any] = field(default_factory=dict)
+    last_seen: float = field(default_factory=time.monotonic)
+    joined: float = field(default_factory=time.time)
+
+    @property
+    def models(self) -> list[str]:
+        return list(self.info.get("models", []))
+
+    @property
+    def loaded(self) -> list[str]:
+        return list(self.status.get("loaded", []))
+
+    def load(self) -> int:
+        return int(self.status.get("running", 0)) + int(self.status.get("prefilling", 0))
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "id": self.peer_id,
+            "name": self.name,
+            "info": self.info,
+            "status": self.status,
+            "age_s": round(time.monotonic() - self.last_seen, 3),
+        }
+
+
+@dataclass
+class InFlight:
+    rid: str
+    frontend: bytes
+    node: bytes
+    model: str
+    started: float = field(default_factory=time.monotonic)
+    tokens: int = 0
+
+
+class Registry:
+    def __init__(self) -> None:
+        self.peers: dict[bytes, Peer] = {}
+        self.requests: dict[str, InFlight] = {}
+        self.seen_models: set[str] = set()
+
+    def nodes(self) -> list[Peer]:
+        return [p for p in self.peers.values() if p.role == "node"]
+
+    def expired(self, now: float, expiry_s: float) -> list[Peer]:
+        return [p for p in self.peers.values() if now - p.last_seen > expiry_s]
+
+    def remove(self, identity: bytes) -> tuple[Peer | None, list[InFlight]]:
+        """Forget a peer; return it and the requests that die with it."""
+        peer = self.peers.pop(identity, None)
+        gone = [r for r in self.requests.values() if identity in (r.node, r.frontend)]
+        for r in gone:
+            del self.requests[r.rid]
+        return peer, gone
+
+    def models(self) -> dict[str, dict[str, Any]]:
+        """Every model some node holds on disk, with where it is and whether it is loaded."""
+        out: dict[str, dict[str, Any]] = {}
+        for n in self.nodes():
+            for m in n.models:
+                e = out.setdefault(
+                    m, {"id": m, "nodes": [], "loaded_on": [], "created": int(n.joined)}
+                )
+                e["nodes"].append(n.peer_id)
+                if m in n.loaded:
+                    e["loaded_on"].append(n.peer_id)
+        return out

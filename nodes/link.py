@@ -1,0 +1,133 @@
+"""The node's connection to the broker, on its own thread.
+
+This thread owns the DEALER socket: it registers, heartbeats, notices a silent
+broker and reconnects, and passes request traffic to and from the engine
+thread over an inproc PAIR. Heartbeats keep flowing while the engine thread is
+busy loading a model or computing a step (MLX releases the GIL while it
+computes).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from exo.broker import protocol as P
+
+log = logging.getLogger(__name__)
+
+ENGINE_TYPES = {"GENERATE", "CANCEL"}
+
+
+def configure_dealer(sock: zmq.Socket, identity: str) -> None:
+    sock.setsockopt(zmq.IDENTITY, identity.encode())
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 10000)
+    sock.setsockopt(zmq.RCVHWM, 10000)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, int(P.HEARTBEAT_S * 1000))
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(P.EXPIRY_S * 1000))
+    sock.setsockopt(zmq.RECONNECT_IVL, 100)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+    sock.setsockopt(zmq.MAXMSGSIZE, 4 * P.MAX_FRAME)
+
+
+class BrokerLink(threading.Thread):
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        broker: str,
+        peer_id: str,
+        name: str,
+        pair_addr: str,
+        info: Callable[[], dict[str, Any]],
+        status: Callable[[], dict[str, Any]],
+        on_reset: Callable[[], None],
+    ) -> None:
+        super().__init__(name="broker-link", daemon=True)
+        self.ctx, self.broker, self.peer_id, self.name_ = ctx, broker, peer_id, name
+        self.pair_addr = pair_addr
+        self.info, self.status, self.on_reset = info, status, on_reset
+        self.stop_event = threading.Event()
+        self.registered = threading.Event()
+        self.refused: str | None = None
+        self.dropped = P.Counters()
+        self.welcomes = 0
+        self.dealer: zmq.Socket | None = None
+
+    def _connect(self) -> None:
+        if self.dealer is not None:
+            self.dealer.close(linger=0)
+        self.dealer = self.ctx.socket(zmq.DEALER)
+        configure_dealer(self.dealer, self.peer_id)
+        self.dealer.connect(self.broker)
+        self._hello()
+
+    def _hello(self) -> None:
+        assert self.dealer is not None
+        self.registered.clear()
+        self.dealer.send(
+            P.encode("HELLO", role="node", peer_id=self.peer_id, name=self.name_, info=self.info())
+        )
+
+    def run(self) -> None:
+        pair = self.ctx.socket(zmq.PAIR)
+        pair.connect(self.pair_addr)
+        self._connect()
+        assert self.dealer is not None
+        last_heard = time.monotonic()
+        next_beat = next_info = 0.0
+        poller = zmq.Poller()
+        poller.register(pair, zmq.POLLIN)
+        poller.register(self.dealer, zmq.POLLIN)
+        while not self.stop_event.is_set():
+            events = dict(poller.poll(50))
+            now = time.monotonic()
+            if self.dealer in events:
+                while self.dealer.poll(0):
+                    frame = self.dealer.recv(copy=False).buffer
+                    last_heard = now
+                    try:
+                        msg = P.decode(frame)
+                    except P.ProtocolError as e:
+                        self.dropped[e.reason] += 1
+                        log.warning("dropped a frame from the broker: %s", e)
+                        continue
+                    if msg.type in ENGINE_TYPES:
+                        pair.send(frame)
+                    elif msg.type == "WELCOME":
+                        self.welcomes += 1
+                        if self.welcomes > 1:
+                            # A new registration means the broker forgot us: whatever
+                            # we were computing has no one to go to.
+                            self.on_reset()
+                        self.registered.set()
+                        log.info("registered with %s as %s", self.broker, self.peer_id)
+                    elif msg.type == "REFUSED":
+                        self.refused = msg["reason"]
+                        log.error("broker %s refused this node: %s", self.broker, msg["reason"])
+                        self.stop_event.set()
+                    elif msg.type == "RECONNECT":
+                        log.info("broker asks to register again (%s)", msg["reason"])
+                        self._hello()
+            if pair in events:
+                while pair.poll(0):
+                    self.dealer.send(pair.recv(copy=False), copy=False)
+            if now - last_heard > 2 * P.EXPIRY_S:
+                log.warning("broker silent for %.1fs, reconnecting", now - last_heard)
+                poller.unregister(self.dealer)
+                self._connect()
+                poller.register(self.dealer, zmq.POLLIN)
+                last_heard = now
+            if now >= next_beat:
+                self.dealer.send(P.encode("HEARTBEAT", status=self.status()))
+                next_beat = now + P.HEARTBEAT_S
+            if now >= next_info and self.registered.is_set():
+                self.dealer.send(P.encode("INFO", info=self.info()))
+                next_info = now + 5.0
+        self.dealer.close(linger=0)
+        pair.close(linger=0)

@@ -1,0 +1,55 @@
+"""exo-node: one per machine."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import click
+
+from exo.broker.protocol import DEFAULT_ROUTER_PORT
+from exo.common import logs
+from exo.nodes.store import default_models_dir
+
+
+@click.command()
+@click.option(
+    "--broker",
+    default=f"tcp://127.0.0.1:{DEFAULT_ROUTER_PORT}",
+    show_default=True,
+    help="The broker's ROUTER endpoint.",
+)
+@click.option("--name", default=None, help="A label for this node (default: the hostname).")
+@click.option(
+    "--models-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where models live (env EXO_MODELS_DIR, default ~/.exo/models).",
+)
+@click.option("--prefill-budget", type=int, default=None, help="Tokens per engine step.")
+@click.option("--log", "log_spec", default=None, help='e.g. "info" or "nodes.engine=debug".')
+@click.option("--log-file", default=None, help="DEBUG log file (default ~/.exo/logs/node-PID.log).")
+def main(
+    broker: str,
+    name: str | None,
+    models_dir: Path | None,
+    prefill_budget: int | None,
+    log_spec: str | None,
+    log_file: str | None,
+) -> None:
+    """Serve this machine's models to an exo cluster."""
+    logs.setup(log_spec, log_file or logs.default_log_file("node"))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from the store, never the hub
+    from exo.nodes.worker import Node
+
+    node = Node(
+        broker, name or socket.gethostname(), models_dir or default_models_dir(), prefill_budget
+    )
+    signal.signal(signal.SIGTERM, lambda *_: node.stopping.set())
+    try:
+        sys.exit(node.run())
+    except KeyboardInterrupt:
+        node.stopping.set()

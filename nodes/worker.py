@@ -1,0 +1,115 @@
+"""exo-node's main loop: requests from the broker in, engine steps, tokens out."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from exo.broker import protocol as P
+from exo.nodes import info as node_info
+from exo.nodes.engine import Engine, EngineError, load_model
+from exo.nodes.link import BrokerLink
+from exo.nodes.mlxenv import blas
+from exo.nodes.store import ModelStore
+
+log = logging.getLogger(__name__)
+
+
+class Node:
+    def __init__(
+        self, broker: str, name: str, models_dir: Path, prefill_budget: int | None = None
+    ) -> None:
+        self.name = name
+        self.peer_id = f"{name}-{uuid.uuid4().hex[:8]}"
+        self.store = ModelStore(models_dir)
+        self.engine = Engine() if prefill_budget is None else Engine(prefill_budget)
+        self.ctx = zmq.Context.instance()
+        self.pair_addr = f"inproc://engine-{self.peer_id}"
+        self.pair = self.ctx.socket(zmq.PAIR)
+        self.pair.bind(self.pair_addr)
+        self._status: dict[str, Any] = self.engine.status()
+        self._reset = threading.Event()
+        self.link = BrokerLink(
+            self.ctx,
+            broker,
+            self.peer_id,
+            name,
+            self.pair_addr,
+            info=self.info,
+            status=lambda: self._status,
+            on_reset=self._reset.set,
+        )
+        self.stopping = threading.Event()
+        self.loading: str | None = None
+
+    def info(self) -> dict[str, Any]:
+        d = node_info.gather(sorted(self.store.scan()), blas)
+        d["loading"] = self.loading
+        return d
+
+    def send(self, type_: str, **fields: Any) -> None:
+        self.pair.send(P.encode(type_, **fields))
+
+    def run(self) -> int:
+        log.info(
+            "node %s starting (models in %s, BLAS: %s)", self.peer_id, self.store.models_dir, blas
+        )
+        self.link.start()
+        while not self.stopping.is_set() and self.link.is_alive():
+            if self._reset.is_set():
+                self._reset.clear()
+                for rid in list(self.engine.requests):
+                    self.engine.cancel(rid)
+            busy = bool(self.engine.requests)
+            if self.pair.poll(0 if busy else 100):
+                while self.pair.poll(0):
+                    self.handle(P.decode(self.pair.recv()))
+            for out in self.engine.step():
+                fields: dict[str, Any] = {"rid": out.rid, "ids": out.ids, "text": out.text}
+                if out.finish:
+                    fields["finish"] = out.finish
+                    fields["usage"] = out.usage
+                self.send("TOKENS", **fields)
+            self._status = self.engine.status()
+        self.link.stop_event.set()
+        self.link.join(timeout=2)
+        return 2 if self.link.refused else 0
+
+    def handle(self, msg: P.Message) -> None:
+        if msg.type == "CANCEL":
+            self.engine.cancel(msg["rid"])
+            return
+        rid, model_id = msg["rid"], msg["model"]
+        try:
+            if model_id not in self.engine.models:
+                self.ensure_loaded(rid, model_id)
+            self.engine.submit(rid, model_id, msg["kind"], msg["payload"], msg["params"])
+            self.send("STATE", rid=rid, state="admitted")
+        except EngineError as e:
+            log.info("rid=%s refused: %s", rid, e.message)
+            self.send("FAIL", rid=rid, status=e.status, code=e.code, message=e.message)
+
+    def ensure_loaded(self, rid: str, model_id: str) -> None:
+        path = self.store.scan().get(model_id)
+        if path is None:
+            raise EngineError(
+                404, "model_not_found", f"model {model_id} is not on node {self.name}"
+            )
+        self.send("STATE", rid=rid, state="loading")
+        self.loading = model_id
+        t0 = time.perf_counter()
+        try:
+            self.engine.add_model(load_model(model_id, path))
+        except Exception as e:
+            log.exception("loading %s failed", model_id)
+            raise EngineError(500, "load_failed", f"loading {model_id} failed: {e}") from e
+        finally:
+            self.loading = None
+        self.send("STATE", rid=rid, state="loaded")
+        log.info("rid=%s model %s ready after %.2fs", rid, model_id, time.perf_counter() - t0)
