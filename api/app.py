@@ -39,13 +39,18 @@ class Job:
     queue: asyncio.Queue[P.Message]
     created: int = field(default_factory=lambda: int(time.time()))
     peeked: list[P.Message] = field(default_factory=list)
+    token_ids: bool = False
 
     @property
     def id(self) -> str:
         return f"chatcmpl-{self.rid}" if self.kind == "chat" else f"cmpl-{self.rid}"
 
     def chunk(
-        self, text: str | None, finish: str | None = None, first: bool = False
+        self,
+        text: str | None,
+        finish: str | None = None,
+        first: bool = False,
+        ids: list[int] | None = None,
     ) -> dict[str, Any]:
         if self.kind == "chat":
             delta: dict[str, Any] = {}
@@ -63,6 +68,8 @@ class Job:
         else:
             choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
             obj = "text_completion"
+        if self.token_ids and ids is not None:
+            choice["token_ids"] = ids
         return {
             "id": self.id,
             "object": obj,
@@ -72,7 +79,9 @@ class Job:
             "choices": [choice],
         }
 
-    def whole(self, text: str, finish: str | None, usage: dict[str, int] | None) -> dict[str, Any]:
+    def whole(
+        self, text: str, finish: str | None, usage: dict[str, int] | None, ids: list[int]
+    ) -> dict[str, Any]:
         if self.kind == "chat":
             choice: dict[str, Any] = {
                 "index": 0,
@@ -84,6 +93,8 @@ class Job:
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
             obj = "text_completion"
+        if self.token_ids:
+            choice["token_ids"] = ids
         return {
             "id": self.id,
             "object": obj,
@@ -184,7 +195,7 @@ def create_app(broker: str) -> FastAPI:
     ) -> Any:
         rid = uuid.uuid4().hex[:24]
         queue = await client.submit(rid, body.model, kind, payload, body.params(limit))
-        job = Job(rid, kind, body.model, queue)
+        job = Job(rid, kind, body.model, queue, token_ids=bool(body.return_token_ids))
         first = await queue.get()
         if first.type == "FAIL":
             client.done(rid)
@@ -260,8 +271,8 @@ def create_app(broker: str) -> FastAPI:
                 if msg.type != "TOKENS":
                     continue
                 finish = msg.get("finish")
-                if msg["text"]:
-                    yield sse(job.chunk(msg["text"]))
+                if msg["text"] or (job.token_ids and msg["ids"]):
+                    yield sse(job.chunk(msg["text"], ids=msg["ids"]))
                 if finish:
                     finished = True
                     yield sse(job.chunk(None, finish))
@@ -279,6 +290,7 @@ def create_app(broker: str) -> FastAPI:
 
     async def collect(job: Job, headers: dict[str, str]) -> Any:
         parts: list[str] = []
+        ids: list[int] = []
         try:
             while True:
                 msg = await next_message(job)
@@ -289,9 +301,11 @@ def create_app(broker: str) -> FastAPI:
                         msg["status"], msg["message"], msg["code"], headers=headers
                     )
                 parts.append(msg["text"])
+                ids.extend(msg["ids"])
                 if msg.get("finish"):
                     return JSONResponse(
-                        job.whole("".join(parts), msg["finish"], msg.get("usage")), headers=headers
+                        job.whole("".join(parts), msg["finish"], msg.get("usage"), ids),
+                        headers=headers,
                     )
         finally:
             client.done(job.rid)

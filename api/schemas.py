@@ -28,6 +28,10 @@ class Sampling(BaseModel):
     seed: int | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
+    # vLLM's extension: the generated token ids beside the text, per choice.
+    return_token_ids: bool | None = False
+    # vLLM's extension: keep generating past the end-of-sequence token (benchmarks).
+    ignore_eos: bool | None = False
 
     @field_validator("stop")
     @classmethod
@@ -45,6 +49,8 @@ class Sampling(BaseModel):
             p["max_tokens"] = max_tokens
         if self.seed is not None:
             p["seed"] = self.seed
+        if self.ignore_eos:
+            p["ignore_eos"] = True
         if self.stop:
             p["stop"] = [self.stop] if isinstance(self.stop, str) else list(self.stop)
         return p

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
@@ -67,10 +68,8 @@ def main(
     broker = Broker(f"tcp://{host}:{port}", f"tcp://{host}:{pub_port}")
     if no_api:
         signal.signal(signal.SIGTERM, lambda *_: broker.stop_event.set())
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             broker.run()
-        except KeyboardInterrupt:
-            pass
         return
     thread = threading.Thread(target=broker.run, name="broker", daemon=True)
     thread.start()

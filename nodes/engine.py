@@ -201,7 +201,8 @@ class Engine:
         req.last = token
         finish: str | None = None
         ids = [token]
-        if token in req.lm.eos:
+        is_eos = token in req.lm.eos and not req.params.ignore_eos
+        if is_eos:
             finish, ids = "stop", []
             req.detok.finalize()
         else:

@@ -19,6 +19,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
 
     @classmethod
     def from_wire(cls, p: dict) -> SamplingParams:
@@ -29,6 +30,7 @@ class SamplingParams:
             top_p=float(p.get("top_p", 1.0)),
             seed=p.get("seed"),
             stop=[stop] if isinstance(stop, str) else list(stop),
+            ignore_eos=bool(p.get("ignore_eos", False)),
         )
 
 

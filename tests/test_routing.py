@@ -1,0 +1,34 @@
+from exo.broker.registry import Peer
+from exo.broker.routing import Refusal, choose_node
+
+
+def node(pid: str, models: list[str], loaded: list[str] = (), running: int = 0) -> Peer:  # type: ignore[assignment]
+    return Peer(
+        pid.encode(),
+        pid,
+        "node",
+        info={"models": models},
+        status={"loaded": list(loaded), "running": running},
+    )
+
+
+def test_prefers_a_node_with_the_model_loaded() -> None:
+    a, b = node("a", ["m"]), node("b", ["m"], loaded=["m"], running=3)
+    assert choose_node([a, b], "m", {"m"}) is b
+
+
+def test_least_busy_among_equals() -> None:
+    a, b = node("a", ["m"], ["m"], running=2), node("b", ["m"], ["m"], running=1)
+    assert choose_node([a, b], "m", {"m"}) is b
+
+
+def test_unknown_model_is_404_and_a_gone_one_is_503() -> None:
+    r = choose_node([node("a", ["m"])], "x", {"m"})
+    assert isinstance(r, Refusal) and r.status == 404
+    r = choose_node([node("a", ["m"])], "gone", {"m", "gone"})
+    assert isinstance(r, Refusal) and r.status == 503
+
+
+def test_no_nodes_is_503() -> None:
+    r = choose_node([], "m", set())
+    assert isinstance(r, Refusal) and r.status == 503

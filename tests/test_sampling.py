@@ -1,0 +1,48 @@
+from exo.nodes.mlxenv import mx
+from exo.nodes.sampling import Sampler, SamplingParams, StopMatcher
+
+
+def test_stop_string_split_across_tokens_is_never_emitted() -> None:
+    m = StopMatcher(["END"])
+    out = []
+    for piece in ["hello E", "N", "D and more"]:
+        text, hit = m.feed(piece)
+        out.append(text)
+        if hit:
+            break
+    assert "".join(out) == "hello "
+    assert hit
+
+
+def test_held_back_prefix_is_released_when_it_turns_out_not_to_be_a_stop() -> None:
+    m = StopMatcher(["END"])
+    assert m.feed("hello E") == ("hello ", False)
+    assert m.feed("X") == ("EX", False)
+    assert m.flush() == ""
+
+
+def test_no_stops_passes_text_through() -> None:
+    assert StopMatcher([]).feed("abc") == ("abc", False)
+
+
+def test_greedy_is_argmax() -> None:
+    logits = mx.array([0.1, 3.0, 0.2])
+    assert Sampler(SamplingParams(temperature=0)).__call__(logits).item() == 1
+
+
+def test_seeded_sampling_is_reproducible_and_seeds_differ() -> None:
+    logits = mx.random.normal((500,))
+
+    def draw(seed: int) -> list[int]:
+        s = Sampler(SamplingParams(temperature=1.0, seed=seed))
+        return [s(logits).item() for _ in range(20)]
+
+    assert draw(7) == draw(7)
+    assert draw(7) != draw(8)
+
+
+def test_top_p_keeps_only_the_nucleus() -> None:
+    logits = mx.log(mx.array([0.6, 0.3, 0.05, 0.05]))
+    s = Sampler(SamplingParams(temperature=1.0, top_p=0.8, seed=1))
+    seen = {s(logits).item() for _ in range(200)}
+    assert seen == {0, 1}
