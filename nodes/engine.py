@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,18 @@ from exo.nodes.scheduler import Pending, StepPlan, plan
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PREFILL_BUDGET = 256
+# Tokens per step while streams are decoding (each decode counts as one): small
+# enough that a prefill chunk riding along barely slows the streams (see
+# BENCHMARKS.md, bench stall). With nothing decoding a prompt takes big chunks.
+DEFAULT_PREFILL_BUDGET = 48
+DEFAULT_IDLE_BUDGET = 2048
+
+
+def default_kv_budget() -> int:
+    """KV cache memory the engine may reserve: a quarter of what is free now."""
+    import psutil
+
+    return psutil.virtual_memory().available // 4
 
 
 class EngineError(Exception):
@@ -63,9 +74,10 @@ class Request:
     prompt: list[int]
     params: SamplingParams
     sampler: Sampler
-    cache: list[Any]
+    cache: list[Any] | None  # own KV cache while prefilling; None once in the decode batch
     stop: StopMatcher
     detok: Any
+    kv_reserved: int = 0
     prefilled: int = 0
     last: int = 0
     generated: int = 0
@@ -75,11 +87,46 @@ class Request:
 
     @property
     def to_prefill(self) -> int:
-        # The last prompt token is fed by the first decode step.
-        return len(self.prompt) - 1 - self.prefilled
+        return len(self.prompt) - self.prefilled
 
     def kv_bytes(self) -> int:
+        if self.cache is None:
+            return 0
         return sum(c.nbytes for c in self.cache if getattr(c, "keys", None) is not None)
+
+
+@dataclass
+class Batch:
+    """The decode batch of one model: its rows and their shared left-padded cache."""
+
+    rids: list[str] = field(default_factory=list)
+    cache: list[Any] | None = None
+
+    def join(self, rid: str, cache: list[Any]) -> None:
+        from mlx_lm.models.cache import BatchKVCache
+
+        new = [BatchKVCache.merge([c]) for c in cache]
+        if self.cache is None:
+            self.cache = new
+        else:
+            for mine, theirs in zip(self.cache, new, strict=True):
+                mine.extend(theirs)
+        self.rids.append(rid)
+
+    def leave(self, rids: set[str]) -> None:
+        keep = [i for i, r in enumerate(self.rids) if r not in rids]
+        if len(keep) == len(self.rids):
+            return
+        self.rids = [self.rids[i] for i in keep]
+        if not keep:
+            self.cache = None
+        else:
+            assert self.cache is not None
+            for c in self.cache:
+                c.filter(mx.array(keep))
+
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.cache) if self.cache else 0
 
 
 @dataclass(slots=True)
@@ -110,17 +157,44 @@ def encode_prompt(lm: LoadedModel, kind: str, payload: Any) -> list[int]:
     raise EngineError(400, "invalid_kind", f"unknown request kind {kind!r}")
 
 
+def kv_bytes_per_token(model: Any) -> int:
+    args = getattr(model, "args", None)
+    try:
+        heads = args.num_key_value_heads or args.num_attention_heads
+        head_dim = getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
+        return 2 * args.num_hidden_layers * heads * head_dim * 4
+    except AttributeError:
+        return 0
+
+
 class Engine:
-    def __init__(self, prefill_budget: int = DEFAULT_PREFILL_BUDGET) -> None:
+    """Continuous batching: requests join and leave the decode batch at any step."""
+
+    def __init__(
+        self,
+        prefill_budget: int = DEFAULT_PREFILL_BUDGET,
+        idle_budget: int = DEFAULT_IDLE_BUDGET,
+        kv_budget: int | None = None,
+    ) -> None:
         self.prefill_budget = prefill_budget
+        self.idle_budget = idle_budget
+        self.kv_budget = kv_budget if kv_budget is not None else default_kv_budget()
         self.models: dict[str, LoadedModel] = {}
-        self.requests: OrderedDict[str, Request] = OrderedDict()
+        self.fused: dict[str, bool] = {}
+        self.requests: OrderedDict[str, Request] = OrderedDict()  # admitted
+        self.queue: deque[Request] = deque()  # waiting for KV memory
+        self.batches: dict[str, Batch] = {}
         self.steps = 0
+        self.last_plan = StepPlan()
 
     # -- membership -----------------------------------------------------------------
 
     def add_model(self, lm: LoadedModel) -> None:
+        from exo.nodes.forward import supports_fused
+
         self.models[lm.model_id] = lm
+        self.fused[lm.model_id] = supports_fused(lm.model)
+        self.batches.setdefault(lm.model_id, Batch())
 
     def submit(self, rid: str, model_id: str, kind: str, payload: Any, params: dict) -> Request:
         lm = self.models.get(model_id)
@@ -128,7 +202,7 @@ class Engine:
             raise EngineError(
                 503, "model_not_loaded", f"model {model_id} is not loaded on this node"
             )
-        if rid in self.requests:
+        if rid in self.requests or any(r.rid == rid for r in self.queue):
             raise EngineError(409, "duplicate_request", f"request {rid} already running")
         sp = SamplingParams.from_wire(params)
         prompt = encode_prompt(lm, kind, payload)
@@ -138,62 +212,123 @@ class Engine:
                 "context_length_exceeded",
                 f"prompt is {len(prompt)} tokens; the model's context is {lm.context}",
             )
-        from mlx_lm.models.cache import make_prompt_cache
-
+        need = (len(prompt) + min(sp.max_tokens, lm.context - len(prompt))) * kv_bytes_per_token(
+            lm.model
+        )
+        if need > self.kv_budget:
+            raise EngineError(
+                400,
+                "kv_budget_exceeded",
+                f"this request needs {need >> 20} MiB of KV cache; the node allows {self.kv_budget >> 20} MiB",
+            )
         req = Request(
             rid=rid,
             lm=lm,
             prompt=prompt,
             params=sp,
             sampler=Sampler(sp),
-            cache=make_prompt_cache(lm.model),
+            cache=None,
             stop=StopMatcher(sp.stop),
             detok=lm.tokenizer.detokenizer,
-            last=prompt[-1],
+            kv_reserved=need,
         )
-        self.requests[rid] = req
-        log.debug("rid=%s admitted: %d prompt tokens", rid, len(prompt))
+        self.queue.append(req)
+        self._admit()
         return req
 
+    def _admit(self) -> None:
+        from mlx_lm.models.cache import make_prompt_cache
+
+        reserved = sum(r.kv_reserved for r in self.requests.values())
+        while self.queue and reserved + self.queue[0].kv_reserved <= self.kv_budget:
+            req = self.queue.popleft()
+            req.cache = make_prompt_cache(req.lm.model)
+            self.requests[req.rid] = req
+            reserved += req.kv_reserved
+            log.debug("rid=%s admitted: %d prompt tokens", req.rid, len(req.prompt))
+
     def cancel(self, rid: str) -> bool:
+        for q in self.queue:
+            if q.rid == rid:
+                self.queue.remove(q)
+                log.info("rid=%s cancelled while queued", rid)
+                return True
         req = self.requests.pop(rid, None)
-        if req is not None:
-            req.cache.clear()
-            log.info("rid=%s cancelled after %d tokens", rid, req.generated)
-        return req is not None
+        if req is None:
+            return False
+        self._release(req)
+        log.info("rid=%s cancelled after %d tokens", rid, req.generated)
+        self._admit()
+        return True
+
+    def _release(self, req: Request) -> None:
+        req.cache = None
+        self.batches[req.lm.model_id].leave({req.rid})
 
     # -- the step -------------------------------------------------------------------
 
     def plan(self) -> StepPlan:
-        decoding = [r.rid for r in self.requests.values() if r.to_prefill == 0]
-        waiting = [Pending(r.rid, r.to_prefill) for r in self.requests.values() if r.to_prefill > 0]
-        return plan(decoding, waiting, self.prefill_budget)
+        decoding = [rid for b in self.batches.values() for rid in b.rids]
+        waiting = [
+            Pending(r.rid, r.to_prefill) for r in self.requests.values() if r.cache is not None
+        ]
+        budget = self.prefill_budget if decoding else self.idle_budget
+        return plan(decoding, waiting, budget)
 
     def step(self) -> list[Output]:
+        from exo.nodes.forward import Chunk, step_forward
+
         step = self.plan()
+        self.last_plan = step
         if step.empty:
             return []
         self.steps += 1
-        outputs: list[Output] = []
         sampled: list[tuple[Request, mx.array]] = []
-        for rid in step.decode:
-            req = self.requests[rid]
-            logits = req.lm.model(mx.array([[req.last]]), cache=req.cache)
-            sampled.append((req, req.sampler(logits[0, -1])))
-        chunk_states = []
+        joined: list[Request] = []
+        by_model: dict[str, list[tuple[Request, Chunk]]] = {}
         for rid, n in step.prefill:
             req = self.requests[rid]
-            chunk = req.prompt[req.prefilled : req.prefilled + n]
-            req.lm.model(mx.array([chunk]), cache=req.cache)
-            req.prefilled += n
-            chunk_states.extend(c.state for c in req.cache)
-        mx.eval([t for _, t in sampled], chunk_states)
+            assert req.cache is not None
+            chunk = Chunk(
+                req.prompt[req.prefilled : req.prefilled + n], req.cache, logits=n == req.to_prefill
+            )
+            by_model.setdefault(req.lm.model_id, []).append((req, chunk))
+        for model_id in {*by_model, *(m for m, b in self.batches.items() if b.rids)}:
+            batch, lm = self.batches[model_id], self.models[model_id]
+            rows = [self.requests[r] for r in batch.rids]
+            chunks = by_model.get(model_id, [])
+            dec_logits, chunk_logits = step_forward(
+                lm.model,
+                [r.last for r in rows],
+                batch.cache,
+                [c for _, c in chunks],
+                self.fused[model_id],
+            )
+            for i, r in enumerate(rows):
+                assert dec_logits is not None
+                sampled.append((r, r.sampler(dec_logits[i])))
+            for (req, chunk), logits in zip(chunks, chunk_logits, strict=True):
+                req.prefilled += len(chunk.tokens)
+                if logits is not None:
+                    sampled.append((req, req.sampler(logits)))
+                    joined.append(req)
+        states = [c.state for r in self.requests.values() if r.cache is not None for c in r.cache]
+        mx.eval([t for _, t in sampled], states)
+        for req in joined:
+            assert req.cache is not None
+            self.batches[req.lm.model_id].join(req.rid, req.cache)
+            req.cache = None
+        outputs: list[Output] = []
+        finished = False
         for req, tok in sampled:
             out = self._emit(req, int(tok.item()))
             outputs.append(out)
             if out.finish:
                 self.requests.pop(req.rid, None)
-                req.cache.clear()
+                self._release(req)
+                finished = True
+        if finished:
+            self._admit()
         return outputs
 
     def _emit(self, req: Request, token: int) -> Output:
@@ -242,12 +377,20 @@ class Engine:
 
     # -- status ---------------------------------------------------------------------
 
+    def kv_bytes(self) -> int:
+        return sum(b.nbytes() for b in self.batches.values()) + sum(
+            r.kv_bytes() for r in self.requests.values()
+        )
+
     def status(self) -> dict[str, Any]:
-        running = sum(1 for r in self.requests.values() if r.to_prefill == 0)
+        running = sum(len(b.rids) for b in self.batches.values())
         return {
             "running": running,
             "prefilling": len(self.requests) - running,
-            "kv_bytes": sum(r.kv_bytes() for r in self.requests.values()),
+            "queued": len(self.queue),
+            "kv_bytes": self.kv_bytes(),
+            "kv_reserved": sum(r.kv_reserved for r in self.requests.values()),
+            "kv_budget": self.kv_budget,
             "loaded": sorted(self.models),
             "steps": self.steps,
         }

@@ -29,7 +29,18 @@ from exo.nodes.store import default_models_dir
     default=None,
     help="Where models live (env EXO_MODELS_DIR, default ~/.exo/models).",
 )
-@click.option("--prefill-budget", type=int, default=None, help="Tokens per engine step.")
+@click.option(
+    "--prefill-budget",
+    type=int,
+    default=None,
+    help="Tokens per engine step while streams decode (default 48).",
+)
+@click.option(
+    "--kv-budget-mb",
+    type=int,
+    default=None,
+    help="KV cache memory for admitted requests (default: a quarter of free memory).",
+)
 @click.option("--log", "log_spec", default=None, help='e.g. "info" or "nodes.engine=debug".')
 @click.option("--log-file", default=None, help="DEBUG log file (default ~/.exo/logs/node-PID.log).")
 def main(
@@ -37,17 +48,21 @@ def main(
     name: str | None,
     models_dir: Path | None,
     prefill_budget: int | None,
+    kv_budget_mb: int | None,
     log_spec: str | None,
     log_file: str | None,
 ) -> None:
     """Serve this machine's models to an exo cluster."""
     logs.setup(log_spec, log_file or logs.default_log_file("node"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from the store, never the hub
+    from exo.nodes.engine import DEFAULT_PREFILL_BUDGET, Engine
     from exo.nodes.worker import Node
 
-    node = Node(
-        broker, name or socket.gethostname(), models_dir or default_models_dir(), prefill_budget
+    engine = Engine(
+        prefill_budget=prefill_budget or DEFAULT_PREFILL_BUDGET,
+        kv_budget=kv_budget_mb << 20 if kv_budget_mb else None,
     )
+    node = Node(broker, name or socket.gethostname(), models_dir or default_models_dir(), engine)
     signal.signal(signal.SIGTERM, lambda *_: node.stopping.set())
     try:
         sys.exit(node.run())

@@ -23,12 +23,12 @@ log = logging.getLogger(__name__)
 
 class Node:
     def __init__(
-        self, broker: str, name: str, models_dir: Path, prefill_budget: int | None = None
+        self, broker: str, name: str, models_dir: Path, engine: Engine | None = None
     ) -> None:
         self.name = name
         self.peer_id = f"{name}-{uuid.uuid4().hex[:8]}"
         self.store = ModelStore(models_dir)
-        self.engine = Engine() if prefill_budget is None else Engine(prefill_budget)
+        self.engine = engine or Engine()
         self.ctx = zmq.Context.instance()
         self.pair_addr = f"inproc://engine-{self.peer_id}"
         self.pair = self.ctx.socket(zmq.PAIR)

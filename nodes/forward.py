@@ -1,0 +1,129 @@
+"""One engine step's forward pass: every decode and the prefill chunks together.
+
+Decode rows share a left-padded BatchKVCache; each prefill chunk has its own
+KVCache. For llama-family models (llama, mistral, qwen2: the same attention
+block) the step is fused: all tokens of the step (B decode tokens and the chunks)
+go through the weight matmuls as one packed matrix, so weights are read once
+per step and a prefill chunk rides along with the decodes almost for free;
+only attention runs per group, each against its own cache. Other architectures
+take the plain path: one batched decode call, then one call per chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
+
+from exo.nodes.mlxenv import mx
+
+FUSED_TYPES = {"llama", "mistral", "qwen2"}
+
+
+@dataclass
+class Chunk:
+    tokens: list[int]
+    cache: list[Any]  # per-layer KVCache
+    logits: bool  # whether the last position's logits are wanted
+
+
+def supports_fused(model: Any) -> bool:
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    return (
+        getattr(model, "model_type", None) in FUSED_TYPES
+        and layers is not None
+        and getattr(inner, "swa_idx", None) is None
+        and all(
+            hasattr(layers[0].self_attn, p)
+            for p in ("q_proj", "k_proj", "v_proj", "o_proj", "rope")
+        )
+    )
+
+
+def lm_head(model: Any, h: mx.array) -> mx.array:
+    if getattr(model, "args", None) is not None and model.args.tie_word_embeddings:
+        return model.model.embed_tokens.as_linear(h)
+    return model.lm_head(h)
+
+
+def plain_step(
+    model: Any, dec: list[int], dec_cache: list[Any] | None, chunks: list[Chunk]
+) -> tuple[mx.array | None, list[mx.array | None]]:
+    dec_logits = None
+    if dec:
+        dec_logits = model(mx.array(dec)[:, None], cache=dec_cache)[:, -1, :]
+    outs: list[mx.array | None] = []
+    for c in chunks:
+        logits = model(mx.array([c.tokens]), cache=c.cache)
+        outs.append(logits[0, -1] if c.logits else None)
+    return dec_logits, outs
+
+
+def _attend(
+    attn: Any, q: mx.array, k: mx.array, v: mx.array, B: int, L: int, cache: Any, mask: Any
+) -> mx.array:
+    """q/k/v: [B*L, features] rows of one group -> attention output [B*L, H*hd]."""
+    q = q.reshape(B, L, attn.n_heads, -1).transpose(0, 2, 1, 3)
+    k = k.reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
+    v = v.reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
+    q = attn.rope(q, offset=cache.offset)
+    k = attn.rope(k, offset=cache.offset)
+    k, v = cache.update_and_fetch(k, v)
+    o = scaled_dot_product_attention(q, k, v, cache=cache, scale=attn.scale, mask=mask)
+    return o.transpose(0, 2, 1, 3).reshape(B * L, -1)
+
+
+def fused_step(
+    model: Any, dec: list[int], dec_cache: list[Any] | None, chunks: list[Chunk]
+) -> tuple[mx.array | None, list[mx.array | None]]:
+    inner = model.model
+    B = len(dec)
+    groups: list[tuple[int, int, list[Any]]] = []  # (batch, length, per-layer caches)
+    if B:
+        assert dec_cache is not None
+        groups.append((B, 1, dec_cache))
+    groups.extend((1, len(c.tokens), c.cache) for c in chunks)
+    tokens = dec + [t for c in chunks for t in c.tokens]
+    h = inner.embed_tokens(mx.array(tokens))  # [T, D], all of the step's tokens packed
+    masks = [
+        create_attention_mask(mx.zeros((b, n, 1)), caches[0])
+        if b > 1 or n > 1 or hasattr(caches[0], "make_mask")
+        else None
+        for b, n, caches in groups
+    ]
+    for li, layer in enumerate(inner.layers):
+        attn = layer.self_attn
+        x = layer.input_layernorm(h)
+        q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        outs, start = [], 0
+        for (b, n, caches), mask in zip(groups, masks, strict=True):
+            end = start + b * n
+            outs.append(
+                _attend(attn, q[start:end], k[start:end], v[start:end], b, n, caches[li], mask)
+            )
+            start = end
+        h = h + attn.o_proj(mx.concatenate(outs, axis=0) if len(outs) > 1 else outs[0])
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+    # Logits only where a token is sampled: the decode rows and the last row of a finished chunk.
+    rows = list(range(B))
+    pos = B
+    wanted: list[int | None] = []
+    for c in chunks:
+        pos += len(c.tokens)
+        if c.logits:
+            wanted.append(len(rows))
+            rows.append(pos - 1)
+        else:
+            wanted.append(None)
+    if not rows:
+        return None, [None] * len(chunks)
+    logits = lm_head(model, inner.norm(h[mx.array(rows)]))
+    return (logits[:B] if B else None), [None if w is None else logits[w] for w in wanted]
+
+
+def step_forward(
+    model: Any, dec: list[int], dec_cache: list[Any] | None, chunks: list[Chunk], fused: bool
+) -> tuple[mx.array | None, list[mx.array | None]]:
+    return (fused_step if fused else plain_step)(model, dec, dec_cache, chunks)

@@ -1,0 +1,139 @@
+"""The engine's step loop: continuous batching, chunked prefill, admission, cancel."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from exo.nodes.engine import Engine, EngineError, LoadedModel, load_model
+from exo.nodes.mlxenv import mx
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Tell me a story about a long journey across the sea, with ships, sailors and storms. " * 3,
+    "Hi",
+    "List five fruits.",
+]
+
+
+@pytest.fixture(scope="module", params=["tiny", "smollm"])
+def lm(request: pytest.FixtureRequest, tiny_path: Path, smollm_path: Path) -> LoadedModel:
+    return load_model(request.param, tiny_path if request.param == "tiny" else smollm_path)
+
+
+def alone(lm: LoadedModel, prompt: list[int], n: int, **params) -> list[int]:
+    """mlx-lm's own greedy loop, the reference a batched request must equal."""
+    from mlx_lm.generate import generate_step
+    from mlx_lm.sample_utils import make_sampler
+
+    out = []
+    for t, _ in generate_step(mx.array(prompt), lm.model, max_tokens=n, sampler=make_sampler(0.0)):
+        if int(t) in lm.eos:
+            break
+        out.append(int(t))
+    return out
+
+
+def run(engine: Engine, arrivals: dict[int, list[tuple]], max_steps: int = 2000) -> tuple[dict[str, list[int]], list[dict]]:
+    """Submit (rid, model, kind, payload, params) at the given steps; collect ids and per-step outputs."""
+    ids: dict[str, list[int]] = {}
+    steps: list[dict] = []
+    for step in range(max_steps):
+        for args in arrivals.get(step, []):
+            engine.submit(*args)
+            ids[args[0]] = []
+        outs = engine.step()
+        plan = engine.last_plan
+        steps.append({"outs": {o.rid: o for o in outs}, "decode": list(plan.decode), "prefill": list(plan.prefill)})
+        for o in outs:
+            ids[o.rid].extend(o.ids)
+        if step > max(arrivals) and not engine.requests and not engine.queue:
+            return ids, steps
+    raise AssertionError("engine did not finish")
+
+
+def test_staggered_concurrent_requests_equal_each_run_alone(lm: LoadedModel) -> None:
+    engine = Engine(prefill_budget=16)
+    engine.add_model(lm)
+    lengths = [30, 25, 40, 20]
+    arrivals: dict[int, list[tuple]] = {}
+    for i, (text, n, at) in enumerate(zip(PROMPTS, lengths, [0, 3, 5, 9], strict=True)):
+        arrivals.setdefault(at, []).append(
+            (f"r{i}", lm.model_id, "chat", [{"role": "user", "content": text}], {"max_tokens": n, "temperature": 0}))
+    ids, _ = run(engine, arrivals)
+    for i, (text, n) in enumerate(zip(PROMPTS, lengths, strict=True)):
+        prompt = lm.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+        assert ids[f"r{i}"] == alone(lm, prompt, n), f"r{i}"
+    assert engine.kv_bytes() == 0
+
+
+def test_a_long_prompt_is_chunked_while_every_stream_gets_a_token_each_step(tiny_path: Path) -> None:
+    lm = load_model("tiny", tiny_path)
+    engine = Engine(prefill_budget=32)
+    engine.add_model(lm)
+    params = {"max_tokens": 200, "temperature": 0, "ignore_eos": True}
+    long_prompt = list(range(3, 203))  # 200 tokens, budget 32 -> at least 7 steps of prefill
+    arrivals = {0: [(f"s{i}", "tiny", "completion", [5 + i, 6, 7], params) for i in range(3)],
+                4: [("long", "tiny", "completion", long_prompt, {**params, "max_tokens": 5})]}
+    _, steps = run(engine, arrivals)
+    prefill_steps = [s for s in steps if any(rid == "long" for rid, _ in s["prefill"])]
+    assert len(prefill_steps) >= 200 // 32
+    for s in prefill_steps:
+        assert sum(n for _, n in s["prefill"]) + len(s["decode"]) <= 32
+        # every running stream got exactly one token out in this very step
+        assert {f"s{i}" for i in range(3)} <= set(s["outs"]), s
+
+
+def test_a_seeded_request_is_reproducible_inside_a_batch(tiny_path: Path) -> None:
+    lm = load_model("tiny", tiny_path)
+    sampled = {"max_tokens": 20, "temperature": 1.0, "top_p": 0.9, "seed": 42, "ignore_eos": True}
+    e1 = Engine()
+    e1.add_model(lm)
+    solo, _ = run(e1, {0: [("x", "tiny", "completion", [9, 10, 11], sampled)]})
+    e2 = Engine()
+    e2.add_model(lm)
+    others = [(f"o{i}", "tiny", "completion", [20 + i], {"max_tokens": 30, "temperature": 1.0}) for i in range(3)]
+    batched, _ = run(e2, {0: others, 2: [("x", "tiny", "completion", [9, 10, 11], sampled)]})
+    assert batched["x"] == solo["x"]
+
+
+def test_requests_beyond_the_kv_budget_wait_in_a_queue(tiny_path: Path) -> None:
+    lm = load_model("tiny", tiny_path)
+    from exo.nodes.engine import kv_bytes_per_token
+
+    per_request = (3 + 20) * kv_bytes_per_token(lm.model)
+    engine = Engine(kv_budget=int(per_request * 1.5))
+    engine.add_model(lm)
+    params = {"max_tokens": 20, "temperature": 0, "ignore_eos": True}
+    engine.submit("a", "tiny", "completion", [5, 6, 7], params)
+    engine.submit("b", "tiny", "completion", [8, 9, 10], params)
+    assert engine.status()["queued"] == 1 and list(engine.requests) == ["a"]
+    done: dict[str, int] = {}
+    for _ in range(100):
+        for o in engine.step():
+            done[o.rid] = done.get(o.rid, 0) + len(o.ids)
+        if not engine.requests and not engine.queue:
+            break
+    assert done == {"a": 20, "b": 20}
+    with pytest.raises(EngineError) as e:
+        engine.submit("huge", "tiny", "completion", [5], {"max_tokens": 900})
+    assert e.value.status == 400
+
+
+def test_cancel_frees_the_kv_cache_at_any_stage(tiny_path: Path) -> None:
+    lm = load_model("tiny", tiny_path)
+    engine = Engine(prefill_budget=16)
+    engine.add_model(lm)
+    params = {"max_tokens": 100, "temperature": 0, "ignore_eos": True}
+    engine.submit("dec", "tiny", "completion", [5, 6], params)
+    for _ in range(3):
+        engine.step()
+    engine.submit("pre", "tiny", "completion", list(range(3, 200)), params)
+    engine.step()
+    assert engine.status()["running"] == 1 and engine.status()["prefilling"] == 1
+    assert engine.kv_bytes() > 0
+    assert engine.cancel("pre") and engine.cancel("dec")
+    assert not engine.cancel("dec")
+    assert engine.kv_bytes() == 0 and engine.status()["running"] == 0
+    assert engine.step() == []
