@@ -261,6 +261,8 @@ def create_app(broker: str) -> FastAPI:
                     # SSE comments keep proxies and clients from timing out while
                     # a model loads or a long prompt prefills.
                     state = msg["state"] if msg is not None else "working"
+                    if msg is not None and "total" in msg.fields:
+                        state += f" {msg['done']}/{msg['total']}"
                     yield f": {state}\n\n".encode()
                     continue
                 if msg.type == "FAIL":

@@ -21,11 +21,18 @@ from exo.nodes.scheduler import Pending, StepPlan, plan
 
 log = logging.getLogger(__name__)
 
-# Tokens per step while streams are decoding (each decode counts as one): small
-# enough that a prefill chunk riding along barely slows the streams (see
-# BENCHMARKS.md, bench stall). With nothing decoding a prompt takes big chunks.
-DEFAULT_PREFILL_BUDGET = 48
-DEFAULT_IDLE_BUDGET = 2048
+# While streams decode, the prefill work in a step is sized from measurement so
+# the step takes at most MAX_STALL times a decode-only step: the streams' inter-
+# token latency rises by at most that much while a long prompt prefills (see
+# BENCHMARKS.md, bench stall). The cost of a prefill token differs by 20x
+# between a 2-core CPU and an M-series GPU, so no fixed token count fits both.
+DEFAULT_MAX_STALL = 1.5
+# With nothing decoding a prompt goes in chunks of this size: on MLX's CPU backend
+# 256-token chunks prefill 2k tokens faster than one 2k pass (23 s vs 40 s here).
+DEFAULT_IDLE_BUDGET = 256
+MIN_CHUNK = 2
+MAX_CHUNK = 1024
+EWMA = 0.2
 
 
 def default_kv_budget() -> int:
@@ -88,6 +95,14 @@ class Request:
     @property
     def to_prefill(self) -> int:
         return len(self.prompt) - self.prefilled
+
+    def prefilling(self) -> list[tuple[str, int, int]]:
+        """(rid, prompt tokens done, prompt tokens) of requests part-way through prefill."""
+        return [
+            (r.rid, r.prefilled, len(r.prompt))
+            for r in self.requests.values()
+            if r.cache is not None and r.prefilled
+        ]
 
     def kv_bytes(self) -> int:
         if self.cache is None:
@@ -172,12 +187,16 @@ class Engine:
 
     def __init__(
         self,
-        prefill_budget: int = DEFAULT_PREFILL_BUDGET,
+        prefill_budget: int | None = None,
         idle_budget: int = DEFAULT_IDLE_BUDGET,
         kv_budget: int | None = None,
+        max_stall: float = DEFAULT_MAX_STALL,
     ) -> None:
-        self.prefill_budget = prefill_budget
+        self.prefill_budget = prefill_budget  # fixed tokens per step; None: sized by max_stall
         self.idle_budget = idle_budget
+        self.max_stall = max_stall
+        self.t_decode: float | None = None  # EWMA seconds of a decode-only step
+        self.t_token: float | None = None  # EWMA marginal seconds per prefill token
         self.kv_budget = kv_budget if kv_budget is not None else default_kv_budget()
         self.models: dict[str, LoadedModel] = {}
         self.fused: dict[str, bool] = {}
@@ -272,8 +291,28 @@ class Engine:
         waiting = [
             Pending(r.rid, r.to_prefill) for r in self.requests.values() if r.cache is not None
         ]
-        budget = self.prefill_budget if decoding else self.idle_budget
-        return plan(decoding, waiting, budget)
+        return plan(decoding, waiting, self.budget(len(decoding)), min_chunk=MIN_CHUNK)
+
+    def budget(self, decodes: int) -> int:
+        """Tokens this step may carry (each decode counts as one)."""
+        if not decodes:
+            return self.idle_budget
+        if self.prefill_budget is not None:
+            return self.prefill_budget
+        if self.t_decode is None or self.t_token is None:
+            return decodes + 16  # until measured
+        extra = (self.max_stall - 1.0) * self.t_decode / max(self.t_token, 1e-6)
+        return decodes + int(min(MAX_CHUNK, max(MIN_CHUNK, extra)))
+
+    def _learn(self, plan: StepPlan, seconds: float) -> None:
+        def ewma(old: float | None, new: float) -> float:
+            return new if old is None else old + EWMA * (new - old)
+
+        prefill = sum(n for _, n in plan.prefill)
+        if plan.decode and not prefill:
+            self.t_decode = ewma(self.t_decode, seconds)
+        elif plan.decode and self.t_decode is not None:
+            self.t_token = ewma(self.t_token, max(0.0, seconds - self.t_decode) / prefill)
 
     def step(self) -> list[Output]:
         from exo.nodes.forward import Chunk, step_forward
@@ -283,6 +322,7 @@ class Engine:
         if step.empty:
             return []
         self.steps += 1
+        t0 = time.perf_counter()
         sampled: list[tuple[Request, mx.array]] = []
         joined: list[Request] = []
         by_model: dict[str, list[tuple[Request, Chunk]]] = {}
@@ -314,6 +354,7 @@ class Engine:
                     joined.append(req)
         states = [c.state for r in self.requests.values() if r.cache is not None for c in r.cache]
         mx.eval([t for _, t in sampled], states)
+        self._learn(step, time.perf_counter() - t0)
         for req in joined:
             assert req.cache is not None
             self.batches[req.lm.model_id].join(req.rid, req.cache)
@@ -377,6 +418,14 @@ class Engine:
 
     # -- status ---------------------------------------------------------------------
 
+    def prefilling(self) -> list[tuple[str, int, int]]:
+        """(rid, prompt tokens done, prompt tokens) of requests part-way through prefill."""
+        return [
+            (r.rid, r.prefilled, len(r.prompt))
+            for r in self.requests.values()
+            if r.cache is not None and r.prefilled
+        ]
+
     def kv_bytes(self) -> int:
         return sum(b.nbytes() for b in self.batches.values()) + sum(
             r.kv_bytes() for r in self.requests.values()
@@ -393,4 +442,6 @@ class Engine:
             "kv_budget": self.kv_budget,
             "loaded": sorted(self.models),
             "steps": self.steps,
+            "step_s": self.t_decode,
+            "prefill_token_s": self.t_token,
         }

@@ -126,4 +126,7 @@ def fused_step(
 def step_forward(
     model: Any, dec: list[int], dec_cache: list[Any] | None, chunks: list[Chunk], fused: bool
 ) -> tuple[mx.array | None, list[mx.array | None]]:
-    return (fused_step if fused else plain_step)(model, dec, dec_cache, chunks)
+    # Fusing only pays when decodes and chunks share a step; alone, mlx-lm's own
+    # forward is faster than the packed loop (0.153 vs 0.177 s for 4 decodes here).
+    use_fused = fused and bool(dec) and bool(chunks)
+    return (fused_step if use_fused else plain_step)(model, dec, dec_cache, chunks)

@@ -33,13 +33,19 @@ from exo.nodes.store import default_models_dir
     "--prefill-budget",
     type=int,
     default=None,
-    help="Tokens per engine step while streams decode (default 48).",
+    help="Fixed tokens per engine step while streams decode (default: sized by --max-stall).",
 )
 @click.option(
     "--kv-budget-mb",
     type=int,
     default=None,
     help="KV cache memory for admitted requests (default: a quarter of free memory).",
+)
+@click.option(
+    "--max-stall",
+    type=float,
+    default=None,
+    help="Slowest step, relative to a decode-only step, while a prompt prefills (default 1.5).",
 )
 @click.option("--log", "log_spec", default=None, help='e.g. "info" or "nodes.engine=debug".')
 @click.option("--log-file", default=None, help="DEBUG log file (default ~/.exo/logs/node-PID.log).")
@@ -49,17 +55,21 @@ def main(
     models_dir: Path | None,
     prefill_budget: int | None,
     kv_budget_mb: int | None,
+    idle_budget: int | None,
+    max_stall: float | None,
     log_spec: str | None,
     log_file: str | None,
 ) -> None:
     """Serve this machine's models to an exo cluster."""
     logs.setup(log_spec, log_file or logs.default_log_file("node"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from the store, never the hub
-    from exo.nodes.engine import DEFAULT_PREFILL_BUDGET, Engine
+    from exo.nodes.engine import DEFAULT_IDLE_BUDGET, DEFAULT_MAX_STALL, Engine
     from exo.nodes.worker import Node
 
     engine = Engine(
-        prefill_budget=prefill_budget or DEFAULT_PREFILL_BUDGET,
+        prefill_budget=prefill_budget,
+        max_stall=max_stall or DEFAULT_MAX_STALL,
+        idle_budget=idle_budget or DEFAULT_IDLE_BUDGET,
         kv_budget=kv_budget_mb << 20 if kv_budget_mb else None,
     )
     node = Node(broker, name or socket.gethostname(), models_dir or default_models_dir(), engine)

@@ -20,6 +20,8 @@ from exo.nodes.store import ModelStore
 
 log = logging.getLogger(__name__)
 
+PROGRESS_S = 1.0
+
 
 class Node:
     def __init__(
@@ -47,6 +49,7 @@ class Node:
         )
         self.stopping = threading.Event()
         self.loading: str | None = None
+        self.progress_sent: dict[str, float] = {}
 
     def info(self) -> dict[str, Any]:
         d = node_info.gather(sorted(self.store.scan()), blas)
@@ -76,10 +79,22 @@ class Node:
                     fields["finish"] = out.finish
                     fields["usage"] = out.usage
                 self.send("TOKENS", **fields)
+            self.report_progress()
             self._status = self.engine.status()
         self.link.stop_event.set()
         self.link.join(timeout=2)
         return 2 if self.link.refused else 0
+
+    def report_progress(self) -> None:
+        """Tell the frontend a long prefill is progressing (it turns this into SSE keep-alives)."""
+        now = time.monotonic()
+        for rid, done, total in self.engine.prefilling():
+            if now - self.progress_sent.get(rid, 0.0) >= PROGRESS_S:
+                self.progress_sent[rid] = now
+                self.send("STATE", rid=rid, state="prefill", done=done, total=total)
+        if len(self.progress_sent) > 1000:
+            live = set(self.engine.requests)
+            self.progress_sent = {r: t for r, t in self.progress_sent.items() if r in live}
 
     def handle(self, msg: P.Message) -> None:
         if msg.type == "CANCEL":

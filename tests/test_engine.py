@@ -35,7 +35,9 @@ def alone(lm: LoadedModel, prompt: list[int], n: int, **params) -> list[int]:
     return out
 
 
-def run(engine: Engine, arrivals: dict[int, list[tuple]], max_steps: int = 2000) -> tuple[dict[str, list[int]], list[dict]]:
+def run(
+    engine: Engine, arrivals: dict[int, list[tuple]], max_steps: int = 2000
+) -> tuple[dict[str, list[int]], list[dict]]:
     """Submit (rid, model, kind, payload, params) at the given steps; collect ids and per-step outputs."""
     ids: dict[str, list[int]] = {}
     steps: list[dict] = []
@@ -45,7 +47,13 @@ def run(engine: Engine, arrivals: dict[int, list[tuple]], max_steps: int = 2000)
             ids[args[0]] = []
         outs = engine.step()
         plan = engine.last_plan
-        steps.append({"outs": {o.rid: o for o in outs}, "decode": list(plan.decode), "prefill": list(plan.prefill)})
+        steps.append(
+            {
+                "outs": {o.rid: o for o in outs},
+                "decode": list(plan.decode),
+                "prefill": list(plan.prefill),
+            }
+        )
         for o in outs:
             ids[o.rid].extend(o.ids)
         if step > max(arrivals) and not engine.requests and not engine.queue:
@@ -60,22 +68,35 @@ def test_staggered_concurrent_requests_equal_each_run_alone(lm: LoadedModel) -> 
     arrivals: dict[int, list[tuple]] = {}
     for i, (text, n, at) in enumerate(zip(PROMPTS, lengths, [0, 3, 5, 9], strict=True)):
         arrivals.setdefault(at, []).append(
-            (f"r{i}", lm.model_id, "chat", [{"role": "user", "content": text}], {"max_tokens": n, "temperature": 0}))
+            (
+                f"r{i}",
+                lm.model_id,
+                "chat",
+                [{"role": "user", "content": text}],
+                {"max_tokens": n, "temperature": 0},
+            )
+        )
     ids, _ = run(engine, arrivals)
     for i, (text, n) in enumerate(zip(PROMPTS, lengths, strict=True)):
-        prompt = lm.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+        prompt = lm.tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True
+        )
         assert ids[f"r{i}"] == alone(lm, prompt, n), f"r{i}"
     assert engine.kv_bytes() == 0
 
 
-def test_a_long_prompt_is_chunked_while_every_stream_gets_a_token_each_step(tiny_path: Path) -> None:
+def test_a_long_prompt_is_chunked_while_every_stream_gets_a_token_each_step(
+    tiny_path: Path,
+) -> None:
     lm = load_model("tiny", tiny_path)
     engine = Engine(prefill_budget=32)
     engine.add_model(lm)
     params = {"max_tokens": 200, "temperature": 0, "ignore_eos": True}
     long_prompt = list(range(3, 203))  # 200 tokens, budget 32 -> at least 7 steps of prefill
-    arrivals = {0: [(f"s{i}", "tiny", "completion", [5 + i, 6, 7], params) for i in range(3)],
-                4: [("long", "tiny", "completion", long_prompt, {**params, "max_tokens": 5})]}
+    arrivals = {
+        0: [(f"s{i}", "tiny", "completion", [5 + i, 6, 7], params) for i in range(3)],
+        4: [("long", "tiny", "completion", long_prompt, {**params, "max_tokens": 5})],
+    }
     _, steps = run(engine, arrivals)
     prefill_steps = [s for s in steps if any(rid == "long" for rid, _ in s["prefill"])]
     assert len(prefill_steps) >= 200 // 32
@@ -93,7 +114,10 @@ def test_a_seeded_request_is_reproducible_inside_a_batch(tiny_path: Path) -> Non
     solo, _ = run(e1, {0: [("x", "tiny", "completion", [9, 10, 11], sampled)]})
     e2 = Engine()
     e2.add_model(lm)
-    others = [(f"o{i}", "tiny", "completion", [20 + i], {"max_tokens": 30, "temperature": 1.0}) for i in range(3)]
+    others = [
+        (f"o{i}", "tiny", "completion", [20 + i], {"max_tokens": 30, "temperature": 1.0})
+        for i in range(3)
+    ]
     batched, _ = run(e2, {0: others, 2: [("x", "tiny", "completion", [9, 10, 11], sampled)]})
     assert batched["x"] == solo["x"]
 

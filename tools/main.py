@@ -228,5 +228,66 @@ def bench_overhead(
         print_overhead(res)
 
 
+@bench.command("stall")
+@click.option("--url", default=None, help="A running cluster's base URL (default: start one here).")
+@click.option("--model", default=None, help="Model id (default: the default model).")
+@click.option(
+    "--streams", default=4, show_default=True, help="Streams running when the long prompt comes."
+)
+@click.option("--long-tokens", default=2048, show_default=True, help="Length of the long prompt.")
+@click.option(
+    "--concurrency", default="1,4,8,16", show_default=True, help="Stream counts for throughput."
+)
+@click.option(
+    "--tokens", default=48, show_default=True, help="Tokens per stream in the throughput runs."
+)
+@click.option(
+    "--prefill-budget", type=int, default=None, help="Node's budget, when starting a cluster here."
+)
+@click.option("--json", "as_json", is_flag=True)
+@models_dir_option
+def bench_stall(
+    url: str | None,
+    model: str | None,
+    streams: int,
+    long_tokens: int,
+    concurrency: str,
+    tokens: int,
+    prefill_budget: int | None,
+    as_json: bool,
+    models_dir: Path | None,
+) -> None:
+    """Inter-token latency of running streams while a long prompt prefills, and batch throughput."""
+    from exo.nodes.store import ModelStore
+    from exo.tools import bench_stall as stall
+    from exo.tools.cluster import LocalCluster
+    from exo.tools.default_model import DEFAULT_MODEL, pull_default
+
+    d = _models_dir(models_dir)
+    if model is None:
+        model = DEFAULT_MODEL
+        pull_default(d)
+    cluster = None
+    if url is None:
+        args = ["--prefill-budget", str(prefill_budget)] if prefill_budget else []
+        cluster = LocalCluster.on_free_ports(d, log_spec="warning", node_args=args).start()
+        url = cluster.url
+    try:
+        res = stall.run(
+            url,
+            ModelStore(d).path(model),
+            model,
+            streams,
+            long_tokens,
+            [int(x) for x in concurrency.split(",") if x],
+            tokens,
+        )
+    finally:
+        if cluster:
+            cluster.stop()
+    stall.report(res)
+    print(json.dumps(res) if as_json else "")
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,252 @@
+"""`exo-tools bench stall`: do running streams freeze while a long prompt prefills?
+
+Client-side figures against a running cluster, beside mlx-lm's BatchGenerator
+on the same model in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+
+@dataclass
+class Stream:
+    """One streaming completion, recording when each token arrived."""
+
+    url: str
+    model: str
+    prompt: list[int]
+    max_tokens: int
+    times: list[float] = field(default_factory=list)
+    sent: float = 0.0
+    stop: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+    error: str | None = None
+
+    def start(self) -> Stream:
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        body = {
+            "model": self.model,
+            "prompt": self.prompt,
+            "max_tokens": self.max_tokens,
+            "temperature": 0,
+            "stream": True,
+            "ignore_eos": True,
+            "return_token_ids": True,
+        }
+        self.sent = time.perf_counter()
+        try:
+            with httpx.stream("POST", f"{self.url}/v1/completions", json=body, timeout=600) as r:
+                r.raise_for_status()
+                for line in r.iter_lines():
+                    if self.stop.is_set():
+                        return  # closing the connection cancels the request
+                    if line.startswith("data: {"):
+                        ids = json.loads(line[6:])["choices"][0].get("token_ids") or []
+                        now = time.perf_counter()
+                        self.times.extend([now] * len(ids))
+        except httpx.HTTPError as e:
+            self.error = str(e)
+
+    def join(self) -> None:
+        self.stop.set()
+        if self.thread:
+            self.thread.join(30)
+
+
+def gaps(times: list[float]) -> list[tuple[float, float]]:
+    return [(a, b) for a, b in zip(times, times[1:], strict=False)]
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(p / 100 * len(xs)))] if xs else float("nan")
+
+
+def long_prompt(tokenizer: Any, n: int) -> list[int]:
+    text = (
+        "The river runs through the old town, past the market and the mill, and on to the sea. "
+        * 400
+    )
+    ids = tokenizer.encode(text)
+    return list(ids[:n])
+
+
+def wait_tokens(streams: list[Stream], n: int, timeout: float = 300) -> None:
+    deadline = time.perf_counter() + timeout
+    while any(len(s.times) < n for s in streams):
+        if time.perf_counter() > deadline or any(s.error for s in streams):
+            raise RuntimeError(f"streams stalled: {[s.error for s in streams]}")
+        time.sleep(0.05)
+
+
+def exo_stall(
+    url: str, model: str, tokenizer: Any, streams: int, long_n: int, before_s: float
+) -> dict[str, Any]:
+    long_ids = long_prompt(tokenizer, long_n)
+    alone = Stream(url, model, long_ids, 1).start()
+    alone.thread.join()  # type: ignore[union-attr]
+    ttft_alone = alone.times[0] - alone.sent
+    running = [
+        Stream(url, model, tokenizer.encode(f"Story number {i}:"), 4000).start()
+        for i in range(streams)
+    ]
+    wait_tokens(running, 5)
+    t_before = time.perf_counter()
+    time.sleep(before_s)
+    long = Stream(url, model, long_ids, 1).start()
+    long.thread.join()  # type: ignore[union-attr]
+    t_sent, t_first = long.sent, long.times[0]
+    time.sleep(1.0)
+    for s in running:
+        s.join()
+    before = [b - a for s in running for a, b in gaps(s.times) if t_before <= a and b < t_sent]
+    during = [b - a for s in running for a, b in gaps(s.times) if b > t_sent and a < t_first]
+    med = statistics.median(before)
+    return {
+        "itl_median_before_s": med,
+        "itl_max_during_s": max(during),
+        "itl_p99_during_s": pct(during, 99),
+        "stall_ratio": max(during) / med,
+        "long_ttft_s": t_first - t_sent,
+        "long_ttft_alone_s": ttft_alone,
+        "ttft_ratio": (t_first - t_sent) / ttft_alone,
+    }
+
+
+def exo_throughput(url: str, model: str, tokenizer: Any, n: int, tokens: int) -> float:
+    streams = [
+        Stream(url, model, tokenizer.encode(f"Story number {i}:"), tokens).start() for i in range(n)
+    ]
+    for s in streams:
+        s.thread.join()  # type: ignore[union-attr]
+    start = max(s.times[0] for s in streams)
+    end = min(s.times[-1] for s in streams)
+    count = sum(1 for s in streams for t in s.times if start < t <= end)
+    return count / (end - start) if end > start else float("nan")
+
+
+def batchgen_throughput(model: Any, tokenizer: Any, n: int, tokens: int) -> float:
+    from mlx_lm.generate import BatchGenerator
+
+    gen = BatchGenerator(model, max_tokens=tokens, stop_tokens=[])
+    gen.insert([tokenizer.encode(f"Story number {i}:") for i in range(n)], max_tokens=[tokens] * n)
+    times: list[float] = []
+    while True:
+        _, responses = gen.next()
+        if responses:
+            if len(responses) == n:
+                times.append(time.perf_counter())
+            if any(r.finish_reason for r in responses):
+                break
+        elif not gen._unprocessed_sequences and not gen._currently_processing and not times:
+            continue
+    gen.close()
+    return n * (len(times) - 1) / (times[-1] - times[0])
+
+
+def batchgen_stall(
+    model: Any, tokenizer: Any, streams: int, long_n: int, before_steps: int = 20
+) -> dict[str, float]:
+    """The same stall test on mlx-lm's BatchGenerator (prefill chunks of 2048, alternating)."""
+    from mlx_lm.generate import BatchGenerator
+
+    gen = BatchGenerator(model, max_tokens=4000, stop_tokens=[])
+    uids = gen.insert(
+        [tokenizer.encode(f"Story number {i}:") for i in range(streams)],
+        max_tokens=[4000] * streams,
+    )
+    last: dict[int, float] = {}
+    before: list[float] = []
+    during: list[float] = []
+    long_uid: int | None = None
+    steps = 0
+    while True:
+        _, responses = gen.next()
+        now = time.perf_counter()
+        for r in responses:
+            if r.uid == long_uid:
+                gen.close()
+                return {
+                    "itl_median_before_s": statistics.median(before),
+                    "itl_max_during_s": max(during),
+                    "stall_ratio": max(during) / statistics.median(before),
+                }
+            if r.uid in uids and r.uid in last:
+                (during if long_uid is not None else before).append(now - last[r.uid])
+            last[r.uid] = now
+        steps += 1
+        if steps == before_steps:
+            long_uid = gen.insert([long_prompt(tokenizer, long_n)], max_tokens=[1])[0]
+
+
+def run(
+    url: str,
+    model_path: Path,
+    model_id: str,
+    streams: int,
+    long_n: int,
+    concurrency: list[int],
+    tokens: int,
+) -> dict[str, Any]:
+    from mlx_lm import load
+
+    from exo.tools.bench import machine
+
+    model, tokenizer = load(str(model_path))
+    Stream(url, model_id, [1, 2, 3], 2).start().join()  # the node loads the model
+    res: dict[str, Any] = {
+        "bench": "stall",
+        "model": model_id,
+        "machine": machine(),
+        "streams": streams,
+        "long_prompt_tokens": long_n,
+    }
+    res["exo"] = exo_stall(url, model_id, tokenizer, streams, long_n, before_s=3.0)
+    res["batchgen"] = batchgen_stall(model, tokenizer, streams, long_n)
+    res["throughput"] = []
+    for n in concurrency:
+        exo = exo_throughput(url, model_id, tokenizer, n, tokens)
+        ref = batchgen_throughput(model, tokenizer, n, tokens)
+        res["throughput"].append(
+            {"streams": n, "exo_tps": exo, "batchgen_tps": ref, "ratio": exo / ref}
+        )
+    return res
+
+
+def report(res: dict[str, Any]) -> None:
+    e, b = res["exo"], res["batchgen"]
+    print(
+        f"stall: {res['model']}, {res['streams']} streams, long prompt {res['long_prompt_tokens']} tokens"
+    )
+    print(f"machine: {res['machine']}")
+    print(f"{'':34}{'exo':>12}{'BatchGenerator':>16}")
+    print(
+        f"{'median ITL before, s':34}{e['itl_median_before_s']:12.3f}{b['itl_median_before_s']:16.3f}"
+    )
+    print(
+        f"{'max ITL during long prefill, s':34}{e['itl_max_during_s']:12.3f}{b['itl_max_during_s']:16.3f}"
+    )
+    print(f"{'p99 ITL during, s':34}{e['itl_p99_during_s']:12.3f}{'':>16}")
+    print(f"{'max during / median before':34}{e['stall_ratio']:12.2f}{b['stall_ratio']:16.2f}")
+    print(
+        f"long prompt TTFT: {e['long_ttft_s']:.2f}s with streams running, {e['long_ttft_alone_s']:.2f}s alone "
+        f"on an idle cluster (ratio {e['ttft_ratio']:.2f})"
+    )
+    print(f"{'streams':>8}{'exo tok/s':>12}{'BatchGenerator tok/s':>22}{'ratio':>8}")
+    for row in res["throughput"]:
+        print(
+            f"{row['streams']:>8}{row['exo_tps']:12.1f}{row['batchgen_tps']:22.1f}{row['ratio']:8.2f}"
+        )
