@@ -162,6 +162,13 @@ def create_app(broker: str) -> FastAPI:
             404, f"The model '{model_id}' does not exist", "model_not_found", "model"
         )
 
+    @app.post("/v1/cancel/{request_id}")
+    async def cancel(request_id: str) -> Any:
+        rid = request_id.removeprefix("chatcmpl-").removeprefix("cmpl-")
+        if not await client.cancel_explicit(rid):
+            return error_response(404, f"no request {request_id} is in flight", "request_not_found")
+        return {"id": rid, "object": "cancellation", "cancelled": True}
+
     @app.get("/v1/cluster")
     async def cluster() -> Any:
         return await client.query("cluster")
@@ -193,10 +200,40 @@ def create_app(broker: str) -> FastAPI:
     async def run(
         request: Request, kind: str, body: Sampling, payload: Any, limit: int | None
     ) -> Any:
+        timeout_s = None
+        if (header := request.headers.get("x-request-timeout")) is not None:
+            try:
+                timeout_s = float(header)
+                if not timeout_s > 0:
+                    raise ValueError
+            except ValueError:
+                return error_response(
+                    400,
+                    "X-Request-Timeout must be a positive number of seconds",
+                    param="X-Request-Timeout",
+                )
         rid = uuid.uuid4().hex[:24]
-        queue = await client.submit(rid, body.model, kind, payload, body.params(limit))
+        queue = await client.submit(rid, body.model, kind, payload, body.params(limit), timeout_s)
         job = Job(rid, kind, body.model, queue, token_ids=bool(body.return_token_ids))
+        # The ASGI disconnect event, not polling: a client that leaves ends its request.
+        watcher = asyncio.create_task(watch_disconnect(request, job))
+        try:
+            return await respond(job, body)
+        finally:
+            # A streaming response watches for disconnect itself from here on.
+            watcher.cancel()
+
+    async def watch_disconnect(request: Request, job: Job) -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        job.queue.put_nowait(P.Message("DISCONNECT", {"rid": job.rid}))
+
+    async def respond(job: Job, body: Sampling) -> Any:
+        rid, queue = job.rid, job.queue
         first = await queue.get()
+        if first.type == "DISCONNECT":
+            await client.cancel(rid, "disconnect")
+            return None
         if first.type == "FAIL":
             client.done(rid)
             return error_response(
@@ -212,6 +249,9 @@ def create_app(broker: str) -> FastAPI:
             # (prompt too long...) is a proper 4xx; past KEEPALIVE_S (a model still
             # loading) start streaming and report any later failure in the stream.
             verdict = await admitted(job)
+            if verdict is not None and verdict.type == "DISCONNECT":
+                await client.cancel(rid, "disconnect")
+                return None
             if verdict is not None:
                 client.done(rid)
                 return error_response(
@@ -233,7 +273,7 @@ def create_app(broker: str) -> FastAPI:
                 msg = await asyncio.wait_for(job.queue.get(), left)
             except TimeoutError:
                 return None
-            if msg.type == "FAIL":
+            if msg.type in ("FAIL", "DISCONNECT"):
                 return msg
             if msg.type == "TOKENS" or (msg.type == "STATE" and msg["state"] == "admitted"):
                 job.peeked.append(msg)
@@ -287,7 +327,7 @@ def create_app(broker: str) -> FastAPI:
                 client.done(job.rid)
             else:
                 # The client went away (or the server is stopping): no one is listening.
-                await client.cancel(job.rid)
+                await client.cancel(job.rid, "disconnect")
                 log.info("rid=%s stream closed early; cancelled", job.rid)
 
     async def collect(job: Job, headers: dict[str, str]) -> Any:
@@ -298,6 +338,10 @@ def create_app(broker: str) -> FastAPI:
                 msg = await next_message(job)
                 if msg is None or msg.type in ("STATE", "ACCEPTED"):
                     continue
+                if msg.type == "DISCONNECT":
+                    await client.cancel(job.rid, "disconnect")
+                    log.info("rid=%s client left before the reply; cancelled", job.rid)
+                    return None
                 if msg.type == "FAIL":
                     return error_response(
                         msg["status"], msg["message"], msg["code"], headers=headers

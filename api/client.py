@@ -125,25 +125,50 @@ class BrokerClient:
             raise BrokerUnavailable(f"the broker at {self.broker} is not answering") from None
 
     async def submit(
-        self, rid: str, model: str, kind: str, payload: Any, params: dict[str, Any]
+        self,
+        rid: str,
+        model: str,
+        kind: str,
+        payload: Any,
+        params: dict[str, Any],
+        timeout_s: float | None = None,
     ) -> asyncio.Queue[P.Message]:
         await self._ready()
         q: asyncio.Queue[P.Message] = asyncio.Queue()
         self.streams[rid] = q
         assert self.sock is not None
+        extra = {"timeout_s": timeout_s} if timeout_s is not None else {}
         await self.sock.send(
-            P.encode("SUBMIT", rid=rid, model=model, kind=kind, payload=payload, params=params)
+            P.encode(
+                "SUBMIT", rid=rid, model=model, kind=kind, payload=payload, params=params, **extra
+            )
         )
         return q
 
     def done(self, rid: str) -> None:
         self.streams.pop(rid, None)
 
-    async def cancel(self, rid: str) -> None:
+    async def cancel(self, rid: str, reason: str) -> None:
+        """Fire and forget: this frontend no longer wants the request."""
         self.streams.pop(rid, None)
         if self.sock is not None:
             with contextlib.suppress(zmq.ZMQError):
-                await self.sock.send(P.encode("CANCEL", rid=rid), flags=zmq.NOBLOCK)
+                await self.sock.send(P.encode("CANCEL", rid=rid, reason=reason), flags=zmq.NOBLOCK)
+
+    async def cancel_explicit(self, rid: str, timeout: float = 5.0) -> bool:
+        """Cancel any request by id; True if the broker knew it."""
+        await self._ready()
+        qid = uuid.uuid4().hex
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.queries[qid] = fut
+        assert self.sock is not None
+        await self.sock.send(P.encode("CANCEL", rid=rid, reason="explicit", qid=qid))
+        try:
+            return bool((await asyncio.wait_for(fut, timeout)).get("found"))
+        except TimeoutError:
+            raise BrokerUnavailable(f"the broker at {self.broker} did not answer") from None
+        finally:
+            self.queries.pop(qid, None)
 
     async def query(self, what: str, timeout: float = 5.0) -> Any:
         await self._ready()

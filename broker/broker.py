@@ -23,7 +23,14 @@ PUBLISH_S = 1.0
 
 
 class Broker:
-    def __init__(self, router_addr: str, pub_addr: str, ctx: zmq.Context | None = None) -> None:
+    def __init__(
+        self,
+        router_addr: str,
+        pub_addr: str,
+        ctx: zmq.Context | None = None,
+        request_timeout: float = P.DEFAULT_REQUEST_TIMEOUT_S,
+    ) -> None:
+        self.request_timeout = request_timeout
         self.ctx = ctx or zmq.Context.instance()
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -41,6 +48,9 @@ class Broker:
         self.pub.setsockopt(zmq.SNDHWM, 10_000)
         self.pub.setsockopt(zmq.LINGER, 0)
         self.pub.bind(pub_addr)
+        self.pub_port = int(self.pub.getsockopt(zmq.LAST_ENDPOINT).decode().rsplit(":", 1)[1])
+        # (rid, node identity) -> when to resend the CANCEL if no CANCEL_ACK came
+        self.pending_cancels: dict[tuple[str, bytes], float] = {}
         self.reg = Registry()
         self.dropped = P.Counters()
         self.stats = P.Counters()
@@ -79,6 +89,8 @@ class Broker:
                         break
                     self.on_frames(parts)
             now = time.monotonic()
+            self.resend_cancels(now)
+            self.expire_deadlines(now)
             if now >= next_beat:
                 self.expire(now)
                 beat = P.encode("HEARTBEAT")
@@ -136,7 +148,14 @@ class Broker:
         peer = Peer(ident, peer_id, role, name=str(msg.get("name", "")), info=msg.get("info") or {})
         self.reg.peers[ident] = peer
         self.reg.seen_models.update(peer.models)
-        self.send(ident, "WELCOME", peer_id=peer_id, heartbeat_s=P.HEARTBEAT_S, expiry_s=P.EXPIRY_S)
+        self.send(
+            ident,
+            "WELCOME",
+            peer_id=peer_id,
+            heartbeat_s=P.HEARTBEAT_S,
+            expiry_s=P.EXPIRY_S,
+            pub_port=self.pub_port,
+        )
         log.info("%s %s (%s) registered; models: %s", role, peer_id, peer.name, peer.models or "-")
 
     def expire(self, now: float) -> None:
@@ -161,8 +180,10 @@ class Broker:
                     message=f"node {peer.peer_id} serving this request stopped responding ({why})",
                 )
             else:
-                self.send(r.node, "CANCEL", rid=r.rid)
-                self.stats["cancelled_frontend_lost"] += 1
+                self.cancel_on_node(r.rid, r.node)
+                self.stats["cancelled_disconnect"] += 1
+        for key in [k for k in self.pending_cancels if k[1] == ident]:
+            del self.pending_cancels[key]
 
     def on_heartbeat(self, peer: Peer, msg: P.Message, frame: zmq.Frame) -> None:
         status = msg.get("status")
@@ -217,27 +238,78 @@ class Broker:
                 message="the chosen node could not be reached; retry",
             )
             return
-        self.reg.requests[rid] = InFlight(rid, fe.identity, choice.identity, model)
+        timeout = self.request_timeout
+        asked = msg.get("timeout_s")
+        if isinstance(asked, int | float) and asked > 0:
+            timeout = min(timeout, float(asked))
+        self.reg.requests[rid] = InFlight(
+            rid, fe.identity, choice.identity, model, deadline=time.monotonic() + timeout
+        )
         # Count it now so a burst spreads over nodes before their next heartbeat.
         choice.status["prefilling"] = int(choice.status.get("prefilling", 0)) + 1
         self.send(fe.identity, "ACCEPTED", rid=rid, node=choice.peer_id)
         log.info("rid=%s model=%s -> node %s", rid, model, choice.peer_id)
 
     def on_cancel(self, fe: Peer, msg: P.Message, frame: zmq.Frame) -> None:
-        r = self.reg.requests.get(msg["rid"])
-        if r is None or r.frontend != fe.identity:
+        rid, reason, qid = msg["rid"], str(msg.get("reason", "explicit")), msg.get("qid")
+        r = self.reg.requests.pop(rid, None)
+        if qid is not None:
+            self.send(fe.identity, "REPLY", qid=qid, data={"found": r is not None})
+        if r is None:
             return
-        del self.reg.requests[r.rid]
-        self.send(r.node, "CANCEL", rid=r.rid)
-        self.stats["cancelled"] += 1
-        log.info("rid=%s cancelled by its frontend", r.rid)
+        self.cancel_on_node(rid, r.node)
+        self.stats[f"cancelled_{reason}"] += 1
+        if reason == "explicit":
+            # Whoever is waiting on this request learns why it ended.
+            self.send(
+                r.frontend,
+                "FAIL",
+                rid=rid,
+                status=499,
+                code="cancelled",
+                message=f"request {rid} was cancelled",
+            )
+        log.info("rid=%s cancelled (%s)", rid, reason)
+
+    def cancel_on_node(self, rid: str, node: bytes) -> None:
+        """Point to point until acknowledged, and on PUB for fan-out."""
+        frame = P.encode("CANCEL", rid=rid)
+        self.send_raw(node, frame)
+        self.pub.send_multipart([P.TOPIC_CANCEL, frame])
+        self.pending_cancels[(rid, node)] = time.monotonic() + P.CANCEL_RESEND_S
+
+    def on_cancel_ack(self, node: Peer, msg: P.Message, frame: zmq.Frame) -> None:
+        self.pending_cancels.pop((msg["rid"], node.identity), None)
+
+    def resend_cancels(self, now: float) -> None:
+        for (rid, node), due in list(self.pending_cancels.items()):
+            if now >= due:
+                self.stats["cancel_resent"] += 1
+                self.send(node, "CANCEL", rid=rid)
+                self.pending_cancels[(rid, node)] = now + P.CANCEL_RESEND_S
+
+    def expire_deadlines(self, now: float) -> None:
+        for r in [r for r in self.reg.requests.values() if now >= r.deadline]:
+            del self.reg.requests[r.rid]
+            self.cancel_on_node(r.rid, r.node)
+            self.stats["cancelled_deadline"] += 1
+            timeout = now - r.started
+            self.send(
+                r.frontend,
+                "FAIL",
+                rid=r.rid,
+                status=504,
+                code="deadline_exceeded",
+                message=f"request {r.rid} passed its deadline after {timeout:.1f}s",
+            )
+            log.info("rid=%s deadline passed after %.1fs", r.rid, timeout)
 
     def on_node_reply(self, node: Peer, msg: P.Message, frame: zmq.Frame) -> None:
         r = self.reg.requests.get(msg["rid"])
         if r is None or r.node != node.identity:
             if msg.type == "TOKENS" and not msg.get("finish"):
                 # Nobody wants these tokens any more: make sure the node stops.
-                self.send(node.identity, "CANCEL", rid=msg["rid"])
+                self.cancel_on_node(msg["rid"], node.identity)
             return
         if msg.type == "TOKENS":
             r.tokens += len(msg["ids"])
@@ -246,7 +318,8 @@ class Broker:
             del self.reg.requests[r.rid]
         if not self.send_raw(r.frontend, frame) and r.rid in self.reg.requests:
             del self.reg.requests[r.rid]
-            self.send(node.identity, "CANCEL", rid=r.rid)
+            self.cancel_on_node(r.rid, node.identity)
+            self.stats["cancelled_disconnect"] += 1
 
     def on_query(self, fe: Peer, msg: P.Message, frame: zmq.Frame) -> None:
         what = msg["what"]
@@ -266,6 +339,7 @@ class Broker:
             "nodes": [p.public() for p in self.reg.nodes()],
             "frontends": [p.peer_id for p in self.reg.peers.values() if p.role == "frontend"],
             "requests_active": len(self.reg.requests),
+            "cancels_unacknowledged": len(self.pending_cancels),
             "dropped": self.dropped.snapshot(),
             "stats": self.stats.snapshot(),
         }
@@ -279,5 +353,6 @@ class Broker:
         ("node", "STATE"): on_node_reply,
         ("frontend", "SUBMIT"): on_submit,
         ("frontend", "CANCEL"): on_cancel,
+        ("node", "CANCEL_ACK"): on_cancel_ack,
         ("frontend", "QUERY"): on_query,
     }

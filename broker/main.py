@@ -47,6 +47,12 @@ def serve_api(broker: str, host: str, port: int) -> None:
     is_flag=True,
     help="Run the broker alone (an API can run elsewhere with exo-tools api).",
 )
+@click.option(
+    "--request-timeout",
+    default=P.DEFAULT_REQUEST_TIMEOUT_S,
+    show_default=True,
+    help="Seconds a request may run; clients may ask for less with X-Request-Timeout.",
+)
 @click.option("--log", "log_spec", default=None, help='e.g. "info" or "broker=info,api=debug".')
 @click.option(
     "--log-file", default=None, help="DEBUG log file (default ~/.exo/logs/broker-PID.log)."
@@ -58,6 +64,7 @@ def main(
     api_host: str,
     api_port: int,
     no_api: bool,
+    request_timeout: float,
     log_spec: str | None,
     log_file: str | None,
 ) -> None:
@@ -65,7 +72,9 @@ def main(
     logs.setup(log_spec, log_file or logs.default_log_file("broker"))
     from exo.broker.broker import Broker
 
-    broker = Broker(f"tcp://{host}:{port}", f"tcp://{host}:{pub_port}")
+    broker = Broker(
+        f"tcp://{host}:{port}", f"tcp://{host}:{pub_port}", request_timeout=request_timeout
+    )
     if no_api:
         signal.signal(signal.SIGTERM, lambda *_: broker.stop_event.set())
         with contextlib.suppress(KeyboardInterrupt):

@@ -16,20 +16,31 @@ Envelope (every message)
 
 Conversation
     peer -> broker  HELLO {role: "node"|"frontend", peer_id, name, info?}
-    broker -> peer  WELCOME {peer_id, heartbeat_s, expiry_s} | REFUSED {reason}
+    broker -> peer  WELCOME {peer_id, heartbeat_s, expiry_s, pub_port} | REFUSED {reason}
     peer -> broker  HEARTBEAT {status?}      every heartbeat_s, both directions
     broker -> peer  HEARTBEAT {}
     broker -> peer  RECONNECT {reason}       the broker does not know this peer
                                              (it restarted or expired it): send HELLO again
     node -> broker  INFO {info}              the node's facts changed (models on disk...)
 
-    frontend -> broker  SUBMIT {rid, model, kind, payload, params}
+    frontend -> broker  SUBMIT {rid, model, kind, payload, params, timeout_s?}
+                        timeout_s: the client's deadline; the broker applies the
+                        smaller of it and its own --request-timeout.
     broker -> frontend  ACCEPTED {rid, node}  or FAIL {rid, status, code, message}
     broker -> node      GENERATE {rid, model, kind, payload, params}
     node -> broker      TOKENS {rid, ids, text, finish?, usage?}   one per engine step
     broker -> frontend  TOKENS (relayed unchanged)
     node -> broker      FAIL {rid, status, code, message}          relayed to the frontend
-    frontend -> broker  CANCEL {rid}         broker forwards CANCEL {rid} to the node
+    frontend -> broker  CANCEL {rid, reason, qid?}   reason: disconnect | deadline | explicit.
+                        Any frontend may cancel any rid; with a qid the broker
+                        answers REPLY {qid, data: {found}} (POST /v1/cancel).
+    broker -> node      CANCEL {rid}         point to point, resent every CANCEL_RESEND_S
+                                             until the node answers CANCEL_ACK {rid} or is
+                                             declared dead; also fanned out on PUB (topic
+                                             "cancel"), which may drop it: never relied on.
+    broker -> frontend  FAIL {rid, status: 504, code: "deadline_exceeded"} past the deadline;
+                        FAIL {rid, status: 499, code: "cancelled"} to the owner of an
+                        explicitly cancelled request.
     frontend -> broker  QUERY {qid, what}    broker answers REPLY {qid, data}
     node -> broker      STATE {state}        "loading"/"ready" progress for a request's model
 
@@ -53,6 +64,12 @@ MAX_FRAME = 8 * 1024 * 1024
 
 HEARTBEAT_S = 0.25
 EXPIRY_S = 1.5
+CANCEL_RESEND_S = 0.2
+DEFAULT_REQUEST_TIMEOUT_S = 600.0
+
+# PUB topics (first frame); the second frame is a protocol message.
+TOPIC_CLUSTER = b"cluster"
+TOPIC_CANCEL = b"cancel"
 
 DEFAULT_ROUTER_PORT = 52416
 DEFAULT_PUB_PORT = 52417
@@ -78,6 +95,7 @@ TYPES: dict[str, dict[str, type | tuple[type, ...]]] = {
     "TOKENS": {"rid": str, "ids": list, "text": str},
     "FAIL": {"rid": str, "status": int, "code": str, "message": str},
     "CANCEL": {"rid": str},
+    "CANCEL_ACK": {"rid": str},
     "STATE": {"rid": str, "state": str},
     "QUERY": {"qid": str, "what": str},
     "REPLY": {"qid": str, "data": (dict, list)},

@@ -45,6 +45,7 @@ class InFlight:
     frontend: bytes
     node: bytes
     model: str
+    deadline: float = float("inf")
     started: float = field(default_factory=time.monotonic)
     tokens: int = 0
 

@@ -58,6 +58,8 @@ class BrokerLink(threading.Thread):
         self.dropped = P.Counters()
         self.welcomes = 0
         self.dealer: zmq.Socket | None = None
+        self.sub: zmq.Socket | None = None
+        self.poller = zmq.Poller()
 
     def _connect(self) -> None:
         if self.dealer is not None:
@@ -74,6 +76,17 @@ class BrokerLink(threading.Thread):
             P.encode("HELLO", role="node", peer_id=self.peer_id, name=self.name_, info=self.info())
         )
 
+    def _subscribe(self, pub_port: int) -> None:
+        """Cancels also come on the broker's PUB: a second path, never the only one."""
+        if self.sub is not None:
+            self.poller.unregister(self.sub)
+            self.sub.close(linger=0)
+        self.sub = self.ctx.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.LINGER, 0)
+        self.sub.setsockopt(zmq.SUBSCRIBE, P.TOPIC_CANCEL)
+        self.sub.connect(f"{self.broker.rsplit(':', 1)[0]}:{pub_port}")
+        self.poller.register(self.sub, zmq.POLLIN)
+
     def run(self) -> None:
         pair = self.ctx.socket(zmq.PAIR)
         pair.connect(self.pair_addr)
@@ -81,11 +94,19 @@ class BrokerLink(threading.Thread):
         assert self.dealer is not None
         last_heard = time.monotonic()
         next_beat = next_info = 0.0
-        poller = zmq.Poller()
+        poller = self.poller
         poller.register(pair, zmq.POLLIN)
         poller.register(self.dealer, zmq.POLLIN)
         while not self.stop_event.is_set():
             events = dict(poller.poll(50))
+            if self.sub is not None and self.sub in events:
+                while self.sub.poll(0):
+                    parts = self.sub.recv_multipart()
+                    try:
+                        if len(parts) == 2 and P.decode(parts[1]).type == "CANCEL":
+                            pair.send(parts[1])
+                    except P.ProtocolError as e:
+                        self.dropped[e.reason] += 1
             now = time.monotonic()
             if self.dealer in events:
                 while self.dealer.poll(0):
@@ -106,6 +127,8 @@ class BrokerLink(threading.Thread):
                             # we were computing has no one to go to.
                             self.on_reset()
                         self.registered.set()
+                        if isinstance(msg.get("pub_port"), int):
+                            self._subscribe(msg["pub_port"])
                         log.info("registered with %s as %s", self.broker, self.peer_id)
                     elif msg.type == "REFUSED":
                         self.refused = msg["reason"]
@@ -130,4 +153,6 @@ class BrokerLink(threading.Thread):
                 self.dealer.send(P.encode("INFO", info=self.info()))
                 next_info = now + 5.0
         self.dealer.close(linger=0)
+        if self.sub is not None:
+            self.sub.close(linger=0)
         pair.close(linger=0)

@@ -42,6 +42,12 @@ from exo.nodes.store import default_models_dir
     help="KV cache memory for admitted requests (default: a quarter of free memory).",
 )
 @click.option(
+    "--idle-budget",
+    type=int,
+    default=None,
+    help="Prefill chunk in tokens when nothing decodes (default 256).",
+)
+@click.option(
     "--max-stall",
     type=float,
     default=None,

@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,8 @@ class Node:
         self.stopping = threading.Event()
         self.loading: str | None = None
         self.progress_sent: dict[str, float] = {}
+        # (rid, wall-clock time the engine dropped it), for `bench cancel` and tests
+        self.recent_cancels: deque[tuple[str, float]] = deque(maxlen=64)
 
     def info(self) -> dict[str, Any]:
         d = node_info.gather(sorted(self.store.scan()), blas)
@@ -80,7 +83,7 @@ class Node:
                     fields["usage"] = out.usage
                 self.send("TOKENS", **fields)
             self.report_progress()
-            self._status = self.engine.status()
+            self._status = {**self.engine.status(), "recent_cancels": list(self.recent_cancels)}
         self.link.stop_event.set()
         self.link.join(timeout=2)
         return 2 if self.link.refused else 0
@@ -98,7 +101,10 @@ class Node:
 
     def handle(self, msg: P.Message) -> None:
         if msg.type == "CANCEL":
-            self.engine.cancel(msg["rid"])
+            rid = msg["rid"]
+            if self.engine.cancel(rid):
+                self.recent_cancels.append((rid, time.time()))
+            self.send("CANCEL_ACK", rid=rid)
             return
         rid, model_id = msg["rid"], msg["model"]
         try:
