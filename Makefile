@@ -22,14 +22,18 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # OpenBLAS makes MLX's Linux CPU backend ~15x faster at prefill (see nodes/mlxenv.py);
-# iperf3 is the reference the link tests measure against.
+# nftables lets tests drop traffic on real sockets (a lost PUB message).
+APT_PACKAGES := libopenblas0-pthread nftables
 system-deps:
 ifeq ($(UNAME),Linux)
-	@if ! ls /usr/lib/*-linux-gnu/openblas-pthread/libopenblas.so.0 >/dev/null 2>&1; then \
+	@missing=""; \
+	ls /usr/lib/*-linux-gnu/openblas-pthread/libopenblas.so.0 >/dev/null 2>&1 || missing="$$missing libopenblas0-pthread"; \
+	command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || missing="$$missing nftables"; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopenblas0-pthread; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	  else \
-	    echo "note: OpenBLAS not found; MLX will run slowly. Install libopenblas0-pthread (Debian/Ubuntu)."; \
+	    echo "note: missing$$missing (Debian/Ubuntu packages); MLX runs slowly without OpenBLAS"; \
 	  fi; \
 	fi
 endif

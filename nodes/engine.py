@@ -172,6 +172,20 @@ def encode_prompt(lm: LoadedModel, kind: str, payload: Any) -> list[int]:
     raise EngineError(400, "invalid_kind", f"unknown request kind {kind!r}")
 
 
+def sample_rows(rows: list[Request], logits: mx.array) -> list[tuple[list[Request], mx.array]]:
+    """Greedy rows share one argmax over the batch; sampled rows draw with their own key."""
+    greedy = [i for i, r in enumerate(rows) if r.sampler.temperature <= 0]
+    out: list[tuple[list[Request], mx.array]] = []
+    if len(greedy) == len(rows):
+        return [(rows, mx.argmax(logits, axis=-1))]
+    if greedy:
+        out.append(([rows[i] for i in greedy], mx.argmax(logits[mx.array(greedy)], axis=-1)))
+    out.extend(
+        ([r], r.sampler(logits[i])[None]) for i, r in enumerate(rows) if r.sampler.temperature > 0
+    )
+    return out
+
+
 def kv_bytes_per_token(model: Any) -> int:
     args = getattr(model, "args", None)
     try:
@@ -323,7 +337,7 @@ class Engine:
             return []
         self.steps += 1
         t0 = time.perf_counter()
-        sampled: list[tuple[Request, mx.array]] = []
+        sampled: list[tuple[list[Request], mx.array]] = []
         joined: list[Request] = []
         by_model: dict[str, list[tuple[Request, Chunk]]] = {}
         for rid, n in step.prefill:
@@ -344,30 +358,34 @@ class Engine:
                 [c for _, c in chunks],
                 self.fused[model_id],
             )
-            for i, r in enumerate(rows):
+            if rows:
                 assert dec_logits is not None
-                sampled.append((r, r.sampler(dec_logits[i])))
+                sampled.extend(sample_rows(rows, dec_logits))
             for (req, chunk), logits in zip(chunks, chunk_logits, strict=True):
                 req.prefilled += len(chunk.tokens)
                 if logits is not None:
-                    sampled.append((req, req.sampler(logits)))
+                    sampled.append(([req], req.sampler(logits)[None]))
                     joined.append(req)
         states = [c.state for r in self.requests.values() if r.cache is not None for c in r.cache]
         mx.eval([t for _, t in sampled], states)
         self._learn(step, time.perf_counter() - t0)
-        for req in joined:
-            assert req.cache is not None
-            self.batches[req.lm.model_id].join(req.rid, req.cache)
-            req.cache = None
         outputs: list[Output] = []
         finished = False
-        for req, tok in sampled:
-            out = self._emit(req, int(tok.item()))
-            outputs.append(out)
-            if out.finish:
-                self.requests.pop(req.rid, None)
-                self._release(req)
-                finished = True
+        for reqs, toks in sampled:
+            for req, tok in zip(reqs, toks.tolist(), strict=True):
+                out = self._emit(req, tok)
+                outputs.append(out)
+                if out.finish:
+                    self.requests.pop(req.rid, None)
+                    self._release(req)
+                    finished = True
+        for req in joined:
+            # A request done at its first token never joins: joining pads every
+            # row of the batch to its length, for nothing.
+            if req.rid in self.requests:
+                assert req.cache is not None
+                self.batches[req.lm.model_id].join(req.rid, req.cache)
+                req.cache = None
         if finished:
             self._admit()
         return outputs

@@ -228,6 +228,51 @@ def bench_overhead(
         print_overhead(res)
 
 
+@bench.command("cancel")
+@click.option("--url", default=None, help="A running cluster's base URL (default: start one here).")
+@click.option("--model", default=None, help="Model id (default: the default model).")
+@click.option("--cancels", default=40, show_default=True)
+@click.option(
+    "--storm",
+    "storm_n",
+    default=200,
+    show_default=True,
+    help="Requests cancelled at random moments.",
+)
+@click.option("--tokens", default=64, show_default=True, help="Tokens for the lone-request rate.")
+@click.option("--json", "as_json", is_flag=True)
+@models_dir_option
+def bench_cancel(
+    url: str | None,
+    model: str | None,
+    cancels: int,
+    storm_n: int,
+    tokens: int,
+    as_json: bool,
+    models_dir: Path | None,
+) -> None:
+    """Cancel latency (client -> node) and throughput after a storm of cancels."""
+    from exo.tools import bench_cancel as bc
+    from exo.tools.cluster import LocalCluster
+    from exo.tools.default_model import DEFAULT_MODEL, pull_default
+
+    d = _models_dir(models_dir)
+    if model is None:
+        model = DEFAULT_MODEL
+        pull_default(d)
+    cluster = None
+    if url is None:
+        cluster = LocalCluster.on_free_ports(d, log_spec="warning").start()
+        url = cluster.url
+    try:
+        res = bc.run(url, model, cancels, storm_n, tokens)
+    finally:
+        if cluster:
+            cluster.stop()
+    bc.report(res)
+    print(json.dumps(res) if as_json else "")
+
+
 @bench.command("stall")
 @click.option("--url", default=None, help="A running cluster's base URL (default: start one here).")
 @click.option("--model", default=None, help="Model id (default: the default model).")

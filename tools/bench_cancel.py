@@ -1,0 +1,138 @@
+"""`exo-tools bench cancel`: how fast a request's end stops its work, and whether
+a storm of cancels leaves anything behind that slows the next request."""
+
+from __future__ import annotations
+
+import random
+import statistics
+import threading
+import time
+from typing import Any
+
+import httpx
+
+from exo.tools.bench_stall import Stream, pct
+
+
+def lone_tps(url: str, model: str, tokens: int) -> float:
+    s = Stream(url, model, [5, 6, 7], tokens).start()
+    assert s.thread is not None
+    s.thread.join()
+    return (len(s.times) - 1) / (s.times[-1] - s.times[0])
+
+
+def node_cancels(url: str) -> dict[str, float]:
+    nodes = httpx.get(f"{url}/v1/cluster", timeout=10).json()["nodes"]
+    return {rid: t for n in nodes for rid, t in n["status"].get("recent_cancels", [])}
+
+
+def step_s(url: str) -> float:
+    nodes = httpx.get(f"{url}/v1/cluster", timeout=10).json()["nodes"]
+    return max((n["status"].get("step_s") or 0.0) for n in nodes)
+
+
+def one_cancel(url: str, model: str, how: str) -> float:
+    """Seconds from the client's disconnect (or cancel call) to the node dropping the request."""
+    client = httpx.Client(timeout=60)
+    req = client.build_request(
+        "POST",
+        f"{url}/v1/completions",
+        json={
+            "model": model,
+            "prompt": [5, 6, 7],
+            "max_tokens": 2000,
+            "temperature": 0,
+            "stream": True,
+            "ignore_eos": True,
+        },
+    )
+    r = client.send(req, stream=True)
+    rid = r.headers["x-request-id"]
+    lines = r.iter_lines()
+    seen = 0
+    for line in lines:
+        seen += line.startswith("data: {")
+        if seen == 4:
+            break
+    t0 = time.time()
+    if how == "explicit":
+        httpx.post(f"{url}/v1/cancel/{rid}", timeout=10)
+    r.close()
+    client.close()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        t1 = node_cancels(url).get(rid)
+        if t1 is not None:
+            return t1 - t0
+        time.sleep(0.02)
+    raise RuntimeError(f"request {rid} was never cancelled on its node")
+
+
+def storm(url: str, model: str, n: int, concurrency: int) -> None:
+    rng = random.Random(1)
+
+    def one() -> None:
+        s = Stream(url, model, list(range(3, 3 + rng.randint(2, 200))), 2000).start()
+        time.sleep(rng.uniform(0, 1.5))
+        s.join()
+
+    threads: list[threading.Thread] = []
+    for _ in range(n):
+        while sum(t.is_alive() for t in threads) >= concurrency:
+            time.sleep(0.01)
+        t = threading.Thread(target=one)
+        t.start()
+        threads.append(t)
+    for t in threads:
+        t.join()
+
+
+def run(url: str, model: str, cancels: int, storm_n: int, tokens: int) -> dict[str, Any]:
+    from exo.tools.bench import machine
+
+    lone_tps(url, model, 8)  # load the model
+    before = statistics.median(lone_tps(url, model, tokens) for _ in range(3))
+    lat = [one_cancel(url, model, "disconnect" if i % 2 else "explicit") for i in range(cancels)]
+    step = step_s(url)
+    storm(url, model, storm_n, 8)
+    deadline = time.monotonic() + 30
+    while (
+        httpx.get(f"{url}/v1/cluster", timeout=10).json()["requests_active"]
+        and time.monotonic() < deadline
+    ):
+        time.sleep(0.1)
+    after = statistics.median(lone_tps(url, model, tokens) for _ in range(3))
+    state = httpx.get(f"{url}/v1/cluster", timeout=10).json()
+    return {
+        "bench": "cancel",
+        "model": model,
+        "machine": machine(),
+        "cancels": cancels,
+        "latency_p50_s": statistics.median(lat),
+        "latency_p99_s": pct(lat, 99),
+        "latency_max_s": max(lat),
+        "engine_step_s": step,
+        "storm": storm_n,
+        "tps_before": before,
+        "tps_after": after,
+        "tps_ratio": after / before,
+        "requests_active_after": state["requests_active"],
+        "kv_bytes_after": sum(n["status"]["kv_bytes"] for n in state["nodes"]),
+    }
+
+
+def report(res: dict[str, Any]) -> None:
+    print(
+        f"cancel: {res['model']}, {res['cancels']} cancels (half disconnects, half POST /v1/cancel)"
+    )
+    print(f"machine: {res['machine']}")
+    print(
+        f"cancel latency, client -> node drops the request: p50 {res['latency_p50_s'] * 1000:.1f} ms, "
+        f"p99 {res['latency_p99_s'] * 1000:.1f} ms, max {res['latency_max_s'] * 1000:.1f} ms "
+        f"(engine step {res['engine_step_s'] * 1000:.1f} ms; target p99 <= step + 20 ms)"
+    )
+    print(
+        f"lone request before a storm of {res['storm']} cancels: {res['tps_before']:.1f} tok/s; after: "
+        f"{res['tps_after']:.1f} tok/s (ratio {res['tps_ratio']:.3f}); left behind: "
+        f"{res['requests_active_after']} requests, {res['kv_bytes_after']} KV bytes"
+    )
