@@ -162,6 +162,24 @@ def create_app(broker: str) -> FastAPI:
             404, f"The model '{model_id}' does not exist", "model_not_found", "model"
         )
 
+    @app.post("/v1/models/pull")
+    async def pull(request: Request) -> Any:
+        try:
+            body = json.loads(await request.body() or b"{}")
+        except ValueError:
+            return error_response(400, "We could not parse the JSON body of your request.")
+        model, node = body.get("model") if isinstance(body, dict) else None, None
+        if isinstance(body, dict):
+            node = body.get("node")
+        if not isinstance(model, str) or "/" not in model:
+            return error_response(400, "'model' must be a hub id ORG/NAME", param="model")
+        if node is not None and not isinstance(node, str):
+            return error_response(400, "'node' must be a node id or name", param="node")
+        data = await client.pull(model, node)
+        if "error" in data:
+            return error_response(404, data["error"], "node_not_found", "node")
+        return JSONResponse({"model": model, **data}, status_code=202)
+
     @app.post("/v1/cancel/{request_id}")
     async def cancel(request_id: str) -> Any:
         rid = request_id.removeprefix("chatcmpl-").removeprefix("cmpl-")
@@ -275,7 +293,12 @@ def create_app(broker: str) -> FastAPI:
                 return None
             if msg.type in ("FAIL", "DISCONNECT"):
                 return msg
-            if msg.type == "TOKENS" or (msg.type == "STATE" and msg["state"] == "admitted"):
+            if (
+                msg.type == "TOKENS"
+                or msg.type == "STATE"
+                and msg["state"] in ("admitted", "downloading")
+            ):
+                # Admitted, or waiting on a download: its progress goes out in the stream.
                 job.peeked.append(msg)
                 return None
         return None

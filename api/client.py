@@ -155,31 +155,29 @@ class BrokerClient:
             with contextlib.suppress(zmq.ZMQError):
                 await self.sock.send(P.encode("CANCEL", rid=rid, reason=reason), flags=zmq.NOBLOCK)
 
-    async def cancel_explicit(self, rid: str, timeout: float = 5.0) -> bool:
+    async def cancel_explicit(self, rid: str) -> bool:
         """Cancel any request by id; True if the broker knew it."""
-        await self._ready()
-        qid = uuid.uuid4().hex
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self.queries[qid] = fut
-        assert self.sock is not None
-        await self.sock.send(P.encode("CANCEL", rid=rid, reason="explicit", qid=qid))
-        try:
-            return bool((await asyncio.wait_for(fut, timeout)).get("found"))
-        except TimeoutError:
-            raise BrokerUnavailable(f"the broker at {self.broker} did not answer") from None
-        finally:
-            self.queries.pop(qid, None)
+        data = await self.ask("CANCEL", rid=rid, reason="explicit")
+        return bool(data.get("found"))
 
-    async def query(self, what: str, timeout: float = 5.0) -> Any:
+    async def pull(self, model: str, node: str | None) -> dict[str, Any]:
+        fields = {"model": model, **({"node": node} if node else {})}
+        return dict(await self.ask("PULL", **fields))
+
+    async def ask(self, type_: str, timeout: float = 5.0, **fields: Any) -> Any:
+        """Send a message carrying a fresh qid and wait for the broker's REPLY."""
         await self._ready()
         qid = uuid.uuid4().hex
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.queries[qid] = fut
         assert self.sock is not None
-        await self.sock.send(P.encode("QUERY", qid=qid, what=what))
+        await self.sock.send(P.encode(type_, qid=qid, **fields))
         try:
             return await asyncio.wait_for(fut, timeout)
         except TimeoutError:
             raise BrokerUnavailable(f"the broker at {self.broker} did not answer") from None
         finally:
             self.queries.pop(qid, None)
+
+    async def query(self, what: str, timeout: float = 5.0) -> Any:
+        return await self.ask("QUERY", timeout, what=what)

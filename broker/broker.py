@@ -14,12 +14,14 @@ from typing import Any
 import zmq
 
 from exo.broker import protocol as P
-from exo.broker.registry import InFlight, Peer, Registry
+from exo.broker.registry import InFlight, Parked, Peer, Registry, downloading, failed_download
 from exo.broker.routing import Refusal, choose_node
 
 log = logging.getLogger(__name__)
 
 PUBLISH_S = 1.0
+PARKED_S = 0.5
+PULL_GRACE_S = 5.0
 
 
 class Broker:
@@ -51,6 +53,9 @@ class Broker:
         self.pub_port = int(self.pub.getsockopt(zmq.LAST_ENDPOINT).decode().rsplit(":", 1)[1])
         # (rid, node identity) -> when to resend the CANCEL if no CANCEL_ACK came
         self.pending_cancels: dict[tuple[str, bytes], float] = {}
+        # model -> (node asked to download it, when): covers the heartbeat before
+        # the node's status shows the download
+        self.pulls: dict[str, tuple[bytes, float]] = {}
         self.reg = Registry()
         self.dropped = P.Counters()
         self.stats = P.Counters()
@@ -79,7 +84,7 @@ class Broker:
             self.router.getsockopt(zmq.LAST_ENDPOINT).decode(),
             self.pub.getsockopt(zmq.LAST_ENDPOINT).decode(),
         )
-        next_beat = next_pub = 0.0
+        next_beat = next_pub = next_tend = 0.0
         while not self.stop_event.is_set():
             if self.router.poll(int(P.HEARTBEAT_S * 1000 / 2)):
                 for _ in range(1000):  # bounded, so liveness work is never starved
@@ -91,6 +96,9 @@ class Broker:
             now = time.monotonic()
             self.resend_cancels(now)
             self.expire_deadlines(now)
+            if now >= next_tend:
+                self.tend_parked(now)
+                next_tend = now + PARKED_S
             if now >= next_beat:
                 self.expire(now)
                 beat = P.encode("HEARTBEAT")
@@ -184,6 +192,8 @@ class Broker:
                 self.stats["cancelled_disconnect"] += 1
         for key in [k for k in self.pending_cancels if k[1] == ident]:
             del self.pending_cancels[key]
+        for rid in [rid for rid, j in self.reg.parked.items() if j.frontend == ident]:
+            del self.reg.parked[rid]
 
     def on_heartbeat(self, peer: Peer, msg: P.Message, frame: zmq.Frame) -> None:
         status = msg.get("status")
@@ -197,8 +207,8 @@ class Broker:
     # -- requests -------------------------------------------------------------------
 
     def on_submit(self, fe: Peer, msg: P.Message, frame: zmq.Frame) -> None:
-        rid, model = msg["rid"], msg["model"]
-        if rid in self.reg.requests:
+        rid = msg["rid"]
+        if rid in self.reg.requests or rid in self.reg.parked:
             self.send(
                 fe.identity,
                 "FAIL",
@@ -208,50 +218,163 @@ class Broker:
                 message=f"request id {rid} is already in flight",
             )
             return
-        choice = choose_node(self.reg.nodes(), model, self.reg.seen_models)
+        timeout = self.request_timeout
+        asked = msg.get("timeout_s")
+        if isinstance(asked, int | float) and asked > 0:
+            timeout = min(timeout, float(asked))
+        self.dispatch(Parked(rid, fe.identity, msg.fields, time.monotonic() + timeout), first=True)
+
+    def dispatch(self, job: Parked, first: bool = False) -> bool:
+        """Send a job to a node that holds its model, or park it while one downloads it.
+        True when the job left the parking lot (sent, or failed)."""
+        rid, model, nodes = job.rid, job.submit["model"], self.reg.nodes()
+        choice = choose_node(nodes, model, self.reg.seen_models)
         if isinstance(choice, Refusal):
+            pending = downloading(nodes, model) or self.recently_pulled(model)
+            if pending:
+                if first:
+                    self.reg.parked[rid] = job
+                    self.send(job.frontend, "ACCEPTED", rid=rid, node=pending[0][0].peer_id)
+                    log.info(
+                        "rid=%s waits for %s, downloading on %s", rid, model, pending[0][0].peer_id
+                    )
+                return False
+            failed = failed_download(nodes, model)
+            if not first and failed is not None:
+                node, d = failed
+                choice = Refusal(
+                    503,
+                    "download_failed",
+                    f"node {node.peer_id} could not download {model}: {d.get('error')}",
+                )
             self.send(
-                fe.identity,
+                job.frontend,
                 "FAIL",
                 rid=rid,
                 status=choice.status,
                 code=choice.code,
                 message=choice.message,
             )
-            return
-        job = P.encode(
+            return True
+        s = job.submit
+        frame = P.encode(
             "GENERATE",
             rid=rid,
             model=model,
-            kind=msg["kind"],
-            payload=msg["payload"],
-            params=msg["params"],
+            kind=s["kind"],
+            payload=s["payload"],
+            params=s["params"],
         )
-        if not self.send_raw(choice.identity, job):
+        if not self.send_raw(choice.identity, frame):
             self.drop_peer(choice.identity, "unreachable")
             self.send(
-                fe.identity,
+                job.frontend,
                 "FAIL",
                 rid=rid,
                 status=503,
                 code="node_lost",
                 message="the chosen node could not be reached; retry",
             )
-            return
-        timeout = self.request_timeout
-        asked = msg.get("timeout_s")
-        if isinstance(asked, int | float) and asked > 0:
-            timeout = min(timeout, float(asked))
+            return True
         self.reg.requests[rid] = InFlight(
-            rid, fe.identity, choice.identity, model, deadline=time.monotonic() + timeout
+            rid, job.frontend, choice.identity, model, deadline=job.deadline
         )
         # Count it now so a burst spreads over nodes before their next heartbeat.
         choice.status["prefilling"] = int(choice.status.get("prefilling", 0)) + 1
-        self.send(fe.identity, "ACCEPTED", rid=rid, node=choice.peer_id)
+        if first:
+            self.send(job.frontend, "ACCEPTED", rid=rid, node=choice.peer_id)
         log.info("rid=%s model=%s -> node %s", rid, model, choice.peer_id)
+        return True
+
+    def recently_pulled(self, model: str) -> list[tuple[Peer, dict[str, Any]]]:
+        """A node just asked to download `model`, whose status does not show it yet."""
+        asked = self.pulls.get(model)
+        if asked is None or time.monotonic() - asked[1] > PULL_GRACE_S:
+            return []
+        node = self.reg.peers.get(asked[0])
+        if node is None or any(d.get("model") == model for d in node.status.get("downloads", [])):
+            return []
+        return [(node, {"model": model, "done": 0, "total": 0})]
+
+    def tend_parked(self, now: float) -> None:
+        """Dispatch parked jobs whose model arrived; tell the others how the download goes."""
+        for rid, job in list(self.reg.parked.items()):
+            if now >= job.deadline:
+                del self.reg.parked[rid]
+                self.stats["cancelled_deadline"] += 1
+                self.send(
+                    job.frontend,
+                    "FAIL",
+                    rid=rid,
+                    status=504,
+                    code="deadline_exceeded",
+                    message=f"request {rid} passed its deadline waiting for {job.submit['model']}",
+                )
+                continue
+            if self.dispatch(job):
+                del self.reg.parked[rid]
+                continue
+            for node, d in downloading(self.reg.nodes(), job.submit["model"])[:1]:
+                self.send(
+                    job.frontend,
+                    "STATE",
+                    rid=rid,
+                    state="downloading",
+                    node=node.peer_id,
+                    done=int(d.get("done", 0)),
+                    total=int(d.get("total", 0)),
+                )
+
+    def on_pull(self, fe: Peer, msg: P.Message, frame: zmq.Frame) -> None:
+        model, wanted = msg["model"], msg.get("node")
+        nodes = [n for n in self.reg.nodes() if wanted in (None, n.peer_id, n.name)]
+        if not nodes:
+            self.send(fe.identity, "REPLY", qid=msg["qid"], data={"error": f"no node {wanted!r}"})
+            return
+        have = [n for n in nodes if model in n.models]
+        busy = downloading(nodes, model)
+        node = (
+            have
+            or [b for b, _ in busy]
+            or [
+                max(
+                    nodes,
+                    key=lambda n: (
+                        int(n.info.get("disk_free", 0)) or int(n.info.get("memory_available", 0))
+                    ),
+                )
+            ]
+        )[0]
+        if not have and not busy:
+            self.send(
+                node.identity, "DOWNLOAD", model=model, revision=str(msg.get("revision") or "main")
+            )
+            self.pulls[model] = (node.identity, time.monotonic())
+            log.info("asked node %s to download %s", node.peer_id, model)
+        self.send(
+            fe.identity,
+            "REPLY",
+            qid=msg["qid"],
+            data={"node": node.peer_id, "state": "present" if have else "downloading"},
+        )
 
     def on_cancel(self, fe: Peer, msg: P.Message, frame: zmq.Frame) -> None:
         rid, reason, qid = msg["rid"], str(msg.get("reason", "explicit")), msg.get("qid")
+        parked = self.reg.parked.pop(rid, None)
+        if parked is not None:
+            self.stats[f"cancelled_{reason}"] += 1
+            if qid is not None:
+                self.send(fe.identity, "REPLY", qid=qid, data={"found": True})
+            if reason == "explicit":
+                self.send(
+                    parked.frontend,
+                    "FAIL",
+                    rid=rid,
+                    status=499,
+                    code="cancelled",
+                    message=f"request {rid} was cancelled",
+                )
+            return
         r = self.reg.requests.pop(rid, None)
         if qid is not None:
             self.send(fe.identity, "REPLY", qid=qid, data={"found": r is not None})
@@ -339,6 +462,7 @@ class Broker:
             "nodes": [p.public() for p in self.reg.nodes()],
             "frontends": [p.peer_id for p in self.reg.peers.values() if p.role == "frontend"],
             "requests_active": len(self.reg.requests),
+            "requests_waiting_for_download": len(self.reg.parked),
             "cancels_unacknowledged": len(self.pending_cancels),
             "dropped": self.dropped.snapshot(),
             "stats": self.stats.snapshot(),
@@ -355,4 +479,5 @@ class Broker:
         ("frontend", "CANCEL"): on_cancel,
         ("node", "CANCEL_ACK"): on_cancel_ack,
         ("frontend", "QUERY"): on_query,
+        ("frontend", "PULL"): on_pull,
     }

@@ -42,7 +42,15 @@ Conversation
                         FAIL {rid, status: 499, code: "cancelled"} to the owner of an
                         explicitly cancelled request.
     frontend -> broker  QUERY {qid, what}    broker answers REPLY {qid, data}
-    node -> broker      STATE {state}        "loading"/"ready" progress for a request's model
+    node -> broker      STATE {rid, state, done?, total?}   loading / admitted / prefill progress
+    broker -> frontend  STATE {rid, state: "downloading", done, total, node}  while a request
+                                             waits for a model some node is downloading
+    frontend -> broker  PULL {qid, model, node?}   POST /v1/models/pull: the broker picks a
+                                             node (or takes the one named), sends it DOWNLOAD
+                                             and answers REPLY {qid, data: {node} | {error}}
+    broker -> node      DOWNLOAD {model, revision?}   fetch a model from the hub; progress
+                                             travels in the node's HEARTBEAT status
+                                             ("downloads"), completion in its INFO
 
 Robustness
     Frames that are not msgpack maps, lack v/t, carry an unknown type, miss a
@@ -96,6 +104,8 @@ TYPES: dict[str, dict[str, type | tuple[type, ...]]] = {
     "FAIL": {"rid": str, "status": int, "code": str, "message": str},
     "CANCEL": {"rid": str},
     "CANCEL_ACK": {"rid": str},
+    "DOWNLOAD": {"model": str},
+    "PULL": {"qid": str, "model": str},
     "STATE": {"rid": str, "state": str},
     "QUERY": {"qid": str, "what": str},
     "REPLY": {"qid": str, "data": (dict, list)},

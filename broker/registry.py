@@ -50,11 +50,41 @@ class InFlight:
     tokens: int = 0
 
 
+@dataclass
+class Parked:
+    """A request waiting for a model that a node is downloading."""
+
+    rid: str
+    frontend: bytes
+    submit: dict[str, Any]
+    deadline: float
+    started: float = field(default_factory=time.monotonic)
+
+
+def downloading(nodes: list[Peer], model: str) -> list[tuple[Peer, dict[str, Any]]]:
+    """Nodes with a download of `model` in progress, and its progress."""
+    out = []
+    for n in nodes:
+        for d in n.status.get("downloads", []):
+            if d.get("model") == model and d.get("state") in ("listing", "downloading"):
+                out.append((n, d))
+    return out
+
+
+def failed_download(nodes: list[Peer], model: str) -> tuple[Peer, dict[str, Any]] | None:
+    for n in nodes:
+        for d in n.status.get("downloads", []):
+            if d.get("model") == model and d.get("state") == "failed":
+                return n, d
+    return None
+
+
 class Registry:
     def __init__(self) -> None:
         self.peers: dict[bytes, Peer] = {}
         self.requests: dict[str, InFlight] = {}
         self.seen_models: set[str] = set()
+        self.parked: dict[str, Parked] = {}
 
     def nodes(self) -> list[Peer]:
         return [p for p in self.peers.values() if p.role == "node"]

@@ -67,7 +67,16 @@ def setup(spec: str | None = None, log_file: str | Path | None = None) -> None:
         fh.setLevel(logging.DEBUG)
         root.addHandler(fh)
     # Third-party chatter stays at WARNING unless asked for by name.
-    for noisy in ("httpx", "httpcore", "urllib3", "filelock", "asyncio", "huggingface_hub"):
+    for noisy in (
+        "httpx",
+        "httpcore",
+        "httpx2",
+        "httpcore2",
+        "urllib3",
+        "filelock",
+        "asyncio",
+        "huggingface_hub",
+    ):
         logging.getLogger(noisy).setLevel(per.get(noisy, logging.WARNING))
     logging.getLogger("uvicorn.access").setLevel(per.get("uvicorn.access", logging.WARNING))
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
+import shutil
 import socket
 import subprocess
+from pathlib import Path
 
 import psutil
 
@@ -35,8 +38,13 @@ def chip() -> str:
     return platform.processor() or platform.machine()
 
 
-def gather(models: list[str], blas: str) -> dict:
+def gather(models: list[str], blas: str, models_dir: Path | None = None) -> dict:
     vm = psutil.virtual_memory()
+    disk_free = 0
+    if models_dir is not None:
+        probe = models_dir if models_dir.exists() else models_dir.parent
+        with contextlib.suppress(OSError):
+            disk_free = shutil.disk_usage(probe).free
     return {
         "hostname": socket.gethostname(),
         "os": f"{platform.system()} {platform.release()}",
@@ -46,4 +54,5 @@ def gather(models: list[str], blas: str) -> dict:
         "memory_available": vm.available,
         "blas": blas,
         "models": models,
+        "disk_free": disk_free,
     }

@@ -21,7 +21,7 @@ from exo.broker import protocol as P
 
 log = logging.getLogger(__name__)
 
-ENGINE_TYPES = {"GENERATE", "CANCEL"}
+ENGINE_TYPES = {"GENERATE", "CANCEL", "DOWNLOAD"}
 
 
 def configure_dealer(sock: zmq.Socket, identity: str) -> None:
@@ -54,6 +54,7 @@ class BrokerLink(threading.Thread):
         self.info, self.status, self.on_reset = info, status, on_reset
         self.stop_event = threading.Event()
         self.registered = threading.Event()
+        self.info_now = threading.Event()  # send INFO at once (a download just finished)
         self.refused: str | None = None
         self.dropped = P.Counters()
         self.welcomes = 0
@@ -120,6 +121,7 @@ class BrokerLink(threading.Thread):
                         continue
                     if msg.type in ENGINE_TYPES:
                         pair.send(frame)
+                        log.debug("rid=%s %s from the broker", msg.get("rid"), msg.type)
                     elif msg.type == "WELCOME":
                         self.welcomes += 1
                         if self.welcomes > 1:
@@ -149,6 +151,9 @@ class BrokerLink(threading.Thread):
             if now >= next_beat:
                 self.dealer.send(P.encode("HEARTBEAT", status=self.status()))
                 next_beat = now + P.HEARTBEAT_S
+            if self.info_now.is_set():
+                self.info_now.clear()
+                next_info = 0.0
             if now >= next_info and self.registered.is_set():
                 self.dealer.send(P.encode("INFO", info=self.info()))
                 next_info = now + 5.0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import sys
@@ -28,6 +27,20 @@ from exo.nodes.store import default_models_dir
     type=click.Path(path_type=Path),
     default=None,
     help="Where models live (env EXO_MODELS_DIR, default ~/.exo/models).",
+)
+@click.option(
+    "--extra-models-dir",
+    "extra_dirs",
+    type=click.Path(path_type=Path),
+    multiple=True,
+    help="A read-only models directory (repeatable).",
+)
+@click.option(
+    "--download-stall-timeout",
+    type=float,
+    default=60.0,
+    show_default=True,
+    help="Give a download up after this many seconds without progress.",
 )
 @click.option(
     "--prefill-budget",
@@ -59,6 +72,8 @@ def main(
     broker: str,
     name: str | None,
     models_dir: Path | None,
+    extra_dirs: tuple[Path, ...],
+    download_stall_timeout: float,
     prefill_budget: int | None,
     kv_budget_mb: int | None,
     idle_budget: int | None,
@@ -68,7 +83,6 @@ def main(
 ) -> None:
     """Serve this machine's models to an exo cluster."""
     logs.setup(log_spec, log_file or logs.default_log_file("node"))
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from the store, never the hub
     from exo.nodes.engine import DEFAULT_IDLE_BUDGET, DEFAULT_MAX_STALL, Engine
     from exo.nodes.worker import Node
 
@@ -78,7 +92,16 @@ def main(
         idle_budget=idle_budget or DEFAULT_IDLE_BUDGET,
         kv_budget=kv_budget_mb << 20 if kv_budget_mb else None,
     )
-    node = Node(broker, name or socket.gethostname(), models_dir or default_models_dir(), engine)
+    from exo.nodes.download import Downloader
+
+    node = Node(
+        broker,
+        name or socket.gethostname(),
+        models_dir or default_models_dir(),
+        engine,
+        extra_dirs=list(extra_dirs),
+        downloader=Downloader(stall_timeout=download_stall_timeout),
+    )
     signal.signal(signal.SIGTERM, lambda *_: node.stopping.set())
     try:
         sys.exit(node.run())

@@ -53,20 +53,26 @@ def incomplete_reason(path: Path) -> str | None:
 
 
 class ModelStore:
-    def __init__(self, models_dir: Path) -> None:
+    """One writable models directory (downloads go there) and any number of
+    read-only ones (a shared disk, a folder copied by hand)."""
+
+    def __init__(self, models_dir: Path, extra_dirs: list[Path] | None = None) -> None:
         self.models_dir = models_dir
+        self.extra_dirs = list(extra_dirs or [])
 
     def path(self, model_id: str) -> Path:
+        """Where a download of `model_id` goes."""
         return self.models_dir / folder_name(model_id)
 
     def scan(self) -> dict[str, Path]:
-        """Complete models on disk, by id."""
-        if not self.models_dir.is_dir():
-            return {}
+        """Complete models on disk, by id; the writable directory wins a tie."""
         found: dict[str, Path] = {}
-        for entry in sorted(self.models_dir.iterdir()):
-            if entry.name.endswith(".partial") or entry.name.startswith("."):
+        for d in [*reversed(self.extra_dirs), self.models_dir]:
+            if not d.is_dir():
                 continue
-            if incomplete_reason(entry) is None:
-                found[model_id_of(entry.name)] = entry
+            for entry in sorted(d.iterdir()):
+                if entry.name.endswith(".partial") or entry.name.startswith("."):
+                    continue
+                if incomplete_reason(entry) is None:
+                    found[model_id_of(entry.name)] = entry
         return found

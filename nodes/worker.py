@@ -14,6 +14,7 @@ import zmq
 
 from exo.broker import protocol as P
 from exo.nodes import info as node_info
+from exo.nodes.download import Downloader, Progress
 from exo.nodes.engine import Engine, EngineError, load_model
 from exo.nodes.link import BrokerLink
 from exo.nodes.mlxenv import blas
@@ -26,11 +27,19 @@ PROGRESS_S = 1.0
 
 class Node:
     def __init__(
-        self, broker: str, name: str, models_dir: Path, engine: Engine | None = None
+        self,
+        broker: str,
+        name: str,
+        models_dir: Path,
+        engine: Engine | None = None,
+        extra_dirs: list[Path] | None = None,
+        downloader: Downloader | None = None,
     ) -> None:
         self.name = name
         self.peer_id = f"{name}-{uuid.uuid4().hex[:8]}"
-        self.store = ModelStore(models_dir)
+        self.store = ModelStore(models_dir, extra_dirs)
+        self.downloader = downloader or Downloader()
+        self.downloads: dict[str, Progress] = {}
         self.engine = engine or Engine()
         self.ctx = zmq.Context.instance()
         self.pair_addr = f"inproc://engine-{self.peer_id}"
@@ -55,7 +64,7 @@ class Node:
         self.recent_cancels: deque[tuple[str, float]] = deque(maxlen=64)
 
     def info(self) -> dict[str, Any]:
-        d = node_info.gather(sorted(self.store.scan()), blas)
+        d = node_info.gather(sorted(self.store.scan()), blas, self.store.models_dir)
         d["loading"] = self.loading
         return d
 
@@ -76,14 +85,27 @@ class Node:
             if self.pair.poll(0 if busy else 100):
                 while self.pair.poll(0):
                     self.handle(P.decode(self.pair.recv()))
-            for out in self.engine.step():
+            t0 = time.perf_counter()
+            outputs = self.engine.step()
+            if outputs and log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "step %d: %d outputs in %.1f ms",
+                    self.engine.steps,
+                    len(outputs),
+                    (time.perf_counter() - t0) * 1000,
+                )
+            for out in outputs:
                 fields: dict[str, Any] = {"rid": out.rid, "ids": out.ids, "text": out.text}
                 if out.finish:
                     fields["finish"] = out.finish
                     fields["usage"] = out.usage
                 self.send("TOKENS", **fields)
             self.report_progress()
-            self._status = {**self.engine.status(), "recent_cancels": list(self.recent_cancels)}
+            self._status = {
+                **self.engine.status(),
+                "recent_cancels": list(self.recent_cancels),
+                "downloads": [p.public() for p in list(self.downloads.values())],
+            }
         self.link.stop_event.set()
         self.link.join(timeout=2)
         return 2 if self.link.refused else 0
@@ -99,9 +121,39 @@ class Node:
             live = set(self.engine.requests)
             self.progress_sent = {r: t for r, t in self.progress_sent.items() if r in live}
 
+    def download(self, model_id: str, revision: str) -> None:
+        """Fetch a model in the background; the engine keeps serving meanwhile."""
+        current = self.downloads.get(model_id)
+        if (
+            current and current.state in ("listing", "downloading")
+        ) or model_id in self.store.scan():
+            return
+
+        def progress(p: Progress) -> None:
+            self.downloads[model_id] = p
+
+        def run() -> None:
+            try:
+                Downloader(
+                    hub=self.downloader.hub,
+                    token=self.downloader.token,
+                    stall_timeout=self.downloader.stall_timeout,
+                    on_progress=progress,
+                ).download(model_id, self.store.path(model_id), revision)
+            except Exception as e:
+                log.error("download of %s failed: %s", model_id, e)
+            self.link.info_now.set()
+
+        self.downloads[model_id] = Progress(model_id)
+        threading.Thread(target=run, name=f"download-{model_id}", daemon=True).start()
+
     def handle(self, msg: P.Message) -> None:
+        if msg.type == "DOWNLOAD":
+            self.download(msg["model"], str(msg.get("revision") or "main"))
+            return
         if msg.type == "CANCEL":
             rid = msg["rid"]
+            log.debug("rid=%s cancel received", rid)
             if self.engine.cancel(rid):
                 self.recent_cancels.append((rid, time.time()))
             self.send("CANCEL_ACK", rid=rid)

@@ -6,8 +6,6 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 TINY = "test/tiny-llama"
 
 

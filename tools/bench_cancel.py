@@ -87,6 +87,22 @@ def storm(url: str, model: str, n: int, concurrency: int) -> None:
         t.join()
 
 
+def wait_idle(url: str, timeout: float = 30.0) -> dict[str, Any]:
+    """The cluster state once nothing is in flight anywhere (status lags a heartbeat)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        state = httpx.get(f"{url}/v1/cluster", timeout=10).json()
+        busy = state["requests_active"] or any(
+            n["status"].get("running")
+            or n["status"].get("prefilling")
+            or n["status"].get("kv_bytes")
+            for n in state["nodes"]
+        )
+        if not busy or time.monotonic() > deadline:
+            return state
+        time.sleep(0.1)
+
+
 def run(url: str, model: str, cancels: int, storm_n: int, tokens: int) -> dict[str, Any]:
     from exo.tools.bench import machine
 

@@ -55,7 +55,7 @@ class LocalCluster:
         return f"tcp://127.0.0.1:{self.router_port}"
 
     def _env(self) -> dict[str, str]:
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", **self.env}
+        env = {**os.environ, **self.env}
         env.pop("EXO_LOG", None)
         return env
 

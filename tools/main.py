@@ -63,6 +63,86 @@ def models_list(models_dir: Path | None) -> None:
         click.echo(f"{model_id_of(entry.name):50} {size / 1e6:9.1f} MB  {why or 'complete'}")
 
 
+@models.command("pull")
+@click.argument("model_id")
+@click.option("--revision", default="main", show_default=True)
+@click.option(
+    "--stall-timeout",
+    default=60.0,
+    show_default=True,
+    help="Give up after this long without progress.",
+)
+@models_dir_option
+def models_pull(
+    model_id: str, revision: str, stall_timeout: float, models_dir: Path | None
+) -> None:
+    """Download ORG/NAME from the hub (HF_ENDPOINT, HF_TOKEN) into the models directory."""
+    from exo.nodes.download import Downloader, DownloadError, Progress
+    from exo.nodes.store import ModelStore
+
+    dest = ModelStore(_models_dir(models_dir)).path(model_id)
+    if sys.stderr.isatty():
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+        from rich.progress import Progress as Bar
+
+        bar = Bar(
+            "[bold]{task.description}",
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            transient=True,
+        )
+        task = bar.add_task(model_id, total=None)
+
+        def show(p: Progress) -> None:
+            bar.update(
+                task, total=p.total or None, completed=p.done, description=f"{model_id} {p.file}"
+            )
+    else:
+        bar, last = None, [0.0]
+
+        def show(p: Progress) -> None:
+            if time.monotonic() - last[0] > 2 or p.state in ("done", "failed"):
+                last[0] = time.monotonic()
+                click.echo(f"{p.state} {p.done}/{p.total} bytes {p.file}", err=True)
+
+    try:
+        if bar is not None:
+            with bar:
+                Downloader(stall_timeout=stall_timeout, on_progress=show).download(
+                    model_id, dest, revision
+                )
+        else:
+            Downloader(stall_timeout=stall_timeout, on_progress=show).download(
+                model_id, dest, revision
+            )
+    except DownloadError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(dest)
+
+
+@models.command("rm")
+@click.argument("model_id")
+@models_dir_option
+def models_rm(model_id: str, models_dir: Path | None) -> None:
+    """Delete a model (complete or not) from the writable models directory."""
+    import shutil
+
+    from exo.nodes.store import ModelStore
+
+    path = ModelStore(_models_dir(models_dir)).path(model_id)
+    if not path.exists():
+        raise click.ClickException(f"{model_id} is not in {path.parent}")
+    shutil.rmtree(path)
+    click.echo(f"removed {path}")
+
+
 @models.command("import-gguf")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--id", "model_id", required=True, help="Model id, ORG/NAME.")

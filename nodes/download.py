@@ -1,0 +1,249 @@
+"""Downloads from a Hugging Face-compatible hub, that never look complete until they are.
+
+huggingface_hub does what it is good at: the hub's API (file list, sizes, the
+LFS sha256, auth, HF_ENDPOINT). The bytes we move ourselves, so that the same
+discipline serves copies from peers: each file is written as `NAME.partial`,
+resumed with an HTTP Range request, checked for size and sha256, and renamed to
+`NAME` only then. The model folder carries a `.exo-download.partial` marker
+until every file is in place, so a folder mid-download is never a model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+log = logging.getLogger(__name__)
+
+MARKER = ".exo-download.partial"
+CHUNK = 1 << 20
+
+
+class DownloadError(Exception):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteFile:
+    name: str
+    size: int
+    sha256: str | None
+
+
+@dataclass
+class Progress:
+    """What a node publishes about one download."""
+
+    model: str
+    state: str = "listing"  # listing | downloading | done | failed
+    total: int = 0
+    done: int = 0
+    file: str = ""
+    rate: float = 0.0  # bytes/s over the last few seconds
+    eta_s: float | None = None
+    error: str | None = None
+    started: float = field(default_factory=time.time)
+
+    def public(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def list_files(
+    repo_id: str, revision: str = "main", token: str | None = None, hub: str | None = None
+) -> list[RemoteFile]:
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    api = HfApi(endpoint=hub or endpoint(), token=token or os.environ.get("HF_TOKEN"))
+    try:
+        info = api.model_info(repo_id, revision=revision, files_metadata=True)
+    except RepositoryNotFoundError as e:
+        raise DownloadError(f"{repo_id} is not on the hub at {api.endpoint}") from e
+    except (HfHubHTTPError, httpx.HTTPError, OSError) as e:
+        raise DownloadError(f"could not list {repo_id} on {api.endpoint}: {e}") from e
+    out = []
+    for s in info.siblings or []:
+        size = s.lfs.size if s.lfs else s.size
+        if size is None:
+            raise DownloadError(f"the hub gave no size for {repo_id}/{s.rfilename}")
+        out.append(RemoteFile(s.rfilename, int(size), s.lfs.sha256 if s.lfs else None))
+    return out
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(CHUNK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class Downloader:
+    hub: str = field(default_factory=endpoint)
+    token: str | None = field(default_factory=lambda: os.environ.get("HF_TOKEN"))
+    stall_timeout: float = 60.0  # give up after this long without a byte of progress
+    max_corrupt: int = 3
+    on_progress: Callable[[Progress], None] | None = None
+
+    def download(self, repo_id: str, dest: Path, revision: str = "main") -> Path:
+        prog = Progress(repo_id)
+        try:
+            self._download(repo_id, dest, revision, prog)
+        except Exception as e:
+            prog.state, prog.error = "failed", str(e)
+            self._report(prog)
+            raise
+        prog.state, prog.eta_s, prog.rate = "done", 0.0, 0.0
+        self._report(prog)
+        return dest
+
+    def _report(self, prog: Progress) -> None:
+        if self.on_progress is not None:
+            self.on_progress(prog)
+
+    def _download(self, repo_id: str, dest: Path, revision: str, prog: Progress) -> None:
+        self._report(prog)
+        files = list_files(repo_id, revision, self.token, self.hub)
+        if not files:
+            raise DownloadError(f"{repo_id} has no files")
+        dest.mkdir(parents=True, exist_ok=True)
+        (dest / MARKER).touch()
+        prog.total = sum(f.size for f in files)
+        prog.done = sum(self._have(dest, f) for f in files)
+        need = prog.total - prog.done
+        free = shutil.disk_usage(dest).free
+        if need > free:
+            raise DownloadError(
+                f"{repo_id} needs {need >> 20} MiB more; {free >> 20} MiB free on {dest}"
+            )
+        prog.state = "downloading"
+        for f in files:
+            target = dest / f.name
+            if target.is_file() and target.stat().st_size == f.size:
+                continue
+            self._fetch(repo_id, revision, f, target, prog)
+        (dest / MARKER).unlink()
+        log.info(
+            "downloaded %s (%d files, %d MiB) into %s", repo_id, len(files), prog.total >> 20, dest
+        )
+
+    @staticmethod
+    def _have(dest: Path, f: RemoteFile) -> int:
+        target = dest / f.name
+        if target.is_file() and target.stat().st_size == f.size:
+            return f.size
+        part = target.with_name(target.name + ".partial")
+        return min(part.stat().st_size, f.size) if part.is_file() else 0
+
+    def _fetch(
+        self, repo_id: str, revision: str, f: RemoteFile, target: Path, prog: Progress
+    ) -> None:
+        url = f"{self.hub}/{repo_id}/resolve/{revision}/{f.name}"
+        part = target.with_name(target.name + ".partial")
+        part.parent.mkdir(parents=True, exist_ok=True)
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        prog.file = f.name
+        last_progress = time.monotonic()
+        backoff, corrupt = 0.25, 0
+        window: list[tuple[float, int]] = []
+        while True:
+            have = part.stat().st_size if part.exists() else 0
+            if have > f.size:
+                part.unlink()
+                have = 0
+            if have == f.size:
+                if self._verified(part, f):
+                    part.rename(target)
+                    return
+                corrupt += 1
+                part.unlink()
+                prog.done -= f.size
+                log.warning("%s: checksum mismatch (attempt %d), fetching again", f.name, corrupt)
+                if corrupt >= self.max_corrupt:
+                    raise DownloadError(f"{repo_id}/{f.name}: sha256 mismatch {corrupt} times")
+                continue
+            if time.monotonic() - last_progress > self.stall_timeout:
+                raise DownloadError(
+                    f"{repo_id}/{f.name}: no progress for {self.stall_timeout:.0f}s"
+                )
+            before = prog.done
+            wait = 0.0
+            try:
+                self._stream(
+                    url,
+                    {**headers, **({"Range": f"bytes={have}-"} if have else {})},
+                    part,
+                    have,
+                    prog,
+                    window,
+                )
+            except _RetryAfter as e:
+                wait = e.seconds
+            except (httpx.HTTPError, OSError, _Retry) as e:
+                log.info("%s: %s; retrying in %.2fs", f.name, e, backoff)
+                wait, backoff = backoff, min(backoff * 2, 8.0)
+            if prog.done > before:
+                last_progress, backoff = time.monotonic(), 0.25
+            time.sleep(min(wait, max(0.0, self.stall_timeout - (time.monotonic() - last_progress))))
+
+    def _verified(self, part: Path, f: RemoteFile) -> bool:
+        return f.sha256 is None or sha256_of(part) == f.sha256
+
+    def _stream(
+        self,
+        url: str,
+        headers: dict[str, str],
+        part: Path,
+        have: int,
+        prog: Progress,
+        window: list[tuple[float, int]],
+    ) -> None:
+        timeout = httpx.Timeout(30.0, read=min(30.0, self.stall_timeout))
+        with httpx.stream("GET", url, headers=headers, follow_redirects=True, timeout=timeout) as r:
+            if r.status_code == 429:
+                raise _RetryAfter(float(r.headers.get("retry-after", "1")))
+            if r.status_code >= 500:
+                raise _Retry(f"HTTP {r.status_code}")
+            if r.status_code == 416:
+                return
+            if r.status_code not in (200, 206):
+                raise DownloadError(f"{url}: HTTP {r.status_code}")
+            mode = "ab" if r.status_code == 206 else "wb"
+            if mode == "wb" and have:
+                prog.done -= have  # the server ignored the range: start over
+            with part.open(mode) as out:
+                for chunk in r.iter_bytes():
+                    out.write(chunk)
+                    prog.done += len(chunk)
+                    now = time.monotonic()
+                    window.append((now, prog.done))
+                    while window and now - window[0][0] > 3.0:
+                        window.pop(0)
+                    if len(window) > 1 and now > window[0][0]:
+                        prog.rate = (window[-1][1] - window[0][1]) / (now - window[0][0])
+                        prog.eta_s = (prog.total - prog.done) / prog.rate if prog.rate else None
+                    self._report(prog)
+
+
+class _Retry(Exception):
+    pass
+
+
+class _RetryAfter(Exception):
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"retry after {seconds}s")
+        self.seconds = seconds

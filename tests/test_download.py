@@ -1,0 +1,236 @@
+"""Downloads from a real HTTP hub on loopback: .partial files, resume, verification, faults."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from exo.nodes.download import MARKER, Downloader, DownloadError
+from exo.nodes.store import ModelStore, incomplete_reason
+from exo.tools.cluster import LocalCluster, free_port
+from tests.hub import Hub
+
+REPO = "hubtest/tiny-llama"
+WEIGHTS = "model.safetensors"
+
+
+@pytest.fixture()
+def hub(tiny_path: Path) -> Iterator[Hub]:
+    with Hub({REPO: tiny_path}) as h:
+        yield h
+
+
+def same_files(a: Path, b: Path) -> bool:
+    names = sorted(p.name for p in a.iterdir() if p.is_file())
+    return names == sorted(p.name for p in b.iterdir() if p.is_file()) and all(
+        (a / n).read_bytes() == (b / n).read_bytes() for n in names
+    )
+
+
+def test_a_download_verifies_every_file_and_leaves_no_partial(
+    hub: Hub, tiny_path: Path, tmp_path: Path
+) -> None:
+    dest = tmp_path / "hubtest--tiny-llama"
+    seen: list[str] = []
+    Downloader(hub=hub.url, on_progress=lambda p: seen.append(p.state)).download(REPO, dest)
+    assert incomplete_reason(dest) is None
+    assert same_files(dest, tiny_path)
+    assert not list(dest.rglob("*.partial")) and not (dest / MARKER).exists()
+    assert seen[0] == "listing" and "downloading" in seen and seen[-1] == "done"
+
+
+def test_a_cut_connection_resumes_with_a_range_request(
+    hub: Hub, tiny_path: Path, tmp_path: Path
+) -> None:
+    size = (tiny_path / WEIGHTS).stat().st_size
+    hub.faults.cut_after[WEIGHTS] = size // 3
+    dest = tmp_path / "m"
+    Downloader(hub=hub.url).download(REPO, dest)
+    assert same_files(dest, tiny_path)
+    ranges = [r for p, r in hub.requests if p.endswith(WEIGHTS)]
+    assert ranges[0] is None and ranges[1] == f"bytes={size // 3}-"
+    assert hub.served[WEIGHTS] == size  # nothing fetched twice
+
+
+def test_corrupted_bytes_are_fetched_again_and_never_renamed_into_place(
+    hub: Hub, tiny_path: Path, tmp_path: Path
+) -> None:
+    hub.faults.corrupt[WEIGHTS] = 1
+    dest = tmp_path / "m"
+    Downloader(hub=hub.url).download(REPO, dest)
+    assert same_files(dest, tiny_path)
+    assert hub.served[WEIGHTS] == 2 * (tiny_path / WEIGHTS).stat().st_size
+    hub.faults.corrupt[WEIGHTS] = 10
+    with pytest.raises(DownloadError, match="sha256"):
+        Downloader(hub=hub.url, max_corrupt=2).download(REPO, tmp_path / "bad")
+    assert not (tmp_path / "bad" / WEIGHTS).exists()
+    assert incomplete_reason(tmp_path / "bad") is not None
+
+
+def test_429_with_retry_after_and_500_are_retried(
+    hub: Hub, tiny_path: Path, tmp_path: Path
+) -> None:
+    hub.faults.statuses[WEIGHTS] = [429, 500, 503]
+    hub.faults.retry_after = 1
+    dest = tmp_path / "m"
+    t0 = time.monotonic()
+    Downloader(hub=hub.url).download(REPO, dest)
+    assert time.monotonic() - t0 >= 1.0  # Retry-After was honoured
+    assert same_files(dest, tiny_path)
+    assert sum(1 for p, _ in hub.requests if p.endswith(WEIGHTS)) == 4
+
+
+def test_no_progress_gives_up_with_a_clear_error(hub: Hub, tmp_path: Path) -> None:
+    hub.faults.statuses[WEIGHTS] = [500] * 1000
+    with pytest.raises(DownloadError, match=f"{WEIGHTS}: no progress for 1s"):
+        Downloader(hub=hub.url, stall_timeout=1.0).download(REPO, tmp_path / "m")
+    assert incomplete_reason(tmp_path / "m") is not None
+
+
+def test_an_unknown_repository_is_a_clear_error(hub: Hub, tmp_path: Path) -> None:
+    with pytest.raises(DownloadError, match="not on the hub"):
+        Downloader(hub=hub.url).download("nobody/nothing", tmp_path / "x")
+
+
+def test_a_killed_pull_resumes_from_its_partial_file(
+    hub: Hub, tiny_path: Path, tmp_path: Path
+) -> None:
+    size = (tiny_path / WEIGHTS).stat().st_size
+    hub.faults.rate = size / 4  # about four seconds for the weights
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "exo.tools.main",
+        "models",
+        "pull",
+        REPO,
+        "--models-dir",
+        str(tmp_path),
+    ]
+    p = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    part = tmp_path / "hubtest--tiny-llama" / (WEIGHTS + ".partial")
+    deadline = time.monotonic() + 30
+    while not (part.exists() and part.stat().st_size > size // 4) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert incomplete_reason(tmp_path / "hubtest--tiny-llama") is not None
+    first = hub.served[WEIGHTS]
+    hub.faults.rate = None
+    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    assert same_files(tmp_path / "hubtest--tiny-llama", tiny_path)
+    assert 0 < hub.served[WEIGHTS] - first < size  # the second run fetched only the rest
+
+
+def test_offline_complete_folders_serve_and_incomplete_ones_are_not_models(
+    tiny_path: Path, tmp_path: Path
+) -> None:
+    models = tmp_path / "models"
+    shutil.copytree(tiny_path, models / "copied--tiny")
+    half = models / "copied--half"
+    shutil.copytree(tiny_path, half)
+    (half / WEIGHTS).rename(half / (WEIGHTS + ".partial"))
+    (models / "copied--empty").mkdir()
+    extra = tmp_path / "readonly"
+    shutil.copytree(tiny_path, extra / "shared--tiny")
+    assert set(ModelStore(models, [extra]).scan()) == {"copied/tiny", "shared/tiny"}
+    env = {"HF_ENDPOINT": f"http://127.0.0.1:{free_port()}", "HF_HUB_OFFLINE": "1"}
+    with LocalCluster.on_free_ports(
+        models, log_dir=tmp_path / "logs", env=env, node_args=["--extra-models-dir", str(extra)]
+    ) as c:
+        listed = {m["id"] for m in httpx.get(f"{c.url}/v1/models", timeout=10).json()["data"]}
+        assert listed == {"copied/tiny", "shared/tiny"}
+        for model in ("copied/tiny", "shared/tiny"):
+            r = httpx.post(
+                f"{c.url}/v1/completions",
+                timeout=60,
+                json={"model": model, "prompt": "Once", "max_tokens": 4},
+            )
+            assert r.status_code == 200, r.text
+        r = httpx.post(
+            f"{c.url}/v1/completions", timeout=60, json={"model": "copied/half", "prompt": "x"}
+        )
+        assert r.status_code == 404
+
+
+def test_a_request_waits_for_a_download_and_sees_its_progress(
+    hub: Hub, tiny_path: Path, tmp_path: Path
+) -> None:
+    size = (tiny_path / WEIGHTS).stat().st_size
+    hub.faults.rate = size / 3
+    env = {"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"}
+    with LocalCluster.on_free_ports(tmp_path / "models", log_dir=tmp_path / "logs", env=env) as c:
+        r = httpx.post(f"{c.url}/v1/models/pull", json={"model": REPO}, timeout=10)
+        assert r.status_code == 202 and r.json()["state"] == "downloading"
+        lines: list[str] = []
+
+        def stream() -> None:
+            with httpx.stream(
+                "POST",
+                f"{c.url}/v1/chat/completions",
+                timeout=120,
+                json={
+                    "model": REPO,
+                    "messages": [{"role": "user", "content": "hi"}],
+                    "max_tokens": 5,
+                    "stream": True,
+                },
+            ) as resp:
+                lines.extend(line for line in resp.iter_lines() if line)
+
+        t = threading.Thread(target=stream)
+        t.start()
+        seen_download = False
+        while t.is_alive():
+            for n in c.cluster_state()["nodes"]:
+                seen_download |= any(
+                    d["model"] == REPO and d["state"] == "downloading" and d["total"] > 0
+                    for d in n["status"].get("downloads", [])
+                )
+            time.sleep(0.2)
+        t.join()
+        assert seen_download, lines
+        assert any(line.startswith(": downloading") for line in lines)  # keep-alives carry progress
+        assert lines[-1] == "data: [DONE]" and not any('"error"' in line for line in lines)
+        models = httpx.get(f"{c.url}/v1/models", timeout=10).json()["data"]
+        assert [m["id"] for m in models] == [REPO] and models[0]["loaded"]
+        logs = "".join(p.read_text() for p in (tmp_path / "logs").glob("*.log"))
+        bad = [
+            line
+            for line in logs.splitlines()
+            if " WARNING " in line or " ERROR " in line or "Traceback" in line
+        ]
+        assert not [line for line in bad if "time" in line.lower()], bad
+
+
+def test_a_download_that_fails_fails_its_waiting_requests_naming_node_and_file(
+    hub: Hub, tmp_path: Path
+) -> None:
+    hub.faults.statuses[WEIGHTS] = [500] * 10_000
+    env = {"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"}
+    with LocalCluster.on_free_ports(
+        tmp_path / "models",
+        log_dir=tmp_path / "logs",
+        env=env,
+        node_args=["--download-stall-timeout", "2"],
+    ) as c:
+        assert (
+            httpx.post(f"{c.url}/v1/models/pull", json={"model": REPO}, timeout=10).status_code
+            == 202
+        )
+        time.sleep(0.5)
+        r = httpx.post(f"{c.url}/v1/completions", json={"model": REPO, "prompt": "x"}, timeout=60)
+        assert r.status_code == 503
+        msg = r.json()["error"]["message"]
+        assert "node0" in msg and WEIGHTS in msg and "no progress" in msg
