@@ -111,14 +111,9 @@ def run(url: str, model: str, cancels: int, storm_n: int, tokens: int) -> dict[s
     lat = [one_cancel(url, model, "disconnect" if i % 2 else "explicit") for i in range(cancels)]
     step = step_s(url)
     storm(url, model, storm_n, 8)
-    deadline = time.monotonic() + 30
-    while (
-        httpx.get(f"{url}/v1/cluster", timeout=10).json()["requests_active"]
-        and time.monotonic() < deadline
-    ):
-        time.sleep(0.1)
+    wait_idle(url)
     after = statistics.median(lone_tps(url, model, tokens) for _ in range(3))
-    state = httpx.get(f"{url}/v1/cluster", timeout=10).json()
+    state = wait_idle(url)
     return {
         "bench": "cancel",
         "model": model,
