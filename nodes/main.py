@@ -36,6 +36,12 @@ from exo.nodes.store import default_models_dir
     help="A read-only models directory (repeatable).",
 )
 @click.option(
+    "--link-types",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help='JSON {"ifname": "wifi|ethernet|thunderbolt|thunderbolt5|vpn|loopback|other"}; wins over detection.',
+)
+@click.option(
     "--download-stall-timeout",
     type=float,
     default=60.0,
@@ -73,6 +79,7 @@ def main(
     name: str | None,
     models_dir: Path | None,
     extra_dirs: tuple[Path, ...],
+    link_types: Path | None,
     download_stall_timeout: float,
     prefill_budget: int | None,
     kv_budget_mb: int | None,
@@ -93,6 +100,7 @@ def main(
         kv_budget=kv_budget_mb << 20 if kv_budget_mb else None,
     )
     from exo.nodes.download import Downloader
+    from exo.nodes.interfaces import load_link_types
 
     node = Node(
         broker,
@@ -101,6 +109,7 @@ def main(
         engine,
         extra_dirs=list(extra_dirs),
         downloader=Downloader(stall_timeout=download_stall_timeout),
+        link_types=load_link_types(link_types),
     )
     signal.signal(signal.SIGTERM, lambda *_: node.stopping.set())
     try:

@@ -16,8 +16,10 @@ from exo.broker import protocol as P
 from exo.nodes import info as node_info
 from exo.nodes.download import Downloader, Progress
 from exo.nodes.engine import Engine, EngineError, load_model
+from exo.nodes.interfaces import interfaces
 from exo.nodes.link import BrokerLink
 from exo.nodes.mlxenv import blas
+from exo.nodes.rdma import rdma_devices
 from exo.nodes.store import ModelStore
 
 log = logging.getLogger(__name__)
@@ -34,7 +36,10 @@ class Node:
         engine: Engine | None = None,
         extra_dirs: list[Path] | None = None,
         downloader: Downloader | None = None,
+        link_types: dict[str, str] | None = None,
     ) -> None:
+        self.link_types = link_types or {}
+        self.rdma = [d.public() for d in rdma_devices()]
         self.name = name
         self.peer_id = f"{name}-{uuid.uuid4().hex[:8]}"
         self.store = ModelStore(models_dir, extra_dirs)
@@ -65,6 +70,8 @@ class Node:
 
     def info(self) -> dict[str, Any]:
         d = node_info.gather(sorted(self.store.scan()), blas, self.store.models_dir)
+        d["interfaces"] = [i.public() for i in interfaces(self.link_types)]
+        d["rdma"] = self.rdma
         d["loading"] = self.loading
         return d
 

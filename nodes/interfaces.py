@@ -1,0 +1,179 @@
+"""The node's network interfaces and what kind of link each one is.
+
+An explicit type always wins, in this order: a `--link-types` JSON file
+({ifname: type}), then an interface alias `linktype=TYPE` (`ip link set dev X
+alias linktype=wifi`; how tests make a virtual link pose as WiFi or
+Thunderbolt), then detection from the OS. Detection is a set of pure functions
+over what the OS shows (a sysfs tree, `networksetup` output) so that it is
+tested on recorded outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import subprocess
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import psutil
+
+TYPES = ("thunderbolt5", "thunderbolt", "ethernet", "wifi", "vpn", "loopback", "other")
+VPN_PREFIXES = ("wg", "tun", "tap", "utun", "tailscale", "zt", "ppp", "ipsec")
+ARPHRD_ETHER = 1
+ARPHRD_LOOPBACK = 772
+ARPHRD_NONE = 65534  # wireguard, tun
+
+
+@dataclass
+class Interface:
+    name: str
+    type: str
+    up: bool
+    mtu: int
+    addresses: list[str] = field(default_factory=list)
+    source: str = "detected"  # file | alias | detected
+
+    def public(self) -> dict:
+        return asdict(self)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
+def alias_type(alias: str) -> str | None:
+    m = re.fullmatch(r"\s*linktype=(\w+)\s*", alias or "")
+    return m.group(1) if m and m.group(1) in TYPES else None
+
+
+def detect_linux(name: str, sysfs: Path = Path("/sys/class/net")) -> str:
+    """The link type of `name` from a sysfs tree."""
+    d = sysfs / name
+    uevent = dict(line.split("=", 1) for line in _read(d / "uevent").splitlines() if "=" in line)
+    arphrd = int(_read(d / "type") or 0)
+    if arphrd == ARPHRD_LOOPBACK or name == "lo":
+        return "loopback"
+    if (d / "wireless").is_dir() or (d / "phy80211").exists() or uevent.get("DEVTYPE") == "wlan":
+        return "wifi"
+    driver = (
+        os.path.basename(os.readlink(d / "device" / "driver"))
+        if (d / "device" / "driver").is_symlink()
+        else ""
+    )
+    if driver in ("thunderbolt-net", "thunderbolt_net", "thunderbolt"):
+        return "thunderbolt"
+    if (
+        uevent.get("DEVTYPE") in ("wireguard", "tun")
+        or (d / "tun_flags").exists()
+        or arphrd == ARPHRD_NONE
+    ):
+        return "vpn"
+    if name.startswith(VPN_PREFIXES):
+        return "vpn"
+    if arphrd == ARPHRD_ETHER and (d / "device").exists():
+        return "ethernet"
+    return "other"
+
+
+MAC_PORTS = (
+    # (pattern on networksetup's "Hardware Port", type); first match wins
+    (r"wi-?fi|airport", "wifi"),
+    (r"thunderbolt (bridge|\d)", "thunderbolt"),
+    (r"ethernet|lan|usb .*lan|10/100", "ethernet"),
+    (r"vpn|tailscale|wireguard", "vpn"),
+)
+
+
+def parse_networksetup(text: str) -> dict[str, str]:
+    """`networksetup -listallhardwareports` -> {device: type}."""
+    out: dict[str, str] = {}
+    for block in text.split("\n\n"):
+        port = re.search(r"^Hardware Port: (.+)$", block, re.M)
+        dev = re.search(r"^Device: (\S+)$", block, re.M)
+        if not port or not dev:
+            continue
+        kind = "other"
+        for pattern, t in MAC_PORTS:
+            if re.search(pattern, port.group(1), re.I):
+                kind = t
+                break
+        out[dev.group(1)] = kind
+    return out
+
+
+def thunderbolt_generation(profile: dict) -> int:
+    """From `system_profiler SPThunderboltDataType -json`: 5 when any port links at
+    80 Gb/s or more (Thunderbolt 5), else 4 (or older)."""
+    best = 0
+    for bus in profile.get("SPThunderboltDataType", []):
+        for key, val in bus.items():
+            if key.startswith("receptacle") and isinstance(val, dict):
+                m = re.search(r"(\d+) Gb/s", str(val.get("current_speed_key", "")))
+                if m:
+                    best = max(best, int(m.group(1)))
+    return 5 if best >= 80 else 4
+
+
+def macos_types() -> dict[str, str]:
+    try:
+        ports = subprocess.run(
+            ["networksetup", "-listallhardwareports"], capture_output=True, text=True, timeout=5
+        ).stdout
+        types = parse_networksetup(ports)
+        if "thunderbolt" in types.values():
+            prof = subprocess.run(
+                ["system_profiler", "SPThunderboltDataType", "-json"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout
+            if thunderbolt_generation(json.loads(prof or "{}")) == 5:
+                types = {k: "thunderbolt5" if v == "thunderbolt" else v for k, v in types.items()}
+        return types
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return {}
+
+
+def load_link_types(path: Path | None) -> dict[str, str]:
+    if path is None:
+        return {}
+    data = json.loads(path.read_text())
+    bad = {k: v for k, v in data.items() if v not in TYPES}
+    if bad:
+        raise ValueError(f"{path}: unknown link types {bad}; use one of {', '.join(TYPES)}")
+    return dict(data)
+
+
+def interfaces(
+    overrides: dict[str, str] | None = None, sysfs: Path = Path("/sys/class/net")
+) -> list[Interface]:
+    overrides = overrides or {}
+    stats = psutil.net_if_stats()
+    addrs = psutil.net_if_addrs()
+    mac = macos_types() if platform.system() == "Darwin" else {}
+    out = []
+    for name, st in sorted(stats.items()):
+        source = "detected"
+        if name in overrides:
+            kind, source = overrides[name], "file"
+        elif (t := alias_type(_read(sysfs / name / "ifalias"))) is not None:
+            kind, source = t, "alias"
+        elif platform.system() == "Linux":
+            kind = detect_linux(name, sysfs)
+        else:
+            kind = mac.get(name) or (
+                "loopback"
+                if name.startswith("lo")
+                else "vpn"
+                if name.startswith(VPN_PREFIXES)
+                else "other"
+            )
+        ips = [a.address for a in addrs.get(name, []) if a.family.name in ("AF_INET", "AF_INET6")]
+        out.append(Interface(name, kind, bool(st.isup), int(st.mtu), ips, source))
+    return out
