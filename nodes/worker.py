@@ -65,8 +65,9 @@ class Node:
         self.stopping = threading.Event()
         self.loading: str | None = None
         self.progress_sent: dict[str, float] = {}
+        self.last_step_s = 0.0
         # (rid, wall-clock time the engine dropped it), for `bench cancel` and tests
-        self.recent_cancels: deque[tuple[str, float]] = deque(maxlen=64)
+        self.recent_cancels: deque[tuple[str, float, float]] = deque(maxlen=64)
 
     def info(self) -> dict[str, Any]:
         d = node_info.gather(sorted(self.store.scan()), blas, self.store.models_dir)
@@ -94,6 +95,7 @@ class Node:
                     self.handle(P.decode(self.pair.recv()))
             t0 = time.perf_counter()
             outputs = self.engine.step()
+            self.last_step_s = time.perf_counter() - t0
             if outputs and log.isEnabledFor(logging.DEBUG):
                 log.debug(
                     "step %d: %d outputs in %.1f ms",
@@ -162,7 +164,8 @@ class Node:
             rid = msg["rid"]
             log.debug("rid=%s cancel received", rid)
             if self.engine.cancel(rid):
-                self.recent_cancels.append((rid, time.time()))
+                # with the length of the step it waited behind, for bench cancel
+                self.recent_cancels.append((rid, time.time(), self.last_step_s))
             self.send("CANCEL_ACK", rid=rid)
             return
         rid, model_id = msg["rid"], msg["model"]

@@ -65,7 +65,7 @@ def idle(c: LocalCluster) -> bool:
 
 
 def assert_cancelled_on_node(c: LocalCluster, rid: str) -> None:
-    wait_until(lambda: any(r == rid for r, _ in node_status(c)["recent_cancels"]))
+    wait_until(lambda: any(x[0] == rid for x in node_status(c)["recent_cancels"]))
     wait_until(lambda: idle(c))
 
 
@@ -209,7 +209,7 @@ def test_explicit_cancel_while_queued_leaves_the_others_untouched(
     wait_until(
         lambda: (
             node_status(c)["queued"] == 0
-            and any(r == queued for r, _ in node_status(c)["recent_cancels"])
+            and any(x[0] == queued for x in node_status(c)["recent_cancels"])
         )
     )
     assert node_status(c)["running"] == 1  # the other one is still going
