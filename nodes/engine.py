@@ -172,6 +172,14 @@ def encode_prompt(lm: LoadedModel, kind: str, payload: Any) -> list[int]:
     raise EngineError(400, "invalid_kind", f"unknown request kind {kind!r}")
 
 
+@dataclass
+class Prefetched:
+    """A decode step already queued: its rows and their (lazy) next tokens."""
+
+    rids: list[str]
+    toks: mx.array
+
+
 def sample_rows(rows: list[Request], logits: mx.array) -> list[tuple[list[Request], mx.array]]:
     """Greedy rows share one argmax over the batch; sampled rows draw with their own key."""
     greedy = [i for i, r in enumerate(rows) if r.sampler.temperature <= 0]
@@ -217,6 +225,7 @@ class Engine:
         self.requests: OrderedDict[str, Request] = OrderedDict()  # admitted
         self.queue: deque[Request] = deque()  # waiting for KV memory
         self.batches: dict[str, Batch] = {}
+        self.prefetched: dict[str, Prefetched] = {}
         self.steps = 0
         self.last_plan = StepPlan()
 
@@ -296,7 +305,16 @@ class Engine:
 
     def _release(self, req: Request) -> None:
         req.cache = None
-        self.batches[req.lm.model_id].leave({req.rid})
+        batch = self.batches[req.lm.model_id]
+        ready = self.prefetched.get(req.lm.model_id)
+        if ready is not None and req.rid in ready.rids:
+            keep = [i for i, r in enumerate(ready.rids) if r != req.rid]
+            if keep:
+                ready.rids = [ready.rids[i] for i in keep]
+                ready.toks = ready.toks[mx.array(keep)]
+            else:
+                del self.prefetched[req.lm.model_id]
+        batch.leave({req.rid})
 
     # -- the step -------------------------------------------------------------------
 
@@ -351,22 +369,30 @@ class Engine:
             batch, lm = self.batches[model_id], self.models[model_id]
             rows = [self.requests[r] for r in batch.rids]
             chunks = by_model.get(model_id, [])
-            dec_logits, chunk_logits = step_forward(
-                lm.model,
-                [r.last for r in rows],
-                batch.cache,
-                [c for _, c in chunks],
-                self.fused[model_id],
-            )
-            if rows:
-                assert dec_logits is not None
-                sampled.extend(sample_rows(rows, dec_logits))
+            ready = self.prefetched.pop(model_id, None)
+            if ready is not None and ready.rids == batch.rids:
+                # This step's decodes were computed during the last one.
+                _, chunk_logits = step_forward(lm.model, [], None, [c for _, c in chunks], False)
+                sampled.append((rows, ready.toks))
+            else:
+                dec_logits, chunk_logits = step_forward(
+                    lm.model,
+                    [r.last for r in rows],
+                    batch.cache,
+                    [c for _, c in chunks],
+                    self.fused[model_id],
+                )
+                if rows:
+                    assert dec_logits is not None
+                    sampled.extend(sample_rows(rows, dec_logits))
             for (req, chunk), logits in zip(chunks, chunk_logits, strict=True):
                 req.prefilled += len(chunk.tokens)
                 if logits is not None:
                     sampled.append(([req], req.sampler(logits)[None]))
                     joined.append(req)
         states = [c.state for r in self.requests.values() if r.cache is not None for c in r.cache]
+        if not joined and not self.queue and all(r.cache is None for r in self.requests.values()):
+            self._prefetch(sampled)
         mx.eval([t for _, t in sampled], states)
         self._learn(step, time.perf_counter() - t0)
         outputs: list[Output] = []
@@ -389,6 +415,33 @@ class Engine:
         if finished:
             self._admit()
         return outputs
+
+    def _prefetch(self, sampled: list[tuple[list[Request], mx.array]]) -> None:
+        """Queue the next decode step before this one is read back (as mlx-lm's
+        generate_step does), so building its graph overlaps this step's compute.
+        Only for pure decode: a step with prefill work is planned afresh."""
+        order = {r.rid: (gi, i) for gi, (reqs, _) in enumerate(sampled) for i, r in enumerate(reqs)}
+        for model_id, batch in self.batches.items():
+            if not batch.rids or any(r not in order for r in batch.rids):
+                continue
+            flat = mx.concatenate([toks.reshape(-1) for _, toks in sampled])
+            offsets = [0]
+            for reqs, _ in sampled:
+                offsets.append(offsets[-1] + len(reqs))
+            idx = mx.array([offsets[order[r][0]] + order[r][1] for r in batch.rids])
+            rows = [self.requests[r] for r in batch.rids]
+            logits = self.models[model_id].model(flat[idx][:, None], cache=batch.cache)[:, -1, :]
+            groups = sample_rows(rows, logits)
+            pos = {
+                r.rid: (gi, i) for gi, (reqs, _) in enumerate(groups) for i, r in enumerate(reqs)
+            }
+            goffs = [0]
+            for reqs, _ in groups:
+                goffs.append(goffs[-1] + len(reqs))
+            gflat = mx.concatenate([t.reshape(-1) for _, t in groups])
+            toks = gflat[mx.array([goffs[pos[r][0]] + pos[r][1] for r in batch.rids])]
+            mx.async_eval(toks)
+            self.prefetched[model_id] = Prefetched(list(batch.rids), toks)
 
     def _emit(self, req: Request, token: int) -> Output:
         req.generated += 1
