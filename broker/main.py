@@ -45,7 +45,7 @@ def serve_api(broker: str, host: str, port: int) -> None:
 @click.option(
     "--no-api",
     is_flag=True,
-    help="Run the broker alone (an API can run elsewhere with exo-tools api).",
+    help="Run the broker alone (an API can run elsewhere: exo-tools api --broker tcp://HOST:PORT).",
 )
 @click.option(
     "--request-timeout",

@@ -96,14 +96,6 @@ class Request:
     def to_prefill(self) -> int:
         return len(self.prompt) - self.prefilled
 
-    def prefilling(self) -> list[tuple[str, int, int]]:
-        """(rid, prompt tokens done, prompt tokens) of requests part-way through prefill."""
-        return [
-            (r.rid, r.prefilled, len(r.prompt))
-            for r in self.requests.values()
-            if r.cache is not None and r.prefilled
-        ]
-
     def kv_bytes(self) -> int:
         if self.cache is None:
             return 0

@@ -177,3 +177,28 @@ def interfaces(
         ips = [a.address for a in addrs.get(name, []) if a.family.name in ("AF_INET", "AF_INET6")]
         out.append(Interface(name, kind, bool(st.isup), int(st.mtu), ips, source))
     return out
+
+
+class Usage:
+    """Bytes per second each interface sends and receives, between two samples."""
+
+    def __init__(self) -> None:
+        self.last: tuple[float, dict[str, tuple[int, int]]] | None = None
+        self.rates: dict[str, dict[str, float]] = {}
+
+    def sample(self, now: float) -> dict[str, dict[str, float]]:
+        counters = {
+            n: (c.bytes_sent, c.bytes_recv) for n, c in psutil.net_io_counters(pernic=True).items()
+        }
+        if self.last is not None and now > self.last[0]:
+            dt = now - self.last[0]
+            self.rates = {
+                n: {
+                    "tx_Bps": max(0, s - self.last[1][n][0]) / dt,
+                    "rx_Bps": max(0, r - self.last[1][n][1]) / dt,
+                }
+                for n, (s, r) in counters.items()
+                if n in self.last[1]
+            }
+        self.last = (now, counters)
+        return self.rates

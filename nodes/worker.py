@@ -16,7 +16,7 @@ from exo.broker import protocol as P
 from exo.nodes import info as node_info
 from exo.nodes.download import Downloader, Progress
 from exo.nodes.engine import Engine, EngineError, load_model
-from exo.nodes.interfaces import interfaces
+from exo.nodes.interfaces import Usage, interfaces
 from exo.nodes.link import BrokerLink
 from exo.nodes.mlxenv import blas
 from exo.nodes.rdma import rdma_devices
@@ -66,6 +66,8 @@ class Node:
         self.loading: str | None = None
         self.progress_sent: dict[str, float] = {}
         self.last_step_s = 0.0
+        self.usage = Usage()
+        self.usage_at = 0.0
         # (rid, wall-clock time the engine dropped it), for `bench cancel` and tests
         self.recent_cancels: deque[tuple[str, float, float]] = deque(maxlen=64)
 
@@ -114,10 +116,19 @@ class Node:
                 **self.engine.status(),
                 "recent_cancels": list(self.recent_cancels),
                 "downloads": [p.public() for p in list(self.downloads.values())],
+                "interface_usage": self.interface_usage(),
             }
         self.link.stop_event.set()
         self.link.join(timeout=2)
         return 2 if self.link.refused else 0
+
+    def interface_usage(self) -> dict[str, dict[str, float]]:
+        """Per-interface rates over the last second or so (sampled at most once a second)."""
+        now = time.monotonic()
+        if now - self.usage_at >= 1.0:
+            self.usage_at = now
+            self.usage.sample(now)
+        return self.usage.rates
 
     def report_progress(self) -> None:
         """Tell the frontend a long prefill is progressing (it turns this into SSE keep-alives)."""

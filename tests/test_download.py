@@ -203,7 +203,12 @@ def test_a_request_waits_for_a_download_and_sees_its_progress(
         assert seen_download, lines
         assert any(line.startswith(": downloading") for line in lines)  # keep-alives carry progress
         assert lines[-1] == "data: [DONE]" and not any('"error"' in line for line in lines)
-        models = httpx.get(f"{c.url}/v1/models", timeout=10).json()["data"]
+        deadline = time.monotonic() + 10  # node status travels with its next heartbeat
+        while True:
+            models = httpx.get(f"{c.url}/v1/models", timeout=10).json()["data"]
+            if (models and models[0]["loaded"]) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
         assert [m["id"] for m in models] == [REPO] and models[0]["loaded"]
         logs = "".join(p.read_text() for p in (tmp_path / "logs").glob("*.log"))
         bad = [

@@ -146,3 +146,47 @@ def test_seed_makes_sampling_reproducible(client: openai.OpenAI) -> None:
 
     assert run(1) == run(1)
     assert run(1) != run(2)
+
+
+def test_a_separate_api_process_serves_through_the_broker(cluster) -> None:
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from exo.tools.cluster import free_port
+
+    port = free_port()
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "exo.tools.main",
+            "api",
+            "--broker",
+            cluster.broker_addr,
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                r = httpx.post(
+                    f"http://127.0.0.1:{port}/v1/completions",
+                    timeout=60,
+                    json={"model": TINY, "prompt": "Once", "max_tokens": 3},
+                )
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+        assert len(cluster.cluster_state()["frontends"]) == 2
+    finally:
+        p.terminate()
+        p.wait(10)

@@ -132,3 +132,34 @@ def test_an_alias_makes_a_real_veth_pose_as_wifi() -> None:
         assert (found[b].type, found[b].source) == ("other", "detected")
     finally:
         subprocess.run(["ip", "link", "del", a], check=False)
+
+
+def test_usage_sees_a_transfer_on_loopback() -> None:
+    import socket
+    import threading
+    import time
+
+    from exo.nodes.interfaces import Usage
+
+    u = Usage()
+    t0 = time.monotonic()
+    u.sample(t0)
+    srv = socket.create_server(("127.0.0.1", 0))
+    got = [0]
+
+    def sink() -> None:
+        conn, _ = srv.accept()
+        while data := conn.recv(1 << 20):
+            got[0] += len(data)
+        conn.close()
+
+    th = threading.Thread(target=sink)
+    th.start()
+    with socket.create_connection(srv.getsockname()) as c:
+        c.sendall(b"x" * (64 << 20))
+    th.join()
+    srv.close()
+    rates = u.sample(time.monotonic())
+    elapsed = time.monotonic() - t0
+    assert got[0] == 64 << 20
+    assert rates["lo"]["tx_Bps"] * elapsed >= 64 << 20  # at least the bytes we sent went out on lo

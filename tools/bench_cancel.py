@@ -113,14 +113,14 @@ def run(url: str, model: str, cancels: int, storm_n: int, tokens: int) -> dict[s
     from exo.tools.bench import machine
 
     lone_tps(url, model, 8)  # load the model
-    before = statistics.median(lone_tps(url, model, tokens) for _ in range(3))
+    before = statistics.median(lone_tps(url, model, tokens) for _ in range(5))
     pairs = [one_cancel(url, model, "disconnect" if i % 2 else "explicit") for i in range(cancels)]
     lat = [latency for latency, _ in pairs]
     beyond = [latency - step for latency, step in pairs]  # past the end of the step in progress
     step = step_s(url)
     storm(url, model, storm_n, 8)
     wait_idle(url)
-    after = statistics.median(lone_tps(url, model, tokens) for _ in range(3))
+    after = statistics.median(lone_tps(url, model, tokens) for _ in range(5))
     state = wait_idle(url)
     return {
         "bench": "cancel",

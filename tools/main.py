@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -264,6 +266,45 @@ def up(
         click.echo("stopped")
 
 
+@main.command()
+@click.option(
+    "--broker",
+    default="tcp://127.0.0.1:52416",
+    show_default=True,
+    help="The broker's ROUTER endpoint.",
+)
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=52415, show_default=True)
+def api(broker: str, host: str, port: int) -> None:
+    """Serve the OpenAI API in its own process, against a broker elsewhere."""
+    from exo.broker.main import serve_api
+
+    serve_api(broker, host, port)
+
+
+@contextlib.contextmanager
+def _target(
+    url: str | None, model: str | None, models_dir: Path | None, node_args: list[str] | None = None
+) -> Iterator[tuple[str, str, Path]]:
+    """(base URL, model id, models dir) for a benchmark: the cluster at `url`, or one
+    started here for the duration (with the default model unless one is named)."""
+    from exo.tools.cluster import LocalCluster
+    from exo.tools.default_model import DEFAULT_MODEL, pull_default
+
+    d = _models_dir(models_dir)
+    if model is None:
+        model = DEFAULT_MODEL
+        pull_default(d)
+    if url is not None:
+        yield url, model, d
+        return
+    cluster = LocalCluster.on_free_ports(d, log_spec="warning", node_args=node_args or []).start()
+    try:
+        yield cluster.url, model, d
+    finally:
+        cluster.stop()
+
+
 @main.group()
 def bench() -> None:
     """Benchmarks that print figures beside a baseline."""
@@ -287,22 +328,9 @@ def bench_overhead(
     """Single-stream decode tokens/s and TTFT through the whole stack vs bare mlx-lm."""
     from exo.nodes.store import ModelStore
     from exo.tools.bench import overhead, print_overhead
-    from exo.tools.cluster import LocalCluster
-    from exo.tools.default_model import DEFAULT_MODEL, pull_default
 
-    d = _models_dir(models_dir)
-    if model is None:
-        model = DEFAULT_MODEL
-        pull_default(d)
-    cluster = None
-    if url is None:
-        cluster = LocalCluster.on_free_ports(d, log_spec="warning").start()
-        url = cluster.url
-    try:
-        res = overhead(url, ModelStore(d).path(model), model, max_tokens, rounds)
-    finally:
-        if cluster:
-            cluster.stop()
+    with _target(url, model, models_dir) as (base, model_id, d):
+        res = overhead(base, ModelStore(d).path(model_id), model_id, max_tokens, rounds)
     print(json.dumps(res) if as_json else "", file=sys.stdout)
     if not as_json:
         print_overhead(res)
@@ -333,22 +361,9 @@ def bench_cancel(
 ) -> None:
     """Cancel latency (client -> node) and throughput after a storm of cancels."""
     from exo.tools import bench_cancel as bc
-    from exo.tools.cluster import LocalCluster
-    from exo.tools.default_model import DEFAULT_MODEL, pull_default
 
-    d = _models_dir(models_dir)
-    if model is None:
-        model = DEFAULT_MODEL
-        pull_default(d)
-    cluster = None
-    if url is None:
-        cluster = LocalCluster.on_free_ports(d, log_spec="warning").start()
-        url = cluster.url
-    try:
-        res = bc.run(url, model, cancels, storm_n, tokens)
-    finally:
-        if cluster:
-            cluster.stop()
+    with _target(url, model, models_dir) as (base, model_id, _):
+        res = bc.run(base, model_id, cancels, storm_n, tokens)
     bc.report(res)
     print(json.dumps(res) if as_json else "")
 
@@ -385,31 +400,18 @@ def bench_stall(
     """Inter-token latency of running streams while a long prompt prefills, and batch throughput."""
     from exo.nodes.store import ModelStore
     from exo.tools import bench_stall as stall
-    from exo.tools.cluster import LocalCluster
-    from exo.tools.default_model import DEFAULT_MODEL, pull_default
 
-    d = _models_dir(models_dir)
-    if model is None:
-        model = DEFAULT_MODEL
-        pull_default(d)
-    cluster = None
-    if url is None:
-        args = ["--prefill-budget", str(prefill_budget)] if prefill_budget else []
-        cluster = LocalCluster.on_free_ports(d, log_spec="warning", node_args=args).start()
-        url = cluster.url
-    try:
+    args = ["--prefill-budget", str(prefill_budget)] if prefill_budget else []
+    with _target(url, model, models_dir, args) as (base, model_id, d):
         res = stall.run(
-            url,
-            ModelStore(d).path(model),
-            model,
+            base,
+            ModelStore(d).path(model_id),
+            model_id,
             streams,
             long_tokens,
             [int(x) for x in concurrency.split(",") if x],
             tokens,
         )
-    finally:
-        if cluster:
-            cluster.stop()
     stall.report(res)
     print(json.dumps(res) if as_json else "")
 
