@@ -18,7 +18,7 @@ from exo.nodes.download import Downloader, Progress
 from exo.nodes.engine import Engine, EngineError, load_model
 from exo.nodes.interfaces import Usage, interfaces
 from exo.nodes.link import BrokerLink
-from exo.nodes.mlxenv import blas
+from exo.nodes.mlxenv import blas, mx
 from exo.nodes.rdma import rdma_devices
 from exo.nodes.store import ModelStore
 
@@ -86,12 +86,18 @@ class Node:
             "node %s starting (models in %s, BLAS: %s)", self.peer_id, self.store.models_dir, blas
         )
         self.link.start()
+        was_busy = False
         while not self.stopping.is_set() and self.link.is_alive():
             if self._reset.is_set():
                 self._reset.clear()
                 for rid in list(self.engine.requests):
                     self.engine.cancel(rid)
             busy = bool(self.engine.requests)
+            if was_busy and not busy:
+                # Give back the buffers MLX cached while serving (requests of every
+                # size leave many behind); the weights stay.
+                mx.clear_cache()
+            was_busy = busy
             if self.pair.poll(0 if busy else 100):
                 while self.pair.poll(0):
                     self.handle(P.decode(self.pair.recv()))
