@@ -16,6 +16,7 @@ import zmq
 from exo.broker import protocol as P
 from exo.broker.registry import InFlight, Parked, Peer, Registry, downloading, failed_download
 from exo.broker.routing import Refusal, choose_node
+from exo.broker.topology import links
 
 log = logging.getLogger(__name__)
 
@@ -459,7 +460,8 @@ class Broker:
         return {
             "protocol": P.VERSION,
             "uptime_s": round(time.time() - self.started, 1),
-            "nodes": [p.public() for p in self.reg.nodes()],
+            "nodes": (nodes := [p.public() for p in self.reg.nodes()]),
+            "links": links(nodes),
             "frontends": [p.peer_id for p in self.reg.peers.values() if p.role == "frontend"],
             "requests_active": len(self.reg.requests),
             "requests_waiting_for_download": len(self.reg.parked),

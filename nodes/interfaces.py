@@ -10,6 +10,8 @@ tested on recorded outputs.
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import json
 import os
 import platform
@@ -35,6 +37,7 @@ class Interface:
     mtu: int
     addresses: list[str] = field(default_factory=list)
     source: str = "detected"  # file | alias | detected
+    networks: list[str] = field(default_factory=list)  # "addr/prefix", to pair ends into links
 
     def public(self) -> dict:
         return asdict(self)
@@ -174,8 +177,17 @@ def interfaces(
                 if name.startswith(VPN_PREFIXES)
                 else "other"
             )
-        ips = [a.address for a in addrs.get(name, []) if a.family.name in ("AF_INET", "AF_INET6")]
-        out.append(Interface(name, kind, bool(st.isup), int(st.mtu), ips, source))
+        ips, nets = [], []
+        for a in addrs.get(name, []):
+            if a.family.name not in ("AF_INET", "AF_INET6"):
+                continue
+            ips.append(a.address)
+            if a.netmask:
+                with contextlib.suppress(ValueError):
+                    nets.append(
+                        str(ipaddress.ip_interface(f"{a.address.split('%')[0]}/{a.netmask}"))
+                    )
+        out.append(Interface(name, kind, bool(st.isup), int(st.mtu), ips, source, nets))
     return out
 
 

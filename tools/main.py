@@ -266,6 +266,47 @@ def up(
         click.echo("stopped")
 
 
+@main.command("linkstat")
+@click.option("--broker", default="127.0.0.1", show_default=True, help="The broker's host.")
+@click.option("--pub-port", default=52417, show_default=True)
+@click.option("--once", is_flag=True, help="Print one snapshot and exit.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="With --once: the links as JSON, for scripts."
+)
+def linkstat(broker: str, pub_port: int, once: bool, as_json: bool) -> None:
+    """Live per-link table: ends, type, RTT, capacity, current use each way."""
+    from exo.tools.linkstat import NoBroker, snapshots, table
+
+    try:
+        states = snapshots(f"tcp://{broker}:{pub_port}")
+        if once:
+            state = next(states)
+            if as_json:
+                nodes = [
+                    {
+                        "id": n["id"],
+                        "name": n["name"],
+                        "interfaces": n["info"].get("interfaces", []),
+                    }
+                    for n in state.get("nodes", [])
+                ]
+                click.echo(json.dumps({"links": state.get("links", []), "nodes": nodes}))
+            else:
+                from rich.console import Console
+
+                Console().print(table(state))
+            return
+        from rich.live import Live
+
+        with Live(table(next(states)), refresh_per_second=2) as live:
+            for state in states:
+                live.update(table(state))
+    except NoBroker as e:
+        raise click.ClickException(str(e)) from e
+    except KeyboardInterrupt:
+        pass
+
+
 @main.command()
 @click.option(
     "--broker",

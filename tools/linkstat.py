@@ -1,0 +1,72 @@
+"""`exo-tools linkstat`: the cluster's links, live, from the broker's PUB socket.
+
+The broker re-publishes its whole state every second (topic "cluster"), so a
+late subscriber is current after one message: the clone pattern.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import zmq
+
+from exo.broker import protocol as P
+
+
+class NoBroker(Exception):
+    pass
+
+
+def snapshots(pub: str, timeout_s: float = 5.0):  # type: ignore[no-untyped-def]
+    """Yield the broker's cluster state each time it is published."""
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, P.TOPIC_CLUSTER)
+    sub.connect(pub)
+    try:
+        while True:
+            if not sub.poll(int(timeout_s * 1000)):
+                raise NoBroker(
+                    f"no cluster state from {pub} in {timeout_s:.0f}s: is exo-broker running there?"
+                )
+            topic, frame = sub.recv_multipart()
+            try:
+                msg = P.decode(frame)
+            except P.ProtocolError:
+                continue
+            if msg.type == "REPLY" and isinstance(msg["data"], dict):
+                yield msg["data"]
+    finally:
+        sub.close(linger=0)
+
+
+def rate(bps: float | None) -> str:
+    if bps is None:
+        return "-"
+    bits = bps * 8
+    for unit in ("bit/s", "kbit/s", "Mbit/s", "Gbit/s"):
+        if bits < 1000:
+            return f"{bits:.1f} {unit}"
+        bits /= 1000
+    return f"{bits:.1f} Tbit/s"
+
+
+def table(state: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    t = Table(title=f"exo links ({len(state.get('nodes', []))} nodes)")
+    for col in ("A", "B", "type", "up", "RTT", "capacity", "A->B", "B->A"):
+        t.add_column(col)
+    for link in state.get("links", []):
+        a, b = link["a"], link["b"]
+        t.add_row(
+            f"{a['name'] or a['node']} {a['interface']} {a['address']}",
+            f"{b['name'] or b['node']} {b['interface']} {b['address']}",
+            link["type"],
+            "up" if link["up"] else "DOWN",
+            "-" if link["rtt_s"] is None else f"{link['rtt_s'] * 1000:.2f} ms",
+            rate(link["bandwidth_Bps"]),
+            rate(link["a_to_b_Bps"]),
+            rate(link["b_to_a_Bps"]),
+        )
+    return t
