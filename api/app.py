@@ -70,6 +70,9 @@ class Job:
             obj = "text_completion"
         if self.token_ids and ids is not None:
             choice["token_ids"] = ids
+        return self.envelope(obj, choice)
+
+    def envelope(self, obj: str, choice: dict[str, Any]) -> dict[str, Any]:
         return {
             "id": self.id,
             "object": obj,
@@ -95,15 +98,7 @@ class Job:
             obj = "text_completion"
         if self.token_ids:
             choice["token_ids"] = ids
-        return {
-            "id": self.id,
-            "object": obj,
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": "exo",
-            "choices": [choice],
-            "usage": usage,
-        }
+        return {**self.envelope(obj, choice), "usage": usage}
 
 
 def sse(obj: dict[str, Any]) -> bytes:
