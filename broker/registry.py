@@ -66,7 +66,12 @@ def downloading(nodes: list[Peer], model: str) -> list[tuple[Peer, dict[str, Any
     out = []
     for n in nodes:
         for d in n.status.get("downloads", []):
-            if d.get("model") == model and d.get("state") in ("listing", "downloading"):
+            state = d.get("state")
+            # "done" counts until the node's INFO lists the model: the heartbeat that
+            # says done can overtake it.
+            if d.get("model") == model and (
+                state in ("listing", "downloading") or (state == "done" and model not in n.models)
+            ):
                 out.append((n, d))
     return out
 

@@ -32,3 +32,16 @@ def test_unknown_model_is_404_and_a_gone_one_is_503() -> None:
 def test_no_nodes_is_503() -> None:
     r = choose_node([], "m", set())
     assert isinstance(r, Refusal) and r.status == 503
+
+
+def test_a_finished_download_counts_until_the_node_lists_the_model() -> None:
+    from exo.broker.registry import downloading
+
+    n = node("a", [])
+    n.status["downloads"] = [{"model": "m", "state": "done"}]
+    assert [p.peer_id for p, _ in downloading([n], "m")] == ["a"]  # its INFO has not come yet
+    n.info["models"] = ["m"]
+    assert downloading([n], "m") == []
+    n.status["downloads"] = [{"model": "m", "state": "failed"}]
+    n.info["models"] = []
+    assert downloading([n], "m") == []
