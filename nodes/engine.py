@@ -464,10 +464,8 @@ class Engine:
             req.finish = finish
             out.usage = {
                 "prompt_tokens": len(req.prompt),
-                "completion_tokens": req.generated
-                if token not in req.lm.eos
-                else req.generated - 1,
-                "total_tokens": len(req.prompt) + req.generated - (token in req.lm.eos),
+                "completion_tokens": req.generated - is_eos,
+                "total_tokens": len(req.prompt) + req.generated - is_eos,
             }
             log.info(
                 "rid=%s finished (%s): %d prompt + %d generated tokens in %.2fs",
