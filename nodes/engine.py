@@ -186,6 +186,13 @@ def sample_rows(rows: list[Request], logits: mx.array) -> list[tuple[list[Reques
     return out
 
 
+def in_row_order(groups: list[tuple[list[Request], mx.array]], rids: list[str]) -> mx.array:
+    """The tokens of `groups` (as sample_rows returns them) for `rids`, in that order."""
+    at = {r.rid: i for i, r in enumerate(r for reqs, _ in groups for r in reqs)}
+    flat = mx.concatenate([toks.reshape(-1) for _, toks in groups])
+    return flat[mx.array([at[r] for r in rids])]
+
+
 def kv_bytes_per_token(model: Any) -> int:
     args = getattr(model, "args", None)
     try:
@@ -412,26 +419,14 @@ class Engine:
         """Queue the next decode step before this one is read back (as mlx-lm's
         generate_step does), so building its graph overlaps this step's compute.
         Only for pure decode: a step with prefill work is planned afresh."""
-        order = {r.rid: (gi, i) for gi, (reqs, _) in enumerate(sampled) for i, r in enumerate(reqs)}
+        have = {r.rid for reqs, _ in sampled for r in reqs}
         for model_id, batch in self.batches.items():
-            if not batch.rids or any(r not in order for r in batch.rids):
+            if not batch.rids or not have.issuperset(batch.rids):
                 continue
-            flat = mx.concatenate([toks.reshape(-1) for _, toks in sampled])
-            offsets = [0]
-            for reqs, _ in sampled:
-                offsets.append(offsets[-1] + len(reqs))
-            idx = mx.array([offsets[order[r][0]] + order[r][1] for r in batch.rids])
             rows = [self.requests[r] for r in batch.rids]
-            logits = self.models[model_id].model(flat[idx][:, None], cache=batch.cache)[:, -1, :]
-            groups = sample_rows(rows, logits)
-            pos = {
-                r.rid: (gi, i) for gi, (reqs, _) in enumerate(groups) for i, r in enumerate(reqs)
-            }
-            goffs = [0]
-            for reqs, _ in groups:
-                goffs.append(goffs[-1] + len(reqs))
-            gflat = mx.concatenate([t.reshape(-1) for _, t in groups])
-            toks = gflat[mx.array([goffs[pos[r][0]] + pos[r][1] for r in batch.rids])]
+            last = in_row_order(sampled, batch.rids)
+            logits = self.models[model_id].model(last[:, None], cache=batch.cache)[:, -1, :]
+            toks = in_row_order(sample_rows(rows, logits), batch.rids)
             mx.async_eval(toks)
             self.prefetched[model_id] = Prefetched(list(batch.rids), toks)
 
