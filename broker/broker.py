@@ -68,6 +68,10 @@ class Broker:
     def send(self, identity: bytes, type_: str, **fields: Any) -> bool:
         return self.send_raw(identity, P.encode(type_, **fields))
 
+    def fail(self, identity: bytes, rid: str, status: int, code: str, message: str) -> None:
+        """End a request at its frontend with the status the API answers."""
+        self.send(identity, "FAIL", rid=rid, status=status, code=code, message=message)
+
     def send_raw(self, identity: bytes, frame: bytes | zmq.Frame) -> bool:
         try:
             self.router.send_multipart([identity, frame], flags=zmq.NOBLOCK, copy=False)
@@ -180,13 +184,12 @@ class Broker:
         )
         for r in gone:
             if r.node == ident:
-                self.send(
+                self.fail(
                     r.frontend,
-                    "FAIL",
-                    rid=r.rid,
-                    status=503,
-                    code="node_lost",
-                    message=f"node {peer.peer_id} serving this request stopped responding ({why})",
+                    r.rid,
+                    503,
+                    "node_lost",
+                    f"node {peer.peer_id} serving this request stopped responding ({why})",
                 )
             else:
                 self.cancel_on_node(r.rid, r.node)
@@ -210,13 +213,8 @@ class Broker:
     def on_submit(self, fe: Peer, msg: P.Message, frame: zmq.Frame) -> None:
         rid = msg["rid"]
         if rid in self.reg.requests or rid in self.reg.parked:
-            self.send(
-                fe.identity,
-                "FAIL",
-                rid=rid,
-                status=409,
-                code="duplicate_request",
-                message=f"request id {rid} is already in flight",
+            self.fail(
+                fe.identity, rid, 409, "duplicate_request", f"request id {rid} is already in flight"
             )
             return
         timeout = self.request_timeout
@@ -248,14 +246,7 @@ class Broker:
                     "download_failed",
                     f"node {node.peer_id} could not download {model}: {d.get('error')}",
                 )
-            self.send(
-                job.frontend,
-                "FAIL",
-                rid=rid,
-                status=choice.status,
-                code=choice.code,
-                message=choice.message,
-            )
+            self.fail(job.frontend, rid, choice.status, choice.code, choice.message)
             return True
         s = job.submit
         frame = P.encode(
@@ -268,13 +259,8 @@ class Broker:
         )
         if not self.send_raw(choice.identity, frame):
             self.drop_peer(choice.identity, "unreachable")
-            self.send(
-                job.frontend,
-                "FAIL",
-                rid=rid,
-                status=503,
-                code="node_lost",
-                message="the chosen node could not be reached; retry",
+            self.fail(
+                job.frontend, rid, 503, "node_lost", "the chosen node could not be reached; retry"
             )
             return True
         self.reg.requests[rid] = InFlight(
@@ -303,13 +289,12 @@ class Broker:
             if now >= job.deadline:
                 del self.reg.parked[rid]
                 self.stats["cancelled_deadline"] += 1
-                self.send(
+                self.fail(
                     job.frontend,
-                    "FAIL",
-                    rid=rid,
-                    status=504,
-                    code="deadline_exceeded",
-                    message=f"request {rid} passed its deadline waiting for {job.submit['model']}",
+                    rid,
+                    504,
+                    "deadline_exceeded",
+                    f"request {rid} passed its deadline waiting for {job.submit['model']}",
                 )
                 continue
             if self.dispatch(job):
@@ -361,38 +346,20 @@ class Broker:
 
     def on_cancel(self, fe: Peer, msg: P.Message, frame: zmq.Frame) -> None:
         rid, reason, qid = msg["rid"], str(msg.get("reason", "explicit")), msg.get("qid")
+        # Parked (waiting for a download) or running on a node: either way it ends here.
         parked = self.reg.parked.pop(rid, None)
-        if parked is not None:
-            self.stats[f"cancelled_{reason}"] += 1
-            if qid is not None:
-                self.send(fe.identity, "REPLY", qid=qid, data={"found": True})
-            if reason == "explicit":
-                self.send(
-                    parked.frontend,
-                    "FAIL",
-                    rid=rid,
-                    status=499,
-                    code="cancelled",
-                    message=f"request {rid} was cancelled",
-                )
-            return
-        r = self.reg.requests.pop(rid, None)
+        running = None if parked else self.reg.requests.pop(rid, None)
+        owner = parked or running
         if qid is not None:
-            self.send(fe.identity, "REPLY", qid=qid, data={"found": r is not None})
-        if r is None:
+            self.send(fe.identity, "REPLY", qid=qid, data={"found": owner is not None})
+        if owner is None:
             return
-        self.cancel_on_node(rid, r.node)
+        if running is not None:
+            self.cancel_on_node(rid, running.node)
         self.stats[f"cancelled_{reason}"] += 1
         if reason == "explicit":
             # Whoever is waiting on this request learns why it ended.
-            self.send(
-                r.frontend,
-                "FAIL",
-                rid=rid,
-                status=499,
-                code="cancelled",
-                message=f"request {rid} was cancelled",
-            )
+            self.fail(owner.frontend, rid, 499, "cancelled", f"request {rid} was cancelled")
         log.info("rid=%s cancelled (%s)", rid, reason)
 
     def cancel_on_node(self, rid: str, node: bytes) -> None:
@@ -418,13 +385,12 @@ class Broker:
             self.cancel_on_node(r.rid, r.node)
             self.stats["cancelled_deadline"] += 1
             timeout = now - r.started
-            self.send(
+            self.fail(
                 r.frontend,
-                "FAIL",
-                rid=r.rid,
-                status=504,
-                code="deadline_exceeded",
-                message=f"request {r.rid} passed its deadline after {timeout:.1f}s",
+                r.rid,
+                504,
+                "deadline_exceeded",
+                f"request {r.rid} passed its deadline after {timeout:.1f}s",
             )
             log.info("rid=%s deadline passed after %.1fs", r.rid, timeout)
 
