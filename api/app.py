@@ -163,9 +163,9 @@ def create_app(broker: str) -> FastAPI:
             body = json.loads(await request.body() or b"{}")
         except ValueError:
             return error_response(400, "We could not parse the JSON body of your request.")
-        model, node = body.get("model") if isinstance(body, dict) else None, None
-        if isinstance(body, dict):
-            node = body.get("node")
+        if not isinstance(body, dict):
+            body = {}
+        model, node = body.get("model"), body.get("node")
         if not isinstance(model, str) or "/" not in model:
             return error_response(400, "'model' must be a hub id ORG/NAME", param="model")
         if node is not None and not isinstance(node, str):
@@ -247,16 +247,10 @@ def create_app(broker: str) -> FastAPI:
         if first.type == "DISCONNECT":
             await client.cancel(rid, "disconnect")
             return None
+        headers = {"X-Request-Id": rid}
         if first.type == "FAIL":
             client.done(rid)
-            return error_response(
-                first["status"],
-                first["message"],
-                first["code"],
-                "model" if first["code"] == "model_not_found" else None,
-                headers={"X-Request-Id": rid},
-            )
-        headers = {"X-Request-Id": rid}
+            return failed(first, headers)
         if body.stream:
             # Hold the status line until the node admits the request, so a refusal
             # (prompt too long...) is a proper 4xx; past KEEPALIVE_S (a model still
@@ -267,9 +261,7 @@ def create_app(broker: str) -> FastAPI:
                 return None
             if verdict is not None:
                 client.done(rid)
-                return error_response(
-                    verdict["status"], verdict["message"], verdict["code"], headers=headers
-                )
+                return failed(verdict, headers)
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
                 stream(job, include_usage),
@@ -277,6 +269,11 @@ def create_app(broker: str) -> FastAPI:
                 headers={**headers, "Cache-Control": "no-cache"},
             )
         return await collect(job, headers)
+
+    def failed(msg: P.Message, headers: dict[str, str]) -> JSONResponse:
+        """The HTTP answer to a FAIL from the broker or a node."""
+        param = "model" if msg["code"] == "model_not_found" else None
+        return error_response(msg["status"], msg["message"], msg["code"], param, headers=headers)
 
     async def admitted(job: Job) -> P.Message | None:
         """Wait for the node to take the request: its FAIL if it refuses, else None."""
@@ -361,9 +358,7 @@ def create_app(broker: str) -> FastAPI:
                     log.info("rid=%s client left before the reply; cancelled", job.rid)
                     return None
                 if msg.type == "FAIL":
-                    return error_response(
-                        msg["status"], msg["message"], msg["code"], headers=headers
-                    )
+                    return failed(msg, headers)
                 parts.append(msg["text"])
                 ids.extend(msg["ids"])
                 if msg.get("finish"):
