@@ -7,6 +7,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +110,7 @@ class Node:
                     "step %d: %d outputs in %.1f ms",
                     self.engine.steps,
                     len(outputs),
-                    (time.perf_counter() - t0) * 1000,
+                    self.last_step_s * 1000,
                 )
             for out in outputs:
                 fields: dict[str, Any] = {"rid": out.rid, "ids": out.ids, "text": out.text}
@@ -160,12 +161,9 @@ class Node:
 
         def run() -> None:
             try:
-                Downloader(
-                    hub=self.downloader.hub,
-                    token=self.downloader.token,
-                    stall_timeout=self.downloader.stall_timeout,
-                    on_progress=progress,
-                ).download(model_id, self.store.path(model_id), revision)
+                replace(self.downloader, on_progress=progress).download(
+                    model_id, self.store.path(model_id), revision
+                )
             except Exception as e:
                 log.error("download of %s failed: %s", model_id, e)
             self.link.info_now.set()

@@ -14,6 +14,15 @@ import httpx
 PROMPT = "Write a long story about a dragon who learns to read."
 
 
+def timings(t0: float, first: float, last: float, tokens: int) -> dict[str, float]:
+    """Time to the first token and the decode rate after it."""
+    return {
+        "ttft_s": first - t0,
+        "tokens": tokens,
+        "decode_tps": (tokens - 1) / (last - first) if last > first else 0.0,
+    }
+
+
 def stream_http(url: str, model: str, prompt: str, max_tokens: int) -> dict[str, float]:
     """One streaming chat request; client-side TTFT and decode rate."""
     body = {
@@ -39,11 +48,7 @@ def stream_http(url: str, model: str, prompt: str, max_tokens: int) -> dict[str,
                 now = time.perf_counter()
                 first = first or now
                 last = now
-    return {
-        "ttft_s": first - t0,
-        "tokens": tokens,
-        "decode_tps": (tokens - 1) / (last - first) if last > first else 0.0,
-    }
+    return timings(t0, first, last, tokens)
 
 
 def stream_bare(model: Any, tokenizer: Any, prompt: str, max_tokens: int) -> dict[str, float]:
@@ -63,11 +68,7 @@ def stream_bare(model: Any, tokenizer: Any, prompt: str, max_tokens: int) -> dic
         first = first or now
         last = now
         tokens = resp.generation_tokens
-    return {
-        "ttft_s": first - t0,
-        "tokens": tokens,
-        "decode_tps": (tokens - 1) / (last - first) if last > first else 0.0,
-    }
+    return timings(t0, first, last, tokens)
 
 
 def machine() -> str:
