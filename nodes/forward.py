@@ -87,12 +87,8 @@ def fused_step(
     groups.extend((1, len(c.tokens), c.cache) for c in chunks)
     tokens = dec + [t for c in chunks for t in c.tokens]
     h = inner.embed_tokens(mx.array(tokens))  # [T, D], all of the step's tokens packed
-    masks = [
-        create_attention_mask(mx.zeros((b, n, 1)), caches[0])
-        if b > 1 or n > 1 or hasattr(caches[0], "make_mask")
-        else None
-        for b, n, caches in groups
-    ]
+    # Masks before any cache grows this step, as mlx-lm's models make them.
+    masks = [create_attention_mask(mx.zeros((b, n, 1)), caches[0]) for b, n, caches in groups]
     for li, layer in enumerate(inner.layers):
         attn = layer.self_attn
         x = layer.input_layernorm(h)
