@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -103,7 +103,7 @@ class CompletionRequest(Sampling):
             return self.prompt[0]
         if isinstance(self.prompt, list) and not self.prompt:
             raise ValueError("prompt must not be empty")
-        return self.prompt  # type: ignore[return-value]
+        return cast("str | list[int]", self.prompt)
 
 
 def first_error(e: ValidationError) -> tuple[str, str | None]:

@@ -2,7 +2,7 @@ from exo.broker.registry import Peer
 from exo.broker.routing import Refusal, choose_node
 
 
-def node(pid: str, models: list[str], loaded: list[str] = (), running: int = 0) -> Peer:  # type: ignore[assignment]
+def node(pid: str, models: list[str], loaded: tuple[str, ...] = (), running: int = 0) -> Peer:
     return Peer(
         pid.encode(),
         pid,
@@ -13,12 +13,12 @@ def node(pid: str, models: list[str], loaded: list[str] = (), running: int = 0) 
 
 
 def test_prefers_a_node_with_the_model_loaded() -> None:
-    a, b = node("a", ["m"]), node("b", ["m"], loaded=["m"], running=3)
+    a, b = node("a", ["m"]), node("b", ["m"], loaded=("m",), running=3)
     assert choose_node([a, b], "m", {"m"}) is b
 
 
 def test_least_busy_among_equals() -> None:
-    a, b = node("a", ["m"], ["m"], running=2), node("b", ["m"], ["m"], running=1)
+    a, b = node("a", ["m"], ("m",), running=2), node("b", ["m"], ("m",), running=1)
     assert choose_node([a, b], "m", {"m"}) is b
 
 

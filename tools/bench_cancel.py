@@ -16,8 +16,7 @@ from exo.tools.bench_stall import Stream, pct
 
 def lone_tps(url: str, model: str, tokens: int) -> float:
     s = Stream(url, model, [5, 6, 7], tokens).start()
-    assert s.thread is not None
-    s.thread.join()
+    s.wait()
     return (len(s.times) - 1) / (s.times[-1] - s.times[0])
 
 

@@ -60,6 +60,12 @@ class Stream:
         except httpx.HTTPError as e:
             self.error = str(e)
 
+    def wait(self) -> Stream:
+        """Until the request ends by itself."""
+        if self.thread:
+            self.thread.join()
+        return self
+
     def join(self) -> None:
         self.stop.set()
         if self.thread:
@@ -97,7 +103,7 @@ def exo_stall(
 ) -> dict[str, Any]:
     long_ids = long_prompt(tokenizer, long_n)
     alone = Stream(url, model, long_ids, 1).start()
-    alone.thread.join()  # type: ignore[union-attr]
+    alone.wait()
     ttft_alone = alone.times[0] - alone.sent
     running = [
         Stream(url, model, tokenizer.encode(f"Story number {i}:"), 4000).start()
@@ -107,7 +113,7 @@ def exo_stall(
     t_before = time.perf_counter()
     time.sleep(before_s)
     long = Stream(url, model, long_ids, 1).start()
-    long.thread.join()  # type: ignore[union-attr]
+    long.wait()
     t_sent, t_first = long.sent, long.times[0]
     time.sleep(1.0)
     for s in running:
@@ -131,7 +137,7 @@ def exo_throughput(url: str, model: str, tokenizer: Any, n: int, tokens: int) ->
         Stream(url, model, tokenizer.encode(f"Story number {i}:"), tokens).start() for i in range(n)
     ]
     for s in streams:
-        s.thread.join()  # type: ignore[union-attr]
+        s.wait()
     start = max(s.times[0] for s in streams)
     end = min(s.times[-1] for s in streams)
     count = sum(1 for s in streams for t in s.times if start < t <= end)

@@ -6,6 +6,7 @@ late subscriber is current after one message: the clone pattern.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import zmq
@@ -17,7 +18,7 @@ class NoBroker(Exception):
     pass
 
 
-def snapshots(pub: str, timeout_s: float = 5.0):  # type: ignore[no-untyped-def]
+def snapshots(pub: str, timeout_s: float = 5.0) -> Iterator[dict[str, Any]]:
     """Yield the broker's cluster state each time it is published."""
     sub = zmq.Context.instance().socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
