@@ -11,11 +11,12 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from exo.nodes.mlxenv import mx
+from exo.nodes.model import LoadedModel, kv_bytes_per_token
 from exo.nodes.sampling import Sampler, SamplingParams, StopMatcher
 from exo.nodes.scheduler import Pending, StepPlan, plan
 
@@ -51,35 +52,12 @@ class EngineError(Exception):
 
 
 @dataclass
-class LoadedModel:
-    model_id: str
-    model: Any
-    tokenizer: Any
-    context: int
-    eos: set[int]
-
-
-def load_model(model_id: str, path: Path) -> LoadedModel:
-    from mlx_lm import load
-
-    t0 = time.perf_counter()
-    model, tokenizer, config = load(str(path), return_config=True)
-    context = int(
-        config.get("max_position_embeddings") or getattr(tokenizer, "model_max_length", 0) or 2048
-    )
-    eos = set(tokenizer.eos_token_ids or [])
-    log.info(
-        "loaded %s from %s in %.2fs (context %d)", model_id, path, time.perf_counter() - t0, context
-    )
-    return LoadedModel(model_id, model, tokenizer, context, eos)
-
-
-@dataclass
 class Request:
     rid: str
     lm: LoadedModel
     prompt: list[int]
     params: SamplingParams
+    wire: dict[str, Any]  # the sampling parameters as sent, for a pipeline's last stage
     sampler: Sampler
     cache: list[Any] | None  # own KV cache while prefilling; None once in the decode batch
     stop: StopMatcher
@@ -165,6 +143,17 @@ def encode_prompt(lm: LoadedModel, kind: str, payload: Any) -> list[int]:
 
 
 @dataclass
+class Remote:
+    """A pipeline step out at the later stages."""
+
+    step: int
+    rows: list[Request]  # the decode rows, in batch order
+    chunks: list[Request]  # requests that sent a prompt chunk
+    plan: StepPlan
+    t0: float
+
+
+@dataclass
 class Prefetched:
     """A decode step already queued: its rows and their (lazy) next tokens."""
 
@@ -172,10 +161,18 @@ class Prefetched:
     toks: mx.array
 
 
-def sample_rows(rows: list[Request], logits: mx.array) -> list[tuple[list[Request], mx.array]]:
+class Row(Protocol):
+    rid: str
+    sampler: Sampler
+
+
+R = TypeVar("R", bound=Row)
+
+
+def sample_rows(rows: list[R], logits: mx.array) -> list[tuple[list[R], mx.array]]:
     """Greedy rows share one argmax over the batch; sampled rows draw with their own key."""
     greedy = [i for i, r in enumerate(rows) if r.sampler.temperature <= 0]
-    out: list[tuple[list[Request], mx.array]] = []
+    out: list[tuple[list[R], mx.array]] = []
     if len(greedy) == len(rows):
         return [(rows, mx.argmax(logits, axis=-1))]
     if greedy:
@@ -191,16 +188,6 @@ def in_row_order(groups: list[tuple[list[Request], mx.array]], rids: list[str]) 
     at = {r.rid: i for i, r in enumerate(r for reqs, _ in groups for r in reqs)}
     flat = mx.concatenate([toks.reshape(-1) for _, toks in groups])
     return flat[mx.array([at[r] for r in rids])]
-
-
-def kv_bytes_per_token(model: Any) -> int:
-    args = getattr(model, "args", None)
-    try:
-        heads = args.num_key_value_heads or args.num_attention_heads
-        head_dim = getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
-        return 2 * args.num_hidden_layers * heads * head_dim * 4
-    except AttributeError:
-        return 0
 
 
 class Engine:
@@ -225,6 +212,11 @@ class Engine:
         self.queue: deque[Request] = deque()  # waiting for KV memory
         self.batches: dict[str, Batch] = {}
         self.prefetched: dict[str, Prefetched] = {}
+        # Pipeline heads (stage 0 of a split model): the step whose later stages
+        # are still computing, and what the next step must tell them to free.
+        self.hop: Callable[[LoadedModel, dict[str, Any], mx.array], None] | None = None
+        self.remote: dict[str, Remote] = {}
+        self.drops: dict[str, list[str]] = {}
         self.steps = 0
         self.last_plan = StepPlan()
 
@@ -236,6 +228,13 @@ class Engine:
         self.models[lm.model_id] = lm
         self.fused[lm.model_id] = supports_fused(lm.model)
         self.batches.setdefault(lm.model_id, Batch())
+
+    def remove_model(self, model_id: str) -> list[str]:
+        """Unload a model; returns the requests that ended with it."""
+        gone = self.fail_remote(model_id)
+        for d in (self.models, self.fused, self.batches, self.prefetched, self.remote, self.drops):
+            d.pop(model_id, None)
+        return gone
 
     def submit(self, rid: str, model_id: str, kind: str, payload: Any, params: dict) -> Request:
         lm = self.models.get(model_id)
@@ -267,6 +266,7 @@ class Engine:
             lm=lm,
             prompt=prompt,
             params=sp,
+            wire=params,
             sampler=Sampler(sp),
             cache=None,
             stop=StopMatcher(sp.stop),
@@ -304,6 +304,8 @@ class Engine:
 
     def _release(self, req: Request) -> None:
         req.cache = None
+        if req.lm.part is not None:
+            self.drops.setdefault(req.lm.model_id, []).append(req.rid)
         batch = self.batches[req.lm.model_id]
         ready = self.prefetched.get(req.lm.model_id)
         if ready is not None and req.rid in ready.rids:
@@ -318,9 +320,12 @@ class Engine:
     # -- the step -------------------------------------------------------------------
 
     def plan(self) -> StepPlan:
-        decoding = [rid for b in self.batches.values() for rid in b.rids]
+        busy = self.remote.keys()
+        decoding = [rid for m, b in self.batches.items() if m not in busy for rid in b.rids]
         waiting = [
-            Pending(r.rid, r.to_prefill) for r in self.requests.values() if r.cache is not None
+            Pending(r.rid, r.to_prefill)
+            for r in self.requests.values()
+            if r.cache is not None and r.lm.model_id not in busy
         ]
         return plan(decoding, waiting, self.budget(len(decoding)), min_chunk=MIN_CHUNK)
 
@@ -364,10 +369,14 @@ class Engine:
                 req.prompt[req.prefilled : req.prefilled + n], req.cache, logits=n == req.to_prefill
             )
             by_model.setdefault(req.lm.model_id, []).append((req, chunk))
-        for model_id in {*by_model, *(m for m, b in self.batches.items() if b.rids)}:
+        active = {*by_model, *(m for m, b in self.batches.items() if b.rids)} - self.remote.keys()
+        for model_id in active:
             batch, lm = self.batches[model_id], self.models[model_id]
             rows = [self.requests[r] for r in batch.rids]
             chunks = by_model.get(model_id, [])
+            if lm.part is not None:
+                self._send_on(lm, rows, chunks, t0)
+                continue
             ready = self.prefetched.pop(model_id, None)
             if ready is not None and ready.rids == batch.rids:
                 # This step's decodes were computed during the last one.
@@ -389,21 +398,80 @@ class Engine:
                 if logits is not None:
                     sampled.append(([req], req.sampler(logits)[None]))
                     joined.append(req)
+        if not sampled:
+            return []
         states = [c.state for r in self.requests.values() if r.cache is not None for c in r.cache]
         if not joined and not self.queue and all(r.cache is None for r in self.requests.values()):
             self._prefetch(sampled)
         mx.eval([t for _, t in sampled], states)
         self._learn(step, time.perf_counter() - t0)
+        return self._complete(
+            [(r, t) for reqs, toks in sampled for r, t in zip(reqs, toks.tolist(), strict=True)],
+            joined,
+        )
+
+    def _send_on(self, lm: LoadedModel, rows: list[Request], chunks: list[Any], t0: float) -> None:
+        """Stage 0 of a split model: embed, run this node's layers, hand the hidden
+        states to the next stage. The step completes when the last stage's
+        tokens come back (finish_remote); until then the model takes no new step."""
+        from exo.nodes.forward import groups_of, run_layers
+
+        assert self.hop is not None, "a pipeline stage needs the node's peer sockets"
+        batch = self.batches[lm.model_id]
+        inner = lm.model.model
+        tokens = [r.last for r in rows] + [t for _, c in chunks for t in c.tokens]
+        groups = groups_of(len(rows), batch.cache, [c for _, c in chunks])
+        h = run_layers(inner.layers, inner.embed_tokens(mx.array(tokens)), groups)
+        mx.eval(h, [c.state for _, ch in chunks for c in ch.cache])
+        header = {
+            "instance": lm.instance,
+            "step": self.steps,
+            "decode": list(batch.rids),
+            "chunks": [[r.rid, len(c.tokens), c.logits] for r, c in chunks],
+            "new": {r.rid: r.wire for r, _ in chunks if r.prefilled == 0},
+            "drops": self.drops.pop(lm.model_id, []),
+        }
+        self.hop(lm, header, h)
+        for req, chunk in chunks:
+            req.prefilled += len(chunk.tokens)
+        plan = StepPlan([r.rid for r in rows], [(r.rid, len(c.tokens)) for r, c in chunks])
+        self.remote[lm.model_id] = Remote(self.steps, rows, [r for r, c in chunks], plan, t0)
+
+    def finish_remote(self, model_id: str, step: int, ids: list[int]) -> list[Output]:
+        """The last stage's tokens for a step this node began: decode rows in
+        batch order, then the chunks that finished their prompts."""
+        w = self.remote.get(model_id)
+        if w is None or w.step != step:
+            log.warning("tokens for step %d of %s that nobody waits for", step, model_id)
+            return []
+        del self.remote[model_id]
+        self._learn(w.plan, time.perf_counter() - w.t0)
+        done = [r for r in w.chunks if r.prefilled == len(r.prompt)]
+        if len(ids) != len(w.rows) + len(done):
+            raise EngineError(500, "stage_error", f"the last stage sent {len(ids)} tokens")
+        pairs = list(zip([*w.rows, *done], ids, strict=True))
+        # A request cancelled while the step was away gets nothing.
+        live = [(r, t) for r, t in pairs if self.requests.get(r.rid) is r]
+        return self._complete(live, done)
+
+    def fail_remote(self, model_id: str) -> list[str]:
+        """A later stage failed: every request of the model ends here."""
+        self.remote.pop(model_id, None)
+        gone = [r.rid for r in [*self.requests.values(), *self.queue] if r.lm.model_id == model_id]
+        for rid in gone:
+            self.cancel(rid)
+        return gone
+
+    def _complete(self, sampled: list[tuple[Request, int]], joined: list[Request]) -> list[Output]:
         outputs: list[Output] = []
         finished = False
-        for reqs, toks in sampled:
-            for req, tok in zip(reqs, toks.tolist(), strict=True):
-                out = self._emit(req, tok)
-                outputs.append(out)
-                if out.finish:
-                    self.requests.pop(req.rid, None)
-                    self._release(req)
-                    finished = True
+        for req, tok in sampled:
+            out = self._emit(req, tok)
+            outputs.append(out)
+            if out.finish:
+                self.requests.pop(req.rid, None)
+                self._release(req)
+                finished = True
         for req in joined:
             # A request done at its first token never joins: joining pads every
             # row of the batch to its length, for nothing.

@@ -75,21 +75,24 @@ def _attend(
     return o.transpose(0, 2, 1, 3).reshape(B * L, -1)
 
 
-def fused_step(
-    model: Any, dec: list[int], dec_cache: list[Any] | None, chunks: list[Chunk]
-) -> tuple[mx.array | None, list[mx.array | None]]:
-    inner = model.model
-    B = len(dec)
-    groups: list[tuple[int, int, list[Any]]] = []  # (batch, length, per-layer caches)
-    if B:
+Group = tuple[int, int, list[Any]]  # (rows, tokens per row, per-layer caches)
+
+
+def groups_of(dec: int, dec_cache: list[Any] | None, chunks: list[Chunk]) -> list[Group]:
+    groups: list[Group] = []
+    if dec:
         assert dec_cache is not None
-        groups.append((B, 1, dec_cache))
+        groups.append((dec, 1, dec_cache))
     groups.extend((1, len(c.tokens), c.cache) for c in chunks)
-    tokens = dec + [t for c in chunks for t in c.tokens]
-    h = inner.embed_tokens(mx.array(tokens))  # [T, D], all of the step's tokens packed
+    return groups
+
+
+def run_layers(layers: list[Any], h: mx.array, groups: list[Group]) -> mx.array:
+    """h: [T, D], every group's tokens packed in order -> h after `layers`. The
+    weight matmuls see all T rows at once; attention runs per group."""
     # Masks before any cache grows this step, as mlx-lm's models make them.
     masks = [create_attention_mask(mx.zeros((b, n, 1)), caches[0]) for b, n, caches in groups]
-    for li, layer in enumerate(inner.layers):
+    for li, layer in enumerate(layers):
         attn = layer.self_attn
         x = layer.input_layernorm(h)
         q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
@@ -102,20 +105,42 @@ def fused_step(
             start = end
         h = h + attn.o_proj(mx.concatenate(outs, axis=0) if len(outs) > 1 else outs[0])
         h = h + layer.mlp(layer.post_attention_layernorm(h))
-    # Logits only where a token is sampled: the decode rows and the last row of a finished chunk.
-    rows = list(range(B))
-    pos = B
+    return h
+
+
+def sampled_rows(dec: int, chunks: list[tuple[int, bool]]) -> tuple[list[int], list[int | None]]:
+    """Rows of the packed step whose logits are wanted: every decode row and the
+    last row of each chunk that finishes its prompt; and, per chunk, its index
+    among those rows (None when it wants none)."""
+    rows = list(range(dec))
+    pos = dec
     wanted: list[int | None] = []
-    for c in chunks:
-        pos += len(c.tokens)
-        if c.logits:
+    for n, logits in chunks:
+        pos += n
+        if logits:
             wanted.append(len(rows))
             rows.append(pos - 1)
         else:
             wanted.append(None)
+    return rows, wanted
+
+
+def head(model: Any, h: mx.array, rows: list[int]) -> mx.array:
+    return lm_head(model, model.model.norm(h[mx.array(rows)]))
+
+
+def fused_step(
+    model: Any, dec: list[int], dec_cache: list[Any] | None, chunks: list[Chunk]
+) -> tuple[mx.array | None, list[mx.array | None]]:
+    inner = model.model
+    B = len(dec)
+    tokens = dec + [t for c in chunks for t in c.tokens]
+    h = inner.embed_tokens(mx.array(tokens))  # [T, D], all of the step's tokens packed
+    h = run_layers(inner.layers, h, groups_of(B, dec_cache, chunks))
+    rows, wanted = sampled_rows(B, [(len(c.tokens), c.logits) for c in chunks])
     if not rows:
         return None, [None] * len(chunks)
-    logits = lm_head(model, inner.norm(h[mx.array(rows)]))
+    logits = head(model, h, rows)
     return (logits[:B] if B else None), [None if w is None else logits[w] for w in wanted]
 
 

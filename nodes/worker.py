@@ -16,10 +16,11 @@ import zmq
 from exo.broker import protocol as P
 from exo.nodes import info as node_info
 from exo.nodes.download import Downloader, Progress
-from exo.nodes.engine import Engine, EngineError, load_model
+from exo.nodes.engine import Engine, EngineError
 from exo.nodes.interfaces import Usage, interfaces
 from exo.nodes.link import BrokerLink
 from exo.nodes.mlxenv import blas, mx
+from exo.nodes.model import load_model
 from exo.nodes.rdma import rdma_devices
 from exo.nodes.store import ModelStore
 

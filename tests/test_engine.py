@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from exo.nodes.engine import Engine, EngineError, LoadedModel, load_model
+from exo.nodes.engine import Engine, EngineError
 from exo.nodes.mlxenv import mx
+from exo.nodes.model import LoadedModel, load_model
 
 PROMPTS = [
     "What is the capital of France?",
@@ -124,7 +125,7 @@ def test_a_seeded_request_is_reproducible_inside_a_batch(tiny_path: Path) -> Non
 
 def test_requests_beyond_the_kv_budget_wait_in_a_queue(tiny_path: Path) -> None:
     lm = load_model("tiny", tiny_path)
-    from exo.nodes.engine import kv_bytes_per_token
+    from exo.nodes.model import kv_bytes_per_token
 
     per_request = (3 + 20) * kv_bytes_per_token(lm.model)
     engine = Engine(kv_budget=int(per_request * 1.5))

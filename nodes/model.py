@@ -1,0 +1,127 @@
+"""A model as a node holds it: the whole of it, or one pipeline stage's layers.
+
+A stage of a model split into pipeline stages is a contiguous range of its
+decoder layers, [start, end). The first stage also embeds the tokens; the last
+also applies the final norm and the LM head (and, with tied embeddings, keeps
+the embedding matrix for that). Weights are loaded lazily and only the stage's
+own are materialised, so a node holding a third of the layers uses about a
+third of the memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from exo.nodes.mlxenv import mx
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    start: int
+    end: int
+    total: int
+
+    @property
+    def first(self) -> bool:
+        return self.start == 0
+
+    @property
+    def last(self) -> bool:
+        return self.end == self.total
+
+    @property
+    def whole(self) -> bool:
+        return self.first and self.last
+
+    def public(self) -> list[int]:
+        return [self.start, self.end]
+
+
+@dataclass
+class LoadedModel:
+    model_id: str
+    model: Any
+    tokenizer: Any
+    context: int
+    eos: set[int]
+    part: Part | None = None  # None: the whole model
+    nbytes: int = 0  # weights held in memory
+    instance: str = ""
+
+    @property
+    def layers(self) -> int:
+        return len(self.model.layers)
+
+
+def model_meta(path: Path) -> dict[str, Any]:
+    """What placement needs to know about a model folder: its layers, weight
+    bytes and architecture (read from config.json and the file sizes)."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    text = config.get("text_config", {})
+    layers = config.get("num_hidden_layers") or text.get("num_hidden_layers") or 0
+    size = sum(p.stat().st_size for p in path.glob("*.safetensors"))
+    return {"layers": int(layers), "bytes": size, "type": str(config.get("model_type", ""))}
+
+
+def load_model(model_id: str, path: Path, part: Part | None = None) -> LoadedModel:
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import load_model as mlx_load_model
+    from mlx_lm.utils import load_tokenizer
+
+    t0 = time.perf_counter()
+    model, config = mlx_load_model(path, lazy=True)
+    tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+    inner = model.model
+    keep: list[Any] = [model]
+    if part is None or part.whole:
+        part = None
+    else:
+        if len(inner.layers) != part.total:
+            raise ValueError(f"{model_id} has {len(inner.layers)} layers, not {part.total}")
+        inner.layers = inner.layers[part.start : part.end]
+        keep = list(inner.layers)
+        tied = bool(getattr(model.args, "tie_word_embeddings", False))
+        if part.first or (part.last and tied):
+            keep.append(inner.embed_tokens)
+        if part.last:
+            keep.append(inner.norm)
+            if not tied:
+                keep.append(model.lm_head)
+    # Only this stage's weights are read; the rest stay unloaded, lazy arrays.
+    params = [v for m in keep for _, v in tree_flatten(m.parameters())]
+    mx.eval(params)
+    context = int(
+        config.get("max_position_embeddings") or getattr(tokenizer, "model_max_length", 0) or 2048
+    )
+    eos = set(tokenizer.eos_token_ids or [])
+    log.info(
+        "loaded %s%s from %s in %.2fs (context %d)",
+        model_id,
+        f" layers [{part.start}, {part.end}) of {part.total}" if part else "",
+        path,
+        time.perf_counter() - t0,
+        context,
+    )
+    return LoadedModel(
+        model_id, model, tokenizer, context, eos, part, nbytes=sum(v.nbytes for v in params)
+    )
+
+
+def kv_bytes_per_token(model: Any) -> int:
+    args = getattr(model, "args", None)
+    try:
+        heads = args.num_key_value_heads or args.num_attention_heads
+        head_dim = getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
+        return 2 * len(model.layers) * heads * head_dim * 4
+    except AttributeError:
+        return 0

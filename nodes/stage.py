@@ -1,0 +1,103 @@
+"""A later pipeline stage: hidden states in, this node's layers, hidden states
+(or, on the last stage, sampled tokens) out.
+
+Stage 0 runs the scheduler; a later stage follows it step by step. Each step's
+header says which requests decode (in the batch's row order) and which send a
+prompt chunk, so this stage keeps the same batch and per-request caches as
+stage 0 without deciding anything: rows that left stage 0's batch leave here,
+requests whose prompt finished join here, in the same order. Requests that end
+are named in the next header's `drops`, so a cancel frees this stage's memory
+within one step of stage 0 seeing it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from exo.nodes.engine import Batch, sample_rows
+from exo.nodes.mlxenv import mx
+from exo.nodes.model import LoadedModel
+from exo.nodes.sampling import Sampler, SamplingParams
+
+
+class StageError(Exception):
+    pass
+
+
+@dataclass
+class SamplerRow:
+    rid: str
+    sampler: Sampler
+
+
+@dataclass
+class StageRunner:
+    lm: LoadedModel
+    batch: Batch = field(default_factory=Batch)
+    caches: dict[str, list[Any]] = field(default_factory=dict)  # requests still prefilling
+    samplers: dict[str, Sampler] = field(default_factory=dict)  # last stage only
+    steps: int = 0
+
+    @property
+    def last(self) -> bool:
+        return self.lm.part is None or self.lm.part.last
+
+    def drop(self, rid: str) -> None:
+        self.caches.pop(rid, None)
+        self.samplers.pop(rid, None)
+        self.batch.leave({rid})
+
+    def follow(self, decode: list[str]) -> None:
+        """Make this stage's batch the one stage 0 decoded this step."""
+        self.batch.leave(set(self.batch.rids) - set(decode))
+        for rid in decode:
+            if rid not in self.batch.rids:
+                cache = self.caches.pop(rid, None)
+                if cache is None:
+                    raise StageError(f"request {rid} decodes before its prompt reached this stage")
+                self.batch.join(rid, cache)
+        if self.batch.rids != decode:
+            raise StageError(f"batch order differs from stage 0's: {self.batch.rids} vs {decode}")
+
+    def run(self, header: dict[str, Any], h: mx.array) -> mx.array | list[int]:
+        """One step: the next stage's input, or on the last stage the tokens."""
+        from mlx_lm.models.cache import make_prompt_cache
+
+        from exo.nodes.forward import Chunk, groups_of, head, run_layers, sampled_rows
+
+        self.steps += 1
+        for rid in header.get("drops", []):
+            self.drop(rid)
+        decode: list[str] = list(header["decode"])
+        self.follow(decode)
+        for rid, params in header.get("new", {}).items():
+            self.caches[rid] = make_prompt_cache(self.lm.model)
+            if self.last:
+                self.samplers[rid] = Sampler(SamplingParams.from_wire(params))
+        chunks = []
+        for rid, n, logits in header["chunks"]:
+            if rid not in self.caches:
+                raise StageError(f"a prompt chunk of {rid}, which this stage does not hold")
+            chunks.append((rid, Chunk([0] * n, self.caches[rid], bool(logits))))
+        groups = groups_of(len(decode), self.batch.cache, [c for _, c in chunks])
+        h = run_layers(self.lm.model.model.layers, h, groups)
+        states = [c.state for _, ch in chunks for c in ch.cache]
+        if not self.last:
+            mx.eval(h, states)
+            return h
+        rows, wanted = sampled_rows(len(decode), [(len(c.tokens), c.logits) for _, c in chunks])
+        if not rows:
+            mx.eval(states)
+            return []
+        logits = head(self.lm.model, h, rows)
+        names = decode + [rid for (rid, _), w in zip(chunks, wanted, strict=True) if w is not None]
+        sampled = sample_rows([SamplerRow(r, self.samplers[r]) for r in names], logits)
+        mx.eval([t for _, t in sampled], states)
+        at = {r.rid: t for reqs, toks in sampled for r, t in zip(reqs, toks.tolist(), strict=True)}
+        return [at[r] for r in names]
+
+    def kv_bytes(self) -> int:
+        return self.batch.nbytes() + sum(
+            c.nbytes for cache in self.caches.values() for c in cache if c.keys is not None
+        )
