@@ -355,7 +355,10 @@ class Engine:
 
         step = self.plan()
         self.last_plan = step
-        if step.empty:
+        # Later stages free a request's memory when the next step names it in `drops`:
+        # with nothing else to do, a step goes out just to carry them.
+        flush = {m for m, d in self.drops.items() if d} - self.remote.keys()
+        if step.empty and not flush:
             return []
         self.steps += 1
         t0 = time.perf_counter()
@@ -369,7 +372,8 @@ class Engine:
                 req.prompt[req.prefilled : req.prefilled + n], req.cache, logits=n == req.to_prefill
             )
             by_model.setdefault(req.lm.model_id, []).append((req, chunk))
-        active = {*by_model, *(m for m, b in self.batches.items() if b.rids)} - self.remote.keys()
+        active = {*by_model, *flush, *(m for m, b in self.batches.items() if b.rids)}
+        active -= self.remote.keys()
         for model_id in active:
             batch, lm = self.batches[model_id], self.models[model_id]
             rows = [self.requests[r] for r in batch.rids]
@@ -421,8 +425,11 @@ class Engine:
         inner = lm.model.model
         tokens = [r.last for r in rows] + [t for _, c in chunks for t in c.tokens]
         groups = groups_of(len(rows), batch.cache, [c for _, c in chunks])
-        h = run_layers(inner.layers, inner.embed_tokens(mx.array(tokens)), groups)
-        mx.eval(h, [c.state for _, ch in chunks for c in ch.cache])
+        if groups:
+            h = run_layers(inner.layers, inner.embed_tokens(mx.array(tokens)), groups)
+            mx.eval(h, [c.state for _, ch in chunks for c in ch.cache])
+        else:
+            h = mx.zeros((0, inner.embed_tokens.weight.shape[1]), dtype=mx.float32)
         header = {
             "instance": lm.instance,
             "step": self.steps,

@@ -81,6 +81,8 @@ class StageRunner:
                 raise StageError(f"a prompt chunk of {rid}, which this stage does not hold")
             chunks.append((rid, Chunk([0] * n, self.caches[rid], bool(logits))))
         groups = groups_of(len(decode), self.batch.cache, [c for _, c in chunks])
+        if not groups:  # a step that only carries drops
+            return h if not self.last else []
         h = run_layers(self.lm.model.model.layers, h, groups)
         states = [c.state for _, ch in chunks for c in ch.cache]
         if not self.last:

@@ -66,7 +66,8 @@ def drive(p: Pipeline, arrivals: dict[int, list[str]], cancel: dict[int, str] | 
             outs += p.engine.finish_remote("m", n, toks)
         for o in outs:
             ids[o.rid].extend(o.ids)
-        if step > max(arrivals) and not p.engine.requests and not p.engine.queue:
+        e = p.engine
+        if step > max(arrivals) and not (e.requests or e.queue or any(e.drops.values())):
             return ids
     raise AssertionError("requests did not finish")
 
