@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from exo.api.client import BrokerClient, BrokerUnavailable
 from exo.api.errors import error_body, error_response
-from exo.api.schemas import ChatRequest, CompletionRequest, Sampling, first_error
+from exo.api.schemas import ChatRequest, CompletionRequest, PlaceRequest, Sampling, first_error
 from exo.broker import protocol as P
 
 log = logging.getLogger(__name__)
@@ -181,6 +181,37 @@ def create_app(broker: str) -> FastAPI:
         if not await client.cancel_explicit(rid):
             return error_response(404, f"no request {request_id} is in flight", "request_not_found")
         return {"id": rid, "object": "cancellation", "cancelled": True}
+
+    @app.post("/v1/instances")
+    async def place(request: Request) -> Any:
+        return await place_or_preview(request, "place")
+
+    @app.post("/v1/instances/preview")
+    async def preview(request: Request) -> Any:
+        return await place_or_preview(request, "preview")
+
+    async def place_or_preview(request: Request, op: str) -> Any:
+        try:
+            body = PlaceRequest.model_validate_json(await request.body())
+        except ValidationError as e:
+            msg, param = first_error(e)
+            return error_response(400, msg, param=param)
+        return instances_reply(await client.ask("INSTANCES", op=op, spec=body.spec()))
+
+    @app.get("/v1/instances")
+    async def list_instances() -> Any:
+        reply = await client.ask("INSTANCES", op="list")
+        return {"object": "list", "data": reply["body"]}
+
+    @app.delete("/v1/instances/{instance_id}")
+    async def delete_instance(instance_id: str) -> Any:
+        return instances_reply(await client.ask("INSTANCES", op="delete", id=instance_id))
+
+    def instances_reply(reply: dict[str, Any]) -> Any:
+        status, body = int(reply["status"]), reply["body"]
+        if status >= 400:
+            return error_response(status, body["message"], body["code"])
+        return JSONResponse(body, status_code=status)
 
     @app.get("/v1/cluster")
     async def cluster() -> Any:

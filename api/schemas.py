@@ -122,3 +122,23 @@ def first_error(e: ValidationError) -> tuple[str, str | None]:
     if err["type"] == "model_type" and not path:
         return "The request body must be a JSON object.", None
     return f"Invalid value for '{param}': {err['msg']}.", param
+
+
+class StageIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    node: str
+    layers: tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=1)]]
+
+
+class PlaceRequest(BaseModel):
+    """POST /v1/instances and /v1/instances/preview: every field but model optional."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: str
+    nodes: list[str] | None = None
+    stages: list[StageIn] | None = Field(default=None, min_length=1)
+    min_nodes: Annotated[int, Field(ge=1)] | None = None
+    max_nodes: Annotated[int, Field(ge=1)] | None = None
+
+    def spec(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)

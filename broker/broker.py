@@ -9,14 +9,25 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from typing import Any
 
 import zmq
 
 from exo.broker import protocol as P
+from exo.broker.instances import Instance, advance
+from exo.broker.placement import (
+    Ask,
+    ModelMeta,
+    NodeView,
+    PlacementError,
+    StageSpec,
+    candidates,
+    place,
+)
 from exo.broker.registry import InFlight, Parked, Peer, Registry, downloading, failed_download
-from exo.broker.routing import Refusal, choose_node
-from exo.broker.topology import links
+from exo.broker.routing import Refusal, choose_instance, no_holder
+from exo.broker.topology import links, peer_host
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +69,7 @@ class Broker:
         # the node's status shows the download
         self.pulls: dict[str, tuple[bytes, float]] = {}
         self.reg = Registry()
+        self.instances: dict[str, Instance] = {}
         self.dropped = P.Counters()
         self.stats = P.Counters()
         self.stop_event = threading.Event()
@@ -106,6 +118,7 @@ class Broker:
                 next_tend = now + PARKED_S
             if now >= next_beat:
                 self.expire(now)
+                self.tend_instances()
                 beat = P.encode("HEARTBEAT")
                 for ident in list(self.reg.peers):
                     self.send_raw(ident, beat)
@@ -192,12 +205,14 @@ class Broker:
                     f"node {peer.peer_id} serving this request stopped responding ({why})",
                 )
             else:
-                self.cancel_on_node(r.rid, r.node)
+                self.cancel_stages(r)
                 self.stats["cancelled_disconnect"] += 1
         for key in [k for k in self.pending_cancels if k[1] == ident]:
             del self.pending_cancels[key]
         for rid in [rid for rid, j in self.reg.parked.items() if j.frontend == ident]:
             del self.reg.parked[rid]
+        if peer.role == "node":
+            self.tend_instances()
 
     def on_heartbeat(self, peer: Peer, msg: P.Message, frame: zmq.Frame) -> None:
         status = msg.get("status")
@@ -224,31 +239,33 @@ class Broker:
         self.dispatch(Parked(rid, fe.identity, msg.fields, time.monotonic() + timeout), first=True)
 
     def dispatch(self, job: Parked, first: bool = False) -> bool:
-        """Send a job to a node that holds its model, or park it while one downloads it.
-        True when the job left the parking lot (sent, or failed)."""
-        rid, model, nodes = job.rid, job.submit["model"], self.reg.nodes()
-        choice = choose_node(nodes, model, self.reg.seen_models)
-        if isinstance(choice, Refusal):
-            pending = downloading(nodes, model) or self.recently_pulled(model)
-            if pending:
+        """Send a job to the first stage of a ready instance of its model, or park it
+        while an instance is on its way (placed, downloading, loading). True when
+        the job left the parking lot (sent, or failed)."""
+        rid, model, nodes = job.rid, job.submit["model"], self.reg.by_id()
+        inst = choose_instance(list(self.instances.values()), nodes, model)
+        if inst is None:
+            refusal = self.provide(model)
+            pending = downloading(list(nodes.values()), model) or self.recently_pulled(model)
+            if refusal is None or pending:
                 if first:
                     self.reg.parked[rid] = job
-                    self.send(job.frontend, "ACCEPTED", rid=rid, node=pending[0][0].peer_id)
-                    log.info(
-                        "rid=%s waits for %s, downloading on %s", rid, model, pending[0][0].peer_id
-                    )
+                    where = pending[0][0].peer_id if pending else ""
+                    self.send(job.frontend, "ACCEPTED", rid=rid, node=where)
+                    log.info("rid=%s waits for an instance of %s", rid, model)
                 return False
-            failed = failed_download(nodes, model)
+            failed = failed_download(list(nodes.values()), model)
             if not first and failed is not None:
                 node, d = failed
-                choice = Refusal(
+                refusal = Refusal(
                     503,
                     "download_failed",
                     f"node {node.peer_id} could not download {model}: {d.get('error')}",
                 )
-            self.fail(job.frontend, rid, choice.status, choice.code, choice.message)
+            self.fail(job.frontend, rid, refusal.status, refusal.code, refusal.message)
             return True
         s = job.submit
+        head = nodes[inst.head]
         frame = P.encode(
             "GENERATE",
             rid=rid,
@@ -256,22 +273,211 @@ class Broker:
             kind=s["kind"],
             payload=s["payload"],
             params=s["params"],
+            instance=inst.id,
         )
-        if not self.send_raw(choice.identity, frame):
-            self.drop_peer(choice.identity, "unreachable")
+        if not self.send_raw(head.identity, frame):
+            self.drop_peer(head.identity, "unreachable")
             self.fail(
                 job.frontend, rid, 503, "node_lost", "the chosen node could not be reached; retry"
             )
             return True
         self.reg.requests[rid] = InFlight(
-            rid, job.frontend, choice.identity, model, deadline=job.deadline
+            rid,
+            job.frontend,
+            head.identity,
+            model,
+            deadline=job.deadline,
+            instance=inst.id,
+            stages=tuple(nodes[n].identity for n in inst.nodes),
         )
-        # Count it now so a burst spreads over nodes before their next heartbeat.
-        choice.status["prefilling"] = int(choice.status.get("prefilling", 0)) + 1
+        # Count it now so a burst spreads over instances before their next heartbeat.
+        head.status["prefilling"] = int(head.status.get("prefilling", 0)) + 1
         if first:
-            self.send(job.frontend, "ACCEPTED", rid=rid, node=choice.peer_id)
-        log.info("rid=%s model=%s -> node %s", rid, model, choice.peer_id)
+            self.send(job.frontend, "ACCEPTED", rid=rid, node=head.peer_id)
+        log.info("rid=%s model=%s -> instance %s on %s", rid, model, inst.id, head.peer_id)
         return True
+
+    # -- instances ------------------------------------------------------------------
+
+    def meta(self, model: str) -> ModelMeta | None:
+        for n in self.reg.nodes():
+            m = n.info.get("model_meta", {}).get(model)
+            if model in n.models and m and m.get("layers"):
+                return ModelMeta(model, int(m["layers"]), int(m.get("bytes", 0)))
+        return None
+
+    def views(self, meta: ModelMeta) -> list[NodeView]:
+        """What each node can give a new stage of `meta.model`."""
+        out = []
+        live = [i for i in self.instances.values() if i.state != "failed"]
+        for n in self.reg.nodes():
+            # Stages placed here but not loaded yet are not in its available memory.
+            promised = sum(
+                (self.meta(i.model) or ModelMeta(i.model, i.total, 0)).stage_bytes(s.start, s.end)
+                for i in live
+                if i.state != "ready"
+                for s in i.stages
+                if s.node == n.peer_id
+            )
+            out.append(
+                NodeView(
+                    n.peer_id,
+                    n.name,
+                    available=int(n.info.get("memory_available", 0)),
+                    level=str(n.info.get("memory_pressure", {}).get("level", "normal")),
+                    has_model=meta.model in n.models,
+                    promised=promised,
+                    holds_model=any(i.model == meta.model and n.peer_id in i.nodes for i in live),
+                )
+            )
+        return out
+
+    def provide(self, model: str) -> Refusal | None:
+        """Make sure an instance of `model` is on its way: None if one is (or was just
+        placed automatically), else why none can be."""
+        if any(
+            i.model == model and i.state in ("downloading", "loading")
+            for i in self.instances.values()
+        ):
+            return None
+        nodes = self.reg.nodes()
+        if not any(model in n.models for n in nodes):
+            return no_holder(nodes, model, self.reg.seen_models)
+        meta = self.meta(model)
+        if meta is None:
+            return Refusal(503, "model_unreadable", f"no node could read the config of {model}")
+        try:
+            chosen = place(meta, self.views(meta), Ask())
+        except PlacementError as e:
+            return Refusal(e.status, e.code, e.message)
+        self.create(meta, chosen.stages, auto=True)
+        return None
+
+    def create(self, meta: ModelMeta, stages: list[StageSpec], auto: bool) -> Instance:
+        inst = Instance(f"inst-{uuid.uuid4().hex[:8]}", meta.model, stages, meta.layers, auto)
+        inst.enter("downloading")
+        self.instances[inst.id] = inst
+        log.info(
+            "instance %s of %s placed (%s): %s",
+            inst.id,
+            meta.model,
+            "auto" if auto else "explicit",
+            ", ".join(f"{s.node}[{s.start}:{s.end})" for s in stages),
+        )
+        self.tend_instances()
+        return inst
+
+    def tend_instances(self) -> None:
+        nodes = self.reg.by_id()
+        for inst in list(self.instances.values()):
+            nxt = advance(inst, nodes)
+            for n in nxt.download:
+                self.send(nodes[n].identity, "DOWNLOAD", model=inst.model, revision="main")
+                inst.downloads_asked.add(n)
+                log.info("instance %s: node %s downloads %s", inst.id, n, inst.model)
+            if nxt.load:
+                self.load(inst, nodes)
+            if not inst.enter(nxt.state, nxt.error):
+                continue
+            log.info(
+                "instance %s: %s%s", inst.id, nxt.state, f" ({nxt.error})" if nxt.error else ""
+            )
+            if nxt.state == "ready":
+                self.tend_parked(time.monotonic())
+            elif nxt.state == "failed":
+                self.end_instance(inst, 503, "instance_failed", nxt.error or "instance failed")
+
+    def load(self, inst: Instance, nodes: dict[str, Peer]) -> None:
+        """Tell every stage to load, with the peer endpoints it sends to."""
+
+        def endpoint(src: Peer, dst: Peer) -> str:
+            port = int(dst.info.get("peer_port", 0))
+            return f"tcp://{peer_host(src.public(), dst.public())}:{port}"
+
+        peers = [nodes[n] for n in inst.nodes]
+        for k, (spec, node) in enumerate(zip(inst.stages, peers, strict=True)):
+            fields: dict[str, Any] = {}
+            if k + 1 < len(peers):
+                fields["next"] = endpoint(node, peers[k + 1])
+            elif len(peers) > 1:
+                fields["head"] = endpoint(node, peers[0])
+            self.send(
+                node.identity,
+                "LOAD",
+                instance=inst.id,
+                model=inst.model,
+                start=spec.start,
+                end=spec.end,
+                total=inst.total,
+                stage=k,
+                **fields,
+            )
+        inst.loads_sent = True
+
+    def end_instance(self, inst: Instance, status: int, code: str, message: str) -> None:
+        """Its requests end with a clear error, its nodes drop it; an instance placed
+        on demand is forgotten (the next request places a new one)."""
+        for r in [r for r in self.reg.requests.values() if r.instance == inst.id]:
+            del self.reg.requests[r.rid]
+            self.fail(r.frontend, r.rid, status, code, f"instance {inst.id}: {message}")
+        nodes = self.reg.by_id()
+        for n in inst.nodes:
+            if n in nodes:
+                self.send(nodes[n].identity, "UNLOAD", instance=inst.id)
+        if inst.auto or inst.state != "failed":
+            self.instances.pop(inst.id, None)
+
+    def on_instances(self, fe: Peer, msg: P.Message, frame: zmq.Frame) -> None:
+        status, body = 200, self.instances_op(msg["op"], msg.get("spec") or {}, msg.get("id"))
+        if isinstance(body, PlacementError):
+            status, body = body.status, {"code": body.code, "message": body.message}
+        elif msg["op"] == "place":
+            status = 201
+        self.send(fe.identity, "REPLY", qid=msg["qid"], data={"status": status, "body": body})
+
+    def instances_op(self, op: str, spec: dict[str, Any], iid: Any) -> Any:
+        nodes = self.reg.by_id()
+        if op == "list":
+            return [i.public(nodes) for i in self.instances.values()]
+        if op == "delete":
+            inst = self.instances.get(str(iid))
+            if inst is None:
+                return PlacementError(404, "instance_not_found", f"no instance '{iid}'")
+            self.end_instance(inst, 503, "instance_deleted", "deleted")
+            self.instances.pop(inst.id, None)
+            return {"id": inst.id, "deleted": True}
+        if op not in ("place", "preview"):
+            return PlacementError(400, "invalid_op", f"unknown instances op {op!r}")
+        model = str(spec.get("model", ""))
+        meta = self.meta(model)
+        if meta is None:
+            return PlacementError(
+                404, "model_not_found", f"no connected node holds the model '{model}'"
+            )
+        try:
+            ask = Ask(
+                nodes=tuple(str(n) for n in spec.get("nodes") or ()),
+                stages=tuple(
+                    (str(s["node"]), int(s["layers"][0]), int(s["layers"][1]))
+                    for s in spec.get("stages") or ()
+                ),
+                min_nodes=int(spec.get("min_nodes") or 1),
+                max_nodes=int(spec["max_nodes"]) if spec.get("max_nodes") else None,
+            )
+            if op == "preview":
+                found = candidates(meta, self.views(meta), ask)
+                return {
+                    "model": model,
+                    "layers": meta.layers,
+                    "bytes": meta.bytes,
+                    "candidates": [c.public() for c in found],
+                }
+            chosen = place(meta, self.views(meta), ask)
+        except PlacementError as e:
+            return e
+        except (KeyError, IndexError, TypeError, ValueError) as e:
+            return PlacementError(400, "invalid_placement", f"malformed placement: {e!r}")
+        return self.create(meta, chosen.stages, auto=False).public(nodes)
 
     def recently_pulled(self, model: str) -> list[tuple[Peer, dict[str, Any]]]:
         """A node just asked to download `model`, whose status does not show it yet."""
@@ -355,12 +561,18 @@ class Broker:
         if owner is None:
             return
         if running is not None:
-            self.cancel_on_node(rid, running.node)
+            self.cancel_stages(running)
         self.stats[f"cancelled_{reason}"] += 1
         if reason == "explicit":
             # Whoever is waiting on this request learns why it ended.
             self.fail(owner.frontend, rid, 499, "cancelled", f"request {rid} was cancelled")
         log.info("rid=%s cancelled (%s)", rid, reason)
+
+    def cancel_stages(self, r: InFlight) -> None:
+        """Every stage's node learns of it; stage 0 frees the later stages' state
+        in-band at its next step, the others just acknowledge."""
+        for node in r.stages or (r.node,):
+            self.cancel_on_node(r.rid, node)
 
     def cancel_on_node(self, rid: str, node: bytes) -> None:
         """Point to point until acknowledged, and on PUB for fan-out."""
@@ -382,7 +594,7 @@ class Broker:
     def expire_deadlines(self, now: float) -> None:
         for r in [r for r in self.reg.requests.values() if now >= r.deadline]:
             del self.reg.requests[r.rid]
-            self.cancel_on_node(r.rid, r.node)
+            self.cancel_stages(r)
             self.stats["cancelled_deadline"] += 1
             timeout = now - r.started
             self.fail(
@@ -408,7 +620,7 @@ class Broker:
             del self.reg.requests[r.rid]
         if not self.send_raw(r.frontend, frame) and r.rid in self.reg.requests:
             del self.reg.requests[r.rid]
-            self.cancel_on_node(r.rid, node.identity)
+            self.cancel_stages(r)
             self.stats["cancelled_disconnect"] += 1
 
     def on_query(self, fe: Peer, msg: P.Message, frame: zmq.Frame) -> None:
@@ -428,6 +640,7 @@ class Broker:
             "uptime_s": round(time.time() - self.started, 1),
             "nodes": (nodes := [p.public() for p in self.reg.nodes()]),
             "links": links(nodes),
+            "instances": [i.public(self.reg.by_id()) for i in self.instances.values()],
             "frontends": [p.peer_id for p in self.reg.peers.values() if p.role == "frontend"],
             "requests_active": len(self.reg.requests),
             "requests_waiting_for_download": len(self.reg.parked),
@@ -448,4 +661,5 @@ class Broker:
         ("node", "CANCEL_ACK"): on_cancel_ack,
         ("frontend", "QUERY"): on_query,
         ("frontend", "PULL"): on_pull,
+        ("frontend", "INSTANCES"): on_instances,
     }

@@ -52,6 +52,31 @@ Conversation
                                              travels in the node's HEARTBEAT status
                                              ("downloads"), completion in its INFO
 
+Instances (a model placed on an ordered list of nodes, each holding a layer range)
+    frontend -> broker  INSTANCES {qid, op, spec?, id?}  op: place | preview | list | delete;
+                        answered REPLY {qid, data: {status, body}}, status the HTTP one
+    broker -> node      LOAD {instance, model, start, end, total, stage, next?, head?}
+                        load layers [start, end) of `total`, once every stage's node holds
+                        the weights. next: the next stage's peer endpoint (absent on the
+                        last stage); head: stage 0's endpoint, where the last stage sends
+                        tokens. Progress travels in the node's HEARTBEAT status
+                        ("stages": {instance: {state: loading|ready|failed, error?}}).
+    broker -> node      UNLOAD {instance}   drop the stage and every request through it
+    broker -> node      GENERATE {..., instance}  to stage 0 of a ready instance
+
+Peer sockets (node to node, never through the broker)
+    Each node binds a ROUTER (its INFO's peer_port) and connects one DEALER per
+    peer endpoint it sends to. Messages are two frames: the msgpack header
+    below, then the raw float32 hidden states [T, D] (none for RESULT/STAGE_ERROR).
+    stage k -> k+1   ACT {instance, step, decode, chunks, new, drops, shape}
+                     decode: rids decoding this step, in batch-row order; chunks:
+                     [rid, tokens, wants_logits] prompt chunks, packed after the
+                     decode rows; new: {rid: sampling params} for requests whose
+                     first chunk this is; drops: rids that ended since the last step
+    last -> stage 0  RESULT {instance, step, ids}   one token per decode row, then one
+                     per chunk that finished its prompt
+    any -> stage 0   STAGE_ERROR {instance, message}  a stage could not run the step
+
 Robustness
     Frames that are not msgpack maps, lack v/t, carry an unknown type, miss a
     required field, or exceed MAX_FRAME bytes are dropped and counted by reason
@@ -108,6 +133,12 @@ TYPES: dict[str, dict[str, type | tuple[type, ...]]] = {
     "PULL": {"qid": str, "model": str},
     "STATE": {"rid": str, "state": str},
     "QUERY": {"qid": str, "what": str},
+    "INSTANCES": {"qid": str, "op": str},
+    "LOAD": {"instance": str, "model": str, "start": int, "end": int, "total": int},
+    "UNLOAD": {"instance": str},
+    "ACT": {"instance": str, "step": int, "decode": list, "chunks": list, "shape": list},
+    "RESULT": {"instance": str, "step": int, "ids": list},
+    "STAGE_ERROR": {"instance": str, "message": str},
     "REPLY": {"qid": str, "data": (dict, list)},
 }
 

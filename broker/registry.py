@@ -48,6 +48,8 @@ class InFlight:
     deadline: float = float("inf")
     started: float = field(default_factory=time.monotonic)
     tokens: int = 0
+    instance: str = ""
+    stages: tuple[bytes, ...] = ()  # every stage's node, the first (`node`) included
 
 
 @dataclass
@@ -93,6 +95,9 @@ class Registry:
 
     def nodes(self) -> list[Peer]:
         return [p for p in self.peers.values() if p.role == "node"]
+
+    def by_id(self) -> dict[str, Peer]:
+        return {p.peer_id: p for p in self.nodes()}
 
     def expired(self, now: float, expiry_s: float) -> list[Peer]:
         return [p for p in self.peers.values() if now - p.last_seen > expiry_s]

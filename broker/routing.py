@@ -1,9 +1,10 @@
-"""Which node serves a request: a pure function over plain data."""
+"""Which instance serves a request: pure functions over plain data."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from exo.broker.instances import Instance
 from exo.broker.registry import Peer
 
 
@@ -14,16 +15,22 @@ class Refusal:
     message: str
 
 
-def choose_node(nodes: list[Peer], model: str, seen: set[str]) -> Peer | Refusal:
-    """A node that holds `model`: loaded before merely on disk, then the least busy.
+def choose_instance(
+    instances: list[Instance], nodes: dict[str, Peer], model: str
+) -> Instance | None:
+    """The least loaded ready instance of `model` (load: its first stage's requests)."""
+    ready = [i for i in instances if i.model == model and i.state == "ready" and i.head in nodes]
+    if not ready:
+        return None
+    return min(ready, key=lambda i: (nodes[i.head].load(), len(i.stages), i.id))
 
-    A model no node has ever held (`seen`) is unknown: 404. A known model whose
-    nodes are all gone, or no node at all: 503, worth retrying."""
-    holders = [n for n in nodes if model in n.models]
-    if not holders:
-        if model in seen:
-            return Refusal(503, "no_node_available", f"no connected node holds the model '{model}'")
-        if not nodes:
-            return Refusal(503, "no_nodes", "no node is connected to the broker")
-        return Refusal(404, "model_not_found", f"the model '{model}' does not exist on any node")
-    return min(holders, key=lambda n: (model not in n.loaded, n.load(), n.peer_id))
+
+def no_holder(nodes: list[Peer], model: str, seen: set[str]) -> Refusal:
+    """Why a model no connected node holds cannot be served. A model no node has
+    ever held (`seen`) is unknown: 404. A known model whose nodes are all gone,
+    or no node at all: 503, worth retrying."""
+    if model in seen:
+        return Refusal(503, "no_node_available", f"no connected node holds the model '{model}'")
+    if not nodes:
+        return Refusal(503, "no_nodes", "no node is connected to the broker")
+    return Refusal(404, "model_not_found", f"the model '{model}' does not exist on any node")

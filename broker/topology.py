@@ -73,3 +73,28 @@ def links(nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     }
                 )
     return found
+
+
+def peer_host(src: dict[str, Any], dst: dict[str, Any]) -> str:
+    """The address `src` should use to reach `dst`'s peer socket: loopback on one
+    host, else the best link between them (by type), else any address `dst` has."""
+    a_ends, b_ends = _ends(src), _ends(dst)
+    a_ips = {ip.ip for _, ip in a_ends if not ip.ip.is_loopback}
+    b_ips = {ip.ip for _, ip in b_ends if not ip.ip.is_loopback}
+    if a_ips & b_ips or not b_ips:
+        return "127.0.0.1"  # the same machine (and network namespace), or nothing better known
+    best: tuple[int, str] | None = None
+    for ia, na in a_ends:
+        for ib, nb in b_ends:
+            if na.network != nb.network or na.ip == nb.ip or na.ip.is_loopback:
+                continue
+            if not (ia.get("up") and ib.get("up")):
+                continue
+            kind = slower(ia.get("type", "other"), ib.get("type", "other"))
+            rank = RANK.index(kind) if kind in RANK else len(RANK)
+            if best is None or rank < best[0]:
+                best = (rank, str(nb.ip))
+    if best is not None:
+        return best[1]
+    v4 = sorted(str(ip) for ip in b_ips if ip.version == 4)
+    return v4[0] if v4 else str(sorted(b_ips, key=str)[0])

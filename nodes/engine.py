@@ -547,6 +547,13 @@ class Engine:
             )
         return out
 
+    def runnable(self) -> bool:
+        """Whether step() has anything to do now."""
+        busy = self.remote.keys()
+        return any(r.lm.model_id not in busy for r in self.requests.values()) or any(
+            d for m, d in self.drops.items() if m not in busy
+        )
+
     # -- status ---------------------------------------------------------------------
 
     def prefilling(self) -> list[tuple[str, int, int]]:

@@ -21,7 +21,7 @@ from exo.broker import protocol as P
 
 log = logging.getLogger(__name__)
 
-ENGINE_TYPES = {"GENERATE", "CANCEL", "DOWNLOAD"}
+ENGINE_TYPES = {"GENERATE", "CANCEL", "DOWNLOAD", "LOAD", "UNLOAD"}
 
 
 def configure_dealer(sock: zmq.Socket, identity: str) -> None:

@@ -72,6 +72,12 @@ from exo.nodes.store import default_models_dir
     default=None,
     help="Slowest step, relative to a decode-only step, while a prompt prefills (default 1.5).",
 )
+@click.option(
+    "--peer-port",
+    type=int,
+    default=0,
+    help="Port of the socket pipeline stages use between nodes (default: any free one).",
+)
 @click.option("--log", "log_spec", default=None, help='e.g. "info" or "nodes.engine=debug".')
 @click.option("--log-file", default=None, help="DEBUG log file (default ~/.exo/logs/node-PID.log).")
 def main(
@@ -85,6 +91,7 @@ def main(
     kv_budget_mb: int | None,
     idle_budget: int | None,
     max_stall: float | None,
+    peer_port: int,
     log_spec: str | None,
     log_file: str | None,
 ) -> None:
@@ -110,6 +117,7 @@ def main(
         extra_dirs=list(extra_dirs),
         downloader=Downloader(stall_timeout=download_stall_timeout),
         link_types=load_link_types(link_types),
+        peer_port=peer_port,
     )
     signal.signal(signal.SIGTERM, lambda *_: node.stopping.set())
     try:

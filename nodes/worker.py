@@ -15,13 +15,17 @@ import zmq
 
 from exo.broker import protocol as P
 from exo.nodes import info as node_info
+from exo.nodes import memory
 from exo.nodes.download import Downloader, Progress
-from exo.nodes.engine import Engine, EngineError
+from exo.nodes.engine import Engine, EngineError, Output
 from exo.nodes.interfaces import Usage, interfaces
 from exo.nodes.link import BrokerLink
 from exo.nodes.mlxenv import blas, mx
-from exo.nodes.model import load_model
+from exo.nodes.model import LoadedModel, Part, load_model, model_meta
+from exo.nodes.peers import PeerSockets
+from exo.nodes.pressure import read_pressure
 from exo.nodes.rdma import rdma_devices
+from exo.nodes.stage import StageRunner
 from exo.nodes.store import ModelStore
 
 log = logging.getLogger(__name__)
@@ -39,6 +43,7 @@ class Node:
         extra_dirs: list[Path] | None = None,
         downloader: Downloader | None = None,
         link_types: dict[str, str] | None = None,
+        peer_port: int = 0,
     ) -> None:
         self.link_types = link_types or {}
         self.rdma = [d.public() for d in rdma_devices()]
@@ -52,6 +57,15 @@ class Node:
         self.pair_addr = f"inproc://engine-{self.peer_id}"
         self.pair = self.ctx.socket(zmq.PAIR)
         self.pair.bind(self.pair_addr)
+        self.peers = PeerSockets(self.ctx, self.peer_id, port=peer_port)
+        self.engine.hop = self.hop
+        # instance -> {state, model, layers, error?}: what the broker reads to tell an
+        # instance loading from ready
+        self.stages: dict[str, dict[str, Any]] = {}
+        self.runners: dict[str, StageRunner] = {}  # later stages this node holds
+        self.next_hop: dict[str, str] = {}  # instance -> the next stage's endpoint
+        self.head_of: dict[str, str] = {}  # instance -> stage 0's endpoint (last stage)
+        self.limits = memory.limits([], self.engine.kv_budget, 1)
         self._status: dict[str, Any] = self.engine.status()
         self._reset = threading.Event()
         self.link = BrokerLink(
@@ -78,6 +92,9 @@ class Node:
         d["interfaces"] = [i.public() for i in interfaces(self.link_types)]
         d["rdma"] = self.rdma
         d["loading"] = self.loading
+        d["peer_port"] = self.peers.port
+        d["memory_pressure"] = read_pressure()
+        d["model_meta"] = {m: model_meta(p) for m, p in self.store.scan().items()}
         return d
 
     def send(self, type_: str, **fields: Any) -> None:
@@ -89,6 +106,9 @@ class Node:
         )
         self.link.start()
         was_busy = False
+        poller = zmq.Poller()
+        poller.register(self.pair, zmq.POLLIN)
+        poller.register(self.peers.router, zmq.POLLIN)
         while not self.stopping.is_set() and self.link.is_alive():
             if self._reset.is_set():
                 self._reset.clear()
@@ -100,9 +120,14 @@ class Node:
                 # size leave many behind); the weights stay.
                 mx.clear_cache()
             was_busy = busy
-            if self.pair.poll(0 if busy else 100):
+            # Sleep when nothing can step: idle, or every step out at later stages.
+            events = dict(poller.poll(0 if self.engine.runnable() else 100))
+            if self.pair in events:
                 while self.pair.poll(0):
                     self.handle(P.decode(self.pair.recv()))
+            if self.peers.router in events:
+                while self.peers.router.poll(0):
+                    self.on_peer()
             t0 = time.perf_counter()
             outputs = self.engine.step()
             self.last_step_s = time.perf_counter() - t0
@@ -113,22 +138,139 @@ class Node:
                     len(outputs),
                     self.last_step_s * 1000,
                 )
-            for out in outputs:
-                fields: dict[str, Any] = {"rid": out.rid, "ids": out.ids, "text": out.text}
-                if out.finish:
-                    fields["finish"] = out.finish
-                    fields["usage"] = out.usage
-                self.send("TOKENS", **fields)
+            self.emit(outputs)
             self.report_progress()
-            self._status = {
-                **self.engine.status(),
-                "recent_cancels": list(self.recent_cancels),
-                "downloads": [p.public() for p in list(self.downloads.values())],
-                "interface_usage": self.interface_usage(),
-            }
+            self._status = self.status()
         self.link.stop_event.set()
         self.link.join(timeout=2)
+        self.peers.close()
         return 2 if self.link.refused else 0
+
+    def status(self) -> dict[str, Any]:
+        s = self.engine.status()
+        s["kv_bytes"] += sum(r.kv_bytes() for r in self.runners.values())
+        s["running"] += sum(len(r.batch.rids) for r in self.runners.values())
+        return {
+            **s,
+            "stages": {k: dict(v) for k, v in self.stages.items()},
+            "mlx_limits": self.limits.public(),
+            "recent_cancels": list(self.recent_cancels),
+            "downloads": [p.public() for p in list(self.downloads.values())],
+            "interface_usage": self.interface_usage(),
+            "peer_bytes_sent": dict(self.peers.sent),
+            "peer_bytes_received": self.peers.received,
+            "peer_dropped": self.peers.dropped.snapshot(),
+        }
+
+    def emit(self, outputs: list[Output]) -> None:
+        for out in outputs:
+            fields: dict[str, Any] = {"rid": out.rid, "ids": out.ids, "text": out.text}
+            if out.finish:
+                fields["finish"] = out.finish
+                fields["usage"] = out.usage
+            self.send("TOKENS", **fields)
+
+    # -- pipeline stages --------------------------------------------------------------
+
+    def hop(self, lm: LoadedModel, header: dict[str, Any], h: mx.array) -> None:
+        self.peers.send(self.next_hop[lm.instance], "ACT", h, shape=list(h.shape), **header)
+
+    def on_peer(self) -> None:
+        got = self.peers.recv()
+        if got is None:
+            return
+        msg, h = got
+        iid = msg["instance"]
+        if msg.type == "ACT":
+            runner = self.runners.get(iid)
+            if runner is None or h is None:
+                log.warning("a step for instance %s, which this node does not hold", iid)
+                return
+            header = {k: v for k, v in msg.fields.items() if k != "shape"}
+            try:
+                out = runner.run(header, h)
+            except Exception as e:  # a stage that cannot run its step fails the instance's requests
+                log.exception("instance %s: step %s failed", iid, msg["step"])
+                target = self.head_of.get(iid) or self.next_hop.get(iid)
+                if target:
+                    self.peers.send(
+                        target, "STAGE_ERROR", instance=iid, message=f"{self.name}: {e}"
+                    )
+                return
+            if isinstance(out, list):
+                self.peers.send(
+                    self.head_of[iid], "RESULT", instance=iid, step=msg["step"], ids=out
+                )
+            else:
+                self.peers.send(self.next_hop[iid], "ACT", out, shape=list(out.shape), **header)
+            return
+        model_id = self.stages.get(iid, {}).get("model")
+        if model_id is None or self.engine.models.get(model_id) is None:
+            return
+        if msg.type == "RESULT":
+            try:
+                self.emit(self.engine.finish_remote(model_id, msg["step"], msg["ids"]))
+            except EngineError as e:
+                self.fail_instance_requests(model_id, e.message)
+        elif msg.type == "STAGE_ERROR":
+            self.fail_instance_requests(model_id, msg["message"])
+
+    def fail_instance_requests(self, model_id: str, why: str) -> None:
+        for rid in self.engine.fail_remote(model_id):
+            self.send("FAIL", rid=rid, status=500, code="stage_error", message=why)
+
+    def load_stage(self, msg: P.Message) -> None:
+        iid, model_id = msg["instance"], msg["model"]
+        part = Part(msg["start"], msg["end"], msg["total"])
+        entry: dict[str, Any] = {"state": "loading", "model": model_id, "layers": part.public()}
+        self.stages[iid] = entry
+        self._status = self.status()  # the broker sees "loading" while we load
+        path = self.store.scan().get(model_id)
+        if path is None:
+            entry.update(state="failed", error=f"{model_id} is not on node {self.name}")
+            return
+        self.loading = model_id
+        try:
+            lm = load_model(model_id, path, part)
+        except Exception as e:
+            log.exception("loading %s %s failed", model_id, part)
+            entry.update(state="failed", error=f"loading {model_id} failed: {e}")
+            return
+        finally:
+            self.loading = None
+        lm.instance = iid
+        if msg.get("next"):
+            self.next_hop[iid] = str(msg["next"])
+        if msg.get("head"):
+            self.head_of[iid] = str(msg["head"])
+        if part.first:
+            self.engine.add_model(lm)
+        else:
+            self.runners[iid] = StageRunner(lm)
+        self.apply_limits()
+        entry["state"] = "ready"
+        log.info("instance %s: stage %s of %s ready", iid, part.public(), model_id)
+
+    def unload_stage(self, iid: str) -> None:
+        entry = self.stages.pop(iid, None)
+        self.runners.pop(iid, None)
+        self.next_hop.pop(iid, None)
+        self.head_of.pop(iid, None)
+        model_id = (entry or {}).get("model")
+        lm = self.engine.models.get(model_id or "")
+        if lm is not None and lm.instance == iid:
+            gone = self.engine.remove_model(lm.model_id)
+            log.info("instance %s unloaded; %d requests ended with it", iid, len(gone))
+        self.apply_limits()
+        mx.clear_cache()
+
+    def apply_limits(self) -> None:
+        import psutil
+
+        held = [lm.nbytes for lm in self.engine.models.values()]
+        held += [r.lm.nbytes for r in self.runners.values()]
+        self.limits = memory.limits(held, self.engine.kv_budget, psutil.virtual_memory().total)
+        memory.apply(self.limits)
 
     def interface_usage(self) -> dict[str, dict[str, float]]:
         """Per-interface rates over the last second or so (sampled at most once a second)."""
@@ -176,6 +318,12 @@ class Node:
         if msg.type == "DOWNLOAD":
             self.download(msg["model"], str(msg.get("revision") or "main"))
             return
+        if msg.type == "LOAD":
+            self.load_stage(msg)
+            return
+        if msg.type == "UNLOAD":
+            self.unload_stage(msg["instance"])
+            return
         if msg.type == "CANCEL":
             rid = msg["rid"]
             log.debug("rid=%s cancel received", rid)
@@ -186,29 +334,8 @@ class Node:
             return
         rid, model_id = msg["rid"], msg["model"]
         try:
-            if model_id not in self.engine.models:
-                self.ensure_loaded(rid, model_id)
             self.engine.submit(rid, model_id, msg["kind"], msg["payload"], msg["params"])
             self.send("STATE", rid=rid, state="admitted")
         except EngineError as e:
             log.info("rid=%s refused: %s", rid, e.message)
             self.send("FAIL", rid=rid, status=e.status, code=e.code, message=e.message)
-
-    def ensure_loaded(self, rid: str, model_id: str) -> None:
-        path = self.store.scan().get(model_id)
-        if path is None:
-            raise EngineError(
-                404, "model_not_found", f"model {model_id} is not on node {self.name}"
-            )
-        self.send("STATE", rid=rid, state="loading")
-        self.loading = model_id
-        t0 = time.perf_counter()
-        try:
-            self.engine.add_model(load_model(model_id, path))
-        except Exception as e:
-            log.exception("loading %s failed", model_id)
-            raise EngineError(500, "load_failed", f"loading {model_id} failed: {e}") from e
-        finally:
-            self.loading = None
-        self.send("STATE", rid=rid, state="loaded")
-        log.info("rid=%s model %s ready after %.2fs", rid, model_id, time.perf_counter() - t0)

@@ -272,10 +272,19 @@ def test_the_broker_resends_a_cancel_until_the_node_acknowledges(
     fake.connect(c.broker_addr)
     fake.send(
         P.encode(
-            "HELLO", role="node", peer_id="fake-node", name="fake", info={"models": ["fake/model"]}
+            "HELLO",
+            role="node",
+            peer_id="fake-node",
+            name="fake",
+            info={
+                "models": ["fake/model"],
+                "model_meta": {"fake/model": {"layers": 1, "bytes": 1}},
+                "memory_available": 1 << 30,
+            },
         )
     )
     assert P.decode(fake.recv()).type == "WELCOME"
+    status: dict = {"stages": {}}
 
     def recv(kind: str, timeout: float = 5.0) -> P.Message:
         deadline = time.monotonic() + timeout
@@ -283,8 +292,10 @@ def test_the_broker_resends_a_cancel_until_the_node_acknowledges(
             msg = P.decode(fake.recv())
             if msg.type == kind:
                 return msg
-            if msg.type == "HEARTBEAT":
-                fake.send(P.encode("HEARTBEAT", status={}))
+            if msg.type == "LOAD":  # the broker places an instance on it first
+                status["stages"][msg["instance"]] = {"state": "ready"}
+            if msg.type in ("HEARTBEAT", "LOAD"):
+                fake.send(P.encode("HEARTBEAT", status=status))
         raise AssertionError(f"no {kind}")
 
     holder: dict[str, httpx.Response] = {}

@@ -1,5 +1,7 @@
+from exo.broker.instances import Instance
+from exo.broker.placement import StageSpec
 from exo.broker.registry import Peer
-from exo.broker.routing import Refusal, choose_node
+from exo.broker.routing import Refusal, choose_instance, no_holder
 
 
 def node(pid: str, models: list[str], loaded: tuple[str, ...] = (), running: int = 0) -> Peer:
@@ -12,25 +14,36 @@ def node(pid: str, models: list[str], loaded: tuple[str, ...] = (), running: int
     )
 
 
-def test_prefers_a_node_with_the_model_loaded() -> None:
-    a, b = node("a", ["m"]), node("b", ["m"], loaded=("m",), running=3)
-    assert choose_node([a, b], "m", {"m"}) is b
+def inst(iid: str, head: str, state: str = "ready", model: str = "m") -> Instance:
+    i = Instance(iid, model, [StageSpec(head, 0, 4)], 4)
+    i.enter(state)
+    return i
 
 
-def test_least_busy_among_equals() -> None:
-    a, b = node("a", ["m"], ("m",), running=2), node("b", ["m"], ("m",), running=1)
-    assert choose_node([a, b], "m", {"m"}) is b
+def test_the_least_loaded_ready_instance() -> None:
+    a, b = node("a", ["m"], running=3), node("b", ["m"], running=1)
+    nodes = {"a": a, "b": b}
+    found = [
+        inst("i1", "a"),
+        inst("i2", "b"),
+        inst("i3", "b", "loading"),
+        inst("i4", "a", model="x"),
+    ]
+    chosen = choose_instance(found, nodes, "m")
+    assert chosen is not None and chosen.id == "i2"
+    assert choose_instance([inst("i3", "b", "loading")], nodes, "m") is None
+    assert choose_instance([inst("i5", "gone")], nodes, "m") is None  # its first stage left
 
 
 def test_unknown_model_is_404_and_a_gone_one_is_503() -> None:
-    r = choose_node([node("a", ["m"])], "x", {"m"})
+    r = no_holder([node("a", ["m"])], "x", {"m"})
     assert isinstance(r, Refusal) and r.status == 404
-    r = choose_node([node("a", ["m"])], "gone", {"m", "gone"})
+    r = no_holder([node("a", ["m"])], "gone", {"m", "gone"})
     assert isinstance(r, Refusal) and r.status == 503
 
 
 def test_no_nodes_is_503() -> None:
-    r = choose_node([], "m", set())
+    r = no_holder([], "m", set())
     assert isinstance(r, Refusal) and r.status == 503
 
 

@@ -37,6 +37,7 @@ class LocalCluster:
     node_args: list[str] = field(default_factory=list)
     broker_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    node_env: dict[int, dict[str, str]] = field(default_factory=dict)  # per node, over `env`
     broker: subprocess.Popen[bytes] | None = None
     node_procs: list[subprocess.Popen[bytes] | None] = field(default_factory=list)
 
@@ -110,9 +111,8 @@ class LocalCluster:
             *self.node_args,
         ]
         out = self._out(f"node{i}")
-        p = subprocess.Popen(
-            cmd, env=self._env(), stdout=out, stderr=subprocess.STDOUT if out else None
-        )
+        env = {**self._env(), **self.node_env.get(i, {})}
+        p = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None)
         while len(self.node_procs) <= i:
             self.node_procs.append(None)
         self.node_procs[i] = p

@@ -1,0 +1,115 @@
+"""Model instances: what each is, and what it needs next (a pure function).
+
+An instance is a model placed on an ordered list of nodes, each holding a layer
+range. Its life: `downloading` while any stage's node lacks the weights (the
+broker asks those nodes to fetch them), `loading` once every node has them and
+has been told to load its stage, `ready` when every stage reports loaded. It is
+`failed` when a stage's node leaves, a download fails, or a load fails.
+Nothing loads until every node has its weights, and nothing waits on a timer:
+the broker re-reads this each tick from what the nodes report.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from exo.broker.placement import StageSpec
+from exo.broker.registry import Peer
+
+
+@dataclass
+class Instance:
+    id: str
+    model: str
+    stages: list[StageSpec]
+    total: int  # the model's layers
+    auto: bool = False  # placed on demand for a request, not by an operator
+    state: str = "downloading"
+    error: str | None = None
+    loads_sent: bool = False
+    downloads_asked: set[str] = field(default_factory=set)
+    created: float = field(default_factory=time.time)
+    history: list[str] = field(default_factory=list)  # states in the order they were entered
+
+    @property
+    def nodes(self) -> list[str]:
+        return [s.node for s in self.stages]
+
+    @property
+    def head(self) -> str:
+        return self.stages[0].node
+
+    def enter(self, state: str, error: str | None = None) -> bool:
+        """Move to `state`; True if that is a change."""
+        if state == self.state and self.history:
+            return False
+        self.state, self.error = state, error
+        self.history.append(state)
+        return True
+
+    def public(self, nodes: dict[str, Peer] | None = None) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "id": self.id,
+            "model": self.model,
+            "state": self.state,
+            "error": self.error,
+            "stages": [s.public() for s in self.stages],
+            "placed": "auto" if self.auto else "explicit",
+            "created": int(self.created),
+            "history": list(self.history),
+        }
+        if nodes is not None and self.state == "downloading":
+            out["downloads"] = downloads(self, nodes)
+        return out
+
+
+@dataclass
+class Next:
+    state: str
+    error: str | None = None
+    download: list[str] = field(default_factory=list)  # nodes to send DOWNLOAD
+    load: bool = False  # send LOAD to every stage now
+
+
+def downloads(inst: Instance, nodes: dict[str, Peer]) -> list[dict[str, Any]]:
+    out = []
+    for node_id in inst.nodes:
+        node = nodes.get(node_id)
+        for d in node.status.get("downloads", []) if node else []:
+            if d.get("model") == inst.model and d.get("state") != "done":
+                out.append({**d, "node": node_id})
+    return out
+
+
+def advance(inst: Instance, nodes: dict[str, Peer]) -> Next:
+    """What `inst` needs now, from the nodes' INFO (models on disk) and
+    heartbeat status (downloads, stages)."""
+    if inst.state == "failed":
+        return Next("failed", inst.error)
+    for node_id in inst.nodes:
+        if node_id not in nodes:
+            return Next("failed", f"node {node_id} holding a stage of {inst.model} is gone")
+    if not inst.loads_sent:
+        lacking = [n for n in inst.nodes if inst.model not in nodes[n].models]
+        if not lacking:
+            return Next("loading", load=True)
+        ask = []
+        for n in lacking:
+            mine = [d for d in nodes[n].status.get("downloads", []) if d.get("model") == inst.model]
+            if any(d.get("state") == "failed" for d in mine) and n in inst.downloads_asked:
+                err = next(d.get("error") for d in mine if d.get("state") == "failed")
+                return Next("failed", f"node {n} could not download {inst.model}: {err}")
+            if n not in inst.downloads_asked and not any(
+                d.get("state") in ("listing", "downloading") for d in mine
+            ):
+                ask.append(n)
+        return Next("downloading", download=ask)
+    states = [nodes[n].status.get("stages", {}).get(inst.id, {}) for n in inst.nodes]
+    for n, st in zip(inst.nodes, states, strict=True):
+        if st.get("state") == "failed":
+            return Next("failed", f"node {n} could not load its stage: {st.get('error')}")
+    if all(st.get("state") == "ready" for st in states):
+        return Next("ready")
+    return Next("loading")

@@ -1,0 +1,93 @@
+"""The node's peer sockets: hidden states and tokens between pipeline stages,
+node to node, never through the broker.
+
+One ROUTER bound on the node's peer port receives; one DEALER per peer endpoint
+sends. A message is a protocol header frame and, for ACT, the hidden states as
+raw float32 bytes, sent from the array's own buffer (no copy on the way out).
+Bytes are counted per endpoint for the link view.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import zmq
+
+from exo.broker import protocol as P
+from exo.nodes.mlxenv import mx
+
+log = logging.getLogger(__name__)
+
+
+class PeerSockets:
+    def __init__(
+        self, ctx: zmq.Context, peer_id: str, host: str = "0.0.0.0", port: int = 0
+    ) -> None:
+        self.ctx, self.peer_id = ctx, peer_id
+        self.router = ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.router.setsockopt(zmq.RCVHWM, 1000)
+        self.router.setsockopt(zmq.MAXMSGSIZE, 1 << 31)
+        if port:
+            self.router.bind(f"tcp://{host}:{port}")
+            self.port = port
+        else:
+            self.port = self.router.bind_to_random_port(f"tcp://{host}")
+        self.dealers: dict[str, zmq.Socket] = {}
+        self.sent: Counter[str] = Counter()  # bytes per endpoint
+        self.received = 0
+        self.dropped = P.Counters()
+
+    def _dealer(self, endpoint: str) -> zmq.Socket:
+        sock = self.dealers.get(endpoint)
+        if sock is None:
+            sock = self.ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.IDENTITY, self.peer_id.encode())
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, 1000)
+            sock.connect(endpoint)
+            self.dealers[endpoint] = sock
+        return sock
+
+    def send(
+        self, endpoint: str, type_: str, tensor: mx.array | None = None, **fields: Any
+    ) -> None:
+        frames: list[Any] = [P.encode(type_, **fields)]
+        if tensor is not None:
+            frames.append(memoryview(tensor))
+        try:
+            self._dealer(endpoint).send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            self.dropped["peer_not_reading"] += 1
+            log.warning("peer %s is not reading; %s dropped", endpoint, type_)
+            return
+        self.sent[endpoint] += sum(len(f) if isinstance(f, bytes) else f.nbytes for f in frames)
+
+    def recv(self) -> tuple[P.Message, mx.array | None] | None:
+        """One message, or None for a frame that had to be dropped."""
+        parts = self.router.recv_multipart(copy=False)
+        self.received += sum(len(p.buffer) for p in parts[1:])
+        try:
+            msg = P.decode(parts[1].buffer, max_frame=P.MAX_FRAME) if len(parts) >= 2 else None
+        except P.ProtocolError as e:
+            self.dropped[e.reason] += 1
+            return None
+        if msg is None or len(parts) > 3:
+            self.dropped["bad_framing"] += 1
+            return None
+        if msg.type != "ACT":
+            return msg, None
+        shape = msg["shape"]
+        buf = parts[2].buffer if len(parts) == 3 else b""
+        if len(shape) != 2 or len(buf) != 4 * int(shape[0]) * int(shape[1]):
+            self.dropped["bad_tensor"] += 1
+            return None
+        return msg, mx.array(np.frombuffer(buf, dtype=np.float32).reshape(shape))
+
+    def close(self) -> None:
+        for s in self.dealers.values():
+            s.close(linger=0)
+        self.router.close(linger=0)

@@ -1,0 +1,292 @@
+"""One model across several node processes: instances placed over HTTP, hidden
+states between stages on the nodes' own peer sockets, on loopback."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from exo.tools.cluster import LocalCluster
+from exo.tools.default_model import DEFAULT_MODEL
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Tell me a story about a long journey across the sea, with ships, sailors and storms. " * 3,
+    "List five fruits.",
+]
+
+
+@pytest.fixture(scope="module")
+def three(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    # Small prefill budgets so chunked prefill and batching are both at work.
+    c = LocalCluster.on_free_ports(
+        models_dir,
+        nodes=3,
+        log_dir=tmp_path_factory.mktemp("pipeline-logs"),
+        node_args=["--prefill-budget", "12", "--idle-budget", "16"],
+    )
+    with c:
+        yield c
+
+
+def wait_until(cond: Callable[[], Any], timeout: float = 60.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = cond()
+        if got:
+            return got
+        time.sleep(0.1)
+    raise AssertionError("condition not met in time")
+
+
+def node_ids(c: LocalCluster) -> dict[str, str]:
+    return {n["name"]: n["id"] for n in c.cluster_state()["nodes"]}
+
+
+def place(c: LocalCluster, body: dict[str, Any]) -> httpx.Response:
+    return httpx.post(f"{c.url}/v1/instances", json=body, timeout=30)
+
+
+def instances(c: LocalCluster) -> list[dict[str, Any]]:
+    return httpx.get(f"{c.url}/v1/instances", timeout=10).json()["data"]
+
+
+def ready(c: LocalCluster, iid: str) -> dict[str, Any]:
+    def check() -> dict[str, Any] | None:
+        found = [i for i in instances(c) if i["id"] == iid]
+        assert found and found[0]["state"] != "failed", found
+        return found[0] if found[0]["state"] == "ready" else None
+
+    return wait_until(check, 120)
+
+
+def delete_all(c: LocalCluster) -> None:
+    for i in instances(c):
+        assert httpx.delete(f"{c.url}/v1/instances/{i['id']}", timeout=10).status_code == 200
+    wait_until(lambda: all(not n["status"].get("stages") for n in c.cluster_state()["nodes"]))
+
+
+def concurrent(c: LocalCluster, model: str) -> list[list[int]]:
+    """Three requests joining at staggered moments, greedy; their token ids."""
+    out: list[list[int]] = [[] for _ in PROMPTS]
+
+    def one(i: int) -> None:
+        time.sleep(0.3 * i)
+        r = httpx.post(
+            f"{c.url}/v1/completions",
+            json={
+                "model": model,
+                "prompt": PROMPTS[i],
+                "max_tokens": 12 + i,
+                "temperature": 0,
+                "return_token_ids": True,
+            },
+            timeout=300,
+        )
+        assert r.status_code == 200, r.text
+        out[i] = r.json()["choices"][0]["token_ids"]
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(PROMPTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+@pytest.mark.parametrize("model", ["test/tiny-llama", DEFAULT_MODEL])
+def test_one_two_three_stages_give_the_same_tokens(three: LocalCluster, model: str) -> None:
+    c = three
+    ids = node_ids(c)
+    layers = 4 if model == "test/tiny-llama" else 30
+    plans = [
+        [("node0", 0, layers)],
+        [("node1", 0, layers // 2), ("node2", layers // 2, layers)],
+        [("node2", 0, 1), ("node0", 1, layers - 1), ("node1", layers - 1, layers)],
+    ]
+    results = []
+    for plan in plans:
+        stages = [{"node": ids[n], "layers": [a, b]} for n, a, b in plan]
+        r = place(c, {"model": model, "stages": stages})
+        assert r.status_code == 201, r.text
+        inst = ready(c, r.json()["id"])
+        # Explicit stages honoured exactly, and each node holds just its range.
+        assert inst["stages"] == stages
+        by_id = {n["id"]: n for n in c.cluster_state()["nodes"]}
+        for s in stages:
+            assert by_id[s["node"]]["status"]["stages"][inst["id"]]["layers"] == s["layers"]
+        assert inst["history"] == ["downloading", "loading", "ready"]
+        results.append(concurrent(c, model))
+        delete_all(c)
+    assert results[0] == results[1] == results[2]
+    assert sum(len(x) for x in results[0]) >= 20
+    # Hidden states went node to node, not through the broker.
+    for n in c.cluster_state()["nodes"]:
+        assert sum(n["status"]["peer_bytes_sent"].values()) > 0
+
+
+def test_impossible_placements_are_refused_with_the_reason(three: LocalCluster) -> None:
+    c = three
+    ids = node_ids(c)
+    cases = [
+        ({"model": "test/tiny-llama", "stages": [{"node": "nope", "layers": [0, 4]}]}, 404, "nope"),
+        (
+            {"model": "test/tiny-llama", "stages": [{"node": ids["node0"], "layers": [0, 3]}]},
+            400,
+            "[0, 3)",
+        ),
+        (
+            {
+                "model": "test/tiny-llama",
+                "stages": [
+                    {"node": ids["node0"], "layers": [0, 2]},
+                    {"node": ids["node1"], "layers": [1, 4]},
+                ],
+            },
+            400,
+            "without gaps or overlaps",
+        ),
+        ({"model": "no/such-model"}, 404, "no/such-model"),
+        ({"model": "test/tiny-llama", "min_nodes": 9}, 400, "min_nodes"),
+        ({"model": "test/tiny-llama", "stages": "all"}, 400, "stages"),
+    ]
+    for body, status, words in cases:
+        for path in ("/v1/instances", "/v1/instances/preview"):
+            r = httpx.post(f"{c.url}{path}", json=body, timeout=10)
+            assert r.status_code == status, (path, body, r.text)
+            assert words in r.json()["error"]["message"], r.text
+    assert instances(c) == []  # nothing was created
+
+
+def test_preview_lists_candidates_and_creates_nothing(three: LocalCluster) -> None:
+    c = three
+    r = httpx.post(
+        f"{c.url}/v1/instances/preview",
+        json={"model": DEFAULT_MODEL, "min_nodes": 1, "max_nodes": 2},
+        timeout=10,
+    )
+    assert r.status_code == 200, r.text
+    found = r.json()["candidates"]
+    assert len(found) == 3 + 3  # one node each, and every pair
+    assert len(found[0]["stages"]) == 1 and found[0]["ok"]  # fewer stages first
+    for cand in found:
+        assert all(n["needs"] > 0 and n["available"] > 0 for n in cand["nodes"])
+    assert instances(c) == []
+
+
+def test_automatic_placement_and_a_request_without_an_instance(three: LocalCluster) -> None:
+    c = three
+    r = place(c, {"model": "test/tiny-llama", "min_nodes": 2, "max_nodes": 2})
+    assert r.status_code == 201, r.text
+    inst = ready(c, r.json()["id"])
+    assert len(inst["stages"]) == 2 and inst["stages"][0]["layers"][0] == 0
+    assert inst["stages"][-1]["layers"][1] == 4
+    delete_all(c)
+    # A request for a model with no instance places one (a single stage: one node holds it).
+    r = httpx.post(
+        f"{c.url}/v1/completions",
+        json={"model": "test/tiny-llama", "prompt": "hi", "max_tokens": 3},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    (auto,) = instances(c)
+    assert auto["placed"] == "auto" and len(auto["stages"]) == 1
+    delete_all(c)
+
+
+def test_two_models_on_one_node_set_mlx_limits_from_both(three: LocalCluster) -> None:
+    c = three
+    node0 = node_ids(c)["node0"]
+
+    def limits() -> dict[str, int]:
+        (n,) = [n for n in c.cluster_state()["nodes"] if n["id"] == node0]
+        return n["status"]["mlx_limits"]
+
+    made = {}
+    for model in (DEFAULT_MODEL, "test/tiny-llama"):  # the large one first, then the small
+        r = place(c, {"model": model, "nodes": [node0]})
+        assert r.status_code == 201, r.text
+        made[model] = ready(c, r.json()["id"])["id"]
+    both = wait_until(lambda: (lim := limits())["weights"] > 500 << 20 and lim)
+    assert both["weights"] > 512 << 20  # SmolLM2 (513 MiB) and the tiny model, not the tiny one
+    assert both["wired"] >= both["weights"]
+    httpx.delete(f"{c.url}/v1/instances/{made[DEFAULT_MODEL]}", timeout=10)
+    small = wait_until(lambda: (lim := limits())["weights"] < 100 << 20 and lim)
+    assert small["weights"] > 0 and small["cache"] == both["cache"]
+    delete_all(c)
+
+
+def test_a_node_under_critical_memory_pressure_gets_no_stage(
+    models_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    critical = Path(__file__).parent / "data" / "pressure" / "psi_critical.txt"
+    with LocalCluster.on_free_ports(
+        models_dir,
+        nodes=2,
+        log_dir=tmp_path_factory.mktemp("pressure-logs"),
+        node_env={1: {"EXO_PSI_FILE": str(critical)}},
+    ) as c:
+        ids = node_ids(c)
+        wait_until(lambda: all("memory_pressure" in n["info"] for n in c.cluster_state()["nodes"]))
+        r = httpx.post(
+            f"{c.url}/v1/instances/preview",
+            json={"model": "test/tiny-llama", "max_nodes": 2},
+            timeout=10,
+        )
+        for cand in r.json()["candidates"]:
+            on_critical = ids["node1"] in [s["node"] for s in cand["stages"]]
+            assert cand["ok"] != on_critical
+            if on_critical:
+                assert "critical memory pressure" in cand["reason"]
+        r = place(c, {"model": "test/tiny-llama", "min_nodes": 1, "max_nodes": 2})
+        assert [s["node"] for s in r.json()["stages"]] == [ids["node0"]]
+        r = place(c, {"model": "test/tiny-llama", "nodes": [ids["node1"]]})
+        assert r.status_code == 409 and "critical" in r.json()["error"]["message"]
+
+
+def test_a_killed_stage_fails_its_requests_and_the_next_request_works(
+    three: LocalCluster,
+) -> None:
+    c = three
+    ids = node_ids(c)
+    stages = [
+        {"node": ids["node0"], "layers": [0, 15]},
+        {"node": ids["node2"], "layers": [15, 30]},
+    ]
+    r = place(c, {"model": DEFAULT_MODEL, "stages": stages})
+    assert r.status_code == 201, r.text
+    iid = ready(c, r.json()["id"])["id"]
+    got: list[str] = []
+    with httpx.stream(
+        "POST",
+        f"{c.url}/v1/completions",
+        json={"model": DEFAULT_MODEL, "prompt": "Once", "max_tokens": 500, "stream": True},
+        timeout=60,
+    ) as resp:
+        killed_at = None
+        for line in resp.iter_lines():
+            got.append(line)
+            if killed_at is None and sum(x.startswith("data: {") for x in got) >= 3:
+                killed_at = time.monotonic()
+                c.kill_node(2)
+        assert killed_at is not None
+        ended = time.monotonic() - killed_at
+    assert ended < 10
+    assert got[-1] == "data: [DONE]"
+    assert any('"error"' in x and "node" in x for x in got), got[-3:]
+    inst = wait_until(
+        lambda: [i for i in instances(c) if i["id"] == iid and i["state"] == "failed"]
+    )
+    assert "gone" in inst[0]["error"]
+    r = httpx.post(
+        f"{c.url}/v1/completions",
+        json={"model": DEFAULT_MODEL, "prompt": "Hello", "max_tokens": 4},
+        timeout=120,
+    )
+    assert r.status_code == 200, r.text
