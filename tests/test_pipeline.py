@@ -271,7 +271,8 @@ def test_a_killed_stage_fails_its_requests_and_the_next_request_works(
     ) as resp:
         killed_at = None
         for line in resp.iter_lines():
-            got.append(line)
+            if line:
+                got.append(line)
             if killed_at is None and sum(x.startswith("data: {") for x in got) >= 3:
                 killed_at = time.monotonic()
                 c.kill_node(2)

@@ -71,6 +71,7 @@ def test_up_serves_the_default_model_and_stops_everything_on_ctrl_c(
         assert len(httpx.get(f"http://127.0.0.1:{api}/v1/cluster", timeout=10).json()["nodes"]) == 2
         children = psutil.Process(p.pid).children(recursive=True)
         assert len(children) == 3  # broker and two nodes
+        assert text.count(" layers [") == 2  # one instance, a stage on each node
         p.send_signal(signal.SIGINT)
         p.wait(30)
         gone, alive = psutil.wait_procs(children, timeout=15)

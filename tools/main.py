@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -231,13 +232,20 @@ def up(
     signal.signal(signal.SIGTERM, on_signal)
     try:
         cluster.start()
-        # Load the model now, so the first real request does not wait for it.
-        httpx.post(
-            f"{cluster.url}/v1/chat/completions",
-            timeout=600,
-            json={"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1},
+        # One instance across every node (a pipeline stage each), loaded now so the
+        # first real request does not wait for it.
+        r = httpx.post(
+            f"{cluster.url}/v1/instances",
+            timeout=60,
+            json={"model": model, "min_nodes": nodes, "max_nodes": nodes},
         )
-        click.echo(f"\nexo is serving {model} with {nodes} node(s); logs in {cluster.log_dir}")
+        if r.status_code != 201:
+            raise click.ClickException(f"could not place {model}: {r.text}")
+        inst = _wait_ready(cluster.url, r.json()["id"])
+        split = ", ".join(f"{s['node']} layers {s['layers']}" for s in inst["stages"])
+        click.echo(
+            f"\nexo is serving {model} on {nodes} node(s) ({split}); logs in {cluster.log_dir}"
+        )
         click.echo(f"OpenAI base URL: {cluster.url}/v1\n")
         body = json.dumps(
             {
@@ -264,6 +272,145 @@ def up(
     finally:
         cluster.stop()
         click.echo("stopped")
+
+
+def _wait_ready(url: str, iid: str, timeout: float = 600.0) -> dict[str, Any]:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for inst in httpx.get(f"{url}/v1/instances", timeout=10).json()["data"]:
+            if inst["id"] == iid and inst["state"] == "ready":
+                return dict(inst)
+            if inst["id"] == iid and inst["state"] == "failed":
+                raise click.ClickException(f"instance {iid} failed: {inst['error']}")
+        time.sleep(0.25)
+    raise click.ClickException(f"instance {iid} not ready after {timeout:.0f}s")
+
+
+@main.group()
+def instances() -> None:
+    """Place, preview, list and delete model instances on a running cluster."""
+
+
+api_option = click.option(
+    "--api", "api_url", default="http://127.0.0.1:52415", show_default=True, help="The API's URL."
+)
+
+
+def _instances_call(method: str, url: str, body: dict[str, Any] | None = None) -> Any:
+    import httpx
+
+    try:
+        r = httpx.request(method, url, json=body, timeout=30)
+    except httpx.HTTPError as e:
+        raise click.ClickException(f"cannot reach the API at {url}: {e}") from e
+    if r.status_code >= 400:
+        raise click.ClickException(r.json().get("error", {}).get("message", r.text))
+    return r.json()
+
+
+def _spec(
+    model: str, nodes: str | None, stages: tuple[str, ...], lo: int | None, hi: int | None
+) -> dict[str, Any]:
+    spec: dict[str, Any] = {"model": model}
+    if nodes:
+        spec["nodes"] = nodes.split(",")
+    if stages:
+        # NODE:START-END, e.g. node0:0-15 node1:15-30
+        try:
+            spec["stages"] = [
+                {
+                    "node": s.rsplit(":", 1)[0],
+                    "layers": [int(x) for x in s.rsplit(":", 1)[1].split("-")],
+                }
+                for s in stages
+            ]
+        except (IndexError, ValueError) as e:
+            raise click.BadParameter(f"stages are NODE:START-END ({e})") from e
+    if lo:
+        spec["min_nodes"] = lo
+    if hi:
+        spec["max_nodes"] = hi
+    return spec
+
+
+def placement_options(f: Any) -> Any:
+    for opt in reversed(
+        [
+            click.argument("model"),
+            click.option("--nodes", default=None, help="Explicit ordered nodes, comma-separated."),
+            click.option("--stage", "stages", multiple=True, help="NODE:START-END (repeatable)."),
+            click.option("--min-nodes", type=int, default=None),
+            click.option("--max-nodes", type=int, default=None),
+            api_option,
+        ]
+    ):
+        f = opt(f)
+    return f
+
+
+@instances.command("place")
+@placement_options
+@click.option("--wait/--no-wait", default=True, show_default=True, help="Wait until ready.")
+def instances_place(
+    model: str,
+    nodes: str | None,
+    stages: tuple[str, ...],
+    min_nodes: int | None,
+    max_nodes: int | None,
+    api_url: str,
+    wait: bool,
+) -> None:
+    """Place an instance of MODEL (automatically, or on --nodes / --stage)."""
+    inst = _instances_call(
+        "POST", f"{api_url}/v1/instances", _spec(model, nodes, stages, min_nodes, max_nodes)
+    )
+    if wait:
+        inst = _wait_ready(api_url, inst["id"])
+    click.echo(json.dumps(inst, indent=2))
+
+
+@instances.command("preview")
+@placement_options
+def instances_preview(
+    model: str,
+    nodes: str | None,
+    stages: tuple[str, ...],
+    min_nodes: int | None,
+    max_nodes: int | None,
+    api_url: str,
+) -> None:
+    """Every candidate placement of MODEL, with per-node memory; creates nothing."""
+    got = _instances_call(
+        "POST", f"{api_url}/v1/instances/preview", _spec(model, nodes, stages, min_nodes, max_nodes)
+    )
+    for c in got["candidates"]:
+        split = " | ".join(f"{s['node']} [{s['layers'][0]}, {s['layers'][1]})" for s in c["stages"])
+        click.echo(
+            f"{'ok ' if c['ok'] else 'no '} {split}" + ("" if c["ok"] else f"  ({c['reason']})")
+        )
+
+
+@instances.command("list")
+@api_option
+def instances_list(api_url: str) -> None:
+    """Instances and their state."""
+    for i in _instances_call("GET", f"{api_url}/v1/instances")["data"]:
+        split = " | ".join(f"{s['node']} [{s['layers'][0]}, {s['layers'][1]})" for s in i["stages"])
+        click.echo(
+            f"{i['id']}  {i['model']}  {i['state']}  {split}"
+            + (f"  {i['error']}" if i["error"] else "")
+        )
+
+
+@instances.command("delete")
+@click.argument("instance_id")
+@api_option
+def instances_delete(instance_id: str, api_url: str) -> None:
+    """Delete an instance; requests in flight on it end with an error."""
+    _instances_call("DELETE", f"{api_url}/v1/instances/{instance_id}")
+    click.echo(f"deleted {instance_id}")
 
 
 @main.command("linkstat")
