@@ -291,3 +291,45 @@ def test_a_killed_stage_fails_its_requests_and_the_next_request_works(
         timeout=120,
     )
     assert r.status_code == 200, r.text
+
+
+def test_two_stages_on_nodes_in_different_network_namespaces(
+    models_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    from tests.netbed import Bed, need_root
+
+    need_root()
+    bed = Bed()
+    try:
+        for host in ("a", "b"):
+            bed.add_host(host)
+        _, b_addr = bed.link("a", "b", "ethernet", rate="1gbit")
+        c = LocalCluster.on_free_ports(
+            models_dir,
+            nodes=2,
+            log_dir=tmp_path_factory.mktemp("netns-logs"),
+            broker_host="0.0.0.0",
+            node_prefix={0: bed.prefix("a"), 1: bed.prefix("b")},
+        )
+        c.node_broker = {
+            0: f"tcp://{bed.mgmt['a']}:{c.router_port}",
+            1: f"tcp://{bed.mgmt['b']}:{c.router_port}",
+        }
+        with c:
+            ids = node_ids(c)
+            outs = []
+            for plan in ([("node0", 0, 30)], [("node0", 0, 12), ("node1", 12, 30)]):
+                stages = [{"node": ids[n], "layers": [a, b]} for n, a, b in plan]
+                r = place(c, {"model": DEFAULT_MODEL, "stages": stages})
+                assert r.status_code == 201, r.text
+                ready(c, r.json()["id"])
+                outs.append(concurrent(c, DEFAULT_MODEL))
+                if len(plan) == 2:
+                    (a,) = [n for n in c.cluster_state()["nodes"] if n["id"] == ids["node0"]]
+                    sent = a["status"]["peer_bytes_sent"]
+                    # Stage 0 reached stage 1 over the data link, the only path between them.
+                    assert [e for e in sent if e.startswith(f"tcp://{b_addr}:")], sent
+                delete_all(c)
+            assert outs[0] == outs[1] and sum(map(len, outs[0])) >= 20
+    finally:
+        bed.close()

@@ -38,6 +38,11 @@ class LocalCluster:
     broker_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     node_env: dict[int, dict[str, str]] = field(default_factory=dict)  # per node, over `env`
+    # Several hosts on one machine (network namespaces): where the broker binds, and
+    # per node a command prefix (`ip netns exec NS`) and the broker address it uses.
+    broker_host: str = "127.0.0.1"
+    node_prefix: dict[int, list[str]] = field(default_factory=dict)
+    node_broker: dict[int, str] = field(default_factory=dict)
     broker: subprocess.Popen[bytes] | None = None
     node_procs: list[subprocess.Popen[bytes] | None] = field(default_factory=list)
 
@@ -77,7 +82,7 @@ class LocalCluster:
             "-m",
             "exo.broker.main",
             "--host",
-            "127.0.0.1",
+            self.broker_host,
             "--port",
             str(self.router_port),
             "--pub-port",
@@ -96,11 +101,12 @@ class LocalCluster:
 
     def start_node(self, i: int) -> None:
         cmd = [
+            *self.node_prefix.get(i, []),
             sys.executable,
             "-m",
             "exo.nodes.main",
             "--broker",
-            self.broker_addr,
+            self.node_broker.get(i, self.broker_addr),
             "--name",
             f"node{i}",
             "--models-dir",
