@@ -239,3 +239,60 @@ def test_a_download_that_fails_fails_its_waiting_requests_naming_node_and_file(
         assert r.status_code == 503
         msg = r.json()["error"]["message"]
         assert "node0" in msg and WEIGHTS in msg and "no progress" in msg
+
+
+def test_an_instance_waits_for_one_nodes_download_while_the_other_holds_the_weights(
+    hub: Hub, tiny_path: Path, tmp_path: Path
+) -> None:
+    """Node0 holds the model, node1 downloads it slowly: a request sent meanwhile
+    succeeds when the download ends, nobody times out, and the instance goes
+    downloading -> loading -> ready."""
+    size = (tiny_path / WEIGHTS).stat().st_size
+    hub.faults.rate = size / 3
+    holder = tmp_path / "holder"
+    shutil.copytree(tiny_path, ModelStore(holder).path(REPO))
+    env = {"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"}
+    with LocalCluster.on_free_ports(
+        tmp_path / "models",
+        nodes=2,
+        log_dir=tmp_path / "logs",
+        env=env,
+        node_extra={0: ["--models-dir", str(holder)]},
+    ) as c:
+        ids = {n["name"]: n["id"] for n in c.cluster_state()["nodes"]}
+        stages = [
+            {"node": ids["node0"], "layers": [0, 2]},
+            {"node": ids["node1"], "layers": [2, 4]},
+        ]
+        r = httpx.post(f"{c.url}/v1/instances", json={"model": REPO, "stages": stages}, timeout=10)
+        assert r.status_code == 201, r.text
+        iid = r.json()["id"]
+        assert r.json()["state"] == "downloading"
+        lines: list[str] = []
+
+        def stream() -> None:
+            with httpx.stream(
+                "POST",
+                f"{c.url}/v1/completions",
+                timeout=120,
+                json={"model": REPO, "prompt": "Once", "max_tokens": 5, "stream": True},
+            ) as resp:
+                lines.extend(line for line in resp.iter_lines() if line)
+
+        t = threading.Thread(target=stream)
+        t.start()
+        progress = []
+        while t.is_alive():
+            for inst in c.cluster_state()["instances"]:
+                if inst["id"] == iid and inst["state"] == "downloading":
+                    progress += [d for d in inst.get("downloads", []) if d["total"] > 0]
+            time.sleep(0.2)
+        t.join()
+        assert progress and all(d["node"] == ids["node1"] for d in progress)
+        assert lines[-1] == "data: [DONE]" and not any('"error"' in line for line in lines), lines
+        assert sum(line.startswith("data: {") for line in lines) >= 2
+        (inst,) = [i for i in c.cluster_state()["instances"] if i["id"] == iid]
+        assert inst["history"] == ["downloading", "loading", "ready"]
+        logs = "".join(p.read_text() for p in (tmp_path / "logs").glob("*.log"))
+        bad = [line for line in logs.splitlines() if " WARNING " in line or " ERROR " in line]
+        assert not [line for line in bad if "time" in line.lower()], bad

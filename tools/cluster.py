@@ -38,6 +38,7 @@ class LocalCluster:
     broker_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     node_env: dict[int, dict[str, str]] = field(default_factory=dict)  # per node, over `env`
+    node_extra: dict[int, list[str]] = field(default_factory=dict)  # per node, after node_args
     # Several hosts on one machine (network namespaces): where the broker binds, and
     # per node a command prefix (`ip netns exec NS`) and the broker address it uses.
     broker_host: str = "127.0.0.1"
@@ -115,6 +116,7 @@ class LocalCluster:
             self.log_spec,
             *self._log(f"node{i}"),
             *self.node_args,
+            *self.node_extra.get(i, []),
         ]
         out = self._out(f"node{i}")
         env = {**self._env(), **self.node_env.get(i, {})}

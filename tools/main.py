@@ -472,7 +472,11 @@ def api(broker: str, host: str, port: int) -> None:
 
 @contextlib.contextmanager
 def _target(
-    url: str | None, model: str | None, models_dir: Path | None, node_args: list[str] | None = None
+    url: str | None,
+    model: str | None,
+    models_dir: Path | None,
+    node_args: list[str] | None = None,
+    nodes: int = 1,
 ) -> Iterator[tuple[str, str, Path]]:
     """(base URL, model id, models dir) for a benchmark: the cluster at `url`, or one
     started here for the duration (with the default model unless one is named)."""
@@ -486,7 +490,9 @@ def _target(
     if url is not None:
         yield url, model, d
         return
-    cluster = LocalCluster.on_free_ports(d, log_spec="warning", node_args=node_args or []).start()
+    cluster = LocalCluster.on_free_ports(
+        d, nodes=nodes, log_spec="warning", node_args=node_args or []
+    ).start()
     try:
         yield cluster.url, model, d
     finally:
@@ -601,6 +607,33 @@ def bench_stall(
             tokens,
         )
     stall.report(res)
+    print(json.dumps(res) if as_json else "")
+
+
+@bench.command("pipeline")
+@click.option("--url", default=None, help="A running cluster's base URL (default: start one here).")
+@click.option("--model", default=None, help="Model id (default: the default model).")
+@click.option("--stages", default="1,2,3", show_default=True, help="Stage counts to compare.")
+@click.option("--tokens", default=64, show_default=True)
+@click.option("--rounds", default=3, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@models_dir_option
+def bench_pipeline(
+    url: str | None,
+    model: str | None,
+    stages: str,
+    tokens: int,
+    rounds: int,
+    as_json: bool,
+    models_dir: Path | None,
+) -> None:
+    """Decode tokens/s and TTFT on 1, 2, 3 stages of this machine; bytes between stages."""
+    from exo.tools import bench_pipeline as bp
+
+    counts = [int(x) for x in stages.split(",") if x]
+    with _target(url, model, models_dir, nodes=max(counts)) as (base, model_id, _):
+        res = bp.run(base, model_id, counts, tokens, rounds)
+    bp.report(res)
     print(json.dumps(res) if as_json else "")
 
 
