@@ -22,13 +22,16 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # OpenBLAS makes MLX's Linux CPU backend ~15x faster at prefill (see nodes/mlxenv.py);
-# nftables lets tests drop traffic on real sockets (a lost PUB message).
-APT_PACKAGES := libopenblas0-pthread nftables
+# nftables lets tests drop traffic on real sockets (a lost PUB message); iperf3 is
+# the reference the link prober's bandwidth is checked against.
+APT_PACKAGES := libopenblas0-pthread nftables iperf3 iputils-ping
 system-deps:
 ifeq ($(UNAME),Linux)
 	@missing=""; \
 	ls /usr/lib/*-linux-gnu/openblas-pthread/libopenblas.so.0 >/dev/null 2>&1 || missing="$$missing libopenblas0-pthread"; \
 	command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || missing="$$missing nftables"; \
+	command -v iperf3 >/dev/null 2>&1 || missing="$$missing iperf3"; \
+	command -v ping >/dev/null 2>&1 || missing="$$missing iputils-ping"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \

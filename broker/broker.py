@@ -14,6 +14,7 @@ from typing import Any
 
 import zmq
 
+from exo.broker import probes
 from exo.broker import protocol as P
 from exo.broker.instances import Instance, advance
 from exo.broker.placement import (
@@ -70,6 +71,9 @@ class Broker:
         self.pulls: dict[str, tuple[bytes, float]] = {}
         self.reg = Registry()
         self.instances: dict[str, Instance] = {}
+        self.probed: dict[str, probes.Probed] = {}
+        # (link key, probing node id, sent at monotonic, sent at wall clock)
+        self.probing: tuple[str, str, float, float] | None = None
         self.dropped = P.Counters()
         self.stats = P.Counters()
         self.stop_event = threading.Event()
@@ -119,6 +123,7 @@ class Broker:
             if now >= next_beat:
                 self.expire(now)
                 self.tend_instances()
+                self.tend_probes(now)
                 beat = P.encode("HEARTBEAT")
                 for ident in list(self.reg.peers):
                     self.send_raw(ident, beat)
@@ -427,6 +432,39 @@ class Broker:
         if inst.auto or inst.state != "failed":
             self.instances.pop(inst.id, None)
 
+    def tend_probes(self, now: float) -> None:
+        """Start the next link probe when one is due (broker/probes.py decides)."""
+        nodes = self.reg.by_id()
+        if self.probing is not None:
+            k, node_id, sent, wall = self.probing
+            node = nodes.get(node_id)
+            got = node.status.get("probes", {}).get(k) if node else None
+            if (
+                node is None
+                or (got and got.get("at", 0) >= wall - 1)
+                or now - sent > probes.TIMEOUT_S
+            ):
+                self.probing = None
+        found = links([p.public() for p in nodes.values()])
+        link = probes.due(found, self.probed, now, self.probing is not None)
+        if link is None:
+            return
+        a, b = nodes.get(link["a"]["node"]), nodes.get(link["b"]["node"])
+        if a is None or b is None or not b.info.get("probe_port"):
+            return
+        k = probes.key(link)
+        self.send(
+            a.identity,
+            "PROBE",
+            key=k,
+            src=link["a"]["address"],
+            dst=link["b"]["address"],
+            port=int(b.info["probe_port"]),
+        )
+        self.probing = (k, a.peer_id, now, time.time())
+        self.probed[k] = probes.Probed(now, probes.signature(link))
+        self.stats["probes_sent"] += 1
+
     def on_instances(self, fe: Peer, msg: P.Message, frame: zmq.Frame) -> None:
         status, body = 200, self.instances_op(msg["op"], msg.get("spec") or {}, msg.get("id"))
         if isinstance(body, PlacementError):
@@ -639,7 +677,7 @@ class Broker:
             "protocol": P.VERSION,
             "uptime_s": round(time.time() - self.started, 1),
             "nodes": (nodes := [p.public() for p in self.reg.nodes()]),
-            "links": links(nodes),
+            "links": probes.attach(links(nodes), nodes),
             "instances": [i.public(self.reg.by_id()) for i in self.instances.values()],
             "frontends": [p.peer_id for p in self.reg.peers.values() if p.role == "frontend"],
             "requests_active": len(self.reg.requests),

@@ -64,6 +64,13 @@ Instances (a model placed on an ordered list of nodes, each holding a layer rang
     broker -> node      UNLOAD {instance}   drop the stage and every request through it
     broker -> node      GENERATE {..., instance}  to stage 0 of a ready instance
 
+Link probes
+    broker -> node  PROBE {key, src, dst, port}   measure the link from local address src
+                    to the peer's dst (its INFO's probe_port) on a raw TCP socket: RTT
+                    and receiver-timed bandwidth (nodes/prober.py); the result travels
+                    in the node's HEARTBEAT status ("probes": {key: {rtt_s,
+                    bandwidth_Bps, at, error?}}). One probe at a time (broker/probes.py).
+
 Peer sockets (node to node, never through the broker)
     Each node binds a ROUTER (its INFO's peer_port) and connects one DEALER per
     peer endpoint it sends to. Messages are two frames: the msgpack header
@@ -136,6 +143,7 @@ TYPES: dict[str, dict[str, type | tuple[type, ...]]] = {
     "INSTANCES": {"qid": str, "op": str},
     "LOAD": {"instance": str, "model": str, "start": int, "end": int, "total": int},
     "UNLOAD": {"instance": str},
+    "PROBE": {"key": str, "src": str, "dst": str, "port": int},
     "ACT": {"instance": str, "step": int, "decode": list, "chunks": list, "shape": list},
     "RESULT": {"instance": str, "step": int, "ids": list},
     "STAGE_ERROR": {"instance": str, "message": str},

@@ -3,7 +3,7 @@
 Two interfaces on different nodes whose addresses share a subnet make a link
 candidate. A link's type is its slower end's type. Usage comes from the ends'
 live interface counters (what A sends is what B receives on that link).
-Measured latency and bandwidth (the link prober) are not in yet.
+Measured latency and bandwidth come from the link prober (broker/probes.py).
 """
 
 from __future__ import annotations
@@ -42,8 +42,11 @@ def links(nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Every (node, interface, address) pair that can reach each other directly."""
     found = []
     for a, b in combinations(sorted(nodes, key=lambda n: n["id"]), 2):
-        usage_a = a.get("status", {}).get("interface_usage", {})
-        usage_b = b.get("status", {}).get("interface_usage", {})
+        sa, sb = a.get("status", {}), b.get("status", {})
+        usage_a, usage_b = sa.get("interface_usage", {}), sb.get("interface_usage", {})
+        # Up/down from the heartbeat (every second) over INFO's (every few seconds).
+        up_a, up_b = sa.get("interfaces_up", {}), sb.get("interfaces_up", {})
+        peer_a, peer_b = sa.get("peer_usage", {}), sb.get("peer_usage", {})
         for ia, na in _ends(a):
             for ib, nb in _ends(b):
                 if na.network != nb.network or na.ip == nb.ip and not na.ip.is_loopback:
@@ -64,10 +67,14 @@ def links(nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
                             "address": str(nb.ip),
                         },
                         "type": slower(ia.get("type", "other"), ib.get("type", "other")),
-                        "up": bool(ia.get("up")) and bool(ib.get("up")),
+                        "up": bool(up_a.get(ia["name"], ia.get("up")))
+                        and bool(up_b.get(ib["name"], ib.get("up"))),
                         # each end's interface counters: an upper bound on this link's share
                         "a_to_b_Bps": min(ua.get("tx_Bps", 0.0), ub.get("rx_Bps", 0.0)),
                         "b_to_a_Bps": min(ub.get("tx_Bps", 0.0), ua.get("rx_Bps", 0.0)),
+                        # counted on the nodes' own peer sockets (pipeline traffic)
+                        "a_to_b_peer_Bps": peer_a.get(str(nb.ip), {}).get("tx_Bps", 0.0),
+                        "b_to_a_peer_Bps": peer_b.get(str(na.ip), {}).get("tx_Bps", 0.0),
                         "rtt_s": None,
                         "bandwidth_Bps": None,
                     }

@@ -78,6 +78,12 @@ from exo.nodes.store import default_models_dir
     default=0,
     help="Port of the socket pipeline stages use between nodes (default: any free one).",
 )
+@click.option(
+    "--probe-port",
+    type=int,
+    default=0,
+    help="Port other nodes probe this node's links on (default: any free one).",
+)
 @click.option("--log", "log_spec", default=None, help='e.g. "info" or "nodes.engine=debug".')
 @click.option("--log-file", default=None, help="DEBUG log file (default ~/.exo/logs/node-PID.log).")
 def main(
@@ -92,6 +98,7 @@ def main(
     idle_budget: int | None,
     max_stall: float | None,
     peer_port: int,
+    probe_port: int,
     log_spec: str | None,
     log_file: str | None,
 ) -> None:
@@ -118,6 +125,7 @@ def main(
         downloader=Downloader(stall_timeout=download_stall_timeout),
         link_types=load_link_types(link_types),
         peer_port=peer_port,
+        probe_port=probe_port,
     )
     signal.signal(signal.SIGTERM, lambda *_: node.stopping.set())
     try:

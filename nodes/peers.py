@@ -9,6 +9,7 @@ Bytes are counted per endpoint for the link view.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import Counter
 from typing import Any
@@ -39,6 +40,9 @@ class PeerSockets:
         self.dealers: dict[str, zmq.Socket] = {}
         self.sent: Counter[str] = Counter()  # bytes per endpoint
         self.received = 0
+        self.received_from: Counter[str] = Counter()  # bytes per peer address
+        self._last: tuple[float, dict[str, tuple[int, int]]] | None = None
+        self.rates: dict[str, dict[str, float]] = {}
         self.dropped = P.Counters()
 
     def _dealer(self, endpoint: str) -> zmq.Socket:
@@ -69,7 +73,10 @@ class PeerSockets:
     def recv(self) -> tuple[P.Message, mx.array | None] | None:
         """One message, or None for a frame that had to be dropped."""
         parts = self.router.recv_multipart(copy=False)
-        self.received += sum(len(p.buffer) for p in parts[1:])
+        size = sum(len(p.buffer) for p in parts[1:])
+        self.received += size
+        with contextlib.suppress(zmq.ZMQError):
+            self.received_from[parts[-1].get("Peer-Address")] += size
         try:
             msg = P.decode(parts[1].buffer, max_frame=P.MAX_FRAME) if len(parts) >= 2 else None
         except P.ProtocolError as e:
@@ -86,6 +93,27 @@ class PeerSockets:
             self.dropped["bad_tensor"] += 1
             return None
         return msg, mx.array(np.frombuffer(buf, dtype=np.float32).reshape(shape))
+
+    def sample(self, now: float) -> dict[str, dict[str, float]]:
+        """Bytes per second to and from each peer address since the last sample."""
+        counts: dict[str, list[int]] = {}
+        for endpoint, n in self.sent.items():
+            host = endpoint.removeprefix("tcp://").rsplit(":", 1)[0]
+            counts.setdefault(host, [0, 0])[0] += n
+        for host, n in self.received_from.items():
+            counts.setdefault(host, [0, 0])[1] += n
+        now_counts = {h: (c[0], c[1]) for h, c in counts.items()}
+        if self._last is not None and now > self._last[0]:
+            dt, before = now - self._last[0], self._last[1]
+            self.rates = {
+                h: {
+                    "tx_Bps": (tx - before.get(h, (0, 0))[0]) / dt,
+                    "rx_Bps": (rx - before.get(h, (0, 0))[1]) / dt,
+                }
+                for h, (tx, rx) in now_counts.items()
+            }
+        self._last = (now, now_counts)
+        return self.rates
 
     def close(self) -> None:
         for s in self.dealers.values():

@@ -24,6 +24,7 @@ from exo.nodes.mlxenv import blas, mx
 from exo.nodes.model import LoadedModel, Part, load_model, model_meta
 from exo.nodes.peers import PeerSockets
 from exo.nodes.pressure import read_pressure
+from exo.nodes.prober import ProbeServer, probe
 from exo.nodes.rdma import rdma_devices
 from exo.nodes.stage import StageRunner
 from exo.nodes.store import ModelStore
@@ -44,6 +45,7 @@ class Node:
         downloader: Downloader | None = None,
         link_types: dict[str, str] | None = None,
         peer_port: int = 0,
+        probe_port: int = 0,
     ) -> None:
         self.link_types = link_types or {}
         self.rdma = [d.public() for d in rdma_devices()]
@@ -58,6 +60,11 @@ class Node:
         self.pair = self.ctx.socket(zmq.PAIR)
         self.pair.bind(self.pair_addr)
         self.peers = PeerSockets(self.ctx, self.peer_id, port=peer_port)
+        self.prober = ProbeServer(port=probe_port)
+        self.probes: dict[str, dict[str, Any]] = {}  # link key -> the last result
+        self.probing: threading.Thread | None = None
+        self.probe_cpu_s = 0.0
+        self.interfaces_up: dict[str, bool] = {}
         self.engine.hop = self.hop
         # instance -> {state, model, layers, error?}: what the broker reads to tell an
         # instance loading from ready
@@ -93,6 +100,7 @@ class Node:
         d["rdma"] = self.rdma
         d["loading"] = self.loading
         d["peer_port"] = self.peers.port
+        d["probe_port"] = self.prober.port
         d["memory_pressure"] = read_pressure()
         d["model_meta"] = {m: model_meta(p) for m, p in self.store.scan().items()}
         return d
@@ -105,6 +113,7 @@ class Node:
             "node %s starting (models in %s, BLAS: %s)", self.peer_id, self.store.models_dir, blas
         )
         self.link.start()
+        self.prober.start()
         was_busy = False
         poller = zmq.Poller()
         poller.register(self.pair, zmq.POLLIN)
@@ -144,6 +153,7 @@ class Node:
         self.link.stop_event.set()
         self.link.join(timeout=2)
         self.peers.close()
+        self.prober.close()
         return 2 if self.link.refused else 0
 
     def status(self) -> dict[str, Any]:
@@ -157,6 +167,10 @@ class Node:
             "recent_cancels": list(self.recent_cancels),
             "downloads": [p.public() for p in list(self.downloads.values())],
             "interface_usage": self.interface_usage(),
+            "interfaces_up": self.interfaces_up,
+            "probes": dict(self.probes),
+            "probe_cpu_s": self.probe_cpu_s + self.prober.cpu_s,
+            "peer_usage": self.peers.rates,
             "peer_bytes_sent": dict(self.peers.sent),
             "peer_bytes_received": self.peers.received,
             "peer_dropped": self.peers.dropped.snapshot(),
@@ -214,6 +228,23 @@ class Node:
                 self.fail_instance_requests(model_id, e.message)
         elif msg.type == "STAGE_ERROR":
             self.fail_instance_requests(model_id, msg["message"])
+
+    def start_probe(self, key: str, src: str, dst: str, port: int) -> None:
+        """Measure a link in the background; a failure marks the link, nothing more."""
+        if self.probing is not None and self.probing.is_alive():
+            return
+
+        def run() -> None:
+            try:
+                result = probe(src, dst, port)
+                self.probe_cpu_s += result["cpu_s"]
+            except OSError as e:
+                result = {"error": f"{type(e).__name__}: {e}", "at": time.time()}
+                log.info("probe %s failed: %s", key, result["error"])
+            self.probes[key] = result
+
+        self.probing = threading.Thread(target=run, name="probe", daemon=True)
+        self.probing.start()
 
     def fail_instance_requests(self, model_id: str, why: str) -> None:
         for rid in self.engine.fail_remote(model_id):
@@ -276,8 +307,13 @@ class Node:
         """Per-interface rates over the last second or so (sampled at most once a second)."""
         now = time.monotonic()
         if now - self.usage_at >= 1.0:
+            import psutil
+
             self.usage_at = now
             self.usage.sample(now)
+            self.peers.sample(now)
+            # Up/down travels with every heartbeat: a link going down shows within a second.
+            self.interfaces_up = {n: st.isup for n, st in psutil.net_if_stats().items()}
         return self.usage.rates
 
     def report_progress(self) -> None:
@@ -317,6 +353,9 @@ class Node:
     def handle(self, msg: P.Message) -> None:
         if msg.type == "DOWNLOAD":
             self.download(msg["model"], str(msg.get("revision") or "main"))
+            return
+        if msg.type == "PROBE":
+            self.start_probe(msg["key"], msg["src"], msg["dst"], msg["port"])
             return
         if msg.type == "LOAD":
             self.load_stage(msg)

@@ -296,3 +296,63 @@ def test_an_instance_waits_for_one_nodes_download_while_the_other_holds_the_weig
         logs = "".join(p.read_text() for p in (tmp_path / "logs").glob("*.log"))
         bad = [line for line in logs.splitlines() if " WARNING " in line or " ERROR " in line]
         assert not [line for line in bad if "time" in line.lower()], bad
+
+
+def test_too_little_disk_is_refused_before_any_byte_is_fetched(hub: Hub, tmp_path: Path) -> None:
+    """A real small filesystem (tmpfs), not a patched disk_usage."""
+    if os.geteuid() != 0 and not os.environ.get("CI"):
+        pytest.skip("needs root to mount a tmpfs")
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(small)], check=True)
+    try:
+        dest = small / "hubtest--tiny-llama"
+        with pytest.raises(DownloadError) as e:
+            Downloader(hub=hub.url).download(REPO, dest)
+        assert "MiB more" in str(e.value) and "free on" in str(e.value)
+        assert not [p for p, _ in hub.requests if p.endswith(WEIGHTS)]  # nothing fetched
+        assert incomplete_reason(dest) is not None  # never looks complete
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
+
+
+def test_models_pull_on_a_terminal_draws_a_progress_bar(
+    hub: Hub, tiny_path: Path, tmp_path: Path
+) -> None:
+    import pty
+
+    hub.faults.rate = (tiny_path / WEIGHTS).stat().st_size / 2
+    master, slave = pty.openpty()
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "exo.tools.main",
+            "models",
+            "pull",
+            REPO,
+            "--models-dir",
+            str(tmp_path),
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=slave,
+        env={**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "COLUMNS": "120"},
+    )
+    os.close(slave)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    out, _ = p.communicate(timeout=60)
+    os.close(master)
+    assert p.returncode == 0
+    text = seen.decode(errors="replace")
+    assert "━" in text and REPO in text  # rich's bar, with the model being fetched
+    assert out.decode().strip().endswith("hubtest--tiny-llama")
+    assert incomplete_reason(tmp_path / "hubtest--tiny-llama") is None

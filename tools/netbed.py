@@ -1,0 +1,159 @@
+"""The multi-host test bed (tests and `bench links`): network namespaces joined by veth pairs, as root.
+
+Each host is a namespace with a management veth to the root namespace (where
+the broker runs) and data links to other hosts, each with its own subnet, an
+alias giving its type (`linktype=...`) and optionally an htb rate.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from dataclasses import dataclass, field
+
+
+def sh(*cmd: str) -> None:
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+
+
+@dataclass
+class Bed:
+    tag: str = field(default_factory=lambda: uuid.uuid4().hex[:5])
+    hosts: list[str] = field(default_factory=list)
+    mgmt: dict[str, str] = field(default_factory=dict)  # host -> broker address seen from it
+    links: int = 0
+
+    def ns(self, host: str) -> str:
+        return f"exo{self.tag}{host}"
+
+    def add_host(self, host: str) -> str:
+        i = len(self.hosts) + 1
+        ns = self.ns(host)
+        sh("ip", "netns", "add", ns)
+        self.hosts.append(host)
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+        outer, inner = f"m{self.tag}{i}", f"mi{self.tag}{i}"
+        sh("ip", "link", "add", outer, "type", "veth", "peer", "name", inner)
+        sh("ip", "link", "set", inner, "netns", ns)
+        sh("ip", "addr", "add", f"10.231.{i}.1/30", "dev", outer)
+        sh("ip", "link", "set", outer, "up")
+        sh("ip", "-n", ns, "addr", "add", f"10.231.{i}.2/30", "dev", inner)
+        sh("ip", "-n", ns, "link", "set", inner, "up")
+        self.mgmt[host] = f"10.231.{i}.1"
+        return ns
+
+    def link(self, a: str, b: str, kind: str, rate: str | None = None) -> tuple[str, str]:
+        """A veth between hosts a and b on subnet 10.232.N.0/24; returns (a's, b's) address."""
+        self.links += 1
+        n = self.links
+        ia, ib = f"d{self.tag}{n}a", f"d{self.tag}{n}b"
+        sh(
+            "ip",
+            "link",
+            "add",
+            ia,
+            "netns",
+            self.ns(a),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            ib,
+            "netns",
+            self.ns(b),
+        )
+        for host, dev, ip in ((a, ia, f"10.232.{n}.1"), (b, ib, f"10.232.{n}.2")):
+            ns = self.ns(host)
+            sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev)
+            sh("ip", "-n", ns, "link", "set", "dev", dev, "alias", f"linktype={kind}")
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+            if rate:
+                sh(
+                    "tc",
+                    "-n",
+                    ns,
+                    "qdisc",
+                    "add",
+                    "dev",
+                    dev,
+                    "root",
+                    "handle",
+                    "1:",
+                    "htb",
+                    "default",
+                    "1",
+                )
+                sh(
+                    "tc",
+                    "-n",
+                    ns,
+                    "class",
+                    "add",
+                    "dev",
+                    dev,
+                    "parent",
+                    "1:",
+                    "classid",
+                    "1:1",
+                    "htb",
+                    "rate",
+                    rate,
+                )
+        return f"10.232.{n}.1", f"10.232.{n}.2"
+
+    def prefix(self, host: str) -> list[str]:
+        return ["ip", "netns", "exec", self.ns(host)]
+
+    def close(self) -> None:
+        for host in self.hosts:
+            subprocess.run(["ip", "netns", "del", self.ns(host)], capture_output=True)
+        self.hosts.clear()
+
+
+def iperf3(bed: Bed, client: str, server: str, server_ip: str, seconds: float = 2.0) -> float:
+    """Receiver-side TCP goodput from `client` to `server_ip` (in `server`), bytes/s."""
+    import json
+    import time
+
+    srv = subprocess.Popen(
+        [*bed.prefix(server), "iperf3", "-s", "-1", "-B", server_ip, "-p", "5299"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(50):
+            out = subprocess.run(
+                [
+                    *bed.prefix(client),
+                    "iperf3",
+                    "-c",
+                    server_ip,
+                    "-p",
+                    "5299",
+                    "-J",
+                    "-t",
+                    str(seconds),
+                ],
+                capture_output=True,
+                text=True,
+            )
+            if out.returncode == 0:
+                return float(json.loads(out.stdout)["end"]["sum_received"]["bits_per_second"]) / 8
+            time.sleep(0.1)  # the server is not listening yet
+        raise RuntimeError(f"iperf3 failed: {out.stdout[-300:]} {out.stderr[-300:]}")
+    finally:
+        srv.kill()
+        srv.wait()
+
+
+def ping(bed: Bed, client: str, ip: str, count: int = 10) -> float:
+    """Smallest ping round trip to `ip` from `client`, in seconds."""
+    out = subprocess.run(
+        [*bed.prefix(client), "ping", "-c", str(count), "-i", "0.05", "-q", ip],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    # rtt min/avg/max/mdev = 0.031/0.040/0.052/0.006 ms
+    line = [x for x in out.stdout.splitlines() if "min/avg" in x][0]
+    return float(line.split("=")[1].split("/")[0]) / 1000
