@@ -47,9 +47,18 @@ def links(nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
         # Up/down from the heartbeat (every second) over INFO's (every few seconds).
         up_a, up_b = sa.get("interfaces_up", {}), sb.get("interfaces_up", {})
         peer_a, peer_b = sa.get("peer_usage", {}), sb.get("peer_usage", {})
-        for ia, na in _ends(a):
-            for ib, nb in _ends(b):
+        a_ends, b_ends = _ends(a), _ends(b)
+        # Loopback joins two nodes only on one host (and network namespace): when they
+        # share an address. Namespaces on one machine each have their own 127.0.0.1.
+        same_host = bool(
+            {x.ip for _, x in a_ends if not x.ip.is_loopback}
+            & {x.ip for _, x in b_ends if not x.ip.is_loopback}
+        )
+        for ia, na in a_ends:
+            for ib, nb in b_ends:
                 if na.network != nb.network or na.ip == nb.ip and not na.ip.is_loopback:
+                    continue
+                if na.ip.is_loopback and not same_host:
                     continue
                 ua, ub = usage_a.get(ia["name"], {}), usage_b.get(ib["name"], {})
                 found.append(

@@ -137,9 +137,11 @@ def iperf3(bed: Bed, client: str, server: str, server_ip: str, seconds: float = 
                 capture_output=True,
                 text=True,
             )
-            if out.returncode == 0:
-                return float(json.loads(out.stdout)["end"]["sum_received"]["bits_per_second"]) / 8
-            time.sleep(0.1)  # the server is not listening yet
+            try:
+                got = json.loads(out.stdout)["end"]["sum_received"]["bits_per_second"]
+                return float(got) / 8
+            except (ValueError, KeyError):
+                time.sleep(0.1)  # the server is not listening yet
         raise RuntimeError(f"iperf3 failed: {out.stdout[-300:]} {out.stderr[-300:]}")
     finally:
         srv.kill()

@@ -1,0 +1,140 @@
+"""Links measured in the namespace test bed: two nodes joined by a 100 Mbit/s link
+posing as WiFi and a 1 Gbit/s one posing as Ethernet."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from exo.tools.cluster import LocalCluster
+from exo.tools.netbed import iperf3
+from tests.netbed import Bed, need_root
+
+
+@pytest.fixture(scope="module")
+def bed(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    need_root()
+    b = Bed()
+    try:
+        b.add_host("a")
+        b.add_host("b")
+        wifi = b.link("a", "b", "wifi", rate="100mbit")
+        eth = b.link("a", "b", "ethernet", rate="1gbit")
+        c = LocalCluster.on_free_ports(
+            models_dir,
+            nodes=2,
+            log_dir=tmp_path_factory.mktemp("links-logs"),
+            broker_host="0.0.0.0",
+            node_prefix={0: b.prefix("a"), 1: b.prefix("b")},
+        )
+        c.node_broker = {i: f"tcp://{b.mgmt[h]}:{c.router_port}" for i, h in enumerate("ab")}
+        with c:
+            yield {"bed": b, "cluster": c, "wifi": wifi, "ethernet": eth}
+    finally:
+        b.close()
+
+
+def wait_until(cond: Callable[[], Any], timeout: float = 60.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = cond()
+        if got:
+            return got
+        time.sleep(0.2)
+    raise AssertionError("condition not met in time")
+
+
+def linkstat(c: LocalCluster) -> dict[str, Any]:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "exo.tools.main",
+            "linkstat",
+            "--pub-port",
+            str(c.pub_port),
+            "--once",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    return json.loads(out.stdout)
+
+
+def by_subnet(state: dict[str, Any], ip: str) -> dict[str, Any]:
+    (link,) = [lk for lk in state["links"] if ip in (lk["a"]["address"], lk["b"]["address"])]
+    return link
+
+
+def ends(link: dict[str, Any], env: dict[str, Any], kind: str) -> tuple[str, str, str]:
+    """(client host, server host, server address) for iperf3 in the probing direction."""
+    a_ip, b_ip = env[kind]
+    return ("a", "b", b_ip) if link["a"]["address"] == a_ip else ("b", "a", a_ip)
+
+
+def test_both_links_are_measured_with_their_types_within_10_percent_of_iperf3(bed: dict) -> None:
+    c = bed["cluster"]
+    state = wait_until(
+        lambda: (
+            (s := linkstat(c))
+            and len(s["links"]) == 2
+            and all(lk["bandwidth_Bps"] for lk in s["links"])
+            and s
+        ),
+        timeout=90,
+    )
+    for kind in ("wifi", "ethernet"):
+        link = by_subnet(state, bed[kind][0])
+        assert link["type"] == kind and link["up"]
+        assert link["rtt_s"] is not None and 0 < link["rtt_s"] < 0.05
+        client, server, ip = ends(link, bed, kind)
+        reference = iperf3(bed["bed"], client, server, ip)
+        assert abs(link["bandwidth_Bps"] - reference) / reference < 0.10, (kind, link, reference)
+
+
+def test_live_usage_shows_on_the_busy_link_only(bed: dict) -> None:
+    c = bed["cluster"]
+    b: Bed = bed["bed"]
+    link = by_subnet(linkstat(c), bed["wifi"][0])
+    client, server, ip = ends(link, bed, "wifi")
+    result: list[float] = []
+    t = threading.Thread(target=lambda: result.append(iperf3(b, client, server, ip, seconds=6)))
+    t.start()
+    time.sleep(3)  # past TCP's ramp and the nodes' one-second rate window
+    seen = linkstat(c)
+    t.join()
+    wifi, eth = by_subnet(seen, bed["wifi"][0]), by_subnet(seen, bed["ethernet"][0])
+    busy = wifi["a_to_b_Bps"] if link["a"]["address"] == bed["wifi"][0] else wifi["b_to_a_Bps"]
+    assert abs(busy - result[0]) / result[0] < 0.10, (busy, result[0])
+    assert eth["a_to_b_Bps"] < 0.01 * result[0] and eth["b_to_a_Bps"] < 0.01 * result[0]
+
+
+def test_a_link_set_down_is_marked_down_and_back_up(bed: dict) -> None:
+    c = bed["cluster"]
+    b: Bed = bed["bed"]
+    ip = bed["ethernet"][0]
+    dev = subprocess.run(
+        [*b.prefix("a"), "ip", "-o", "-4", "addr", "show", "to", ip],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()[1]
+    subprocess.run([*b.prefix("a"), "ip", "link", "set", dev, "down"], check=True)
+    try:
+        t0 = time.monotonic()
+        wait_until(lambda: not by_subnet(c.cluster_state(), ip)["up"], timeout=10)
+        assert time.monotonic() - t0 < 5
+    finally:
+        subprocess.run([*b.prefix("a"), "ip", "link", "set", dev, "up"], check=True)
+    wait_until(lambda: by_subnet(c.cluster_state(), ip)["up"], timeout=10)
