@@ -44,8 +44,10 @@ class Broker:
         pub_addr: str,
         ctx: zmq.Context | None = None,
         request_timeout: float = P.DEFAULT_REQUEST_TIMEOUT_S,
+        probe_every: float = probes.EVERY_S,
     ) -> None:
         self.request_timeout = request_timeout
+        self.probe_every = probe_every
         self.ctx = ctx or zmq.Context.instance()
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -446,7 +448,7 @@ class Broker:
             ):
                 self.probing = None
         found = links([p.public() for p in nodes.values()])
-        link = probes.due(found, self.probed, now, self.probing is not None)
+        link = probes.due(found, self.probed, now, self.probing is not None, self.probe_every)
         if link is None:
             return
         a, b = nodes.get(link["a"]["node"]), nodes.get(link["b"]["node"])

@@ -53,6 +53,12 @@ def serve_api(broker: str, host: str, port: int) -> None:
     show_default=True,
     help="Seconds a request may run; clients may ask for less with X-Request-Timeout.",
 )
+@click.option(
+    "--probe-every",
+    default=300.0,
+    show_default=True,
+    help="Seconds between two measurements of the same link (changed links sooner).",
+)
 @click.option("--log", "log_spec", default=None, help='e.g. "info" or "broker=info,api=debug".')
 @click.option(
     "--log-file", default=None, help="DEBUG log file (default ~/.exo/logs/broker-PID.log)."
@@ -65,6 +71,7 @@ def main(
     api_port: int,
     no_api: bool,
     request_timeout: float,
+    probe_every: float,
     log_spec: str | None,
     log_file: str | None,
 ) -> None:
@@ -73,7 +80,10 @@ def main(
     from exo.broker.broker import Broker
 
     broker = Broker(
-        f"tcp://{host}:{port}", f"tcp://{host}:{pub_port}", request_timeout=request_timeout
+        f"tcp://{host}:{port}",
+        f"tcp://{host}:{pub_port}",
+        request_timeout=request_timeout,
+        probe_every=probe_every,
     )
     if no_api:
         signal.signal(signal.SIGTERM, lambda *_: broker.stop_event.set())

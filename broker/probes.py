@@ -34,7 +34,11 @@ class Probed:
 
 
 def due(
-    links: list[dict[str, Any]], last: dict[str, Probed], now: float, in_flight: bool
+    links: list[dict[str, Any]],
+    last: dict[str, Probed],
+    now: float,
+    in_flight: bool,
+    every: float = EVERY_S,
 ) -> dict[str, Any] | None:
     """The link to probe now, or None."""
     if in_flight or any(now - p.at < GAP_S for p in last.values()):
@@ -46,7 +50,7 @@ def due(
         if max(link.get("a_to_b_Bps") or 0.0, link.get("b_to_a_Bps") or 0.0) > BUSY_BPS:
             continue
         seen = last.get(key(link))
-        if seen is not None and seen.signature == signature(link) and now - seen.at < EVERY_S:
+        if seen is not None and seen.signature == signature(link) and now - seen.at < every:
             continue
         age = float("inf") if seen is None else now - seen.at
         if best is None or age > best[0]:

@@ -146,10 +146,22 @@ def macos_types() -> dict[str, str]:
 def load_link_types(path: Path | None) -> dict[str, str]:
     if path is None:
         return {}
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object {{interface: type}}")
     bad = {k: v for k, v in data.items() if v not in TYPES}
     if bad:
         raise ValueError(f"{path}: unknown link types {bad}; use one of {', '.join(TYPES)}")
+    present = psutil.net_if_stats()
+    missing = sorted(k for k in data if k not in present)
+    if missing:
+        raise ValueError(
+            f"{path}: no interface {', '.join(missing)} on this machine "
+            f"(it has {', '.join(sorted(present))})"
+        )
     return dict(data)
 
 

@@ -116,6 +116,10 @@ def main(
     from exo.nodes.download import Downloader
     from exo.nodes.interfaces import load_link_types
 
+    try:
+        types = load_link_types(link_types)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
     node = Node(
         broker,
         name or socket.gethostname(),
@@ -123,7 +127,7 @@ def main(
         engine,
         extra_dirs=list(extra_dirs),
         downloader=Downloader(stall_timeout=download_stall_timeout),
-        link_types=load_link_types(link_types),
+        link_types=types,
         peer_port=peer_port,
         probe_port=probe_port,
     )

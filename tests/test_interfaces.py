@@ -101,10 +101,13 @@ def test_aliases_and_link_type_files(tmp_path: Path) -> None:
     assert alias_type("linktype=wifi") == "wifi"
     assert alias_type("linktype=warp-drive") is None and alias_type("uplink to rack 3") is None
     f = tmp_path / "types.json"
-    f.write_text(json.dumps({"eth0": "thunderbolt5"}))
-    assert load_link_types(f) == {"eth0": "thunderbolt5"}
+    f.write_text(json.dumps({"lo": "thunderbolt5"}))
+    assert load_link_types(f) == {"lo": "thunderbolt5"}
     f.write_text(json.dumps({"eth0": "fibre"}))
     with pytest.raises(ValueError, match="fibre"):
+        load_link_types(f)
+    f.write_text(json.dumps({"nosuch0": "wifi"}))
+    with pytest.raises(ValueError, match="no interface nosuch0"):
         load_link_types(f)
     lo = {i.name: i for i in interfaces({"lo": "ethernet"})}["lo"]
     assert (lo.type, lo.source) == ("ethernet", "file")  # the file wins over detection
@@ -163,3 +166,27 @@ def test_usage_sees_a_transfer_on_loopback() -> None:
     elapsed = time.monotonic() - t0
     assert got[0] == 64 << 20
     assert rates["lo"]["tx_Bps"] * elapsed >= 64 << 20  # at least the bytes we sent went out on lo
+
+
+def test_a_bad_link_types_file_stops_the_node_at_start_up(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    f = tmp_path / "types.json"
+    f.write_text(json.dumps({"nosuch0": "wifi"}))
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "exo.nodes.main",
+            "--broker",
+            "tcp://127.0.0.1:1",
+            "--link-types",
+            str(f),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode != 0 and "no interface nosuch0" in out.stderr
+    assert "Traceback" not in out.stderr

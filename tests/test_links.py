@@ -138,3 +138,55 @@ def test_a_link_set_down_is_marked_down_and_back_up(bed: dict) -> None:
     finally:
         subprocess.run([*b.prefix("a"), "ip", "link", "set", dev, "up"], check=True)
     wait_until(lambda: by_subnet(c.cluster_state(), ip)["up"], timeout=10)
+
+
+def test_probe_scheduling_is_one_at_a_time_skips_busy_links_and_repeats_on_change() -> None:
+    from exo.broker import probes
+
+    def link(ip: str, up: bool = True, busy: float = 0.0) -> dict[str, Any]:
+        return {
+            "a": {"node": "a", "address": ip, "interface": "x"},
+            "b": {"node": "b", "address": ip + "0", "interface": "y"},
+            "type": "ethernet",
+            "up": up,
+            "a_to_b_Bps": busy,
+            "b_to_a_Bps": 0.0,
+        }
+
+    one, two = link("10.0.0.1"), link("10.0.1.1")
+    last: dict[str, probes.Probed] = {}
+    assert probes.due([one, two], last, 100.0, in_flight=True) is None  # one at a time
+    first = probes.due([one, two], last, 100.0, in_flight=False)
+    assert first is not None
+    last[probes.key(first)] = probes.Probed(100.0, probes.signature(first))
+    assert probes.due([one, two], last, 101.0, False) is None  # rate-limited
+    second = probes.due([one, two], last, 103.0, False)
+    assert second is not None and second is not first
+    last[probes.key(second)] = probes.Probed(103.0, probes.signature(second))
+    assert probes.due([one, two], last, 110.0, False) is None  # both fresh
+    changed = {**first, "type": "wifi"}  # the link changed: measure it again
+    assert probes.due([changed, second], last, 110.0, False) is changed
+    assert probes.due([link("10.0.2.1", busy=5e6)], {}, 0.0, False) is None  # serving first
+    assert probes.due([link("10.0.3.1", up=False)], {}, 0.0, False) is None
+
+
+def test_a_failed_probe_marks_the_link_and_raises_nothing_further() -> None:
+    import socket
+
+    from exo.broker import probes
+    from exo.nodes.prober import probe
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, not listening: refused
+        with pytest.raises(OSError):
+            probe("127.0.0.1", "127.0.0.1", port, timeout=1)
+    lk = {
+        "a": {"node": "a", "address": "10.0.0.1", "interface": "x"},
+        "b": {"node": "b", "address": "10.0.0.2", "interface": "y"},
+        "rtt_s": None,
+        "bandwidth_Bps": None,
+    }
+    nodes = [{"id": "a", "status": {"probes": {probes.key(lk): {"error": "refused", "at": 1.0}}}}]
+    (marked,) = probes.attach([lk], nodes)
+    assert marked["probe_error"] == "refused" and marked["bandwidth_Bps"] is None

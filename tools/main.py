@@ -637,5 +637,20 @@ def bench_pipeline(
     print(json.dumps(res) if as_json else "")
 
 
+@bench.command("links")
+@click.option("--rounds", default=5, show_default=True, help="Probes per link.")
+@click.option("--json", "as_json", is_flag=True)
+@models_dir_option
+def bench_links(rounds: int, as_json: bool, models_dir: Path | None) -> None:
+    """Prober bandwidth and RTT vs iperf3 and ping, in a namespace test bed (needs root)."""
+    from exo.tools import bench_links as bl
+
+    if os.geteuid() != 0:
+        raise click.ClickException("bench links builds network namespaces: run it as root")
+    res = bl.run(_models_dir(models_dir), rounds)
+    bl.report(res)
+    print(json.dumps(res) if as_json else "")
+
+
 if __name__ == "__main__":
     main()
