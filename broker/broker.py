@@ -427,6 +427,12 @@ class Broker:
         for r in [r for r in self.reg.requests.values() if r.instance == inst.id]:
             del self.reg.requests[r.rid]
             self.fail(r.frontend, r.rid, status, code, f"instance {inst.id}: {message}")
+        if inst.state == "failed":
+            # Requests waiting for it learn why now, rather than wait for their deadline.
+            for rid, job in list(self.reg.parked.items()):
+                if job.submit["model"] == inst.model:
+                    del self.reg.parked[rid]
+                    self.fail(job.frontend, rid, status, code, f"instance {inst.id}: {message}")
         nodes = self.reg.by_id()
         for n in inst.nodes:
             if n in nodes:

@@ -356,3 +356,33 @@ def test_models_pull_on_a_terminal_draws_a_progress_bar(
     assert "━" in text and REPO in text  # rich's bar, with the model being fetched
     assert out.decode().strip().endswith("hubtest--tiny-llama")
     assert incomplete_reason(tmp_path / "hubtest--tiny-llama") is None
+
+
+def test_a_stalled_download_fails_the_instance_and_its_waiting_request_naming_node_and_file(
+    hub: Hub, tiny_path: Path, tmp_path: Path
+) -> None:
+    hub.faults.statuses[WEIGHTS] = [500] * 10_000
+    holder = tmp_path / "holder"
+    shutil.copytree(tiny_path, ModelStore(holder).path(REPO))
+    env = {"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"}
+    with LocalCluster.on_free_ports(
+        tmp_path / "models",
+        nodes=2,
+        log_dir=tmp_path / "logs",
+        env=env,
+        node_args=["--download-stall-timeout", "2"],
+        node_extra={0: ["--models-dir", str(holder)]},
+    ) as c:
+        ids = {n["name"]: n["id"] for n in c.cluster_state()["nodes"]}
+        stages = [
+            {"node": ids["node0"], "layers": [0, 2]},
+            {"node": ids["node1"], "layers": [2, 4]},
+        ]
+        r = httpx.post(f"{c.url}/v1/instances", json={"model": REPO, "stages": stages}, timeout=10)
+        assert r.status_code == 201, r.text
+        r = httpx.post(f"{c.url}/v1/completions", json={"model": REPO, "prompt": "x"}, timeout=60)
+        assert r.status_code == 503, r.text
+        msg = r.json()["error"]["message"]
+        assert ids["node1"] in msg and WEIGHTS in msg, msg
+        (inst,) = c.cluster_state()["instances"]
+        assert inst["state"] == "failed" and WEIGHTS in inst["error"]

@@ -200,6 +200,46 @@ def test_automatic_placement_and_a_request_without_an_instance(three: LocalClust
     delete_all(c)
 
 
+def test_requests_spread_over_several_ready_instances(three: LocalCluster) -> None:
+    c = three
+    ids = node_ids(c)
+    for n in ("node0", "node1"):
+        r = place(c, {"model": "test/tiny-llama", "nodes": [ids[n]]})
+        assert r.status_code == 201, r.text
+        ready(c, r.json()["id"])
+
+    def steps() -> dict[str, int]:
+        return {n["name"]: n["status"]["steps"] for n in c.cluster_state()["nodes"]}
+
+    before = steps()
+    results: list[int] = []
+
+    def one() -> None:
+        r = httpx.post(
+            f"{c.url}/v1/completions",
+            json={
+                "model": "test/tiny-llama",
+                "prompt": "Once",
+                "max_tokens": 40,
+                "ignore_eos": True,
+            },
+            timeout=120,
+        )
+        results.append(r.status_code)
+
+    threads = [threading.Thread(target=one) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [200] * 6
+    after = wait_until(
+        lambda: (s := steps())["node0"] > before["node0"] and s["node1"] > before["node1"] and s
+    )
+    assert after["node2"] == before["node2"]  # no instance there
+    delete_all(c)
+
+
 def test_two_models_on_one_node_set_mlx_limits_from_both(three: LocalCluster) -> None:
     c = three
     node0 = node_ids(c)["node0"]

@@ -108,18 +108,26 @@ def wait_idle(url: str, timeout: float = 30.0) -> dict[str, Any]:
         time.sleep(0.1)
 
 
-def run(url: str, model: str, cancels: int, storm_n: int, tokens: int) -> dict[str, Any]:
+def run(
+    url: str, model: str, cancels: int, storm_n: int, tokens: int, rounds: int = 6
+) -> dict[str, Any]:
     from exo.tools.bench import machine
 
     lone_tps(url, model, 8)  # load the model
-    before = statistics.median(lone_tps(url, model, tokens) for _ in range(5))
     pairs = [one_cancel(url, model, "disconnect" if i % 2 else "explicit") for i in range(cancels)]
     lat = [latency for latency, _ in pairs]
     beyond = [latency - step for latency, step in pairs]  # past the end of the step in progress
     step = step_s(url)
-    storm(url, model, storm_n, 8)
-    wait_idle(url)
-    after = statistics.median(lone_tps(url, model, tokens) for _ in range(5))
+    # The storm comes in rounds, each between two lone runs a minute or less apart:
+    # this machine's rate drifts by 20% over minutes, so only adjacent pairs compare.
+    befores, afters = [], []
+    for i in range(rounds):
+        befores.append(lone_tps(url, model, tokens))
+        storm(url, model, storm_n // rounds + (i < storm_n % rounds), 8)
+        wait_idle(url)
+        afters.append(lone_tps(url, model, tokens))
+    before, after = statistics.median(befores), statistics.median(afters)
+    ratios = [a / b for a, b in zip(afters, befores, strict=True)]
     state = wait_idle(url)
     return {
         "bench": "cancel",
@@ -135,7 +143,9 @@ def run(url: str, model: str, cancels: int, storm_n: int, tokens: int) -> dict[s
         "storm": storm_n,
         "tps_before": before,
         "tps_after": after,
-        "tps_ratio": after / before,
+        "rounds": rounds,
+        "tps_ratio": statistics.median(ratios),
+        "tps_ratios": ratios,
         "requests_active_after": state["requests_active"],
         "kv_bytes_after": sum(n["status"]["kv_bytes"] for n in state["nodes"]),
     }
@@ -157,7 +167,9 @@ def report(res: dict[str, Any]) -> None:
         f"(target: p99 <= 20 ms)"
     )
     print(
-        f"lone request before a storm of {res['storm']} cancels: {res['tps_before']:.1f} tok/s; after: "
-        f"{res['tps_after']:.1f} tok/s (ratio {res['tps_ratio']:.3f}); left behind: "
+        f"lone request before each of {res['rounds']} rounds of a storm of {res['storm']} cancels "
+        f"(median): {res['tps_before']:.1f} tok/s; right after: {res['tps_after']:.1f} tok/s; "
+        f"median ratio of adjacent pairs {res['tps_ratio']:.3f} "
+        f"({', '.join(f'{r:.2f}' for r in res['tps_ratios'])}); left behind: "
         f"{res['requests_active_after']} requests, {res['kv_bytes_after']} KV bytes"
     )

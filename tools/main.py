@@ -85,6 +85,7 @@ def models_pull(
 
     dest = ModelStore(_models_dir(models_dir)).path(model_id)
     if sys.stderr.isatty():
+        from rich.console import Console
         from rich.progress import (
             BarColumn,
             DownloadColumn,
@@ -100,6 +101,7 @@ def models_pull(
             TransferSpeedColumn(),
             TimeRemainingColumn(),
             transient=True,
+            console=Console(stderr=True),  # stdout carries the result (the folder) for scripts
         )
         task = bar.add_task(model_id, total=None)
 
@@ -542,6 +544,9 @@ def bench_overhead(
     help="Requests cancelled at random moments.",
 )
 @click.option("--tokens", default=64, show_default=True, help="Tokens for the lone-request rate.")
+@click.option(
+    "--rounds", default=6, show_default=True, help="Storm rounds, each between two lone runs."
+)
 @click.option("--json", "as_json", is_flag=True)
 @models_dir_option
 def bench_cancel(
@@ -550,6 +555,7 @@ def bench_cancel(
     cancels: int,
     storm_n: int,
     tokens: int,
+    rounds: int,
     as_json: bool,
     models_dir: Path | None,
 ) -> None:
@@ -557,7 +563,7 @@ def bench_cancel(
     from exo.tools import bench_cancel as bc
 
     with _target(url, model, models_dir) as (base, model_id, _):
-        res = bc.run(base, model_id, cancels, storm_n, tokens)
+        res = bc.run(base, model_id, cancels, storm_n, tokens, rounds)
     bc.report(res)
     print(json.dumps(res) if as_json else "")
 
