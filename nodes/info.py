@@ -13,20 +13,19 @@ from pathlib import Path
 import psutil
 
 
+def sysctl(name: str) -> str | None:
+    """A macOS sysctl value, or None where there is none."""
+    try:
+        out = subprocess.run(["sysctl", "-n", name], capture_output=True, text=True, timeout=2)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
 def chip() -> str:
     system = platform.system()
-    if system == "Darwin":
-        try:
-            out = subprocess.run(
-                ["sysctl", "-n", "machdep.cpu.brand_string"],
-                capture_output=True,
-                text=True,
-                timeout=2,
-            )
-            if out.stdout.strip():
-                return out.stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            pass
+    if system == "Darwin" and (brand := sysctl("machdep.cpu.brand_string")):
+        return brand
     if system == "Linux":
         try:
             with open("/proc/cpuinfo") as f:

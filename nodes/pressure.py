@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import platform
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -55,16 +54,10 @@ def macos_level() -> int | None:
         return int(forced)
     if platform.system() != "Darwin":
         return None
-    try:
-        out = subprocess.run(
-            ["sysctl", "-n", "kern.memorystatus_vm_pressure_level"],
-            capture_output=True,
-            text=True,
-            timeout=2,
-        )
-        return int(out.stdout.strip())
-    except (OSError, subprocess.SubprocessError, ValueError):
-        return None
+    from exo.nodes.info import sysctl
+
+    value = sysctl("kern.memorystatus_vm_pressure_level")
+    return int(value) if value and value.isdigit() else None
 
 
 def read_pressure() -> dict[str, Any]:

@@ -10,7 +10,7 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import zmq
 
 from exo.broker import protocol as P
 from exo.tools.cluster import LocalCluster
+from tests.helpers import wait_until
 
 TINY = "test/tiny-llama"
 LONG = {"max_tokens": 900, "temperature": 0, "ignore_eos": True}
@@ -42,15 +43,6 @@ def slow_cluster(
 
 def node_status(c: LocalCluster) -> dict[str, Any]:
     return c.cluster_state()["nodes"][0]["status"]
-
-
-def wait_until(pred: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not reached")
 
 
 def idle(c: LocalCluster) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -241,14 +242,12 @@ def test_a_download_that_fails_fails_its_waiting_requests_naming_node_and_file(
         assert "node0" in msg and WEIGHTS in msg and "no progress" in msg
 
 
-def test_an_instance_waits_for_one_nodes_download_while_the_other_holds_the_weights(
-    hub: Hub, tiny_path: Path, tmp_path: Path
-) -> None:
-    """Node0 holds the model, node1 downloads it slowly: a request sent meanwhile
-    succeeds when the download ends, nobody times out, and the instance goes
-    downloading -> loading -> ready."""
-    size = (tiny_path / WEIGHTS).stat().st_size
-    hub.faults.rate = size / 3
+@contextlib.contextmanager
+def split_across_holder_and_downloader(
+    tiny_path: Path, tmp_path: Path, hub: Hub, node_args: list[str] | None = None
+) -> Iterator[tuple[LocalCluster, dict[str, str], httpx.Response]]:
+    """Two nodes, node0 holding REPO and node1 without it, and an instance placed
+    across both (so node1 must download its stage's weights from the hub)."""
     holder = tmp_path / "holder"
     shutil.copytree(tiny_path, ModelStore(holder).path(REPO))
     env = {"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"}
@@ -257,6 +256,7 @@ def test_an_instance_waits_for_one_nodes_download_while_the_other_holds_the_weig
         nodes=2,
         log_dir=tmp_path / "logs",
         env=env,
+        node_args=node_args or [],
         node_extra={0: ["--models-dir", str(holder)]},
     ) as c:
         ids = {n["name"]: n["id"] for n in c.cluster_state()["nodes"]}
@@ -266,6 +266,18 @@ def test_an_instance_waits_for_one_nodes_download_while_the_other_holds_the_weig
         ]
         r = httpx.post(f"{c.url}/v1/instances", json={"model": REPO, "stages": stages}, timeout=10)
         assert r.status_code == 201, r.text
+        yield c, ids, r
+
+
+def test_an_instance_waits_for_one_nodes_download_while_the_other_holds_the_weights(
+    hub: Hub, tiny_path: Path, tmp_path: Path
+) -> None:
+    """Node0 holds the model, node1 downloads it slowly: a request sent meanwhile
+    succeeds when the download ends, nobody times out, and the instance goes
+    downloading -> loading -> ready."""
+    size = (tiny_path / WEIGHTS).stat().st_size
+    hub.faults.rate = size / 3
+    with split_across_holder_and_downloader(tiny_path, tmp_path, hub) as (c, ids, r):
         iid = r.json()["id"]
         assert r.json()["state"] == "downloading"
         lines: list[str] = []
@@ -362,24 +374,8 @@ def test_a_stalled_download_fails_the_instance_and_its_waiting_request_naming_no
     hub: Hub, tiny_path: Path, tmp_path: Path
 ) -> None:
     hub.faults.statuses[WEIGHTS] = [500] * 10_000
-    holder = tmp_path / "holder"
-    shutil.copytree(tiny_path, ModelStore(holder).path(REPO))
-    env = {"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"}
-    with LocalCluster.on_free_ports(
-        tmp_path / "models",
-        nodes=2,
-        log_dir=tmp_path / "logs",
-        env=env,
-        node_args=["--download-stall-timeout", "2"],
-        node_extra={0: ["--models-dir", str(holder)]},
-    ) as c:
-        ids = {n["name"]: n["id"] for n in c.cluster_state()["nodes"]}
-        stages = [
-            {"node": ids["node0"], "layers": [0, 2]},
-            {"node": ids["node1"], "layers": [2, 4]},
-        ]
-        r = httpx.post(f"{c.url}/v1/instances", json={"model": REPO, "stages": stages}, timeout=10)
-        assert r.status_code == 201, r.text
+    stall = ["--download-stall-timeout", "2"]
+    with split_across_holder_and_downloader(tiny_path, tmp_path, hub, stall) as (c, ids, _):
         r = httpx.post(f"{c.url}/v1/completions", json={"model": REPO, "prompt": "x"}, timeout=60)
         assert r.status_code == 503, r.text
         msg = r.json()["error"]["message"]

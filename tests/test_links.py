@@ -3,19 +3,18 @@ posing as WiFi and a 1 Gbit/s one posing as Ethernet."""
 
 from __future__ import annotations
 
-import json
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from exo.tools.cluster import LocalCluster
 from exo.tools.netbed import iperf3
+from tests.helpers import linkstat_json as linkstat
+from tests.helpers import wait_until
 from tests.netbed import Bed, need_root
 
 
@@ -28,48 +27,10 @@ def bed(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         b.add_host("b")
         wifi = b.link("a", "b", "wifi", rate="100mbit")
         eth = b.link("a", "b", "ethernet", rate="1gbit")
-        c = LocalCluster.on_free_ports(
-            models_dir,
-            nodes=2,
-            log_dir=tmp_path_factory.mktemp("links-logs"),
-            broker_host="0.0.0.0",
-            node_prefix={0: b.prefix("a"), 1: b.prefix("b")},
-        )
-        c.node_broker = {i: f"tcp://{b.mgmt[h]}:{c.router_port}" for i, h in enumerate("ab")}
-        with c:
+        with b.cluster(models_dir, log_dir=tmp_path_factory.mktemp("links-logs")) as c:
             yield {"bed": b, "cluster": c, "wifi": wifi, "ethernet": eth}
     finally:
         b.close()
-
-
-def wait_until(cond: Callable[[], Any], timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.2)
-    raise AssertionError("condition not met in time")
-
-
-def linkstat(c: LocalCluster) -> dict[str, Any]:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "exo.tools.main",
-            "linkstat",
-            "--pub-port",
-            str(c.pub_port),
-            "--once",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
-    return json.loads(out.stdout)
 
 
 def by_subnet(state: dict[str, Any], ip: str) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ import pytest
 
 from exo.tools.cluster import LocalCluster
 from exo.tools.default_model import DEFAULT_MODEL
+from tests.helpers import wait_until
 
 PROMPTS = [
     "What is the capital of France?",
@@ -33,16 +34,6 @@ def three(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     )
     with c:
         yield c
-
-
-def wait_until(cond: Callable[[], Any], timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.1)
-    raise AssertionError("condition not met in time")
 
 
 def node_ids(c: LocalCluster) -> dict[str, str]:
@@ -344,18 +335,7 @@ def test_two_stages_on_nodes_in_different_network_namespaces(
         for host in ("a", "b"):
             bed.add_host(host)
         _, b_addr = bed.link("a", "b", "ethernet", rate="1gbit")
-        c = LocalCluster.on_free_ports(
-            models_dir,
-            nodes=2,
-            log_dir=tmp_path_factory.mktemp("netns-logs"),
-            broker_host="0.0.0.0",
-            node_prefix={0: bed.prefix("a"), 1: bed.prefix("b")},
-        )
-        c.node_broker = {
-            0: f"tcp://{bed.mgmt['a']}:{c.router_port}",
-            1: f"tcp://{bed.mgmt['b']}:{c.router_port}",
-        }
-        with c:
+        with bed.cluster(models_dir, log_dir=tmp_path_factory.mktemp("netns-logs")) as c:
             ids = node_ids(c)
             outs = []
             for plan in ([("node0", 0, 30)], [("node0", 0, 12), ("node1", 12, 30)]):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -10,6 +9,7 @@ from pathlib import Path
 
 from exo.broker.topology import links, slower
 from exo.tools.cluster import LocalCluster, free_port
+from tests.helpers import linkstat_json
 
 
 def node(nid: str, interfaces: list[dict], usage: dict | None = None) -> dict:
@@ -59,25 +59,7 @@ def test_linkstat_once_json_lists_the_link_between_two_nodes(
     c = LocalCluster.on_free_ports(models_dir, nodes=2, log_dir=tmp_path)
     with c:
         time.sleep(1.5)  # one publication after both nodes' INFO
-        out = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "exo.tools.main",
-                "linkstat",
-                "--broker",
-                "127.0.0.1",
-                "--pub-port",
-                str(c.pub_port),
-                "--once",
-                "--json",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        ).stdout
-    data = json.loads(out)
+        data = linkstat_json(c)
     assert len(data["nodes"]) == 2
     lo = [
         lk for lk in data["links"] if lk["a"]["interface"] == "lo" and lk["b"]["interface"] == "lo"

@@ -29,16 +29,7 @@ def run(models_dir: Path, rounds: int) -> dict[str, Any]:
             "wifi 100mbit": bed.link("a", "b", "wifi", rate="100mbit"),
             "ethernet 1gbit": bed.link("a", "b", "ethernet", rate="1gbit"),
         }
-        c = LocalCluster.on_free_ports(
-            models_dir,
-            nodes=2,
-            log_spec="warning",
-            broker_host="0.0.0.0",
-            broker_args=["--probe-every", "4"],
-            node_prefix={0: bed.prefix("a"), 1: bed.prefix("b")},
-        )
-        c.node_broker = {i: f"tcp://{bed.mgmt[h]}:{c.router_port}" for i, h in enumerate("ab")}
-        with c:
+        with bed.cluster(models_dir, log_spec="warning", broker_args=["--probe-every", "4"]) as c:
             return _measure(c, bed, subnets, rounds)
     finally:
         bed.close()

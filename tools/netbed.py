@@ -10,6 +10,10 @@ from __future__ import annotations
 import subprocess
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from exo.tools.cluster import LocalCluster
 
 
 def sh(*cmd: str) -> None:
@@ -103,6 +107,21 @@ class Bed:
 
     def prefix(self, host: str) -> list[str]:
         return ["ip", "netns", "exec", self.ns(host)]
+
+    def cluster(self, models_dir: Path, **kw: Any) -> LocalCluster:
+        """A broker in the root namespace and one node in each host, in order; each
+        node reaches the broker over its host's management veth."""
+        c = LocalCluster.on_free_ports(
+            models_dir,
+            nodes=len(self.hosts),
+            broker_host="0.0.0.0",
+            node_prefix={i: self.prefix(h) for i, h in enumerate(self.hosts)},
+            **kw,
+        )
+        c.node_broker = {
+            i: f"tcp://{self.mgmt[h]}:{c.router_port}" for i, h in enumerate(self.hosts)
+        }
+        return c
 
     def close(self) -> None:
         for host in self.hosts:
