@@ -120,9 +120,13 @@ class Node:
         poller.register(self.peers.router, zmq.POLLIN)
         while not self.stopping.is_set() and self.link.is_alive():
             if self._reset.is_set():
+                # The broker forgot us (it restarted or expired us): no one waits for our
+                # requests, and the instances our stages belonged to are gone with it.
                 self._reset.clear()
                 for rid in list(self.engine.requests):
                     self.engine.cancel(rid)
+                for iid in list(self.stages):
+                    self.unload_stage(iid)
             busy = bool(self.engine.requests)
             if was_busy and not busy:
                 # Give back the buffers MLX cached while serving (requests of every
