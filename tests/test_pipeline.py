@@ -231,6 +231,45 @@ def test_requests_spread_over_several_ready_instances(three: LocalCluster) -> No
     delete_all(c)
 
 
+def test_garbage_on_the_peer_socket_is_dropped_and_counted(three: LocalCluster) -> None:
+    import socket
+
+    import zmq
+
+    from exo.broker import protocol as P
+
+    c = three
+    (n0,) = [n for n in c.cluster_state()["nodes"] if n["name"] == "node0"]
+    port = n0["info"]["peer_port"]
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 2000)  # deliver before closing
+    sock.connect(f"tcp://127.0.0.1:{port}")
+    sock.send(b"\xc1 not msgpack")
+    sock.send_multipart(
+        [P.encode("ACT", instance="x", step=1, decode=[], chunks=[], shape=[2, 8]), b"short"]
+    )
+    sock.send_multipart([P.encode("RESULT", instance="nope", step=1, ids=[1])])
+    sock.close()
+    with socket.create_connection(("127.0.0.1", n0["info"]["probe_port"])) as raw:
+        raw.sendall(b"GET / HTTP/1.1\r\n\r\n")  # not a probe: the node hangs up
+
+    def dropped() -> dict[str, int]:
+        (n,) = [n for n in c.cluster_state()["nodes"] if n["name"] == "node0"]
+        return dict(n["status"].get("peer_dropped", {}))
+
+    got = wait_until(lambda: (d := dropped()).get("undecodable") and d.get("bad_tensor") and d)
+    assert got["undecodable"] >= 1 and got["bad_tensor"] >= 1
+    r = place(c, {"model": "test/tiny-llama", "nodes": [n0["id"]]})
+    ready(c, r.json()["id"])
+    r = httpx.post(
+        f"{c.url}/v1/completions",
+        json={"model": "test/tiny-llama", "prompt": "hi", "max_tokens": 3},
+        timeout=60,
+    )
+    assert r.status_code == 200
+    delete_all(c)
+
+
 def test_two_models_on_one_node_set_mlx_limits_from_both(three: LocalCluster) -> None:
     c = three
     node0 = node_ids(c)["node0"]
