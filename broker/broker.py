@@ -384,6 +384,8 @@ class Broker:
                 log.info("instance %s: node %s downloads %s", inst.id, n, inst.model)
             if nxt.load:
                 self.load(inst, nodes)
+            else:
+                self.reroute(inst, nodes)
             if not inst.enter(nxt.state, nxt.error):
                 continue
             log.info(
@@ -394,22 +396,32 @@ class Broker:
             elif nxt.state == "failed":
                 self.end_instance(inst, 503, "instance_failed", nxt.error or "instance failed")
 
+    def routes(self, inst: Instance, nodes: dict[str, Peer]) -> list[dict[str, str]]:
+        """Per stage, the peer endpoints it sends to: `next` (the next stage) or, on
+        the last stage, `head` (stage 0), each over the best link up now."""
+        publics = {n: p.public() for n, p in nodes.items()}
+        found = probes.attach(links(list(publics.values())), list(publics.values()))
+
+        def endpoint(src: str, dst: str) -> str:
+            port = int(nodes[dst].info.get("peer_port", 0))
+            return f"tcp://{peer_host(publics[src], publics[dst], found)}:{port}"
+
+        out: list[dict[str, str]] = []
+        for k, node in enumerate(inst.nodes):
+            if k + 1 < len(inst.nodes):
+                out.append({"next": endpoint(node, inst.nodes[k + 1])})
+            elif len(inst.nodes) > 1:
+                out.append({"head": endpoint(node, inst.nodes[0])})
+            else:
+                out.append({})
+        return out
+
     def load(self, inst: Instance, nodes: dict[str, Peer]) -> None:
         """Tell every stage to load, with the peer endpoints it sends to."""
-
-        def endpoint(src: Peer, dst: Peer) -> str:
-            port = int(dst.info.get("peer_port", 0))
-            return f"tcp://{peer_host(src.public(), dst.public())}:{port}"
-
-        peers = [nodes[n] for n in inst.nodes]
-        for k, (spec, node) in enumerate(zip(inst.stages, peers, strict=True)):
-            fields: dict[str, Any] = {}
-            if k + 1 < len(peers):
-                fields["next"] = endpoint(node, peers[k + 1])
-            elif len(peers) > 1:
-                fields["head"] = endpoint(node, peers[0])
+        inst.routes = self.routes(inst, nodes)
+        for k, (spec, route) in enumerate(zip(inst.stages, inst.routes, strict=True)):
             self.send(
-                node.identity,
+                nodes[spec.node].identity,
                 "LOAD",
                 instance=inst.id,
                 model=inst.model,
@@ -417,9 +429,23 @@ class Broker:
                 end=spec.end,
                 total=inst.total,
                 stage=k,
-                **fields,
+                **route,
             )
         inst.loads_sent = True
+
+    def reroute(self, inst: Instance, nodes: dict[str, Peer]) -> None:
+        """When a better link comes up (or the one in use goes down), the stages send
+        their next steps over the new one: nothing in flight is failed for it."""
+        if not inst.loads_sent or inst.state == "failed" or len(inst.stages) < 2:
+            return
+        if any(n not in nodes for n in inst.nodes):
+            return
+        new = self.routes(inst, nodes)
+        for spec, old, route in zip(inst.stages, inst.routes, new, strict=True):
+            if route != old:
+                log.info("instance %s: stage on %s now sends to %s", inst.id, spec.node, route)
+                self.send(nodes[spec.node].identity, "ROUTE", instance=inst.id, **route)
+        inst.routes = new
 
     def end_instance(self, inst: Instance, status: int, code: str, message: str) -> None:
         """Its requests end with a clear error, its nodes drop it; an instance placed

@@ -32,6 +32,7 @@ class Instance:
     downloads_asked: set[str] = field(default_factory=set)
     created: float = field(default_factory=time.time)
     history: list[str] = field(default_factory=list)  # states in the order they were entered
+    routes: list[dict[str, str]] = field(default_factory=list)  # per stage: next / head endpoint
 
     @property
     def nodes(self) -> list[str]:
@@ -59,6 +60,7 @@ class Instance:
             "placed": "auto" if self.auto else "explicit",
             "created": int(self.created),
             "history": list(self.history),
+            "routes": list(self.routes),
         }
         if nodes is not None and self.state == "downloading":
             out["downloads"] = downloads(self, nodes)

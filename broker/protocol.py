@@ -62,6 +62,8 @@ Instances (a model placed on an ordered list of nodes, each holding a layer rang
                         tokens. Progress travels in the node's HEARTBEAT status
                         ("stages": {instance: {state: loading|ready|failed, error?}}).
     broker -> node      UNLOAD {instance}   drop the stage and every request through it
+    broker -> node      ROUTE {instance, next? | head?}  send the following steps to this
+                        endpoint instead: the best link between two stages changed
     broker -> node      GENERATE {..., instance}  to stage 0 of a ready instance
 
 Link probes
@@ -143,6 +145,7 @@ TYPES: dict[str, dict[str, type | tuple[type, ...]]] = {
     "INSTANCES": {"qid": str, "op": str},
     "LOAD": {"instance": str, "model": str, "start": int, "end": int, "total": int},
     "UNLOAD": {"instance": str},
+    "ROUTE": {"instance": str},
     "PROBE": {"key": str, "src": str, "dst": str, "port": int},
     "ACT": {"instance": str, "step": int, "decode": list, "chunks": list, "shape": list},
     "RESULT": {"instance": str, "step": int, "ids": list},

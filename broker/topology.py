@@ -91,26 +91,23 @@ def links(nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return found
 
 
-def peer_host(src: dict[str, Any], dst: dict[str, Any]) -> str:
-    """The address `src` should use to reach `dst`'s peer socket: loopback on one
-    host, else the best link between them (by type), else any address `dst` has."""
-    a_ends, b_ends = _ends(src), _ends(dst)
-    a_ips = {ip.ip for _, ip in a_ends if not ip.ip.is_loopback}
-    b_ips = {ip.ip for _, ip in b_ends if not ip.ip.is_loopback}
-    if a_ips & b_ips or not b_ips:
-        return "127.0.0.1"  # the same machine (and network namespace), or nothing better known
-    best: tuple[int, str] | None = None
-    for ia, na in a_ends:
-        for ib, nb in b_ends:
-            if na.network != nb.network or na.ip == nb.ip or na.ip.is_loopback:
-                continue
-            if not (ia.get("up") and ib.get("up")):
-                continue
-            kind = slower(ia.get("type", "other"), ib.get("type", "other"))
-            rank = RANK.index(kind) if kind in RANK else len(RANK)
-            if best is None or rank < best[0]:
-                best = (rank, str(nb.ip))
+def peer_host(src: dict[str, Any], dst: dict[str, Any], found: list[dict[str, Any]]) -> str:
+    """The address `src` should use to reach `dst`'s peer socket: over the best link
+    between them that is up (`found`, as links() gives them, with measurements where
+    the prober has them): loopback on one host, else by type, then by measured
+    bandwidth; with no link known, any address `dst` has."""
+    best: tuple[int, float, str] | None = None
+    for link in found:
+        ends = {link["a"]["node"]: link["a"], link["b"]["node"]: link["b"]}
+        if set(ends) != {src["id"], dst["id"]} or not link["up"]:
+            continue
+        kind = link["type"]
+        rank = -1 if kind == "loopback" else RANK.index(kind) if kind in RANK else len(RANK)
+        score = (rank, -float(link.get("bandwidth_Bps") or 0.0), ends[dst["id"]]["address"])
+        if best is None or score < best:
+            best = score
     if best is not None:
-        return best[1]
-    v4 = sorted(str(ip) for ip in b_ips if ip.version == 4)
-    return v4[0] if v4 else str(sorted(b_ips, key=str)[0])
+        return best[2]
+    ips = {x.ip for _, x in _ends(dst) if not x.ip.is_loopback}
+    v4 = sorted(str(ip) for ip in ips if ip.version == 4)
+    return v4[0] if v4 else "127.0.0.1"

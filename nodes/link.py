@@ -21,7 +21,7 @@ from exo.broker import protocol as P
 
 log = logging.getLogger(__name__)
 
-ENGINE_TYPES = {"GENERATE", "CANCEL", "DOWNLOAD", "LOAD", "UNLOAD", "PROBE"}
+ENGINE_TYPES = {"GENERATE", "CANCEL", "DOWNLOAD", "LOAD", "UNLOAD", "PROBE", "ROUTE"}
 
 
 def configure_dealer(sock: zmq.Socket, identity: str) -> None:

@@ -84,6 +84,13 @@ from exo.nodes.store import default_models_dir
     default=0,
     help="Port other nodes probe this node's links on (default: any free one).",
 )
+@click.option(
+    "--stage-timeout",
+    type=float,
+    default=30.0,
+    show_default=True,
+    help="Fail a pipeline step's requests when the later stages do not answer it in this long.",
+)
 @click.option("--log", "log_spec", default=None, help='e.g. "info" or "nodes.engine=debug".')
 @click.option("--log-file", default=None, help="DEBUG log file (default ~/.exo/logs/node-PID.log).")
 def main(
@@ -99,6 +106,7 @@ def main(
     max_stall: float | None,
     peer_port: int,
     probe_port: int,
+    stage_timeout: float,
     log_spec: str | None,
     log_file: str | None,
 ) -> None:
@@ -130,6 +138,7 @@ def main(
         link_types=types,
         peer_port=peer_port,
         probe_port=probe_port,
+        stage_timeout=stage_timeout,
     )
     signal.signal(signal.SIGTERM, lambda *_: node.stopping.set())
     try:

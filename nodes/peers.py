@@ -49,7 +49,9 @@ class PeerSockets:
         sock = self.dealers.get(endpoint)
         if sock is None:
             sock = self.ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.IDENTITY, self.peer_id.encode())
+            # No fixed identity: a ROUTER drops a second connection that claims an
+            # identity it already has, and a new route to the same peer (a better link)
+            # is exactly that. Replies never go back through the ROUTER anyway.
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDHWM, 1000)
             sock.connect(endpoint)

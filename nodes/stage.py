@@ -38,6 +38,7 @@ class StageRunner:
     caches: dict[str, list[Any]] = field(default_factory=dict)  # requests still prefilling
     samplers: dict[str, Sampler] = field(default_factory=dict)  # last stage only
     steps: int = 0
+    last_step: int = 0  # stage 0's number of the last step run here
 
     @property
     def last(self) -> bool:
@@ -67,6 +68,7 @@ class StageRunner:
         from exo.nodes.forward import Chunk, groups_of, head, run_layers, sampled_rows
 
         self.steps += 1
+        self.last_step = int(header["step"])
         for rid in header.get("drops", []):
             self.drop(rid)
         decode: list[str] = list(header["decode"])

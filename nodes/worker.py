@@ -46,7 +46,9 @@ class Node:
         link_types: dict[str, str] | None = None,
         peer_port: int = 0,
         probe_port: int = 0,
+        stage_timeout: float = 30.0,
     ) -> None:
+        self.stage_timeout = stage_timeout
         self.link_types = link_types or {}
         self.rdma = [d.public() for d in rdma_devices()]
         self.name = name
@@ -152,6 +154,7 @@ class Node:
                     self.last_step_s * 1000,
                 )
             self.emit(outputs)
+            self.check_stalled_steps()
             self.report_progress()
             self._status = self.status()
         self.link.stop_event.set()
@@ -204,6 +207,10 @@ class Node:
             if runner is None or h is None:
                 log.warning("a step for instance %s, which this node does not hold", iid)
                 return
+            if msg["step"] <= runner.last_step:
+                # A step stage 0 gave up on, arriving late over a link that came back.
+                log.warning("instance %s: stale step %s dropped", iid, msg["step"])
+                return
             header = {k: v for k, v in msg.fields.items() if k != "shape"}
             try:
                 out = runner.run(header, h)
@@ -250,9 +257,25 @@ class Node:
         self.probing = threading.Thread(target=run, name="probe", daemon=True)
         self.probing.start()
 
-    def fail_instance_requests(self, model_id: str, why: str) -> None:
+    def check_stalled_steps(self) -> None:
+        """A step the later stages never answer (a link that died under it) fails its
+        requests instead of leaving them hanging until their deadline."""
+        now = time.perf_counter()
+        for model_id, w in list(self.engine.remote.items()):
+            if now - w.t0 > self.stage_timeout:
+                lm = self.engine.models[model_id]
+                why = (
+                    f"stage after {self.name} did not answer step {w.step} within "
+                    f"{self.stage_timeout:.0f}s (next hop {self.next_hop.get(lm.instance)})"
+                )
+                log.error("instance %s: %s", lm.instance, why)
+                self.fail_instance_requests(model_id, why, 504, "stage_timeout")
+
+    def fail_instance_requests(
+        self, model_id: str, why: str, status: int = 500, code: str = "stage_error"
+    ) -> None:
         for rid in self.engine.fail_remote(model_id):
-            self.send("FAIL", rid=rid, status=500, code="stage_error", message=why)
+            self.send("FAIL", rid=rid, status=status, code=code, message=why)
 
     def load_stage(self, msg: P.Message) -> None:
         iid, model_id = msg["instance"], msg["model"]
@@ -366,6 +389,15 @@ class Node:
             return
         if msg.type == "UNLOAD":
             self.unload_stage(msg["instance"])
+            return
+        if msg.type == "ROUTE":
+            # Steps go out one at a time (stage 0 waits for each step's tokens), so
+            # switching between two of them reorders nothing.
+            iid = msg["instance"]
+            if msg.get("next") and iid in self.next_hop:
+                self.next_hop[iid] = str(msg["next"])
+            if msg.get("head") and iid in self.head_of:
+                self.head_of[iid] = str(msg["head"])
             return
         if msg.type == "CANCEL":
             rid = msg["rid"]

@@ -151,3 +151,61 @@ def test_a_failed_probe_marks_the_link_and_raises_nothing_further() -> None:
     nodes = [{"id": "a", "status": {"probes": {probes.key(lk): {"error": "refused", "at": 1.0}}}}]
     (marked,) = probes.attach([lk], nodes)
     assert marked["probe_error"] == "refused" and marked["bandwidth_Bps"] is None
+
+
+def test_stage_traffic_takes_the_best_link_and_moves_when_it_goes_down(bed: dict) -> None:
+    import httpx
+
+    c = bed["cluster"]
+    b: Bed = bed["bed"]
+    ids = {n["name"]: n["id"] for n in c.cluster_state()["nodes"]}
+    (eth_a, eth_b), (wifi_a, wifi_b) = bed["ethernet"], bed["wifi"]
+    stages = [
+        {"node": ids["node0"], "layers": [0, 2]},
+        {"node": ids["node1"], "layers": [2, 4]},
+    ]
+    r = httpx.post(f"{c.url}/v1/instances", json={"model": "test/tiny-llama", "stages": stages})
+    assert r.status_code == 201, r.text
+    iid = r.json()["id"]
+
+    def routes() -> list[str]:
+        (inst,) = [i for i in c.cluster_state()["instances"] if i["id"] == iid]
+        if inst["state"] != "ready":
+            return []
+        return [inst["routes"][0]["next"], inst["routes"][1]["head"]]
+
+    def serve() -> None:
+        r = httpx.post(
+            f"{c.url}/v1/completions",
+            json={"model": "test/tiny-llama", "prompt": "Once upon", "max_tokens": 8},
+            timeout=60,
+        )
+        assert r.status_code == 200, r.text
+
+    def sent_to(host: str) -> int:
+        (n0,) = [n for n in c.cluster_state()["nodes"] if n["id"] == ids["node0"]]
+        return sum(v for e, v in n0["status"]["peer_bytes_sent"].items() if f"//{host}:" in e)
+
+    try:
+        got = wait_until(routes)
+        assert f"//{eth_b}:" in got[0] and f"//{eth_a}:" in got[1]  # ethernet beats wifi
+        serve()
+        dev = subprocess.run(
+            [*b.prefix("a"), "ip", "-o", "-4", "addr", "show", "to", eth_a],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()[1]
+        subprocess.run([*b.prefix("a"), "ip", "link", "set", dev, "down"], check=True)
+        try:
+            got = wait_until(lambda: (r := routes()) and f"//{wifi_b}:" in r[0] and r, timeout=15)
+            assert f"//{wifi_a}:" in got[1]
+            before = sent_to(wifi_b)
+            serve()  # over WiFi now
+            wait_until(lambda: sent_to(wifi_b) > before, timeout=10)
+        finally:
+            subprocess.run([*b.prefix("a"), "ip", "link", "set", dev, "up"], check=True)
+        wait_until(lambda: (r := routes()) and f"//{eth_b}:" in r[0], timeout=15)
+        serve()
+    finally:
+        httpx.delete(f"{c.url}/v1/instances/{iid}", timeout=10)
