@@ -379,7 +379,13 @@ class Broker:
         for inst in list(self.instances.values()):
             nxt = advance(inst, nodes)
             for n in nxt.download:
-                self.send(nodes[n].identity, "DOWNLOAD", model=inst.model, revision="main")
+                self.send(
+                    nodes[n].identity,
+                    "DOWNLOAD",
+                    model=inst.model,
+                    revision="main",
+                    **self.weights_source(inst.model, nodes[n]),
+                )
                 inst.downloads_asked.add(n)
                 log.info("instance %s: node %s downloads %s", inst.id, n, inst.model)
             if nxt.load:
@@ -395,6 +401,23 @@ class Broker:
                 self.tend_parked(time.monotonic())
             elif nxt.state == "failed":
                 self.end_instance(inst, 503, "instance_failed", nxt.error or "instance failed")
+
+    def weights_source(self, model: str, node: Peer) -> dict[str, str]:
+        """A peer that holds `model` complete, as a download source for `node` (over
+        the best link between them): weights cross the cluster once, not the internet
+        once per machine."""
+        holders = [
+            p
+            for p in self.reg.nodes()
+            if p is not node and model in p.models and p.info.get("weights_port")
+        ]
+        if not holders:
+            return {}
+        publics = [p.public() for p in self.reg.nodes()]
+        found = probes.attach(links(publics), publics)
+        holder = min(holders, key=lambda p: (p.load(), p.peer_id))
+        host = peer_host(node.public(), holder.public(), found)
+        return {"source": f"http://{host}:{int(holder.info['weights_port'])}"}
 
     def routes(self, inst: Instance, nodes: dict[str, Peer]) -> list[dict[str, str]]:
         """Per stage, the peer endpoints it sends to: `next` (the next stage) or, on
@@ -611,7 +634,11 @@ class Broker:
         )[0]
         if not have and not busy:
             self.send(
-                node.identity, "DOWNLOAD", model=model, revision=str(msg.get("revision") or "main")
+                node.identity,
+                "DOWNLOAD",
+                model=model,
+                revision=str(msg.get("revision") or "main"),
+                **self.weights_source(model, node),
             )
             self.pulls[model] = (node.identity, time.monotonic())
             log.info("asked node %s to download %s", node.peer_id, model)

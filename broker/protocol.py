@@ -48,7 +48,9 @@ Conversation
     frontend -> broker  PULL {qid, model, node?}   POST /v1/models/pull: the broker picks a
                                              node (or takes the one named), sends it DOWNLOAD
                                              and answers REPLY {qid, data: {node} | {error}}
-    broker -> node      DOWNLOAD {model, revision?}   fetch a model from the hub; progress
+    broker -> node      DOWNLOAD {model, revision?, source?}   fetch a model: from `source`
+                                             (a peer node's weights server, hub layout) when
+                                             a node holds it, falling back to the hub; progress
                                              travels in the node's HEARTBEAT status
                                              ("downloads"), completion in its INFO
 

@@ -52,6 +52,7 @@ class Progress:
     eta_s: float | None = None
     error: str | None = None
     started: float = field(default_factory=time.time)
+    source: str = ""  # the hub, or a peer node's weights server
 
     def public(self) -> dict[str, Any]:
         return asdict(self)
@@ -100,7 +101,7 @@ class Downloader:
     on_progress: Callable[[Progress], None] | None = None
 
     def download(self, repo_id: str, dest: Path, revision: str = "main") -> Path:
-        prog = Progress(repo_id)
+        prog = Progress(repo_id, source=self.hub)
         try:
             self._download(repo_id, dest, revision, prog)
         except Exception as e:

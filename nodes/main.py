@@ -91,6 +91,18 @@ from exo.nodes.store import default_models_dir
     show_default=True,
     help="Fail a pipeline step's requests when the later stages do not answer it in this long.",
 )
+@click.option(
+    "--weights-port",
+    type=int,
+    default=0,
+    help="Port this node serves its complete models to other nodes on (default: any free one).",
+)
+@click.option(
+    "--serve-weights/--no-serve-weights",
+    default=True,
+    show_default=True,
+    help="Let other nodes fetch this node's models from it instead of the hub.",
+)
 @click.option("--log", "log_spec", default=None, help='e.g. "info" or "nodes.engine=debug".')
 @click.option("--log-file", default=None, help="DEBUG log file (default ~/.exo/logs/node-PID.log).")
 def main(
@@ -107,6 +119,8 @@ def main(
     peer_port: int,
     probe_port: int,
     stage_timeout: float,
+    weights_port: int,
+    serve_weights: bool,
     log_spec: str | None,
     log_file: str | None,
 ) -> None:
@@ -139,6 +153,7 @@ def main(
         peer_port=peer_port,
         probe_port=probe_port,
         stage_timeout=stage_timeout,
+        weights_port=weights_port if serve_weights else None,
     )
     signal.signal(signal.SIGTERM, lambda *_: node.stopping.set())
     try:

@@ -16,7 +16,7 @@ import zmq
 from exo.broker import protocol as P
 from exo.nodes import info as node_info
 from exo.nodes import memory
-from exo.nodes.download import Downloader, Progress
+from exo.nodes.download import Downloader, DownloadError, Progress
 from exo.nodes.engine import Engine, EngineError, Output
 from exo.nodes.interfaces import Usage, interfaces
 from exo.nodes.link import BrokerLink
@@ -28,6 +28,7 @@ from exo.nodes.prober import ProbeServer, probe
 from exo.nodes.rdma import rdma_devices
 from exo.nodes.stage import StageRunner
 from exo.nodes.store import ModelStore
+from exo.nodes.weights import WeightsServer
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class Node:
         peer_port: int = 0,
         probe_port: int = 0,
         stage_timeout: float = 30.0,
+        weights_port: int | None = 0,
     ) -> None:
         self.stage_timeout = stage_timeout
         self.link_types = link_types or {}
@@ -63,6 +65,10 @@ class Node:
         self.pair.bind(self.pair_addr)
         self.peers = PeerSockets(self.ctx, self.peer_id, port=peer_port)
         self.prober = ProbeServer(port=probe_port)
+        # None: this node does not serve its models to others
+        self.weights = (
+            None if weights_port is None else WeightsServer(self.store, port=weights_port)
+        )
         self.probes: dict[str, dict[str, Any]] = {}  # link key -> the last result
         self.probing: threading.Thread | None = None
         self.probe_cpu_s = 0.0
@@ -103,6 +109,7 @@ class Node:
         d["loading"] = self.loading
         d["peer_port"] = self.peers.port
         d["probe_port"] = self.prober.port
+        d["weights_port"] = self.weights.port if self.weights else None
         d["memory_pressure"] = read_pressure()
         d["model_meta"] = {m: model_meta(p) for m, p in self.store.scan().items()}
         return d
@@ -116,6 +123,8 @@ class Node:
         )
         self.link.start()
         self.prober.start()
+        if self.weights:
+            self.weights.start()
         was_busy = False
         poller = zmq.Poller()
         poller.register(self.pair, zmq.POLLIN)
@@ -161,6 +170,8 @@ class Node:
         self.link.join(timeout=2)
         self.peers.close()
         self.prober.close()
+        if self.weights:
+            self.weights.close()
         return 2 if self.link.refused else 0
 
     def status(self) -> dict[str, Any]:
@@ -178,6 +189,7 @@ class Node:
             "probes": dict(self.probes),
             "probe_cpu_s": self.probe_cpu_s + self.prober.cpu_s,
             "peer_usage": self.peers.rates,
+            "weights_bytes_served": self.weights.bytes_served if self.weights else 0,
             "peer_bytes_sent": dict(self.peers.sent),
             "peer_bytes_received": self.peers.received,
             "peer_dropped": self.peers.dropped.snapshot(),
@@ -354,8 +366,9 @@ class Node:
             live = set(self.engine.requests)
             self.progress_sent = {r: t for r, t in self.progress_sent.items() if r in live}
 
-    def download(self, model_id: str, revision: str) -> None:
-        """Fetch a model in the background; the engine keeps serving meanwhile."""
+    def download(self, model_id: str, revision: str, source: str | None = None) -> None:
+        """Fetch a model in the background; the engine keeps serving meanwhile. With a
+        `source` (a peer's weights server) the peer is tried first, then the hub."""
         current = self.downloads.get(model_id)
         if (
             current and current.state in ("listing", "downloading")
@@ -366,20 +379,35 @@ class Node:
             self.downloads[model_id] = p
 
         def run() -> None:
+            dest = self.store.path(model_id)
             try:
-                replace(self.downloader, on_progress=progress).download(
-                    model_id, self.store.path(model_id), revision
-                )
+                if source:
+                    try:
+                        replace(self.downloader, hub=source, on_progress=progress).download(
+                            model_id, dest, revision
+                        )
+                        return
+                    except DownloadError as e:
+                        log.warning(
+                            "peer %s could not give %s (%s); trying the hub", source, model_id, e
+                        )
+                replace(self.downloader, on_progress=progress).download(model_id, dest, revision)
             except Exception as e:
                 log.error("download of %s failed: %s", model_id, e)
-            self.link.info_now.set()
+            finally:
+                self.link.info_now.set()
 
         self.downloads[model_id] = Progress(model_id)
         threading.Thread(target=run, name=f"download-{model_id}", daemon=True).start()
 
     def handle(self, msg: P.Message) -> None:
         if msg.type == "DOWNLOAD":
-            self.download(msg["model"], str(msg.get("revision") or "main"))
+            source = msg.get("source")
+            self.download(
+                msg["model"],
+                str(msg.get("revision") or "main"),
+                source if isinstance(source, str) else None,
+            )
             return
         if msg.type == "PROBE":
             self.start_probe(msg["key"], msg["src"], msg["dst"], msg["port"])

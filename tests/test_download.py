@@ -244,20 +244,26 @@ def test_a_download_that_fails_fails_its_waiting_requests_naming_node_and_file(
 
 @contextlib.contextmanager
 def split_across_holder_and_downloader(
-    tiny_path: Path, tmp_path: Path, hub: Hub, node_args: list[str] | None = None
+    tiny_path: Path,
+    tmp_path: Path,
+    hub_url: str,
+    node_args: list[str] | None = None,
+    holder_serves: bool = False,
 ) -> Iterator[tuple[LocalCluster, dict[str, str], httpx.Response]]:
     """Two nodes, node0 holding REPO and node1 without it, and an instance placed
-    across both (so node1 must download its stage's weights from the hub)."""
+    across both: node1 must fetch its stage's weights, from the hub (unless
+    node0 serves them to its peers)."""
     holder = tmp_path / "holder"
     shutil.copytree(tiny_path, ModelStore(holder).path(REPO))
-    env = {"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"}
+    env = {"HF_ENDPOINT": hub_url, "HF_HUB_OFFLINE": "0"}
+    serve = [] if holder_serves else ["--no-serve-weights"]
     with LocalCluster.on_free_ports(
         tmp_path / "models",
         nodes=2,
         log_dir=tmp_path / "logs",
         env=env,
         node_args=node_args or [],
-        node_extra={0: ["--models-dir", str(holder)]},
+        node_extra={0: ["--models-dir", str(holder), *serve]},
     ) as c:
         ids = {n["name"]: n["id"] for n in c.cluster_state()["nodes"]}
         stages = [
@@ -277,7 +283,7 @@ def test_an_instance_waits_for_one_nodes_download_while_the_other_holds_the_weig
     downloading -> loading -> ready."""
     size = (tiny_path / WEIGHTS).stat().st_size
     hub.faults.rate = size / 3
-    with split_across_holder_and_downloader(tiny_path, tmp_path, hub) as (c, ids, r):
+    with split_across_holder_and_downloader(tiny_path, tmp_path, hub.url) as (c, ids, r):
         iid = r.json()["id"]
         assert r.json()["state"] == "downloading"
         lines: list[str] = []
@@ -375,10 +381,41 @@ def test_a_stalled_download_fails_the_instance_and_its_waiting_request_naming_no
 ) -> None:
     hub.faults.statuses[WEIGHTS] = [500] * 10_000
     stall = ["--download-stall-timeout", "2"]
-    with split_across_holder_and_downloader(tiny_path, tmp_path, hub, stall) as (c, ids, _):
+    with split_across_holder_and_downloader(tiny_path, tmp_path, hub.url, stall) as (c, ids, _):
         r = httpx.post(f"{c.url}/v1/completions", json={"model": REPO, "prompt": "x"}, timeout=60)
         assert r.status_code == 503, r.text
         msg = r.json()["error"]["message"]
         assert ids["node1"] in msg and WEIGHTS in msg, msg
         (inst,) = c.cluster_state()["instances"]
         assert inst["state"] == "failed" and WEIGHTS in inst["error"]
+
+
+def test_a_node_fetches_weights_from_a_peer_that_holds_them_not_the_hub(
+    tiny_path: Path, tmp_path: Path
+) -> None:
+    """The hub is unreachable; node1 gets node0's copy over the cluster, verified the same way."""
+    closed = f"http://127.0.0.1:{free_port()}"
+    with split_across_holder_and_downloader(tiny_path, tmp_path, closed, holder_serves=True) as (
+        c,
+        ids,
+        r,
+    ):
+        iid = r.json()["id"]
+        (holder,) = [n for n in c.cluster_state()["nodes"] if n["id"] == ids["node0"]]
+        r = httpx.post(
+            f"{c.url}/v1/completions",
+            json={"model": REPO, "prompt": "Once", "max_tokens": 5},
+            timeout=120,
+        )
+        assert r.status_code == 200, r.text
+        state = c.cluster_state()
+        (inst,) = [i for i in state["instances"] if i["id"] == iid]
+        assert inst["history"] == ["downloading", "loading", "ready"]
+        by_name = {n["name"]: n for n in state["nodes"]}
+        (d,) = [d for d in by_name["node1"]["status"]["downloads"] if d["model"] == REPO]
+        assert d["state"] == "done" and d["source"].endswith(f":{holder['info']['weights_port']}")
+        assert (
+            by_name["node0"]["status"]["weights_bytes_served"]
+            >= (tiny_path / WEIGHTS).stat().st_size
+        )
+    assert same_files(ModelStore(tmp_path / "models").path(REPO), tiny_path)

@@ -1,0 +1,142 @@
+"""Weights from peers: every node serves its complete models to the others.
+
+The server speaks the part of the Hugging Face hub's HTTP layout that the
+Downloader uses (the model listing with sizes and sha256, and
+`/{repo}/resolve/{revision}/{file}` with Range requests), so a node fetching
+from a peer goes through exactly the same `.partial` / resume / verify path as
+one fetching from the hub; only the base URL differs. Only complete folders are
+served (never a `.partial` file), read-only, streamed from disk.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from exo.nodes.download import sha256_of
+from exo.nodes.store import ModelStore
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20
+LISTING = re.compile(r"/api/models/([^/]+/[^/]+)(?:/revision/[^/]+)?")
+RESOLVE = re.compile(r"/([^/]+/[^/]+)/resolve/[^/]+/(.+)")
+
+
+class WeightsServer:
+    def __init__(self, store: ModelStore, host: str = "0.0.0.0", port: int = 0) -> None:
+        self.store = store
+        self.hashes: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> sha256
+        self.lock = threading.Lock()
+        self.bytes_served = 0
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                server.handle(self)
+
+        self.http = ThreadingHTTPServer((host, port), Handler)
+        self.http.daemon_threads = True
+        self.port = int(self.http.server_address[1])
+        self.thread = threading.Thread(target=self.http.serve_forever, name="weights", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def close(self) -> None:
+        self.http.shutdown()
+        self.http.server_close()
+
+    def sha256(self, path: Path) -> str:
+        st = path.stat()
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        with self.lock:
+            known = self.hashes.get(key)
+        if known is None:
+            known = sha256_of(path)
+            with self.lock:
+                self.hashes[key] = known
+        return known
+
+    def listing(self, repo: str, root: Path) -> dict[str, Any]:
+        siblings = [
+            {
+                "rfilename": str(p.relative_to(root)),
+                "size": p.stat().st_size,
+                "lfs": {"sha256": self.sha256(p), "size": p.stat().st_size, "pointerSize": 0},
+            }
+            for p in sorted(root.rglob("*"))
+            if p.is_file() and not p.name.startswith(".")
+        ]
+        return {
+            "id": repo,
+            "modelId": repo,
+            "sha": "0" * 40,
+            "private": False,
+            "siblings": siblings,
+        }
+
+    def handle(self, h: BaseHTTPRequestHandler) -> None:
+        path = h.path.split("?", 1)[0]
+        models = self.store.scan()  # complete folders only
+        if m := LISTING.fullmatch(path):
+            root = models.get(m.group(1))
+            if root is None:
+                return self.send(h, 404, b'{"error": "Repository not found"}', "RepoNotFound")
+            body = json.dumps(self.listing(m.group(1), root)).encode()
+            return self.send(h, 200, body)
+        m = RESOLVE.fullmatch(path)
+        root = models.get(m.group(1)) if m else None
+        target = (root / m.group(2)).resolve() if root and m else None
+        if (
+            target is None
+            or root is None
+            or not target.is_file()
+            or root.resolve() not in target.parents
+        ):
+            return self.send(h, 404, b"not found")
+        size = target.stat().st_size
+        start = 0
+        if (rng := h.headers.get("Range")) and (r := re.fullmatch(r"bytes=(\d+)-", rng)):
+            start = int(r.group(1))
+            if start >= size:
+                h.send_response(416)
+                h.send_header("Content-Range", f"bytes */{size}")
+                h.send_header("Content-Length", "0")
+                h.end_headers()
+                return
+        h.send_response(206 if start else 200)
+        h.send_header("Content-Length", str(size - start))
+        h.send_header("Accept-Ranges", "bytes")
+        if start:
+            h.send_header("Content-Range", f"bytes {start}-{size - 1}/{size}")
+        h.end_headers()
+        try:
+            with target.open("rb") as f:
+                f.seek(start)
+                while block := f.read(CHUNK):
+                    h.wfile.write(block)
+                    with self.lock:
+                        self.bytes_served += len(block)
+        except (BrokenPipeError, ConnectionResetError):
+            return
+
+    @staticmethod
+    def send(h: BaseHTTPRequestHandler, status: int, body: bytes, error: str = "") -> None:
+        h.send_response(status)
+        h.send_header("Content-Type", "application/json")
+        if error:
+            h.send_header("X-Error-Code", error)
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        h.wfile.write(body)
