@@ -3,7 +3,6 @@ posing as WiFi and a 1 Gbit/s one posing as Ethernet."""
 
 from __future__ import annotations
 
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -85,19 +84,13 @@ def test_a_link_set_down_is_marked_down_and_back_up(bed: dict) -> None:
     c = bed["cluster"]
     b: Bed = bed["bed"]
     ip = bed["ethernet"][0]
-    dev = subprocess.run(
-        [*b.prefix("a"), "ip", "-o", "-4", "addr", "show", "to", ip],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()[1]
-    subprocess.run([*b.prefix("a"), "ip", "link", "set", dev, "down"], check=True)
+    b.set_link("a", ip, up=False)
     try:
         t0 = time.monotonic()
         wait_until(lambda: not by_subnet(c.cluster_state(), ip)["up"], timeout=10)
         assert time.monotonic() - t0 < 5
     finally:
-        subprocess.run([*b.prefix("a"), "ip", "link", "set", dev, "up"], check=True)
+        b.set_link("a", ip, up=True)
     wait_until(lambda: by_subnet(c.cluster_state(), ip)["up"], timeout=10)
 
 
@@ -190,13 +183,7 @@ def test_stage_traffic_takes_the_best_link_and_moves_when_it_goes_down(bed: dict
         got = wait_until(routes)
         assert f"//{eth_b}:" in got[0] and f"//{eth_a}:" in got[1]  # ethernet beats wifi
         serve()
-        dev = subprocess.run(
-            [*b.prefix("a"), "ip", "-o", "-4", "addr", "show", "to", eth_a],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.split()[1]
-        subprocess.run([*b.prefix("a"), "ip", "link", "set", dev, "down"], check=True)
+        b.set_link("a", eth_a, up=False)
         try:
             got = wait_until(lambda: (r := routes()) and f"//{wifi_b}:" in r[0] and r, timeout=15)
             assert f"//{wifi_a}:" in got[1]
@@ -204,7 +191,7 @@ def test_stage_traffic_takes_the_best_link_and_moves_when_it_goes_down(bed: dict
             serve()  # over WiFi now
             wait_until(lambda: sent_to(wifi_b) > before, timeout=10)
         finally:
-            subprocess.run([*b.prefix("a"), "ip", "link", "set", dev, "up"], check=True)
+            b.set_link("a", eth_a, up=True)
         wait_until(lambda: (r := routes()) and f"//{eth_b}:" in r[0], timeout=15)
         serve()
     finally:

@@ -105,6 +105,16 @@ class Bed:
                 )
         return f"10.232.{n}.1", f"10.232.{n}.2"
 
+    def set_link(self, host: str, ip: str, up: bool) -> None:
+        """Set the interface holding `ip` in `host` up or down."""
+        dev = subprocess.run(
+            [*self.prefix(host), "ip", "-o", "-4", "addr", "show", "to", ip],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()[1]
+        sh(*self.prefix(host), "ip", "link", "set", dev, "up" if up else "down")
+
     def prefix(self, host: str) -> list[str]:
         return ["ip", "netns", "exec", self.ns(host)]
 
