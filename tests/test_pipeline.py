@@ -3,6 +3,7 @@ states between stages on the nodes' own peer sockets, on loopback."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -392,3 +393,40 @@ def test_two_stages_on_nodes_in_different_network_namespaces(
             assert outs[0] == outs[1] and sum(map(len, outs[0])) >= 20
     finally:
         bed.close()
+
+
+def test_the_instances_command_line(three: LocalCluster) -> None:
+    import subprocess
+    import sys
+
+    c = three
+    ids = node_ids(c)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "exo.tools.main", "instances", *args, "--api", c.url],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    out = cli("preview", "test/tiny-llama", "--max-nodes", "2")
+    assert out.returncode == 0 and out.stdout.splitlines()[0].startswith("ok ")
+    out = cli(
+        "place",
+        "test/tiny-llama",
+        "--stage",
+        f"{ids['node1']}:0-3",
+        "--stage",
+        f"{ids['node2']}:3-4",
+    )
+    assert out.returncode == 0, out.stderr
+    placed = json.loads(out.stdout)
+    assert placed["state"] == "ready"
+    assert [s["layers"] for s in placed["stages"]] == [[0, 3], [3, 4]]
+    out = cli("list")
+    assert placed["id"] in out.stdout and "ready" in out.stdout
+    out = cli("place", "test/tiny-llama", "--stage", "nowhere:0-4")
+    assert out.returncode != 0 and "nowhere" in out.stderr
+    assert cli("delete", placed["id"]).returncode == 0
+    assert placed["id"] not in cli("list").stdout
