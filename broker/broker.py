@@ -9,26 +9,19 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 from typing import Any
 
 import zmq
 
 from exo.broker import probes
 from exo.broker import protocol as P
-from exo.broker.instances import Instance, advance
+from exo.broker.deploy import Deployer
 from exo.broker.placement import (
-    Ask,
-    ModelMeta,
-    NodeView,
     PlacementError,
-    StageSpec,
-    candidates,
-    place,
 )
 from exo.broker.registry import InFlight, Parked, Peer, Registry, downloading, failed_download
-from exo.broker.routing import Refusal, choose_instance, no_holder
-from exo.broker.topology import links, peer_host
+from exo.broker.routing import Refusal, choose_instance
+from exo.broker.topology import links
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +65,7 @@ class Broker:
         # the node's status shows the download
         self.pulls: dict[str, tuple[bytes, float]] = {}
         self.reg = Registry()
-        self.instances: dict[str, Instance] = {}
+        self.deploy = Deployer(self)
         self.probed: dict[str, probes.Probed] = {}
         # (link key, probing node id, sent at monotonic, sent at wall clock)
         self.probing: tuple[str, str, float, float] | None = None
@@ -124,7 +117,7 @@ class Broker:
                 next_tend = now + PARKED_S
             if now >= next_beat:
                 self.expire(now)
-                self.tend_instances()
+                self.deploy.tend()
                 self.tend_probes(now)
                 beat = P.encode("HEARTBEAT")
                 for ident in list(self.reg.peers):
@@ -219,7 +212,7 @@ class Broker:
         for rid in [rid for rid, j in self.reg.parked.items() if j.frontend == ident]:
             del self.reg.parked[rid]
         if peer.role == "node":
-            self.tend_instances()
+            self.deploy.tend()
 
     def on_heartbeat(self, peer: Peer, msg: P.Message, frame: zmq.Frame) -> None:
         status = msg.get("status")
@@ -250,9 +243,9 @@ class Broker:
         while an instance is on its way (placed, downloading, loading). True when
         the job left the parking lot (sent, or failed)."""
         rid, model, nodes = job.rid, job.submit["model"], self.reg.by_id()
-        inst = choose_instance(list(self.instances.values()), nodes, model)
+        inst = choose_instance(list(self.deploy.instances.values()), nodes, model)
         if inst is None:
-            refusal = self.provide(model)
+            refusal = self.deploy.provide(model)
             pending = downloading(list(nodes.values()), model) or self.recently_pulled(model)
             if refusal is None or pending:
                 if first:
@@ -304,191 +297,6 @@ class Broker:
         log.info("rid=%s model=%s -> instance %s on %s", rid, model, inst.id, head.peer_id)
         return True
 
-    # -- instances ------------------------------------------------------------------
-
-    def meta(self, model: str) -> ModelMeta | None:
-        for n in self.reg.nodes():
-            m = n.info.get("model_meta", {}).get(model)
-            if model in n.models and m and m.get("layers"):
-                return ModelMeta(model, int(m["layers"]), int(m.get("bytes", 0)))
-        return None
-
-    def views(self, meta: ModelMeta) -> list[NodeView]:
-        """What each node can give a new stage of `meta.model`."""
-        out = []
-        live = [i for i in self.instances.values() if i.state != "failed"]
-        for n in self.reg.nodes():
-            # Stages placed here but not loaded yet are not in its available memory.
-            promised = sum(
-                (self.meta(i.model) or ModelMeta(i.model, i.total, 0)).stage_bytes(s.start, s.end)
-                for i in live
-                if i.state != "ready"
-                for s in i.stages
-                if s.node == n.peer_id
-            )
-            out.append(
-                NodeView(
-                    n.peer_id,
-                    n.name,
-                    available=int(n.info.get("memory_available", 0)),
-                    level=str(n.info.get("memory_pressure", {}).get("level", "normal")),
-                    has_model=meta.model in n.models,
-                    promised=promised,
-                    holds_model=any(i.model == meta.model and n.peer_id in i.nodes for i in live),
-                )
-            )
-        return out
-
-    def provide(self, model: str) -> Refusal | None:
-        """Make sure an instance of `model` is on its way: None if one is (or was just
-        placed automatically), else why none can be."""
-        if any(
-            i.model == model and i.state in ("downloading", "loading")
-            for i in self.instances.values()
-        ):
-            return None
-        nodes = self.reg.nodes()
-        if not any(model in n.models for n in nodes):
-            return no_holder(nodes, model, self.reg.seen_models)
-        meta = self.meta(model)
-        if meta is None:
-            return Refusal(503, "model_unreadable", f"no node could read the config of {model}")
-        try:
-            chosen = place(meta, self.views(meta), Ask())
-        except PlacementError as e:
-            return Refusal(e.status, e.code, e.message)
-        self.create(meta, chosen.stages, auto=True)
-        return None
-
-    def create(self, meta: ModelMeta, stages: list[StageSpec], auto: bool) -> Instance:
-        inst = Instance(f"inst-{uuid.uuid4().hex[:8]}", meta.model, stages, meta.layers, auto)
-        inst.enter("downloading")
-        self.instances[inst.id] = inst
-        log.info(
-            "instance %s of %s placed (%s): %s",
-            inst.id,
-            meta.model,
-            "auto" if auto else "explicit",
-            ", ".join(f"{s.node}[{s.start}:{s.end})" for s in stages),
-        )
-        self.tend_instances()
-        return inst
-
-    def tend_instances(self) -> None:
-        nodes = self.reg.by_id()
-        for inst in list(self.instances.values()):
-            nxt = advance(inst, nodes)
-            for n in nxt.download:
-                self.send(
-                    nodes[n].identity,
-                    "DOWNLOAD",
-                    model=inst.model,
-                    revision="main",
-                    **self.weights_source(inst.model, nodes[n]),
-                )
-                inst.downloads_asked.add(n)
-                log.info("instance %s: node %s downloads %s", inst.id, n, inst.model)
-            if nxt.load:
-                self.load(inst, nodes)
-            else:
-                self.reroute(inst, nodes)
-            if not inst.enter(nxt.state, nxt.error):
-                continue
-            log.info(
-                "instance %s: %s%s", inst.id, nxt.state, f" ({nxt.error})" if nxt.error else ""
-            )
-            if nxt.state == "ready":
-                self.tend_parked(time.monotonic())
-            elif nxt.state == "failed":
-                self.end_instance(inst, 503, "instance_failed", nxt.error or "instance failed")
-
-    def weights_source(self, model: str, node: Peer) -> dict[str, str]:
-        """A peer that holds `model` complete, as a download source for `node` (over
-        the best link between them): weights cross the cluster once, not the internet
-        once per machine."""
-        holders = [
-            p
-            for p in self.reg.nodes()
-            if p is not node and model in p.models and p.info.get("weights_port")
-        ]
-        if not holders:
-            return {}
-        publics = [p.public() for p in self.reg.nodes()]
-        found = probes.attach(links(publics), publics)
-        holder = min(holders, key=lambda p: (p.load(), p.peer_id))
-        host = peer_host(node.public(), holder.public(), found)
-        return {"source": f"http://{host}:{int(holder.info['weights_port'])}"}
-
-    def routes(self, inst: Instance, nodes: dict[str, Peer]) -> list[dict[str, str]]:
-        """Per stage, the peer endpoints it sends to: `next` (the next stage) or, on
-        the last stage, `head` (stage 0), each over the best link up now."""
-        publics = {n: p.public() for n, p in nodes.items()}
-        found = probes.attach(links(list(publics.values())), list(publics.values()))
-
-        def endpoint(src: str, dst: str) -> str:
-            port = int(nodes[dst].info.get("peer_port", 0))
-            return f"tcp://{peer_host(publics[src], publics[dst], found)}:{port}"
-
-        out: list[dict[str, str]] = []
-        for k, node in enumerate(inst.nodes):
-            if k + 1 < len(inst.nodes):
-                out.append({"next": endpoint(node, inst.nodes[k + 1])})
-            elif len(inst.nodes) > 1:
-                out.append({"head": endpoint(node, inst.nodes[0])})
-            else:
-                out.append({})
-        return out
-
-    def load(self, inst: Instance, nodes: dict[str, Peer]) -> None:
-        """Tell every stage to load, with the peer endpoints it sends to."""
-        inst.routes = self.routes(inst, nodes)
-        for k, (spec, route) in enumerate(zip(inst.stages, inst.routes, strict=True)):
-            self.send(
-                nodes[spec.node].identity,
-                "LOAD",
-                instance=inst.id,
-                model=inst.model,
-                start=spec.start,
-                end=spec.end,
-                total=inst.total,
-                stage=k,
-                **route,
-            )
-        inst.loads_sent = True
-
-    def reroute(self, inst: Instance, nodes: dict[str, Peer]) -> None:
-        """When a better link comes up (or the one in use goes down), the stages send
-        their next steps over the new one: nothing in flight is failed for it."""
-        if not inst.loads_sent or inst.state == "failed" or len(inst.stages) < 2:
-            return
-        if any(n not in nodes for n in inst.nodes):
-            return
-        new = self.routes(inst, nodes)
-        for spec, old, route in zip(inst.stages, inst.routes, new, strict=True):
-            if route != old:
-                log.info("instance %s: stage on %s now sends to %s", inst.id, spec.node, route)
-                self.send(nodes[spec.node].identity, "ROUTE", instance=inst.id, **route)
-        inst.routes = new
-
-    def end_instance(self, inst: Instance, status: int, code: str, message: str) -> None:
-        """Its requests end with a clear error, its nodes drop it; an instance placed
-        on demand is forgotten (the next request places a new one)."""
-        for r in [r for r in self.reg.requests.values() if r.instance == inst.id]:
-            del self.reg.requests[r.rid]
-            self.fail(r.frontend, r.rid, status, code, f"instance {inst.id}: {message}")
-        if inst.state == "failed":
-            # Requests waiting for it learn why now, rather than wait for their deadline.
-            for rid, job in list(self.reg.parked.items()):
-                if job.submit["model"] == inst.model:
-                    del self.reg.parked[rid]
-                    self.fail(job.frontend, rid, status, code, f"instance {inst.id}: {message}")
-        nodes = self.reg.by_id()
-        for n in inst.nodes:
-            if n in nodes:
-                self.send(nodes[n].identity, "UNLOAD", instance=inst.id)
-        if inst.auto or inst.state != "failed":
-            self.instances.pop(inst.id, None)
-
     def tend_probes(self, now: float) -> None:
         """Start the next link probe when one is due (broker/probes.py decides)."""
         nodes = self.reg.by_id()
@@ -523,56 +331,12 @@ class Broker:
         self.stats["probes_sent"] += 1
 
     def on_instances(self, fe: Peer, msg: P.Message, frame: zmq.Frame) -> None:
-        status, body = 200, self.instances_op(msg["op"], msg.get("spec") or {}, msg.get("id"))
+        status, body = 200, self.deploy.op(msg["op"], msg.get("spec") or {}, msg.get("id"))
         if isinstance(body, PlacementError):
             status, body = body.status, {"code": body.code, "message": body.message}
         elif msg["op"] == "place":
             status = 201
         self.send(fe.identity, "REPLY", qid=msg["qid"], data={"status": status, "body": body})
-
-    def instances_op(self, op: str, spec: dict[str, Any], iid: Any) -> Any:
-        nodes = self.reg.by_id()
-        if op == "list":
-            return [i.public(nodes) for i in self.instances.values()]
-        if op == "delete":
-            inst = self.instances.get(str(iid))
-            if inst is None:
-                return PlacementError(404, "instance_not_found", f"no instance '{iid}'")
-            self.end_instance(inst, 503, "instance_deleted", "deleted")
-            self.instances.pop(inst.id, None)
-            return {"id": inst.id, "deleted": True}
-        if op not in ("place", "preview"):
-            return PlacementError(400, "invalid_op", f"unknown instances op {op!r}")
-        model = str(spec.get("model", ""))
-        meta = self.meta(model)
-        if meta is None:
-            return PlacementError(
-                404, "model_not_found", f"no connected node holds the model '{model}'"
-            )
-        try:
-            ask = Ask(
-                nodes=tuple(str(n) for n in spec.get("nodes") or ()),
-                stages=tuple(
-                    (str(s["node"]), int(s["layers"][0]), int(s["layers"][1]))
-                    for s in spec.get("stages") or ()
-                ),
-                min_nodes=int(spec.get("min_nodes") or 1),
-                max_nodes=int(spec["max_nodes"]) if spec.get("max_nodes") else None,
-            )
-            if op == "preview":
-                found = candidates(meta, self.views(meta), ask)
-                return {
-                    "model": model,
-                    "layers": meta.layers,
-                    "bytes": meta.bytes,
-                    "candidates": [c.public() for c in found],
-                }
-            chosen = place(meta, self.views(meta), ask)
-        except PlacementError as e:
-            return e
-        except (KeyError, IndexError, TypeError, ValueError) as e:
-            return PlacementError(400, "invalid_placement", f"malformed placement: {e!r}")
-        return self.create(meta, chosen.stages, auto=False).public(nodes)
 
     def recently_pulled(self, model: str) -> list[tuple[Peer, dict[str, Any]]]:
         """A node just asked to download `model`, whose status does not show it yet."""
@@ -638,7 +402,7 @@ class Broker:
                 "DOWNLOAD",
                 model=model,
                 revision=str(msg.get("revision") or "main"),
-                **self.weights_source(model, node),
+                **self.deploy.weights_source(model, node),
             )
             self.pulls[model] = (node.identity, time.monotonic())
             log.info("asked node %s to download %s", node.peer_id, model)
@@ -739,7 +503,7 @@ class Broker:
             "uptime_s": round(time.time() - self.started, 1),
             "nodes": (nodes := [p.public() for p in self.reg.nodes()]),
             "links": probes.attach(links(nodes), nodes),
-            "instances": [i.public(self.reg.by_id()) for i in self.instances.values()],
+            "instances": [i.public(self.reg.by_id()) for i in self.deploy.instances.values()],
             "frontends": [p.peer_id for p in self.reg.peers.values() if p.role == "frontend"],
             "requests_active": len(self.reg.requests),
             "requests_waiting_for_download": len(self.reg.parked),

@@ -418,7 +418,7 @@ def test_the_instances_command_line(three: LocalCluster) -> None:
         "--stage",
         f"{ids['node1']}:0-3",
         "--stage",
-        f"{ids['node2']}:3-4",
+        f"{ids['node0']}:3-4",
     )
     assert out.returncode == 0, out.stderr
     placed = json.loads(out.stdout)
