@@ -173,7 +173,12 @@ class Deployer:
     def load(self, inst: Instance, nodes: dict[str, Peer]) -> None:
         """Tell every stage to load, with the peer endpoints it sends to."""
         inst.routes = self.routes(inst, nodes)
+        later = [
+            [s.end - s.start, int(nodes[s.node].status.get("kv_budget") or 0)]
+            for s in inst.stages[1:]
+        ]
         for k, (spec, route) in enumerate(zip(inst.stages, inst.routes, strict=True)):
+            extra = {"kv_budgets": later} if k == 0 and later else {}
             self.b.send(
                 nodes[spec.node].identity,
                 "LOAD",
@@ -184,6 +189,7 @@ class Deployer:
                 total=inst.total,
                 stage=k,
                 **route,
+                **extra,
             )
         inst.loads_sent = True
 

@@ -61,7 +61,9 @@ Instances (a model placed on an ordered list of nodes, each holding a layer rang
                         load layers [start, end) of `total`, once every stage's node holds
                         the weights. next: the next stage's peer endpoint (absent on the
                         last stage); head: stage 0's endpoint, where the last stage sends
-                        tokens. Progress travels in the node's HEARTBEAT status
+                        tokens. kv_budgets (stage 0 only): [[layers, KV bytes], ...] of the
+                        later stages, so stage 0 admits no more than any of them can hold.
+                        Progress travels in the node's HEARTBEAT status
                         ("stages": {instance: {state: loading|ready|failed, error?}}).
     broker -> node      UNLOAD {instance}   drop the stage and every request through it
     broker -> node      ROUTE {instance, next? | head?}  send the following steps to this

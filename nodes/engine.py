@@ -255,11 +255,13 @@ class Engine:
         need = (len(prompt) + min(sp.max_tokens, lm.context - len(prompt))) * kv_bytes_per_token(
             lm.model
         )
-        if need > self.kv_budget:
+        cap = min(self.kv_budget, lm.kv_cap if lm.kv_cap is not None else self.kv_budget)
+        if need > cap:
+            where = "the node" if cap == self.kv_budget else "the instance's tightest stage"
             raise EngineError(
                 400,
                 "kv_budget_exceeded",
-                f"this request needs {need >> 20} MiB of KV cache; the node allows {self.kv_budget >> 20} MiB",
+                f"this request needs {need >> 20} MiB of KV cache; {where} allows {cap >> 20} MiB",
             )
         req = Request(
             rid=rid,
@@ -282,6 +284,11 @@ class Engine:
 
         reserved = sum(r.kv_reserved for r in self.requests.values())
         while self.queue and reserved + self.queue[0].kv_reserved <= self.kv_budget:
+            head = self.queue[0]
+            if head.lm.kv_cap is not None:
+                mine = sum(r.kv_reserved for r in self.requests.values() if r.lm is head.lm)
+                if mine + head.kv_reserved > head.lm.kv_cap:
+                    break  # a later stage of its instance would run out first
             req = self.queue.popleft()
             req.cache = make_prompt_cache(req.lm.model)
             self.requests[req.rid] = req
@@ -578,6 +585,7 @@ class Engine:
             "kv_bytes": self.kv_bytes(),
             "kv_reserved": sum(r.kv_reserved for r in self.requests.values()),
             "kv_budget": self.kv_budget,
+            "kv_caps": {m: lm.kv_cap for m, lm in self.models.items() if lm.kv_cap is not None},
             "loaded": sorted(self.models),
             "steps": self.steps,
             "step_s": self.t_decode,

@@ -54,6 +54,9 @@ class LoadedModel:
     part: Part | None = None  # None: the whole model
     nbytes: int = 0  # weights held in memory
     instance: str = ""
+    # Stage 0 of a split model: the KV bytes (of its own layers) that its requests may
+    # hold together so that no later stage exceeds its node's KV budget.
+    kv_cap: int | None = None
 
     @property
     def layers(self) -> int:

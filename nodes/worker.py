@@ -314,6 +314,14 @@ class Node:
         if msg.get("head"):
             self.head_of[iid] = str(msg["head"])
         if part.first:
+            # Later stages hold KV for every request this stage admits: keep each
+            # within its node's budget, in this stage's units (bytes scale with layers).
+            caps = [
+                int(budget * part.end / max(1, layers))
+                for layers, budget in msg.get("kv_budgets") or []
+                if budget
+            ]
+            lm.kv_cap = min(caps) if caps else None
             self.engine.add_model(lm)
         else:
             self.runners[iid] = StageRunner(lm)

@@ -114,6 +114,16 @@ def test_one_two_three_stages_give_the_same_tokens(three: LocalCluster, model: s
         for s in stages:
             assert by_id[s["node"]]["status"]["stages"][inst["id"]]["layers"] == s["layers"]
         assert inst["history"] == ["downloading", "loading", "ready"]
+        if len(plan) > 1:
+            # Stage 0 admits no more KV than the tightest later stage can hold.
+            head = by_id[stages[0]["node"]]["status"]
+            caps = [
+                by_id[s["node"]]["status"]["kv_budget"]
+                * plan[0][2]
+                // (s["layers"][1] - s["layers"][0])
+                for s in stages[1:]
+            ]
+            assert head["kv_caps"][model] == min(caps)
         results.append(concurrent(c, model))
         delete_all(c)
     assert results[0] == results[1] == results[2]

@@ -99,3 +99,33 @@ def test_a_stage_holds_only_its_layers(tiny_path: Path) -> None:
     middle = load_model("m", tiny_path, Part(1, 3, 4))
     assert middle.layers == 2
     assert middle.nbytes < whole.nbytes / 2  # no embedding, no head, half the layers
+
+
+def test_stage_zero_admits_only_what_every_later_stage_can_hold(tiny_path: Path) -> None:
+    from exo.nodes.engine import EngineError
+    from exo.nodes.model import kv_bytes_per_token
+
+    p = pipeline(tiny_path, [0, 2, 4])
+    head = p.engine.models["m"]
+    per_token = kv_bytes_per_token(head.model)
+    head.kv_cap = 40 * per_token  # a later stage's budget, in stage 0's units
+    with pytest.raises(EngineError) as e:
+        p.engine.submit("big", "m", "completion", "hello there", {"max_tokens": 100})
+    assert e.value.code == "kv_budget_exceeded" and "tightest stage" in e.value.message
+    # Two that fit alone but not together: the second waits for the first.
+    params = {"max_tokens": 20, "temperature": 0, "ignore_eos": True}
+    p.engine.submit("r0", "m", "completion", "Hi", params)
+    p.engine.submit("r1", "m", "completion", "Hi", params)
+    assert list(p.engine.requests) == ["r0"] and [r.rid for r in p.engine.queue] == ["r1"]
+    done: dict[str, int] = {}
+    for _ in range(500):
+        outs = p.engine.step()
+        while p.results:
+            n, toks = p.results.pop(0)
+            outs += p.engine.finish_remote("m", n, toks)
+        for o in outs:
+            done[o.rid] = done.get(o.rid, 0) + len(o.ids)
+        assert len(p.engine.requests) <= 1
+        if not p.engine.requests and not p.engine.queue:
+            break
+    assert done == {"r0": 20, "r1": 20}
