@@ -331,6 +331,37 @@ def test_a_node_under_critical_memory_pressure_gets_no_stage(
         assert r.status_code == 409 and "critical" in r.json()["error"]["message"]
 
 
+def test_deleting_an_instance_ends_its_requests_in_flight_with_a_clear_error(
+    three: LocalCluster,
+) -> None:
+    c = three
+    ids = node_ids(c)
+    stages = [
+        {"node": ids["node0"], "layers": [0, 15]},
+        {"node": ids["node1"], "layers": [15, 30]},
+    ]
+    r = place(c, {"model": DEFAULT_MODEL, "stages": stages})
+    iid = ready(c, r.json()["id"])["id"]
+    got: list[str] = []
+    with httpx.stream(
+        "POST",
+        f"{c.url}/v1/completions",
+        json={"model": DEFAULT_MODEL, "prompt": "Once", "max_tokens": 500, "stream": True},
+        timeout=60,
+    ) as resp:
+        deleted = False
+        for line in resp.iter_lines():
+            if line:
+                got.append(line)
+            if not deleted and sum(x.startswith("data: {") for x in got) >= 3:
+                assert httpx.delete(f"{c.url}/v1/instances/{iid}", timeout=10).status_code == 200
+                deleted = True
+    assert got[-1] == "data: [DONE]"
+    assert any('"error"' in x and "deleted" in x for x in got), got[-3:]
+    wait_until(lambda: all(not n["status"].get("stages") for n in c.cluster_state()["nodes"]))
+    assert all(n["status"]["kv_bytes"] == 0 for n in c.cluster_state()["nodes"])
+
+
 def test_a_killed_stage_fails_its_requests_and_the_next_request_works(
     three: LocalCluster,
 ) -> None:
