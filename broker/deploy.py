@@ -162,12 +162,12 @@ class Deployer:
 
         out: list[dict[str, str]] = []
         for k, node in enumerate(inst.nodes):
+            route = {}
             if k + 1 < len(inst.nodes):
-                out.append({"next": endpoint(node, inst.nodes[k + 1])})
-            elif len(inst.nodes) > 1:
-                out.append({"head": endpoint(node, inst.nodes[0])})
-            else:
-                out.append({})
+                route["next"] = endpoint(node, inst.nodes[k + 1])
+            if k > 0:  # tokens (last stage) and errors (any later stage) go to stage 0
+                route["head"] = endpoint(node, inst.nodes[0])
+            out.append(route)
         return out
 
     def load(self, inst: Instance, nodes: dict[str, Peer]) -> None:

@@ -60,8 +60,8 @@ Instances (a model placed on an ordered list of nodes, each holding a layer rang
     broker -> node      LOAD {instance, model, start, end, total, stage, next?, head?}
                         load layers [start, end) of `total`, once every stage's node holds
                         the weights. next: the next stage's peer endpoint (absent on the
-                        last stage); head: stage 0's endpoint, where the last stage sends
-                        tokens. kv_budgets (stage 0 only): [[layers, KV bytes], ...] of the
+                        last stage); head (every later stage): stage 0's endpoint, where the
+                        last stage sends tokens and any stage its STAGE_ERROR. kv_budgets (stage 0 only): [[layers, KV bytes], ...] of the
                         later stages, so stage 0 admits no more than any of them can hold.
                         Progress travels in the node's HEARTBEAT status
                         ("stages": {instance: {state: loading|ready|failed, error?}}).

@@ -228,10 +228,9 @@ class Node:
                 out = runner.run(header, h)
             except Exception as e:  # a stage that cannot run its step fails the instance's requests
                 log.exception("instance %s: step %s failed", iid, msg["step"])
-                target = self.head_of.get(iid) or self.next_hop.get(iid)
-                if target:
+                if iid in self.head_of:
                     self.peers.send(
-                        target, "STAGE_ERROR", instance=iid, message=f"{self.name}: {e}"
+                        self.head_of[iid], "STAGE_ERROR", instance=iid, message=f"{self.name}: {e}"
                     )
                 return
             if isinstance(out, list):

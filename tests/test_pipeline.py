@@ -331,6 +331,57 @@ def test_a_node_under_critical_memory_pressure_gets_no_stage(
         assert r.status_code == 409 and "critical" in r.json()["error"]["message"]
 
 
+def test_a_middle_stage_that_cannot_run_a_step_fails_the_requests_at_once(
+    three: LocalCluster,
+) -> None:
+    import zmq
+
+    from exo.broker import protocol as P
+
+    c = three
+    ids = node_ids(c)
+    stages = [
+        {"node": ids["node0"], "layers": [0, 10]},
+        {"node": ids["node1"], "layers": [10, 20]},
+        {"node": ids["node2"], "layers": [20, 30]},
+    ]
+    r = place(c, {"model": DEFAULT_MODEL, "stages": stages})
+    iid = ready(c, r.json()["id"])["id"]
+    (middle,) = [n for n in c.cluster_state()["nodes"] if n["id"] == ids["node1"]]
+    got: list[str] = []
+    t0 = time.monotonic()
+    with httpx.stream(
+        "POST",
+        f"{c.url}/v1/completions",
+        json={"model": DEFAULT_MODEL, "prompt": "Once", "max_tokens": 500, "stream": True},
+        timeout=60,
+    ) as resp:
+        forged = False
+        for line in resp.iter_lines():
+            if line:
+                got.append(line)
+            if not forged and sum(x.startswith("data: {") for x in got) >= 2:
+                # A step for a request the middle stage never saw: it cannot run it.
+                sock = zmq.Context.instance().socket(zmq.DEALER)
+                sock.setsockopt(zmq.LINGER, 2000)
+                sock.connect(f"tcp://127.0.0.1:{middle['info']['peer_port']}")
+                header = P.encode(
+                    "ACT",
+                    instance=iid,
+                    step=10**9,
+                    decode=[],
+                    chunks=[["ghost", 1, False]],
+                    shape=[1, 576],
+                )
+                sock.send_multipart([header, bytes(4 * 576)])
+                sock.close()
+                forged, t0 = True, time.monotonic()
+    assert time.monotonic() - t0 < 10  # not the 30 s stage timeout
+    assert got[-1] == "data: [DONE]"
+    assert any('"error"' in x and "node1" in x for x in got), got[-3:]
+    delete_all(c)
+
+
 def test_deleting_an_instance_ends_its_requests_in_flight_with_a_clear_error(
     three: LocalCluster,
 ) -> None:
