@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,41 @@ def delete_all(c: LocalCluster) -> None:
     for i in instances(c):
         assert httpx.delete(f"{c.url}/v1/instances/{i['id']}", timeout=10).status_code == 200
     wait_until(lambda: all(not n["status"].get("stages") for n in c.cluster_state()["nodes"]))
+
+
+def node(c: LocalCluster, key: str) -> dict[str, Any]:
+    """A node of the cluster state, by id or name."""
+    (n,) = [n for n in c.cluster_state()["nodes"] if key in (n["id"], n["name"])]
+    return n
+
+
+def place_ready(c: LocalCluster, stages: list[dict[str, Any]]) -> str:
+    r = place(c, {"model": DEFAULT_MODEL, "stages": stages})
+    assert r.status_code == 201, r.text
+    return str(ready(c, r.json()["id"])["id"])
+
+
+def interrupted_stream(
+    c: LocalCluster, after: int, action: Callable[[], None]
+) -> tuple[list[str], float]:
+    """Stream a long completion, run `action` once `after` tokens arrived; the
+    stream's lines and the seconds from the action to the stream's end."""
+    got: list[str] = []
+    acted_at = None
+    with httpx.stream(
+        "POST",
+        f"{c.url}/v1/completions",
+        json={"model": DEFAULT_MODEL, "prompt": "Once", "max_tokens": 500, "stream": True},
+        timeout=60,
+    ) as resp:
+        for line in resp.iter_lines():
+            if line:
+                got.append(line)
+            if acted_at is None and sum(x.startswith("data: {") for x in got) >= after:
+                acted_at = time.monotonic()
+                action()
+    assert acted_at is not None, got
+    return got, time.monotonic() - acted_at
 
 
 def concurrent(c: LocalCluster, model: str) -> list[list[int]]:
@@ -250,7 +285,7 @@ def test_garbage_on_the_peer_socket_is_dropped_and_counted(three: LocalCluster) 
     from exo.broker import protocol as P
 
     c = three
-    (n0,) = [n for n in c.cluster_state()["nodes"] if n["name"] == "node0"]
+    n0 = node(c, "node0")
     port = n0["info"]["peer_port"]
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 2000)  # deliver before closing
@@ -265,8 +300,7 @@ def test_garbage_on_the_peer_socket_is_dropped_and_counted(three: LocalCluster) 
         raw.sendall(b"GET / HTTP/1.1\r\n\r\n")  # not a probe: the node hangs up
 
     def dropped() -> dict[str, int]:
-        (n,) = [n for n in c.cluster_state()["nodes"] if n["name"] == "node0"]
-        return dict(n["status"].get("peer_dropped", {}))
+        return dict(node(c, "node0")["status"].get("peer_dropped", {}))
 
     got = wait_until(lambda: (d := dropped()).get("undecodable") and d.get("bad_tensor") and d)
     assert got["undecodable"] >= 1 and got["bad_tensor"] >= 1
@@ -286,8 +320,7 @@ def test_two_models_on_one_node_set_mlx_limits_from_both(three: LocalCluster) ->
     node0 = node_ids(c)["node0"]
 
     def limits() -> dict[str, int]:
-        (n,) = [n for n in c.cluster_state()["nodes"] if n["id"] == node0]
-        return n["status"]["mlx_limits"]
+        return dict(node(c, node0)["status"]["mlx_limits"])
 
     made = {}
     for model in (DEFAULT_MODEL, "test/tiny-llama"):  # the large one first, then the small
@@ -345,38 +378,27 @@ def test_a_middle_stage_that_cannot_run_a_step_fails_the_requests_at_once(
         {"node": ids["node1"], "layers": [10, 20]},
         {"node": ids["node2"], "layers": [20, 30]},
     ]
-    r = place(c, {"model": DEFAULT_MODEL, "stages": stages})
-    iid = ready(c, r.json()["id"])["id"]
-    (middle,) = [n for n in c.cluster_state()["nodes"] if n["id"] == ids["node1"]]
-    got: list[str] = []
-    t0 = time.monotonic()
-    with httpx.stream(
-        "POST",
-        f"{c.url}/v1/completions",
-        json={"model": DEFAULT_MODEL, "prompt": "Once", "max_tokens": 500, "stream": True},
-        timeout=60,
-    ) as resp:
-        forged = False
-        for line in resp.iter_lines():
-            if line:
-                got.append(line)
-            if not forged and sum(x.startswith("data: {") for x in got) >= 2:
-                # A step for a request the middle stage never saw: it cannot run it.
-                sock = zmq.Context.instance().socket(zmq.DEALER)
-                sock.setsockopt(zmq.LINGER, 2000)
-                sock.connect(f"tcp://127.0.0.1:{middle['info']['peer_port']}")
-                header = P.encode(
-                    "ACT",
-                    instance=iid,
-                    step=10**9,
-                    decode=[],
-                    chunks=[["ghost", 1, False]],
-                    shape=[1, 576],
-                )
-                sock.send_multipart([header, bytes(4 * 576)])
-                sock.close()
-                forged, t0 = True, time.monotonic()
-    assert time.monotonic() - t0 < 10  # not the 30 s stage timeout
+    iid = place_ready(c, stages)
+    middle = node(c, "node1")
+
+    def forge() -> None:
+        # A step for a request the middle stage never saw: it cannot run it.
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 2000)
+        sock.connect(f"tcp://127.0.0.1:{middle['info']['peer_port']}")
+        header = P.encode(
+            "ACT",
+            instance=iid,
+            step=10**9,
+            decode=[],
+            chunks=[["ghost", 1, False]],
+            shape=[1, 576],
+        )
+        sock.send_multipart([header, bytes(4 * 576)])
+        sock.close()
+
+    got, ended = interrupted_stream(c, 2, forge)
+    assert ended < 10  # not the 30 s stage timeout
     assert got[-1] == "data: [DONE]"
     assert any('"error"' in x and "node1" in x for x in got), got[-3:]
     delete_all(c)
@@ -391,22 +413,12 @@ def test_deleting_an_instance_ends_its_requests_in_flight_with_a_clear_error(
         {"node": ids["node0"], "layers": [0, 15]},
         {"node": ids["node1"], "layers": [15, 30]},
     ]
-    r = place(c, {"model": DEFAULT_MODEL, "stages": stages})
-    iid = ready(c, r.json()["id"])["id"]
-    got: list[str] = []
-    with httpx.stream(
-        "POST",
-        f"{c.url}/v1/completions",
-        json={"model": DEFAULT_MODEL, "prompt": "Once", "max_tokens": 500, "stream": True},
-        timeout=60,
-    ) as resp:
-        deleted = False
-        for line in resp.iter_lines():
-            if line:
-                got.append(line)
-            if not deleted and sum(x.startswith("data: {") for x in got) >= 3:
-                assert httpx.delete(f"{c.url}/v1/instances/{iid}", timeout=10).status_code == 200
-                deleted = True
+    iid = place_ready(c, stages)
+
+    def delete() -> None:
+        assert httpx.delete(f"{c.url}/v1/instances/{iid}", timeout=10).status_code == 200
+
+    got, _ = interrupted_stream(c, 3, delete)
     assert got[-1] == "data: [DONE]"
     assert any('"error"' in x and "deleted" in x for x in got), got[-3:]
     wait_until(lambda: all(not n["status"].get("stages") for n in c.cluster_state()["nodes"]))
@@ -422,25 +434,8 @@ def test_a_killed_stage_fails_its_requests_and_the_next_request_works(
         {"node": ids["node0"], "layers": [0, 15]},
         {"node": ids["node2"], "layers": [15, 30]},
     ]
-    r = place(c, {"model": DEFAULT_MODEL, "stages": stages})
-    assert r.status_code == 201, r.text
-    iid = ready(c, r.json()["id"])["id"]
-    got: list[str] = []
-    with httpx.stream(
-        "POST",
-        f"{c.url}/v1/completions",
-        json={"model": DEFAULT_MODEL, "prompt": "Once", "max_tokens": 500, "stream": True},
-        timeout=60,
-    ) as resp:
-        killed_at = None
-        for line in resp.iter_lines():
-            if line:
-                got.append(line)
-            if killed_at is None and sum(x.startswith("data: {") for x in got) >= 3:
-                killed_at = time.monotonic()
-                c.kill_node(2)
-        assert killed_at is not None
-        ended = time.monotonic() - killed_at
+    iid = place_ready(c, stages)
+    got, ended = interrupted_stream(c, 3, lambda: c.kill_node(2))
     assert ended < 10
     assert got[-1] == "data: [DONE]"
     assert any('"error"' in x and "node" in x for x in got), got[-3:]
@@ -477,8 +472,7 @@ def test_two_stages_on_nodes_in_different_network_namespaces(
                 ready(c, r.json()["id"])
                 outs.append(concurrent(c, DEFAULT_MODEL))
                 if len(plan) == 2:
-                    (a,) = [n for n in c.cluster_state()["nodes"] if n["id"] == ids["node0"]]
-                    sent = a["status"]["peer_bytes_sent"]
+                    sent = node(c, "node0")["status"]["peer_bytes_sent"]
                     # Stage 0 reached stage 1 over the data link, the only path between them.
                     assert [e for e in sent if e.startswith(f"tcp://{b_addr}:")], sent
                 delete_all(c)
