@@ -103,13 +103,9 @@ def test_an_unknown_repository_is_a_clear_error(hub: Hub, tmp_path: Path) -> Non
         Downloader(hub=hub.url).download("nobody/nothing", tmp_path / "x")
 
 
-def test_a_killed_pull_resumes_from_its_partial_file(
-    hub: Hub, tiny_path: Path, tmp_path: Path
-) -> None:
-    size = (tiny_path / WEIGHTS).stat().st_size
-    hub.faults.rate = size / 4  # about four seconds for the weights
-    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"}
-    cmd = [
+def pull_command(models_dir: Path) -> list[str]:
+    """`exo-tools models pull REPO`, as an operator runs it."""
+    return [
         sys.executable,
         "-m",
         "exo.tools.main",
@@ -117,9 +113,19 @@ def test_a_killed_pull_resumes_from_its_partial_file(
         "pull",
         REPO,
         "--models-dir",
-        str(tmp_path),
+        str(models_dir),
     ]
-    p = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+
+
+def test_a_killed_pull_resumes_from_its_partial_file(
+    hub: Hub, tiny_path: Path, tmp_path: Path
+) -> None:
+    size = (tiny_path / WEIGHTS).stat().st_size
+    hub.faults.rate = size / 4  # about four seconds for the weights
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"}
+    p = subprocess.Popen(
+        pull_command(tmp_path), env=env, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL
+    )
     part = tmp_path / "hubtest--tiny-llama" / (WEIGHTS + ".partial")
     deadline = time.monotonic() + 30
     while not (part.exists() and part.stat().st_size > size // 4) and time.monotonic() < deadline:
@@ -129,7 +135,7 @@ def test_a_killed_pull_resumes_from_its_partial_file(
     assert incomplete_reason(tmp_path / "hubtest--tiny-llama") is not None
     first = hub.served[WEIGHTS]
     hub.faults.rate = None
-    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    subprocess.run(pull_command(tmp_path), env=env, check=True, capture_output=True)
     assert same_files(tmp_path / "hubtest--tiny-llama", tiny_path)
     assert 0 < hub.served[WEIGHTS] - first < size  # the second run fetched only the rest
 
@@ -342,16 +348,7 @@ def test_models_pull_on_a_terminal_draws_a_progress_bar(
     hub.faults.rate = (tiny_path / WEIGHTS).stat().st_size / 2
     master, slave = pty.openpty()
     p = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "exo.tools.main",
-            "models",
-            "pull",
-            REPO,
-            "--models-dir",
-            str(tmp_path),
-        ],
+        pull_command(tmp_path),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=slave,
