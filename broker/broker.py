@@ -15,7 +15,7 @@ import zmq
 
 from exo.broker import probes
 from exo.broker import protocol as P
-from exo.broker.deploy import Deployer
+from exo.broker.deploy import Deployer, Topology
 from exo.broker.placement import (
     PlacementError,
 )
@@ -310,8 +310,9 @@ class Broker:
                 or now - sent > probes.TIMEOUT_S
             ):
                 self.probing = None
-        found = links([p.public() for p in nodes.values()])
-        link = probes.due(found, self.probed, now, self.probing is not None, self.probe_every)
+        link = probes.due(
+            self.topology()[1], self.probed, now, self.probing is not None, self.probe_every
+        )
         if link is None:
             return
         a, b = nodes.get(link["a"]["node"]), nodes.get(link["b"]["node"])
@@ -402,7 +403,7 @@ class Broker:
                 "DOWNLOAD",
                 model=model,
                 revision=str(msg.get("revision") or "main"),
-                **self.deploy.weights_source(model, node),
+                **self.deploy.weights_source(model, node, self.topology()),
             )
             self.pulls[model] = (node.identity, time.monotonic())
             log.info("asked node %s to download %s", node.peer_id, model)
@@ -497,12 +498,18 @@ class Broker:
             data = {"error": f"unknown query {what!r}"}
         self.send(fe.identity, "REPLY", qid=msg["qid"], data=data)
 
+    def topology(self) -> Topology:
+        """Every node's public view, by id, and the links between them, measured."""
+        publics = {p.peer_id: p.public() for p in self.reg.nodes()}
+        nodes = list(publics.values())
+        return publics, probes.attach(links(nodes), nodes)
+
     def cluster(self) -> dict[str, Any]:
         return {
             "protocol": P.VERSION,
             "uptime_s": round(time.time() - self.started, 1),
-            "nodes": (nodes := [p.public() for p in self.reg.nodes()]),
-            "links": probes.attach(links(nodes), nodes),
+            "nodes": list((view := self.topology())[0].values()),
+            "links": view[1],
             "instances": [i.public(self.reg.by_id()) for i in self.deploy.instances.values()],
             "frontends": [p.peer_id for p in self.reg.peers.values() if p.role == "frontend"],
             "requests_active": len(self.reg.requests),

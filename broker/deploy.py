@@ -11,7 +11,6 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from exo.broker import probes
 from exo.broker.instances import Instance, advance
 from exo.broker.placement import (
     Ask,
@@ -24,10 +23,13 @@ from exo.broker.placement import (
 )
 from exo.broker.registry import Peer
 from exo.broker.routing import Refusal, no_holder
-from exo.broker.topology import links, peer_host
+from exo.broker.topology import peer_host
 
 if TYPE_CHECKING:
     from exo.broker.broker import Broker
+
+# Every node's public view by id, and the links between them with their measurements.
+Topology = tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +109,7 @@ class Deployer:
 
     def tend(self) -> None:
         nodes = self.b.reg.by_id()
+        view = self.b.topology()
         for inst in list(self.instances.values()):
             nxt = advance(inst, nodes)
             for n in nxt.download:
@@ -115,14 +118,14 @@ class Deployer:
                     "DOWNLOAD",
                     model=inst.model,
                     revision="main",
-                    **self.weights_source(inst.model, nodes[n]),
+                    **self.weights_source(inst.model, nodes[n], view),
                 )
                 inst.downloads_asked.add(n)
                 log.info("instance %s: node %s downloads %s", inst.id, n, inst.model)
             if nxt.load:
-                self.load(inst, nodes)
+                self.load(inst, nodes, view)
             else:
-                self.reroute(inst, nodes)
+                self.reroute(inst, nodes, view)
             if not inst.enter(nxt.state, nxt.error):
                 continue
             log.info(
@@ -133,7 +136,7 @@ class Deployer:
             elif nxt.state == "failed":
                 self.end(inst, 503, "instance_failed", nxt.error or "instance failed")
 
-    def weights_source(self, model: str, node: Peer) -> dict[str, str]:
+    def weights_source(self, model: str, node: Peer, view: Topology) -> dict[str, str]:
         """A peer that holds `model` complete, as a download source for `node` (over
         the best link between them): weights cross the cluster once, not the internet
         once per machine."""
@@ -144,17 +147,17 @@ class Deployer:
         ]
         if not holders:
             return {}
-        publics = [p.public() for p in self.b.reg.nodes()]
-        found = probes.attach(links(publics), publics)
+        publics, found = view
         holder = min(holders, key=lambda p: (p.load(), p.peer_id))
-        host = peer_host(node.public(), holder.public(), found)
+        host = peer_host(publics[node.peer_id], publics[holder.peer_id], found)
         return {"source": f"http://{host}:{int(holder.info['weights_port'])}"}
 
-    def routes(self, inst: Instance, nodes: dict[str, Peer]) -> list[dict[str, str]]:
-        """Per stage, the peer endpoints it sends to: `next` (the next stage) or, on
-        the last stage, `head` (stage 0), each over the best link up now."""
-        publics = {n: p.public() for n, p in nodes.items()}
-        found = probes.attach(links(list(publics.values())), list(publics.values()))
+    def routes(
+        self, inst: Instance, nodes: dict[str, Peer], view: Topology
+    ) -> list[dict[str, str]]:
+        """Per stage, the peer endpoints it sends to: `next` (the next stage) and, on
+        every later stage, `head` (stage 0), each over the best link up now."""
+        publics, found = view
 
         def endpoint(src: str, dst: str) -> str:
             port = int(nodes[dst].info.get("peer_port", 0))
@@ -170,9 +173,9 @@ class Deployer:
             out.append(route)
         return out
 
-    def load(self, inst: Instance, nodes: dict[str, Peer]) -> None:
+    def load(self, inst: Instance, nodes: dict[str, Peer], view: Topology) -> None:
         """Tell every stage to load, with the peer endpoints it sends to."""
-        inst.routes = self.routes(inst, nodes)
+        inst.routes = self.routes(inst, nodes, view)
         later = [
             [s.end - s.start, int(nodes[s.node].status.get("kv_budget") or 0)]
             for s in inst.stages[1:]
@@ -193,14 +196,14 @@ class Deployer:
             )
         inst.loads_sent = True
 
-    def reroute(self, inst: Instance, nodes: dict[str, Peer]) -> None:
+    def reroute(self, inst: Instance, nodes: dict[str, Peer], view: Topology) -> None:
         """When a better link comes up (or the one in use goes down), the stages send
         their next steps over the new one: nothing in flight is failed for it."""
         if not inst.loads_sent or inst.state == "failed" or len(inst.stages) < 2:
             return
         if any(n not in nodes for n in inst.nodes):
             return
-        new = self.routes(inst, nodes)
+        new = self.routes(inst, nodes, view)
         for spec, old, route in zip(inst.stages, inst.routes, new, strict=True):
             if route != old:
                 log.info("instance %s: stage on %s now sends to %s", inst.id, spec.node, route)
