@@ -103,7 +103,8 @@ class Node:
         self.recent_cancels: deque[tuple[str, float, float]] = deque(maxlen=64)
 
     def info(self) -> dict[str, Any]:
-        d = node_info.gather(sorted(self.store.scan()), blas, self.store.models_dir)
+        models = self.store.scan()  # walks every model folder: once per INFO
+        d = node_info.gather(sorted(models), blas, self.store.models_dir)
         d["interfaces"] = [i.public() for i in interfaces(self.link_types)]
         d["rdma"] = self.rdma
         d["loading"] = self.loading
@@ -111,7 +112,7 @@ class Node:
         d["probe_port"] = self.prober.port
         d["weights_port"] = self.weights.port if self.weights else None
         d["memory_pressure"] = read_pressure()
-        d["model_meta"] = {m: model_meta(p) for m, p in self.store.scan().items()}
+        d["model_meta"] = {m: model_meta(p) for m, p in models.items()}
         return d
 
     def send(self, type_: str, **fields: Any) -> None:
