@@ -14,18 +14,7 @@ from typing import Any
 import httpx
 
 from exo.tools.bench import PROMPT, machine, stream_http
-
-
-def _wait_ready(url: str, iid: str) -> dict[str, Any]:
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        for i in httpx.get(f"{url}/v1/instances", timeout=10).json()["data"]:
-            if i["id"] == iid and i["state"] in ("ready", "failed"):
-                if i["state"] == "failed":
-                    raise RuntimeError(f"instance failed: {i['error']}")
-                return dict(i)
-        time.sleep(0.2)
-    raise TimeoutError(iid)
+from exo.tools.cluster import wait_ready
 
 
 def _peer_bytes(url: str) -> int:
@@ -51,7 +40,7 @@ def run(url: str, model: str, stages: list[int], tokens: int, rounds: int) -> di
                 f"{url}/v1/instances", json={"model": model, "nodes": nodes[:k]}, timeout=60
             )
             r.raise_for_status()
-            inst = _wait_ready(url, r.json()["id"])
+            inst = wait_ready(url, r.json()["id"])
             splits[k] = [s["layers"] for s in inst["stages"]]
             stream_http(url, model, "Hi", 4)  # warm: not timed
             time.sleep(0.6)  # let the nodes' byte counters reach the broker

@@ -175,3 +175,21 @@ class LocalCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class InstanceFailed(RuntimeError):
+    pass
+
+
+def wait_ready(url: str, iid: str, timeout: float = 600.0) -> dict[str, Any]:
+    """Wait until instance `iid` on the API at `url` is ready; InstanceFailed if it
+    fails or is not ready within `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for inst in httpx.get(f"{url}/v1/instances", timeout=10).json()["data"]:
+            if inst["id"] == iid and inst["state"] == "ready":
+                return dict(inst)
+            if inst["id"] == iid and inst["state"] == "failed":
+                raise InstanceFailed(f"instance {iid} failed: {inst['error']}")
+        time.sleep(0.25)
+    raise InstanceFailed(f"instance {iid} not ready after {timeout:.0f}s")

@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from exo.common import logs
+from exo.tools.instances_cli import instances, ready_or_exit
 
 log = logging.getLogger("exo.tools")
 
@@ -41,6 +42,9 @@ models_dir_option = click.option(
 def main(log_spec: str | None) -> None:
     """Operate an exo cluster."""
     logs.setup(log_spec)
+
+
+main.add_command(instances)
 
 
 @main.group()
@@ -243,7 +247,7 @@ def up(
         )
         if r.status_code != 201:
             raise click.ClickException(f"could not place {model}: {r.text}")
-        inst = _wait_ready(cluster.url, r.json()["id"])
+        inst = ready_or_exit(cluster.url, r.json()["id"])
         split = ", ".join(f"{s['node']} layers {s['layers']}" for s in inst["stages"])
         click.echo(
             f"\nexo is serving {model} on {nodes} node(s) ({split}); logs in {cluster.log_dir}"
@@ -274,145 +278,6 @@ def up(
     finally:
         cluster.stop()
         click.echo("stopped")
-
-
-def _wait_ready(url: str, iid: str, timeout: float = 600.0) -> dict[str, Any]:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for inst in httpx.get(f"{url}/v1/instances", timeout=10).json()["data"]:
-            if inst["id"] == iid and inst["state"] == "ready":
-                return dict(inst)
-            if inst["id"] == iid and inst["state"] == "failed":
-                raise click.ClickException(f"instance {iid} failed: {inst['error']}")
-        time.sleep(0.25)
-    raise click.ClickException(f"instance {iid} not ready after {timeout:.0f}s")
-
-
-@main.group()
-def instances() -> None:
-    """Place, preview, list and delete model instances on a running cluster."""
-
-
-api_option = click.option(
-    "--api", "api_url", default="http://127.0.0.1:52415", show_default=True, help="The API's URL."
-)
-
-
-def _instances_call(method: str, url: str, body: dict[str, Any] | None = None) -> Any:
-    import httpx
-
-    try:
-        r = httpx.request(method, url, json=body, timeout=30)
-    except httpx.HTTPError as e:
-        raise click.ClickException(f"cannot reach the API at {url}: {e}") from e
-    if r.status_code >= 400:
-        raise click.ClickException(r.json().get("error", {}).get("message", r.text))
-    return r.json()
-
-
-def _spec(
-    model: str, nodes: str | None, stages: tuple[str, ...], lo: int | None, hi: int | None
-) -> dict[str, Any]:
-    spec: dict[str, Any] = {"model": model}
-    if nodes:
-        spec["nodes"] = nodes.split(",")
-    if stages:
-        # NODE:START-END, e.g. node0:0-15 node1:15-30
-        try:
-            spec["stages"] = [
-                {
-                    "node": s.rsplit(":", 1)[0],
-                    "layers": [int(x) for x in s.rsplit(":", 1)[1].split("-")],
-                }
-                for s in stages
-            ]
-        except (IndexError, ValueError) as e:
-            raise click.BadParameter(f"stages are NODE:START-END ({e})") from e
-    if lo:
-        spec["min_nodes"] = lo
-    if hi:
-        spec["max_nodes"] = hi
-    return spec
-
-
-def placement_options(f: Any) -> Any:
-    for opt in reversed(
-        [
-            click.argument("model"),
-            click.option("--nodes", default=None, help="Explicit ordered nodes, comma-separated."),
-            click.option("--stage", "stages", multiple=True, help="NODE:START-END (repeatable)."),
-            click.option("--min-nodes", type=int, default=None),
-            click.option("--max-nodes", type=int, default=None),
-            api_option,
-        ]
-    ):
-        f = opt(f)
-    return f
-
-
-@instances.command("place")
-@placement_options
-@click.option("--wait/--no-wait", default=True, show_default=True, help="Wait until ready.")
-def instances_place(
-    model: str,
-    nodes: str | None,
-    stages: tuple[str, ...],
-    min_nodes: int | None,
-    max_nodes: int | None,
-    api_url: str,
-    wait: bool,
-) -> None:
-    """Place an instance of MODEL (automatically, or on --nodes / --stage)."""
-    inst = _instances_call(
-        "POST", f"{api_url}/v1/instances", _spec(model, nodes, stages, min_nodes, max_nodes)
-    )
-    if wait:
-        inst = _wait_ready(api_url, inst["id"])
-    click.echo(json.dumps(inst, indent=2))
-
-
-@instances.command("preview")
-@placement_options
-def instances_preview(
-    model: str,
-    nodes: str | None,
-    stages: tuple[str, ...],
-    min_nodes: int | None,
-    max_nodes: int | None,
-    api_url: str,
-) -> None:
-    """Every candidate placement of MODEL, with per-node memory; creates nothing."""
-    got = _instances_call(
-        "POST", f"{api_url}/v1/instances/preview", _spec(model, nodes, stages, min_nodes, max_nodes)
-    )
-    for c in got["candidates"]:
-        split = " | ".join(f"{s['node']} [{s['layers'][0]}, {s['layers'][1]})" for s in c["stages"])
-        click.echo(
-            f"{'ok ' if c['ok'] else 'no '} {split}" + ("" if c["ok"] else f"  ({c['reason']})")
-        )
-
-
-@instances.command("list")
-@api_option
-def instances_list(api_url: str) -> None:
-    """Instances and their state."""
-    for i in _instances_call("GET", f"{api_url}/v1/instances")["data"]:
-        split = " | ".join(f"{s['node']} [{s['layers'][0]}, {s['layers'][1]})" for s in i["stages"])
-        click.echo(
-            f"{i['id']}  {i['model']}  {i['state']}  {split}"
-            + (f"  {i['error']}" if i["error"] else "")
-        )
-
-
-@instances.command("delete")
-@click.argument("instance_id")
-@api_option
-def instances_delete(instance_id: str, api_url: str) -> None:
-    """Delete an instance; requests in flight on it end with an error."""
-    _instances_call("DELETE", f"{api_url}/v1/instances/{instance_id}")
-    click.echo(f"deleted {instance_id}")
 
 
 @main.command("linkstat")
@@ -501,14 +366,21 @@ def _target(
         cluster.stop()
 
 
+def target_options(f: Any) -> Any:
+    """--url and --model: what every benchmark runs against (see _target)."""
+    f = click.option("--model", default=None, help="Model id (default: the default model).")(f)
+    return click.option(
+        "--url", default=None, help="A running cluster's base URL (default: start one here)."
+    )(f)
+
+
 @main.group()
 def bench() -> None:
     """Benchmarks that print figures beside a baseline."""
 
 
 @bench.command("overhead")
-@click.option("--url", default=None, help="A running cluster's base URL (default: start one here).")
-@click.option("--model", default=None, help="Model id (default: the default model).")
+@target_options
 @click.option("--max-tokens", default=128, show_default=True)
 @click.option("--rounds", default=3, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
@@ -533,8 +405,7 @@ def bench_overhead(
 
 
 @bench.command("cancel")
-@click.option("--url", default=None, help="A running cluster's base URL (default: start one here).")
-@click.option("--model", default=None, help="Model id (default: the default model).")
+@target_options
 @click.option("--cancels", default=40, show_default=True)
 @click.option(
     "--storm",
@@ -569,8 +440,7 @@ def bench_cancel(
 
 
 @bench.command("stall")
-@click.option("--url", default=None, help="A running cluster's base URL (default: start one here).")
-@click.option("--model", default=None, help="Model id (default: the default model).")
+@target_options
 @click.option(
     "--streams", default=4, show_default=True, help="Streams running when the long prompt comes."
 )
@@ -617,8 +487,7 @@ def bench_stall(
 
 
 @bench.command("pipeline")
-@click.option("--url", default=None, help="A running cluster's base URL (default: start one here).")
-@click.option("--model", default=None, help="Model id (default: the default model).")
+@target_options
 @click.option("--stages", default="1,2,3", show_default=True, help="Stage counts to compare.")
 @click.option("--tokens", default=64, show_default=True)
 @click.option("--rounds", default=3, show_default=True)
