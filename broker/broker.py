@@ -117,8 +117,9 @@ class Broker:
                 next_tend = now + PARKED_S
             if now >= next_beat:
                 self.expire(now)
-                self.deploy.tend()
-                self.tend_probes(now)
+                view = self.topology()  # once for the tick: instances and probes share it
+                self.deploy.tend(view)
+                self.tend_probes(now, view)
                 beat = P.encode("HEARTBEAT")
                 for ident in list(self.reg.peers):
                     self.send_raw(ident, beat)
@@ -297,7 +298,7 @@ class Broker:
         log.info("rid=%s model=%s -> instance %s on %s", rid, model, inst.id, head.peer_id)
         return True
 
-    def tend_probes(self, now: float) -> None:
+    def tend_probes(self, now: float, view: Topology) -> None:
         """Start the next link probe when one is due (broker/probes.py decides)."""
         nodes = self.reg.by_id()
         if self.probing is not None:
@@ -310,9 +311,7 @@ class Broker:
                 or now - sent > probes.TIMEOUT_S
             ):
                 self.probing = None
-        link = probes.due(
-            self.topology()[1], self.probed, now, self.probing is not None, self.probe_every
-        )
+        link = probes.due(view[1], self.probed, now, self.probing is not None, self.probe_every)
         if link is None:
             return
         a, b = nodes.get(link["a"]["node"]), nodes.get(link["b"]["node"])

@@ -107,9 +107,9 @@ class Deployer:
         self.tend()
         return inst
 
-    def tend(self) -> None:
+    def tend(self, view: Topology | None = None) -> None:
         nodes = self.b.reg.by_id()
-        view = self.b.topology()
+        view = view or self.b.topology()
         for inst in list(self.instances.values()):
             nxt = advance(inst, nodes)
             for n in nxt.download:
