@@ -18,7 +18,7 @@ from typing import Any, Protocol, TypeVar
 from exo.nodes.mlxenv import mx
 from exo.nodes.model import LoadedModel, kv_bytes_per_token
 from exo.nodes.sampling import Sampler, SamplingParams, StopMatcher
-from exo.nodes.scheduler import Pending, StepPlan, plan
+from exo.nodes.scheduler import Pending, PrefillCost, StepPlan, plan
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,7 @@ DEFAULT_IDLE_BUDGET = 256
 MIN_CHUNK = 2
 MAX_CHUNK = 1024
 EWMA = 0.2
+DECODE_EVERY = 8  # mixed steps between two decode-only ones (see Engine.plan)
 
 
 def default_kv_budget() -> int:
@@ -150,6 +151,7 @@ class Remote:
     rows: list[Request]  # the decode rows, in batch order
     chunks: list[Request]  # requests that sent a prompt chunk
     plan: StepPlan
+    work: list[tuple[int, int]]  # (tokens, keys cached) per chunk
     t0: float
 
 
@@ -204,10 +206,11 @@ class Engine:
         self.idle_budget = idle_budget
         self.max_stall = max_stall
         self.t_decode: float | None = None  # EWMA seconds of a decode-only step
-        self.t_token: float | None = None  # EWMA marginal seconds per prefill token
+        self.cost = PrefillCost()  # what prompt chunks add to a decode step
         self.kv_budget = kv_budget if kv_budget is not None else default_kv_budget()
         self.models: dict[str, LoadedModel] = {}
         self.fused: dict[str, bool] = {}
+        self.tables: dict[str, list[float]] = {}  # model -> matmul seconds by row count
         self.requests: OrderedDict[str, Request] = OrderedDict()  # admitted
         self.queue: deque[Request] = deque()  # waiting for KV memory
         self.batches: dict[str, Batch] = {}
@@ -219,20 +222,30 @@ class Engine:
         self.drops: dict[str, list[str]] = {}
         self.steps = 0
         self.last_plan = StepPlan()
+        self.mixed = 0  # steps with both decodes and prefill since the last decode-only one
 
     # -- membership -----------------------------------------------------------------
 
     def add_model(self, lm: LoadedModel) -> None:
-        from exo.nodes.forward import supports_fused
+        from exo.nodes.forward import matmul_table, supports_fused
 
         self.models[lm.model_id] = lm
         self.fused[lm.model_id] = supports_fused(lm.model)
+        self.tables[lm.model_id] = matmul_table(lm.model) if self.fused[lm.model_id] else []
         self.batches.setdefault(lm.model_id, Batch())
 
     def remove_model(self, model_id: str) -> list[str]:
         """Unload a model; returns the requests that ended with it."""
         gone = self.fail_remote(model_id)
-        for d in (self.models, self.fused, self.batches, self.prefetched, self.remote, self.drops):
+        for d in (
+            self.models,
+            self.fused,
+            self.tables,
+            self.batches,
+            self.prefetched,
+            self.remote,
+            self.drops,
+        ):
             d.pop(model_id, None)
         return gone
 
@@ -280,7 +293,7 @@ class Engine:
         return req
 
     def _admit(self) -> None:
-        from mlx_lm.models.cache import make_prompt_cache
+        from mlx_lm.models.cache import KVCache, make_prompt_cache
 
         reserved = sum(r.kv_reserved for r in self.requests.values())
         while self.queue and reserved + self.queue[0].kv_reserved <= self.kv_budget:
@@ -291,6 +304,11 @@ class Engine:
                     break  # a later stage of its instance would run out first
             req = self.queue.popleft()
             req.cache = make_prompt_cache(req.lm.model)
+            for c in req.cache:
+                # One buffer for the whole prompt: a cache that grows 256 keys at a
+                # time copies itself each time, a spike in the step that does it.
+                if isinstance(c, KVCache):
+                    c.step = -(-len(req.prompt) // KVCache.step) * KVCache.step
             self.requests[req.rid] = req
             reserved += req.kv_reserved
             log.debug("rid=%s admitted: %d prompt tokens", req.rid, len(req.prompt))
@@ -330,32 +348,54 @@ class Engine:
         busy = self.remote.keys()
         decoding = [rid for m, b in self.batches.items() if m not in busy for rid in b.rids]
         waiting = [
-            Pending(r.rid, r.to_prefill)
-            for r in self.requests.values()
+            self.requests[rid]
+            for rid, r in self.requests.items()
             if r.cache is not None and r.lm.model_id not in busy
         ]
-        return plan(decoding, waiting, self.budget(len(decoding)), min_chunk=MIN_CHUNK)
+        if decoding and waiting and self.prefill_budget is None:
+            self.mixed += 1
+            if self.t_decode is None or self.mixed > DECODE_EVERY:
+                # A decode-only step now and then keeps the streams' own step time
+                # measured: it grows with their context while a long prompt prefills,
+                # and the prefill allowance is a share of it.
+                self.mixed = 0
+                waiting = []
+        budget = self.budget(len(decoding), waiting[0] if waiting else None)
+        return plan(
+            decoding, [Pending(r.rid, r.to_prefill) for r in waiting], budget, min_chunk=MIN_CHUNK
+        )
 
-    def budget(self, decodes: int) -> int:
-        """Tokens this step may carry (each decode counts as one)."""
+    def budget(self, decodes: int, first: Request | None) -> int:
+        """Tokens this step may carry (each decode counts as one), sized for the
+        first prompt waiting for prefill."""
         if not decodes:
             return self.idle_budget
         if self.prefill_budget is not None:
             return self.prefill_budget
-        if self.t_decode is None or self.t_token is None:
-            return decodes + 16  # until measured
-        extra = (self.max_stall - 1.0) * self.t_decode / max(self.t_token, 1e-6)
-        return decodes + int(min(MAX_CHUNK, max(MIN_CHUNK, extra)))
+        if self.t_decode is None or first is None:
+            return decodes + MIN_CHUNK
+        model = first.lm.model_id
+        n = self.cost.largest(
+            self.tables.get(model, []),
+            len(self.batches[model].rids),
+            first.prefilled,
+            first.to_prefill,
+            (self.max_stall - 1.0) * self.t_decode,
+            MAX_CHUNK,
+        )
+        return decodes + n
 
-    def _learn(self, plan: StepPlan, seconds: float) -> None:
-        def ewma(old: float | None, new: float) -> float:
-            return new if old is None else old + EWMA * (new - old)
-
-        prefill = sum(n for _, n in plan.prefill)
-        if plan.decode and not prefill:
-            self.t_decode = ewma(self.t_decode, seconds)
-        elif plan.decode and self.t_decode is not None:
-            self.t_token = ewma(self.t_token, max(0.0, seconds - self.t_decode) / prefill)
+    def _learn(
+        self, plan: StepPlan, work: list[tuple[int, int]], model: str, seconds: float
+    ) -> None:
+        """Step times: decode-only ones set the baseline, mixed ones teach the
+        cost model what `work` (chunks of `model`'s prompts) added to it."""
+        if plan.decode and not work:
+            old = self.t_decode
+            self.t_decode = seconds if old is None else old + EWMA * (seconds - old)
+        elif plan.decode and work and self.t_decode is not None and model in self.batches:
+            rows = self.tables.get(model, [])
+            self.cost.observe(rows, len(self.batches[model].rids), work, seconds - self.t_decode)
 
     def step(self) -> list[Output]:
         from exo.nodes.forward import Chunk, step_forward
@@ -372,6 +412,9 @@ class Engine:
         sampled: list[tuple[list[Request], mx.array]] = []
         joined: list[Request] = []
         by_model: dict[str, list[tuple[Request, Chunk]]] = {}
+        # (tokens, keys cached) of this node's chunks and their model, for the cost model
+        work: list[tuple[int, int]] = []
+        work_model = ""
         for rid, n in step.prefill:
             req = self.requests[rid]
             assert req.cache is not None
@@ -388,6 +431,8 @@ class Engine:
             if lm.part is not None:
                 self._send_on(lm, rows, chunks, t0)
                 continue
+            work.extend((len(c.tokens), r.prefilled) for r, c in chunks)
+            work_model = work_model or (model_id if chunks else "")
             ready = self.prefetched.pop(model_id, None)
             if ready is not None and ready.rids == batch.rids:
                 # This step's decodes were computed during the last one.
@@ -415,7 +460,16 @@ class Engine:
         if not joined and not self.queue and all(r.cache is None for r in self.requests.values()):
             self._prefetch(sampled)
         mx.eval([t for _, t in sampled], states)
-        self._learn(step, time.perf_counter() - t0)
+        self._learn(step, work, work_model, time.perf_counter() - t0)
+        log.debug(
+            "step %d: %.4fs, %d decodes, chunks %s, baseline %s, cost %s",
+            self.steps,
+            time.perf_counter() - t0,
+            len(step.decode),
+            work,
+            self.t_decode,
+            self.cost.theta,
+        )
         return self._complete(
             [(r, t) for reqs, toks in sampled for r, t in zip(reqs, toks.tolist(), strict=True)],
             joined,
@@ -437,6 +491,7 @@ class Engine:
             mx.eval(h, [c.state for _, ch in chunks for c in ch.cache])
         else:
             h = mx.zeros((0, inner.embed_tokens.weight.shape[1]), dtype=mx.float32)
+        work = [(len(c.tokens), r.prefilled) for r, c in chunks]
         header = {
             "instance": lm.instance,
             "step": self.steps,
@@ -449,7 +504,7 @@ class Engine:
         for req, chunk in chunks:
             req.prefilled += len(chunk.tokens)
         plan = StepPlan([r.rid for r in rows], [(r.rid, len(c.tokens)) for r, c in chunks])
-        self.remote[lm.model_id] = Remote(self.steps, rows, [r for r, c in chunks], plan, t0)
+        self.remote[lm.model_id] = Remote(self.steps, rows, [r for r, c in chunks], plan, work, t0)
 
     def finish_remote(self, model_id: str, step: int, ids: list[int]) -> list[Output]:
         """The last stage's tokens for a step this node began: decode rows in
@@ -459,7 +514,7 @@ class Engine:
             log.warning("tokens for step %d of %s that nobody waits for", step, model_id)
             return []
         del self.remote[model_id]
-        self._learn(w.plan, time.perf_counter() - w.t0)
+        self._learn(w.plan, w.work, model_id, time.perf_counter() - w.t0)
         done = [r for r in w.chunks if r.prefilled == len(r.prompt)]
         if len(ids) != len(w.rows) + len(done):
             raise EngineError(500, "stage_error", f"the last stage sent {len(ids)} tokens")
@@ -589,5 +644,5 @@ class Engine:
             "loaded": sorted(self.models),
             "steps": self.steps,
             "step_s": self.t_decode,
-            "prefill_token_s": self.t_token,
+            "prefill_cost": self.cost.theta,
         }

@@ -16,9 +16,16 @@ from typing import Any
 
 from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
 
+from exo.nodes import attention
 from exo.nodes.mlxenv import mx
 
 FUSED_TYPES = {"llama", "mistral", "qwen2"}
+# MLX's own attention kernel is the fast one everywhere but on its CPU backend.
+_FAST = mx.default_device() == mx.cpu
+
+
+def _offset(cache: Any) -> int:
+    return int(getattr(cache, "_idx", cache.offset))
 
 
 @dataclass
@@ -71,7 +78,10 @@ def _attend(
     q = attn.rope(q, offset=cache.offset)
     k = attn.rope(k, offset=cache.offset)
     k, v = cache.update_and_fetch(k, v)
-    o = scaled_dot_product_attention(q, k, v, cache=cache, scale=attn.scale, mask=mask)
+    if _FAST:
+        o = attention.attend(q, k, v, attn.scale, mask)
+    else:
+        o = scaled_dot_product_attention(q, k, v, cache=cache, scale=attn.scale, mask=mask)
     return o.transpose(0, 2, 1, 3).reshape(B * L, -1)
 
 
@@ -92,6 +102,11 @@ def run_layers(layers: list[Any], h: mx.array, groups: list[Group]) -> mx.array:
     weight matmuls see all T rows at once; attention runs per group."""
     # Masks before any cache grows this step, as mlx-lm's models make them.
     masks = [create_attention_mask(mx.zeros((b, n, 1)), caches[0]) for b, n, caches in groups]
+    if _FAST:
+        masks = [
+            attention.additive_mask(m, n, _offset(caches[0]) + n)
+            for m, (b, n, caches) in zip(masks, groups, strict=True)
+        ]
     for li, layer in enumerate(layers):
         attn = layer.self_attn
         x = layer.input_layernorm(h)
@@ -147,7 +162,29 @@ def fused_step(
 def step_forward(
     model: Any, dec: list[int], dec_cache: list[Any] | None, chunks: list[Chunk], fused: bool
 ) -> tuple[mx.array | None, list[mx.array | None]]:
-    # Fusing only pays when decodes and chunks share a step; alone, mlx-lm's own
-    # forward is faster than the packed loop (0.153 vs 0.177 s for 4 decodes here).
-    use_fused = fused and bool(dec) and bool(chunks)
-    return (fused_step if use_fused else plain_step)(model, dec, dec_cache, chunks)
+    return (fused_step if fused else plain_step)(model, dec, dec_cache, chunks)
+
+
+def matmul_table(model: Any, max_rows: int = 64, reps: int = 3) -> list[float]:
+    """Seconds of one step's weight matmuls for 0..max_rows rows (index = rows),
+    timed on the first layer and scaled to all of them: the scheduler sizes
+    prompt chunks from it, as the cost is far from linear in the rows on some
+    BLAS libraries. Empty for models the fused step does not run."""
+    import time
+
+    if not supports_fused(model):
+        return []
+    layer = model.model.layers[0]
+    attn = layer.self_attn
+    dim = model.args.hidden_size
+    table = [0.0]
+    for t in range(1, max_rows + 1):
+        x = mx.random.normal((t, dim))
+        mx.eval(x)
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            mx.eval(attn.q_proj(x), attn.k_proj(x), attn.v_proj(x), attn.o_proj(x), layer.mlp(x))
+            best = min(best, time.perf_counter() - t0)
+        table.append(best * len(model.model.layers))
+    return table

@@ -42,3 +42,111 @@ def plan(decoding: list[str], waiting: list[Pending], budget: int, min_chunk: in
         step.prefill.append((p.rid, n))
         left -= n
     return step
+
+
+KEYS = 1000.0  # features count attention work in thousands of cached keys
+
+
+def features(chunks: list[tuple[int, int]]) -> list[float]:
+    """A step's prompt chunks, given as (tokens, keys already cached), as the cost
+    model sees them: how many chunks (each runs its own attention group), how
+    many tokens, and token-keys (each token attends to everything before it)."""
+    return [
+        float(len(chunks)),
+        float(sum(n for n, _ in chunks)),
+        sum(n * (ctx + n / 2) for n, ctx in chunks) / KEYS,
+    ]
+
+
+def matmuls(rows: list[float], t: int) -> float:
+    """Seconds of a model's weight matmuls for `t` rows from its table (`rows[t]`),
+    past the table's end by the slope of its upper half; 0 without a table."""
+    if not rows:
+        return 0.0
+    top = len(rows) - 1
+    if t <= top:
+        return rows[t]
+    slope = max(0.0, (rows[top] - rows[top // 2]) / max(1, top - top // 2))
+    return rows[top] + slope * (t - top)
+
+
+def rows_delta(rows: list[float], decodes: int, tokens: int) -> float:
+    return matmuls(rows, decodes + tokens) - matmuls(rows, decodes)
+
+
+def nnls(x: list[list[float]], y: list[float], w: list[float]) -> list[float]:
+    """Weighted least squares with every coefficient >= 0, for a handful of
+    columns: the best of the unconstrained fits over each subset of columns.
+    (Fitting freely and clamping afterwards is wrong when columns are nearly
+    collinear: the kept coefficients no longer compensate.)"""
+    import itertools
+
+    import numpy as np
+
+    xa, ya, wa = np.array(x), np.array(y), np.sqrt(np.array(w))
+    k = xa.shape[1]
+    best, best_err = [0.0] * k, float(np.sum((wa * ya) ** 2))
+    for r in range(1, k + 1):
+        for cols in itertools.combinations(range(k), r):
+            sub = xa[:, cols] * wa[:, None]
+            coef, *_ = np.linalg.lstsq(sub, wa * ya, rcond=None)
+            if np.any(coef < 0):
+                continue
+            err = float(np.sum((sub @ coef - wa * ya) ** 2))
+            if err < best_err:
+                best_err, best = err, [0.0] * k
+                for c, v in zip(cols, coef, strict=True):
+                    best[c] = float(v)
+    return best
+
+
+@dataclass
+class PrefillCost:
+    """What prompt chunks add to a step that also decodes.
+
+    Two parts. The weight matmuls see every token of the step as one row, and
+    their cost is not smooth in the row count (OpenBLAS on this CPU: 16 rows cost
+    less than 4, 20 rows half again as much as 16); each model's table of that
+    cost is measured when it loads (forward.matmul_table) and passed in, so the
+    chunk can be sized to land on a cheap row count. The rest (attention, per-group
+    work) is learnt from the steps the engine runs: a * chunks + b * tokens +
+    c * token-keys, non-negative least squares over the last `window` mixed steps.
+    The chunk at most doubles from one step to the next (from at least `start`),
+    so the learnt part is trusted only near sizes it has seen."""
+
+    window: int = 32
+    start: int = 16
+    seen: list[tuple[list[float], float]] = field(default_factory=list)
+    theta: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    last_tokens: int = 0
+
+    def observe(
+        self, rows: list[float], decodes: int, chunks: list[tuple[int, int]], extra: float
+    ) -> None:
+        """`rows`: the model's matmul table; `decodes`: its decode rows in the step."""
+        tokens = sum(n for n, _ in chunks)
+        self.seen.append((features(chunks), extra - rows_delta(rows, decodes, tokens)))
+        del self.seen[: -self.window]
+        self.last_tokens = tokens
+        n = len(self.seen)
+        self.theta = nnls(
+            [f for f, _ in self.seen],
+            [y for _, y in self.seen],
+            [0.5 + 0.5 * i / max(1, n - 1) for i in range(n)],  # recent steps count more
+        )
+
+    def predict(self, rows: list[float], decodes: int, chunks: list[tuple[int, int]]) -> float:
+        tokens = sum(n for n, _ in chunks)
+        learnt = sum(t * f for t, f in zip(self.theta, features(chunks), strict=True))
+        return rows_delta(rows, decodes, tokens) + learnt
+
+    def largest(
+        self, rows: list[float], decodes: int, ctx: int, remaining: int, allowance: float, cap: int
+    ) -> int:
+        """The most tokens of a prompt with `ctx` keys cached that fit in
+        `allowance` seconds beside `decodes` decode rows (at least 1)."""
+        limit = max(1, min(remaining, cap, max(self.start, 2 * self.last_tokens)))
+        for n in range(limit, 1, -1):
+            if self.predict(rows, decodes, [(n, ctx)]) <= allowance:
+                return n
+        return 1

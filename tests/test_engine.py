@@ -187,3 +187,48 @@ def test_a_cancel_between_steps_leaves_the_queued_next_step_right_for_the_others
     assert ids["a"] == alone(lm, [5, 6], 40) and ids["c"] == alone(lm, [10], 40)
     assert len(ids["b"]) < 40 and ids["b"] == alone(lm, [7, 8, 9], 40)[: len(ids["b"])]
     assert engine.kv_bytes() == 0 and not engine.prefetched
+
+
+def test_measured_budget_keeps_streams_stepping_and_remeasures_them(tiny_path: Path) -> None:
+    """No fixed budget: chunks are sized from the measured step costs. Every
+    stream still gets a token each step, and while the prompt prefills a
+    decode-only step comes at least every DECODE_EVERY + 1 steps, so the
+    baseline the allowance is a share of stays measured."""
+    from exo.nodes.engine import DECODE_EVERY
+
+    lm = load_model("tiny", tiny_path)
+    engine = Engine(max_stall=1.1)  # small chunks: many steps of prefill
+    engine.add_model(lm)
+    assert len(engine.tables["tiny"]) == 65  # the matmul cost table, measured at load
+    params = {"max_tokens": 400, "temperature": 0, "ignore_eos": True}
+    long_prompt = [3 + i % 200 for i in range(600)]
+    arrivals = {
+        0: [(f"s{i}", "tiny", "completion", [5 + i, 6, 7], params) for i in range(3)],
+        6: [("long", "tiny", "completion", long_prompt, {**params, "max_tokens": 2})],
+    }
+    _, steps = run(engine, arrivals)
+    first = next(i for i, s in enumerate(steps) if any(r == "long" for r, _ in s["prefill"]))
+    last = max(i for i, s in enumerate(steps) if any(r == "long" for r, _ in s["prefill"]))
+    window = steps[first : last + 1]
+    assert sum(n for s in window for r, n in s["prefill"] if r == "long") == len(long_prompt)
+    assert len([s for s in window if s["prefill"]]) > 2 * DECODE_EVERY, len(window)
+    for s in window:
+        assert {f"s{i}" for i in range(3)} <= set(s["outs"]), s
+    runs, current = [], 0
+    for s in window:
+        current = current + 1 if s["prefill"] else 0
+        runs.append(current)
+    assert max(runs) <= DECODE_EVERY + 1
+    assert any(not s["prefill"] for s in window)
+
+
+def test_a_prompt_cache_is_allocated_once_for_the_whole_prompt(tiny_path: Path) -> None:
+    lm = load_model("tiny", tiny_path)
+    engine = Engine(idle_budget=64)
+    engine.add_model(lm)
+    req = engine.submit(
+        "r", "tiny", "completion", [3 + i % 200 for i in range(600)], {"max_tokens": 1}
+    )
+    engine.step()
+    assert req.cache is not None and 0 < req.prefilled < 600
+    assert req.cache[0].keys.shape[2] == 768  # 600 rounded up to the cache's 256 steps

@@ -1,3 +1,5 @@
+import pytest
+
 from exo.nodes.scheduler import Pending, plan
 
 
@@ -29,3 +31,54 @@ def test_a_full_batch_still_gives_prefill_a_minimum_chunk() -> None:
 
 def test_nothing_to_do_is_an_empty_plan() -> None:
     assert plan([], [], budget=64).empty
+
+
+def test_nnls_recovers_non_negative_costs_and_never_goes_negative() -> None:
+    from exo.nodes.scheduler import nnls
+
+    x = [[1.0, n, n * c / 1000] for n, c in [(2, 0), (8, 100), (4, 900), (16, 1500), (3, 2000)]]
+    y = [0.01 + 0.002 * r[1] + 0.004 * r[2] for r in x]
+    assert nnls(x, y, [1.0] * len(y)) == pytest.approx([0.01, 0.002, 0.004], rel=1e-6)
+    # a fit that wants a negative coefficient gets zero there, and the rest refit
+    theta = nnls([[1.0, 1.0], [1.0, 2.0], [1.0, 3.0]], [0.3, 0.2, 0.1], [1.0] * 3)
+    assert theta[1] == 0 and theta[0] == pytest.approx(0.2)
+
+
+def test_the_chunk_lands_on_a_cheap_row_count() -> None:
+    """With OpenBLAS here 16 rows of matmuls cost less than 8: beside 4 decodes
+    the chunk is sized to 12 tokens, not the 4 a smooth model would allow."""
+    from exo.nodes.scheduler import PrefillCost
+
+    rows = [0.0] + [0.080] * 8 + [0.125] * 7 + [0.074] + [0.110] * 16 + [0.113]
+    cost = PrefillCost()
+    assert cost.largest(rows, decodes=4, ctx=0, remaining=500, allowance=0.02, cap=1024) == 12
+    # those 12 make the step cheaper than the decodes alone: they fit in no allowance
+    assert cost.largest(rows, 4, 0, 500, allowance=0.0, cap=1024) == 12
+    # without the dip, only the flat part of the table fits
+    flat = [0.0] + [0.080] * 8 + [0.125] * 25
+    assert cost.largest(flat, 4, 0, 500, allowance=0.02, cap=1024) == 4
+    # and the prompt's own remainder caps it
+    assert cost.largest(rows, 4, 0, 3, allowance=0.02, cap=1024) == 3
+
+
+def test_the_learnt_part_shrinks_chunks_as_the_prompt_fills_its_cache() -> None:
+    from exo.nodes.scheduler import PrefillCost
+
+    cost = PrefillCost()
+    truth = [0.01, 0.001, 0.02]  # per chunk, per token, per token per 1000 keys
+    for n, ctx in [(2, 0), (4, 2), (8, 6), (16, 14), (8, 300), (4, 900), (6, 1200), (3, 1500)]:
+        feats = [1, n, n * (ctx + n / 2) / 1000]
+        cost.observe([], 4, [(n, ctx)], sum(t * f for t, f in zip(truth, feats, strict=True)))
+    early = cost.largest([], 4, 0, 2000, allowance=0.06, cap=1024)
+    late = cost.largest([], 4, 1800, 2000, allowance=0.06, cap=1024)
+    assert early > late >= 1
+    assert cost.predict([], 4, [(late, 1800)]) <= 0.06 < cost.predict([], 4, [(late + 1, 1800)])
+
+
+def test_the_chunk_grows_at_most_twofold_past_the_start() -> None:
+    from exo.nodes.scheduler import PrefillCost
+
+    cost = PrefillCost(start=16)
+    assert cost.largest([], 4, 0, 2000, allowance=1.0, cap=1024) == 16  # nothing learnt yet
+    cost.observe([], 4, [(40, 0)], 0.01)
+    assert cost.largest([], 4, 40, 2000, allowance=1.0, cap=1024) == 80

@@ -1,0 +1,40 @@
+"""The fused step's own attention against MLX's kernel, and its exp."""
+
+from __future__ import annotations
+
+import pytest
+
+from exo.nodes import attention
+from exo.nodes.mlxenv import mx
+
+
+def test_fast_exp_is_exact_to_float32_rounding_over_the_softmax_range() -> None:
+    x = mx.concatenate([mx.linspace(-87.0, 0.0, 100_001), mx.array([0.0, -1e-8, -0.5])])
+    got, want = attention.fast_exp(x), mx.exp(x)
+    assert mx.max(mx.abs(got - want) / want).item() < 1e-6
+    # far below the smallest normal float it gives a negligible weight, never inf or nan
+    tiny = attention.fast_exp(mx.array([-200.0, -1e30]))
+    assert mx.all(tiny >= 0).item() and mx.max(tiny).item() < 1e-37
+
+
+@pytest.mark.parametrize(
+    ("batch", "n", "length", "mask"),
+    [
+        (1, 1, 300, None),  # one decode row
+        (1, 17, 300, "causal"),  # a prompt chunk over a cache
+        (1, 40, 40, "causal"),  # a first chunk
+        (3, 1, 50, "padded"),  # a left-padded decode batch
+    ],
+)
+def test_attend_equals_mlx_attention(batch: int, n: int, length: int, mask: str | None) -> None:
+    mx.random.seed(0)
+    q = mx.random.normal((batch, 9, n, 64))
+    k, v = mx.random.normal((batch, 3, length, 64)), mx.random.normal((batch, 3, length, 64))
+    given: mx.array | str | None = mask
+    if mask == "padded":  # row i sees only its last length - 7 * i keys
+        pad = mx.array([7 * i for i in range(batch)])
+        given = (mx.arange(length)[None] >= pad[:, None]).reshape(batch, 1, 1, length)
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask=given)
+    got = attention.attend(q, k, v, 0.125, attention.additive_mask(given, n, length))
+    assert got.shape == want.shape
+    assert mx.max(mx.abs(got - want)).item() < 1e-5
