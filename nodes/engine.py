@@ -461,15 +461,16 @@ class Engine:
             self._prefetch(sampled)
         mx.eval([t for _, t in sampled], states)
         self._learn(step, work, work_model, time.perf_counter() - t0)
-        log.debug(
-            "step %d: %.4fs, %d decodes, chunks %s, baseline %s, cost %s",
-            self.steps,
-            time.perf_counter() - t0,
-            len(step.decode),
-            work,
-            self.t_decode,
-            self.cost.theta,
-        )
+        if work:
+            log.debug(
+                "step %d: %.4fs, %d decodes, chunks %s, baseline %s, cost %s",
+                self.steps,
+                time.perf_counter() - t0,
+                len(step.decode),
+                work,
+                self.t_decode,
+                self.cost.theta,
+            )
         return self._complete(
             [(r, t) for reqs, toks in sampled for r, t in zip(reqs, toks.tolist(), strict=True)],
             joined,
