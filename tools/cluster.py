@@ -19,10 +19,22 @@ from typing import Any
 import httpx
 
 
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free ports. Each socket stays open until all are chosen: one
+    closed at once can be handed out again by the next bind (seen in a test run:
+    the broker's PUB socket and its HTTP server were given the same port)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
 
 
 @dataclass
@@ -49,9 +61,8 @@ class LocalCluster:
 
     @classmethod
     def on_free_ports(cls, models_dir: Path, **kw: Any) -> LocalCluster:
-        return cls(
-            models_dir, api_port=free_port(), router_port=free_port(), pub_port=free_port(), **kw
-        )
+        api, router, pub = free_ports(3)
+        return cls(models_dir, api_port=api, router_port=router, pub_port=pub, **kw)
 
     @property
     def url(self) -> str:
