@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -28,25 +29,32 @@ LISTING = re.compile(r"/api/models/([^/]+/[^/]+)(?:/revision/[^/]+)?")
 RESOLVE = re.compile(r"/([^/]+/[^/]+)/resolve/[^/]+/(.+)")
 
 
+def get_server(
+    host: str, port: int, on_get: Callable[[BaseHTTPRequestHandler], None]
+) -> ThreadingHTTPServer:
+    """A threaded HTTP/1.1 server that hands every GET to `on_get`, quietly."""
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            on_get(self)
+
+    http = ThreadingHTTPServer((host, port), Handler)
+    http.daemon_threads = True
+    return http
+
+
 class WeightsServer:
     def __init__(self, store: ModelStore, host: str = "0.0.0.0", port: int = 0) -> None:
         self.store = store
         self.hashes: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> sha256
         self.lock = threading.Lock()
         self.bytes_served = 0
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-                server.handle(self)
-
-        self.http = ThreadingHTTPServer((host, port), Handler)
-        self.http.daemon_threads = True
+        self.http = get_server(host, port, self.handle)
         self.port = int(self.http.server_address[1])
         self.thread = threading.Thread(target=self.http.serve_forever, name="weights", daemon=True)
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
+
+import httpx
 
 from exo.tools.cluster import LocalCluster
 
@@ -45,3 +48,23 @@ def linkstat_json(c: LocalCluster) -> dict[str, Any]:
         check=True,
     )
     return dict(json.loads(out.stdout))
+
+
+def stream_while(
+    c: LocalCluster, path: str, body: dict[str, Any], poll: Callable[[], None]
+) -> list[str]:
+    """POST a streaming request and call `poll` every 0.2 s until the stream ends;
+    the stream's non-empty lines."""
+    lines: list[str] = []
+
+    def stream() -> None:
+        with httpx.stream("POST", f"{c.url}{path}", timeout=120, json=body) as resp:
+            lines.extend(line for line in resp.iter_lines() if line)
+
+    t = threading.Thread(target=stream)
+    t.start()
+    while t.is_alive():
+        poll()
+        time.sleep(0.2)
+    t.join()
+    return lines

@@ -15,8 +15,10 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
+
+from exo.nodes.weights import LISTING, RESOLVE, get_server
 
 
 @dataclass
@@ -35,19 +37,7 @@ class Hub:
         self.served: dict[str, int] = {}  # file -> body bytes sent
         self.requests: list[tuple[str, str | None]] = []  # (path, Range header)
         self.lock = threading.Lock()
-        hub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-                hub.handle(self)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        self.server = get_server("127.0.0.1", 0, self.handle)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
@@ -89,8 +79,7 @@ class Hub:
         path = h.path.split("?", 1)[0]
         with self.lock:
             self.requests.append((path, h.headers.get("Range")))
-        m = re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/[^/]+)?", path)
-        if m:
+        if m := LISTING.fullmatch(path):
             if m.group(1) not in self.repos:
                 return self.send(
                     h, 404, b'{"error": "Repository not found"}', {"X-Error-Code": "RepoNotFound"}
@@ -101,7 +90,7 @@ class Hub:
                 json.dumps(self.listing(m.group(1))).encode(),
                 {"Content-Type": "application/json"},
             )
-        m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/[^/]+/(.+)", path)
+        m = RESOLVE.fullmatch(path)
         if (
             not m
             or m.group(1) not in self.repos

@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 from exo.nodes.download import MARKER, Downloader, DownloadError
 from exo.nodes.store import ModelStore, incomplete_reason
 from exo.tools.cluster import LocalCluster, free_port
+from tests.helpers import stream_while
 from tests.hub import Hub
 
 REPO = "hubtest/tiny-llama"
@@ -180,33 +180,23 @@ def test_a_request_waits_for_a_download_and_sees_its_progress(
     with LocalCluster.on_free_ports(tmp_path / "models", log_dir=tmp_path / "logs", env=env) as c:
         r = httpx.post(f"{c.url}/v1/models/pull", json={"model": REPO}, timeout=10)
         assert r.status_code == 202 and r.json()["state"] == "downloading"
-        lines: list[str] = []
-
-        def stream() -> None:
-            with httpx.stream(
-                "POST",
-                f"{c.url}/v1/chat/completions",
-                timeout=120,
-                json={
-                    "model": REPO,
-                    "messages": [{"role": "user", "content": "hi"}],
-                    "max_tokens": 5,
-                    "stream": True,
-                },
-            ) as resp:
-                lines.extend(line for line in resp.iter_lines() if line)
-
-        t = threading.Thread(target=stream)
-        t.start()
         seen_download = False
-        while t.is_alive():
+
+        def watch() -> None:
+            nonlocal seen_download
             for n in c.cluster_state()["nodes"]:
                 seen_download |= any(
                     d["model"] == REPO and d["state"] == "downloading" and d["total"] > 0
                     for d in n["status"].get("downloads", [])
                 )
-            time.sleep(0.2)
-        t.join()
+
+        body = {
+            "model": REPO,
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 5,
+            "stream": True,
+        }
+        lines = stream_while(c, "/v1/chat/completions", body, watch)
         assert seen_download, lines
         assert any(line.startswith(": downloading") for line in lines)  # keep-alives carry progress
         assert lines[-1] == "data: [DONE]" and not any('"error"' in line for line in lines)
@@ -292,26 +282,15 @@ def test_an_instance_waits_for_one_nodes_download_while_the_other_holds_the_weig
     with split_across_holder_and_downloader(tiny_path, tmp_path, hub.url) as (c, ids, r):
         iid = r.json()["id"]
         assert r.json()["state"] == "downloading"
-        lines: list[str] = []
+        progress: list[dict] = []
 
-        def stream() -> None:
-            with httpx.stream(
-                "POST",
-                f"{c.url}/v1/completions",
-                timeout=120,
-                json={"model": REPO, "prompt": "Once", "max_tokens": 5, "stream": True},
-            ) as resp:
-                lines.extend(line for line in resp.iter_lines() if line)
-
-        t = threading.Thread(target=stream)
-        t.start()
-        progress = []
-        while t.is_alive():
+        def watch() -> None:
             for inst in c.cluster_state()["instances"]:
                 if inst["id"] == iid and inst["state"] == "downloading":
-                    progress += [d for d in inst.get("downloads", []) if d["total"] > 0]
-            time.sleep(0.2)
-        t.join()
+                    progress.extend(d for d in inst.get("downloads", []) if d["total"] > 0)
+
+        body = {"model": REPO, "prompt": "Once", "max_tokens": 5, "stream": True}
+        lines = stream_while(c, "/v1/completions", body, watch)
         assert progress and all(d["node"] == ids["node1"] for d in progress)
         assert lines[-1] == "data: [DONE]" and not any('"error"' in line for line in lines), lines
         assert sum(line.startswith("data: {") for line in lines) >= 2

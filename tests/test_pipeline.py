@@ -70,10 +70,19 @@ def node(c: LocalCluster, key: str) -> dict[str, Any]:
     return n
 
 
-def place_ready(c: LocalCluster, stages: list[dict[str, Any]]) -> str:
-    r = place(c, {"model": DEFAULT_MODEL, "stages": stages})
+def stages_on(c: LocalCluster, plan: list[tuple[str, int, int]]) -> list[dict[str, Any]]:
+    """(node name, first layer, end layer) -> the API's stage list."""
+    ids = node_ids(c)
+    return [{"node": ids[n], "layers": [a, b]} for n, a, b in plan]
+
+
+def place_ready(
+    c: LocalCluster, plan: list[tuple[str, int, int]], model: str = DEFAULT_MODEL
+) -> dict[str, Any]:
+    """Place `model` on the stages of `plan`; the instance once it is ready."""
+    r = place(c, {"model": model, "stages": stages_on(c, plan)})
     assert r.status_code == 201, r.text
-    return str(ready(c, r.json()["id"])["id"])
+    return ready(c, r.json()["id"])
 
 
 def interrupted_stream(
@@ -130,7 +139,6 @@ def concurrent(c: LocalCluster, model: str) -> list[list[int]]:
 @pytest.mark.parametrize("model", ["test/tiny-llama", DEFAULT_MODEL])
 def test_one_two_three_stages_give_the_same_tokens(three: LocalCluster, model: str) -> None:
     c = three
-    ids = node_ids(c)
     layers = 4 if model == "test/tiny-llama" else 30
     plans = [
         [("node0", 0, layers)],
@@ -139,10 +147,8 @@ def test_one_two_three_stages_give_the_same_tokens(three: LocalCluster, model: s
     ]
     results = []
     for plan in plans:
-        stages = [{"node": ids[n], "layers": [a, b]} for n, a, b in plan]
-        r = place(c, {"model": model, "stages": stages})
-        assert r.status_code == 201, r.text
-        inst = ready(c, r.json()["id"])
+        inst = place_ready(c, plan, model)
+        stages = stages_on(c, plan)
         # Explicit stages honoured exactly, and each node holds just its range.
         assert inst["stages"] == stages
         by_id = {n["id"]: n for n in c.cluster_state()["nodes"]}
@@ -372,13 +378,7 @@ def test_a_middle_stage_that_cannot_run_a_step_fails_the_requests_at_once(
     from exo.broker import protocol as P
 
     c = three
-    ids = node_ids(c)
-    stages = [
-        {"node": ids["node0"], "layers": [0, 10]},
-        {"node": ids["node1"], "layers": [10, 20]},
-        {"node": ids["node2"], "layers": [20, 30]},
-    ]
-    iid = place_ready(c, stages)
+    iid = place_ready(c, [("node0", 0, 10), ("node1", 10, 20), ("node2", 20, 30)])["id"]
     middle = node(c, "node1")
 
     def forge() -> None:
@@ -408,12 +408,7 @@ def test_deleting_an_instance_ends_its_requests_in_flight_with_a_clear_error(
     three: LocalCluster,
 ) -> None:
     c = three
-    ids = node_ids(c)
-    stages = [
-        {"node": ids["node0"], "layers": [0, 15]},
-        {"node": ids["node1"], "layers": [15, 30]},
-    ]
-    iid = place_ready(c, stages)
+    iid = place_ready(c, [("node0", 0, 15), ("node1", 15, 30)])["id"]
 
     def delete() -> None:
         assert httpx.delete(f"{c.url}/v1/instances/{iid}", timeout=10).status_code == 200
@@ -429,12 +424,7 @@ def test_a_killed_stage_fails_its_requests_and_the_next_request_works(
     three: LocalCluster,
 ) -> None:
     c = three
-    ids = node_ids(c)
-    stages = [
-        {"node": ids["node0"], "layers": [0, 15]},
-        {"node": ids["node2"], "layers": [15, 30]},
-    ]
-    iid = place_ready(c, stages)
+    iid = place_ready(c, [("node0", 0, 15), ("node2", 15, 30)])["id"]
     got, ended = interrupted_stream(c, 3, lambda: c.kill_node(2))
     assert ended < 10
     assert got[-1] == "data: [DONE]"
@@ -463,13 +453,9 @@ def test_two_stages_on_nodes_in_different_network_namespaces(
             bed.add_host(host)
         _, b_addr = bed.link("a", "b", "ethernet", rate="1gbit")
         with bed.cluster(models_dir, log_dir=tmp_path_factory.mktemp("netns-logs")) as c:
-            ids = node_ids(c)
             outs = []
             for plan in ([("node0", 0, 30)], [("node0", 0, 12), ("node1", 12, 30)]):
-                stages = [{"node": ids[n], "layers": [a, b]} for n, a, b in plan]
-                r = place(c, {"model": DEFAULT_MODEL, "stages": stages})
-                assert r.status_code == 201, r.text
-                ready(c, r.json()["id"])
+                place_ready(c, plan)
                 outs.append(concurrent(c, DEFAULT_MODEL))
                 if len(plan) == 2:
                     sent = node(c, "node0")["status"]["peer_bytes_sent"]
