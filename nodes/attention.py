@@ -46,16 +46,17 @@ def fast_exp(x: mx.array) -> mx.array:
     return _pow2(*_split(x))
 
 
-def additive_mask(mask: Any, n: int, length: int) -> mx.array | None:
-    """mlx-lm's mask (None, "causal", or a bool array [.., n, length]) as float
-    to add to the scores; made once per step, shared by every layer."""
+def additive_mask(mask: Any, n: int, cached: Any) -> mx.array | None:
+    """mlx-lm's mask for `n` queries (None, "causal", or a bool array [B, 1, n,
+    keys]) as float to add to the scores; made once per step, shared by every
+    layer. `cached`: the keys before these queries, read only for "causal"."""
     if mask is None:
         return None
     if isinstance(mask, str):
+        length = int(cached) + n
         q = mx.arange(length - n, length)[:, None]
-        mask = q >= mx.arange(length)[None]
-    add = mx.where(mask, 0.0, MASKED).astype(mx.float32)
-    return add.reshape(1, 1, n, length) if add.ndim == 2 else add
+        mask = (q >= mx.arange(length)[None]).reshape(1, 1, n, length)
+    return mx.where(mask, 0.0, MASKED).astype(mx.float32)
 
 
 def attend(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None) -> mx.array:

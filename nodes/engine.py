@@ -231,7 +231,7 @@ class Engine:
 
         self.models[lm.model_id] = lm
         self.fused[lm.model_id] = supports_fused(lm.model)
-        self.tables[lm.model_id] = matmul_table(lm.model) if self.fused[lm.model_id] else []
+        self.tables[lm.model_id] = matmul_table(lm.model)
         self.batches.setdefault(lm.model_id, Batch())
 
     def remove_model(self, model_id: str) -> list[str]:
@@ -348,9 +348,7 @@ class Engine:
         busy = self.remote.keys()
         decoding = [rid for m, b in self.batches.items() if m not in busy for rid in b.rids]
         waiting = [
-            self.requests[rid]
-            for rid, r in self.requests.items()
-            if r.cache is not None and r.lm.model_id not in busy
+            r for r in self.requests.values() if r.cache is not None and r.lm.model_id not in busy
         ]
         if decoding and waiting and self.prefill_budget is None:
             self.mixed += 1
@@ -415,6 +413,7 @@ class Engine:
         # (tokens, keys cached) of this node's chunks and their model, for the cost model
         work: list[tuple[int, int]] = []
         work_model = ""
+        timed = True
         for rid, n in step.prefill:
             req = self.requests[rid]
             assert req.cache is not None
@@ -435,7 +434,9 @@ class Engine:
             work_model = work_model or (model_id if chunks else "")
             ready = self.prefetched.pop(model_id, None)
             if ready is not None and ready.rids == batch.rids:
-                # This step's decodes were computed during the last one.
+                # This step's decodes were computed during the last one, so its time
+                # says nothing about what its chunks add to a decode step.
+                timed = timed and not chunks
                 _, chunk_logits = step_forward(lm.model, [], None, [c for _, c in chunks], False)
                 sampled.append((rows, ready.toks))
             else:
@@ -460,12 +461,14 @@ class Engine:
         if not joined and not self.queue and all(r.cache is None for r in self.requests.values()):
             self._prefetch(sampled)
         mx.eval([t for _, t in sampled], states)
-        self._learn(step, work, work_model, time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        if timed:
+            self._learn(step, work, work_model, seconds)
         if work:
             log.debug(
                 "step %d: %.4fs, %d decodes, chunks %s, baseline %s, cost %s",
                 self.steps,
-                time.perf_counter() - t0,
+                seconds,
                 len(step.decode),
                 work,
                 self.t_decode,

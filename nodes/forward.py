@@ -24,10 +24,6 @@ FUSED_TYPES = {"llama", "mistral", "qwen2"}
 _FAST = mx.default_device() == mx.cpu
 
 
-def _offset(cache: Any) -> int:
-    return int(getattr(cache, "_idx", cache.offset))
-
-
 @dataclass
 class Chunk:
     tokens: list[int]
@@ -104,7 +100,7 @@ def run_layers(layers: list[Any], h: mx.array, groups: list[Group]) -> mx.array:
     masks = [create_attention_mask(mx.zeros((b, n, 1)), caches[0]) for b, n, caches in groups]
     if _FAST:
         masks = [
-            attention.additive_mask(m, n, _offset(caches[0]) + n)
+            attention.additive_mask(m, n, caches[0].offset)
             for m, (b, n, caches) in zip(masks, groups, strict=True)
         ]
     for li, layer in enumerate(layers):

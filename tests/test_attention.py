@@ -35,6 +35,6 @@ def test_attend_equals_mlx_attention(batch: int, n: int, length: int, mask: str 
         pad = mx.array([7 * i for i in range(batch)])
         given = (mx.arange(length)[None] >= pad[:, None]).reshape(batch, 1, 1, length)
     want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask=given)
-    got = attention.attend(q, k, v, 0.125, attention.additive_mask(given, n, length))
+    got = attention.attend(q, k, v, 0.125, attention.additive_mask(given, n, length - n))
     assert got.shape == want.shape
     assert mx.max(mx.abs(got - want)).item() < 1e-5
