@@ -13,8 +13,9 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
+from exo.nodes.batch import Batch, sample_rows
 from exo.nodes.mlxenv import mx
 from exo.nodes.model import LoadedModel, kv_bytes_per_token
 from exo.nodes.sampling import Sampler, SamplingParams, StopMatcher
@@ -81,40 +82,6 @@ class Request:
         return sum(c.nbytes for c in self.cache if getattr(c, "keys", None) is not None)
 
 
-@dataclass
-class Batch:
-    """The decode batch of one model: its rows and their shared left-padded cache."""
-
-    rids: list[str] = field(default_factory=list)
-    cache: list[Any] | None = None
-
-    def join(self, rid: str, cache: list[Any]) -> None:
-        from mlx_lm.models.cache import BatchKVCache
-
-        new = [BatchKVCache.merge([c]) for c in cache]
-        if self.cache is None:
-            self.cache = new
-        else:
-            for mine, theirs in zip(self.cache, new, strict=True):
-                mine.extend(theirs)
-        self.rids.append(rid)
-
-    def leave(self, rids: set[str]) -> None:
-        keep = [i for i, r in enumerate(self.rids) if r not in rids]
-        if len(keep) == len(self.rids):
-            return
-        self.rids = [self.rids[i] for i in keep]
-        if not keep:
-            self.cache = None
-        else:
-            assert self.cache is not None
-            for c in self.cache:
-                c.filter(mx.array(keep))
-
-    def nbytes(self) -> int:
-        return sum(c.nbytes for c in self.cache) if self.cache else 0
-
-
 @dataclass(slots=True)
 class Output:
     rid: str
@@ -161,28 +128,6 @@ class Prefetched:
 
     rids: list[str]
     toks: mx.array
-
-
-class Row(Protocol):
-    rid: str
-    sampler: Sampler
-
-
-R = TypeVar("R", bound=Row)
-
-
-def sample_rows(rows: list[R], logits: mx.array) -> list[tuple[list[R], mx.array]]:
-    """Greedy rows share one argmax over the batch; sampled rows draw with their own key."""
-    greedy = [i for i, r in enumerate(rows) if r.sampler.temperature <= 0]
-    out: list[tuple[list[R], mx.array]] = []
-    if len(greedy) == len(rows):
-        return [(rows, mx.argmax(logits, axis=-1))]
-    if greedy:
-        out.append(([rows[i] for i in greedy], mx.argmax(logits[mx.array(greedy)], axis=-1)))
-    out.extend(
-        ([r], r.sampler(logits[i])[None]) for i, r in enumerate(rows) if r.sampler.temperature > 0
-    )
-    return out
 
 
 def in_row_order(groups: list[tuple[list[Request], mx.array]], rids: list[str]) -> mx.array:

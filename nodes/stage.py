@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from exo.nodes.engine import Batch, sample_rows
+from exo.nodes.batch import Batch, sample_rows
 from exo.nodes.mlxenv import mx
 from exo.nodes.model import LoadedModel
 from exo.nodes.sampling import Sampler, SamplingParams
