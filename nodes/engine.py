@@ -19,7 +19,7 @@ from exo.nodes.batch import Batch, sample_rows
 from exo.nodes.mlxenv import mx
 from exo.nodes.model import LoadedModel, kv_bytes_per_token
 from exo.nodes.sampling import Sampler, SamplingParams, StopMatcher
-from exo.nodes.scheduler import Pending, PrefillCost, StepPlan, plan
+from exo.nodes.scheduler import Pending, PrefillCost, StepPlan, Work, plan
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,9 @@ MIN_CHUNK = 2
 MAX_CHUNK = 1024
 EWMA = 0.2
 DECODE_EVERY = 8  # mixed steps between two decode-only ones (see Engine.plan)
+# However long the streams' own step grows while a prompt prefills, the prompt
+# gets at least this share of the stall allowance, so it cannot starve.
+FLOOR = 0.25
 
 
 def default_kv_budget() -> int:
@@ -71,6 +74,11 @@ class Request:
     text_len: int = 0
     finish: str | None = None
     t_submit: float = field(default_factory=time.perf_counter)
+    # A chunk part-way through the model: its tokens, the layers it has been
+    # through, and its hidden state there.
+    inflight: int = 0
+    through: int = 0
+    h: Any = None
 
     @property
     def to_prefill(self) -> int:
@@ -118,7 +126,7 @@ class Remote:
     rows: list[Request]  # the decode rows, in batch order
     chunks: list[Request]  # requests that sent a prompt chunk
     plan: StepPlan
-    work: list[tuple[int, int]]  # (tokens, keys cached) per chunk
+    work: list[Work]  # its chunks, for the cost model
     t0: float
 
 
@@ -151,6 +159,7 @@ class Engine:
         self.idle_budget = idle_budget
         self.max_stall = max_stall
         self.t_decode: float | None = None  # EWMA seconds of a decode-only step
+        self.t_ref: float | None = None  # t_decode when the prompt now prefilling came
         self.cost = PrefillCost()  # what prompt chunks add to a decode step
         self.kv_budget = kv_budget if kv_budget is not None else default_kv_budget()
         self.models: dict[str, LoadedModel] = {}
@@ -273,7 +282,7 @@ class Engine:
         return True
 
     def _release(self, req: Request) -> None:
-        req.cache = None
+        req.cache = req.h = None
         if req.lm.part is not None:
             self.drops.setdefault(req.lm.model_id, []).append(req.rid)
         batch = self.batches[req.lm.model_id]
@@ -295,6 +304,10 @@ class Engine:
         waiting = [
             r for r in self.requests.values() if r.cache is not None and r.lm.model_id not in busy
         ]
+        if not waiting:
+            self.t_ref = None
+        elif self.t_ref is None:
+            self.t_ref = self.t_decode
         if decoding and waiting and self.prefill_budget is None:
             self.mixed += 1
             if self.t_decode is None or self.mixed > DECODE_EVERY:
@@ -303,9 +316,55 @@ class Engine:
                 # and the prefill allowance is a share of it.
                 self.mixed = 0
                 waiting = []
+        if waiting and self._splits(waiting[0], bool(decoding)):
+            return self._layer_plan(decoding, waiting[0])
         budget = self.budget(len(decoding), waiting[0] if waiting else None)
         return plan(
             decoding, [Pending(r.rid, r.to_prefill) for r in waiting], budget, min_chunk=MIN_CHUNK
+        )
+
+    def _splits(self, req: Request, decoding: bool) -> bool:
+        """Whether `req`'s prompt goes through the model a few layers per step."""
+        if req.inflight:
+            return True
+        return (
+            decoding
+            and self.prefill_budget is None
+            and self.t_decode is not None
+            and req.lm.part is None
+            and self.fused[req.lm.model_id]
+        )
+
+    def allowance(self) -> float:
+        """Seconds of prefill work a step beside decodes may carry: up to max_stall
+        times the decode step the streams had before the prompt came. Their own
+        step grows with their context meanwhile, and that growth is theirs to keep."""
+        assert self.t_decode is not None
+        ref = self.t_ref or self.t_decode
+        floor = FLOOR * (self.max_stall - 1.0) * self.t_decode
+        return max(floor, self.max_stall * ref - self.t_decode)
+
+    def _layer_plan(self, decoding: list[str], req: Request) -> StepPlan:
+        """One chunk of `req`'s prompt, through as many layers as the allowance holds."""
+        model = req.lm.model_id
+        layers = req.lm.layers
+        inflight = (req.inflight, req.through) if req.inflight else None
+        if not decoding:
+            assert inflight is not None
+            n, k = req.inflight, layers - req.through
+        else:
+            n, k = self.cost.split(
+                self.tables.get(model, []),
+                len(self.batches[model].rids),
+                req.prefilled,
+                req.to_prefill,
+                self.allowance(),
+                layers,
+                inflight=inflight,
+            )
+        span = (req.through, req.through + k)
+        return StepPlan(
+            list(decoding), [(req.rid, n)], {} if span == (0, layers) else {req.rid: span}
         )
 
     def budget(self, decodes: int, first: Request | None) -> int:
@@ -323,14 +382,12 @@ class Engine:
             len(self.batches[model].rids),
             first.prefilled,
             first.to_prefill,
-            (self.max_stall - 1.0) * self.t_decode,
+            self.allowance(),
             MAX_CHUNK,
         )
         return decodes + n
 
-    def _learn(
-        self, plan: StepPlan, work: list[tuple[int, int]], model: str, seconds: float
-    ) -> None:
+    def _learn(self, plan: StepPlan, work: list[Work], model: str, seconds: float) -> None:
         """Step times: decode-only ones set the baseline, mixed ones teach the
         cost model what `work` (chunks of `model`'s prompts) added to it."""
         if plan.decode and not work:
@@ -355,15 +412,22 @@ class Engine:
         sampled: list[tuple[list[Request], mx.array]] = []
         joined: list[Request] = []
         by_model: dict[str, list[tuple[Request, Chunk]]] = {}
-        # (tokens, keys cached) of this node's chunks and their model, for the cost model
-        work: list[tuple[int, int]] = []
+        # this node's chunks and their model, for the cost model
+        work: list[Work] = []
         work_model = ""
         timed = True
         for rid, n in step.prefill:
             req = self.requests[rid]
             assert req.cache is not None
+            layers = req.lm.layers
+            first, end = step.spans.get(rid, (0, layers))
             chunk = Chunk(
-                req.prompt[req.prefilled : req.prefilled + n], req.cache, logits=n == req.to_prefill
+                req.prompt[req.prefilled : req.prefilled + n],
+                req.cache,
+                logits=n == req.to_prefill and end == layers,
+                first=first,
+                end=end,
+                h=req.h,
             )
             by_model.setdefault(req.lm.model_id, []).append((req, chunk))
         active = {*by_model, *flush, *(m for m, b in self.batches.items() if b.rids)}
@@ -375,14 +439,19 @@ class Engine:
             if lm.part is not None:
                 self._send_on(lm, rows, chunks, t0)
                 continue
-            work.extend((len(c.tokens), r.prefilled) for r, c in chunks)
+            work.extend(
+                (len(c.tokens), r.prefilled, ((c.end or r.lm.layers) - c.first) / r.lm.layers)
+                for r, c in chunks
+            )
             work_model = work_model or (model_id if chunks else "")
             ready = self.prefetched.pop(model_id, None)
             if ready is not None and ready.rids == batch.rids:
                 # This step's decodes were computed during the last one, so its time
                 # says nothing about what its chunks add to a decode step.
                 timed = timed and not chunks
-                _, chunk_logits = step_forward(lm.model, [], None, [c for _, c in chunks], False)
+                _, chunk_logits = step_forward(
+                    lm.model, [], None, [c for _, c in chunks], self.fused[model_id]
+                )
                 sampled.append((rows, ready.toks))
             else:
                 dec_logits, chunk_logits = step_forward(
@@ -396,6 +465,10 @@ class Engine:
                     assert dec_logits is not None
                     sampled.extend(sample_rows(rows, dec_logits))
             for (req, chunk), logits in zip(chunks, chunk_logits, strict=True):
+                if chunk.end is not None and chunk.end < req.lm.layers:
+                    req.inflight, req.through, req.h = len(chunk.tokens), chunk.end, logits
+                    continue
+                req.inflight, req.through, req.h = 0, 0, None
                 req.prefilled += len(chunk.tokens)
                 if logits is not None:
                     sampled.append(([req], req.sampler(logits)[None]))
@@ -403,6 +476,7 @@ class Engine:
         if not sampled:
             return []
         states = [c.state for r in self.requests.values() if r.cache is not None for c in r.cache]
+        states += [r.h for r in self.requests.values() if r.h is not None]
         if not joined and not self.queue and all(r.cache is None for r in self.requests.values()):
             self._prefetch(sampled)
         mx.eval([t for _, t in sampled], states)
@@ -440,7 +514,7 @@ class Engine:
             mx.eval(h, [c.state for _, ch in chunks for c in ch.cache])
         else:
             h = mx.zeros((0, inner.embed_tokens.weight.shape[1]), dtype=mx.float32)
-        work = [(len(c.tokens), r.prefilled) for r, c in chunks]
+        work = [(len(c.tokens), r.prefilled, 1.0) for r, c in chunks]
         header = {
             "instance": lm.instance,
             "step": self.steps,

@@ -29,6 +29,11 @@ class Chunk:
     tokens: list[int]
     cache: list[Any]  # per-layer KVCache
     logits: bool  # whether the last position's logits are wanted
+    # The layers this step runs the chunk through, [first, end); end None: to the
+    # last. A chunk that starts past layer 0 brings its hidden state `h`.
+    first: int = 0
+    end: int | None = None
+    h: mx.array | None = None
 
 
 def supports_fused(model: Any) -> bool:
@@ -65,9 +70,10 @@ def plain_step(
 
 
 def _attend(
-    attn: Any, q: mx.array, k: mx.array, v: mx.array, B: int, L: int, cache: Any, mask: Any
+    attn: Any, q: mx.array, k: mx.array, v: mx.array, g: Group, cache: Any, mask: Any
 ) -> mx.array:
     """q/k/v: [B*L, features] rows of one group -> attention output [B*L, H*hd]."""
+    B, L = g.rows, g.n
     q = q.reshape(B, L, attn.n_heads, -1).transpose(0, 2, 1, 3)
     k = k.reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
     v = v.reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
@@ -81,42 +87,86 @@ def _attend(
     return o.transpose(0, 2, 1, 3).reshape(B * L, -1)
 
 
-Group = tuple[int, int, list[Any]]  # (rows, tokens per row, per-layer caches)
+@dataclass
+class Group:
+    """Rows that attend together, against one cache, over layers [first, end)."""
+
+    rows: int
+    n: int  # tokens per row
+    caches: list[Any]  # per layer
+    first: int = 0
+    end: int | None = None
+    h: mx.array | None = None  # entering state, for a group that starts past layer 0
+    out: mx.array | None = None  # leaving state, for a group that ends before the last layer
 
 
 def groups_of(dec: int, dec_cache: list[Any] | None, chunks: list[Chunk]) -> list[Group]:
     groups: list[Group] = []
     if dec:
         assert dec_cache is not None
-        groups.append((dec, 1, dec_cache))
-    groups.extend((1, len(c.tokens), c.cache) for c in chunks)
+        groups.append(Group(dec, 1, dec_cache))
+    groups.extend(Group(1, len(c.tokens), c.cache, c.first, c.end, c.h) for c in chunks)
     return groups
 
 
+def _mask(g: Group) -> Any:
+    # Made before any cache grows this step, as mlx-lm's models make them.
+    cache = g.caches[g.first]
+    mask = create_attention_mask(mx.zeros((g.rows, g.n, 1)), cache)
+    return attention.additive_mask(mask, g.n, cache.offset) if _FAST else mask
+
+
 def run_layers(layers: list[Any], h: mx.array, groups: list[Group]) -> mx.array:
-    """h: [T, D], every group's tokens packed in order -> h after `layers`. The
-    weight matmuls see all T rows at once; attention runs per group."""
-    # Masks before any cache grows this step, as mlx-lm's models make them.
-    masks = [create_attention_mask(mx.zeros((b, n, 1)), caches[0]) for b, n, caches in groups]
-    if _FAST:
-        masks = [
-            attention.additive_mask(m, n, caches[0].offset)
-            for m, (b, n, caches) in zip(masks, groups, strict=True)
-        ]
+    """h: [T, D], the tokens of the groups that start at layer 0, packed in order
+    -> the tokens of those that reach the last layer, packed in order. The weight
+    matmuls see every row present at a layer at once; attention runs per group.
+    A group that starts later joins at its first layer with its own `h`; one that
+    ends early leaves its state in `out` (a long prompt goes through a few layers
+    per step, so a step beside running decodes stays short)."""
+    masks = [_mask(g) for g in groups]
+    last = len(layers)
+    here = [i for i, g in enumerate(groups) if g.first == 0]
     for li, layer in enumerate(layers):
+        if li and any(g.first == li for g in groups):
+            parts = dict(zip(here, _split(h, [groups[i] for i in here]), strict=True))
+            parts.update({i: g.h for i, g in enumerate(groups) if g.first == li})
+            here = sorted(parts)
+            h = _pack([parts[i] for i in here])
+        if not here:
+            continue
         attn = layer.self_attn
         x = layer.input_layernorm(h)
         q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
         outs, start = [], 0
-        for (b, n, caches), mask in zip(groups, masks, strict=True):
-            end = start + b * n
+        for i in here:
+            g = groups[i]
+            end = start + g.rows * g.n
             outs.append(
-                _attend(attn, q[start:end], k[start:end], v[start:end], b, n, caches[li], mask)
+                _attend(attn, q[start:end], k[start:end], v[start:end], g, g.caches[li], masks[i])
             )
             start = end
-        h = h + attn.o_proj(mx.concatenate(outs, axis=0) if len(outs) > 1 else outs[0])
+        h = h + attn.o_proj(_pack(outs))
         h = h + layer.mlp(layer.post_attention_layernorm(h))
+        if any((g.end or last) == li + 1 < last for g in (groups[i] for i in here)):
+            parts = dict(zip(here, _split(h, [groups[i] for i in here]), strict=True))
+            for i in list(here):
+                if (groups[i].end or last) == li + 1:
+                    groups[i].out = parts.pop(i)
+            here = sorted(parts)
+            h = _pack([parts[i] for i in here]) if here else h[:0]
     return h
+
+
+def _split(h: mx.array, groups: list[Group]) -> list[mx.array]:
+    out, start = [], 0
+    for g in groups:
+        out.append(h[start : start + g.rows * g.n])
+        start += g.rows * g.n
+    return out
+
+
+def _pack(hs: list[mx.array]) -> mx.array:
+    return mx.concatenate(hs, axis=0) if len(hs) > 1 else hs[0]
 
 
 def sampled_rows(dec: int, chunks: list[tuple[int, bool]]) -> tuple[list[int], list[int | None]]:
@@ -143,16 +193,29 @@ def head(model: Any, h: mx.array, rows: list[int]) -> mx.array:
 def fused_step(
     model: Any, dec: list[int], dec_cache: list[Any] | None, chunks: list[Chunk]
 ) -> tuple[mx.array | None, list[mx.array | None]]:
+    """-> the decode rows' logits, and per chunk: its last position's logits when it
+    ends the prompt, its hidden state when it stops short of the last layer, else None."""
     inner = model.model
     B = len(dec)
-    tokens = dec + [t for c in chunks for t in c.tokens]
-    h = inner.embed_tokens(mx.array(tokens))  # [T, D], all of the step's tokens packed
-    h = run_layers(inner.layers, h, groups_of(B, dec_cache, chunks))
-    rows, wanted = sampled_rows(B, [(len(c.tokens), c.logits) for c in chunks])
-    if not rows:
-        return None, [None] * len(chunks)
-    logits = head(model, h, rows)
-    return (logits[:B] if B else None), [None if w is None else logits[w] for w in wanted]
+    last = len(inner.layers)
+    tokens = dec + [t for c in chunks if c.first == 0 for t in c.tokens]
+    if tokens:  # [T, D], the step's tokens that enter at layer 0, packed
+        h = inner.embed_tokens(mx.array(tokens))
+    else:
+        h = mx.zeros((0, inner.embed_tokens.weight.shape[1]), dtype=mx.float32)
+    groups = groups_of(B, dec_cache, chunks)
+    h = run_layers(inner.layers, h, groups)
+    done = [(c.end or last) == last for c in chunks]
+    rows, wanted = sampled_rows(
+        B, [(len(c.tokens), c.logits) for c, d in zip(chunks, done, strict=True) if d]
+    )
+    logits = head(model, h, rows) if rows else None
+    picked = iter(wanted)
+    outs: list[mx.array | None] = []
+    for g, d in zip(groups[1 if B else 0 :], done, strict=True):
+        w = next(picked) if d else None
+        outs.append(g.out if not d else None if w is None or logits is None else logits[w])
+    return (logits[:B] if B and logits is not None else None), outs
 
 
 def step_forward(

@@ -22,6 +22,8 @@ class Pending:
 class StepPlan:
     decode: list[str] = field(default_factory=list)
     prefill: list[tuple[str, int]] = field(default_factory=list)  # (rid, tokens this step)
+    # rid -> [first, end) layers, for a chunk that goes through only part of the model
+    spans: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def empty(self) -> bool:
@@ -45,16 +47,24 @@ def plan(decoding: list[str], waiting: list[Pending], budget: int, min_chunk: in
 
 
 KEYS = 1000.0  # features count attention work in thousands of cached keys
+# Chunk sizes tried when a prompt goes through a few layers per step: past 128
+# tokens a layer's chunk costs more per token on this CPU (0.2-0.3 ms per token
+# and layer at 256 against 0.14 at 128; its activations leave the caches).
+SIZES = (8, 16, 32, 64, 128)
+
+# A prompt chunk in a step: (tokens, keys already cached, share of the model's
+# layers it goes through this step).
+Work = tuple[int, int, float]
 
 
-def features(chunks: list[tuple[int, int]]) -> list[float]:
-    """A step's prompt chunks, given as (tokens, keys already cached), as the cost
-    model sees them: how many chunks (each runs its own attention group), how
-    many tokens, and token-keys (each token attends to everything before it)."""
+def features(chunks: list[Work]) -> list[float]:
+    """A step's prompt chunks as the cost model sees them: how many chunk-layers
+    (each runs its own attention group), token-layers, and token-key-layers (each
+    token attends to everything before it), all in units of the whole model."""
     return [
-        float(len(chunks)),
-        float(sum(n for n, _ in chunks)),
-        sum(n * (ctx + n / 2) for n, ctx in chunks) / KEYS,
+        sum(f for _, _, f in chunks),
+        sum(f * n for n, _, f in chunks),
+        sum(f * n * (ctx + n / 2) for n, ctx, f in chunks) / KEYS,
     ]
 
 
@@ -70,8 +80,14 @@ def matmuls(rows: list[float], t: int) -> float:
     return rows[top] + slope * (t - top)
 
 
-def rows_delta(rows: list[float], decodes: int, tokens: int) -> float:
-    return matmuls(rows, decodes + tokens) - matmuls(rows, decodes)
+def rows_delta(rows: list[float], decodes: int, chunks: list[Work]) -> float:
+    """What the chunks add to the decode rows' weight matmuls: at each layer every
+    row present goes through them at once."""
+    tokens = sum(n for n, _, _ in chunks)
+    if not tokens:
+        return 0.0
+    share = sum(n * f for n, _, f in chunks) / tokens
+    return share * (matmuls(rows, decodes + tokens) - matmuls(rows, decodes))
 
 
 def nnls(x: list[list[float]], y: list[float], w: list[float]) -> list[float]:
@@ -120,14 +136,11 @@ class PrefillCost:
     theta: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
     last_tokens: int = 0
 
-    def observe(
-        self, rows: list[float], decodes: int, chunks: list[tuple[int, int]], extra: float
-    ) -> None:
+    def observe(self, rows: list[float], decodes: int, chunks: list[Work], extra: float) -> None:
         """`rows`: the model's matmul table; `decodes`: its decode rows in the step."""
-        tokens = sum(n for n, _ in chunks)
-        self.seen.append((features(chunks), extra - rows_delta(rows, decodes, tokens)))
+        self.seen.append((features(chunks), extra - rows_delta(rows, decodes, chunks)))
         del self.seen[: -self.window]
-        self.last_tokens = tokens
+        self.last_tokens = round(sum(n * f for n, _, f in chunks))
         n = len(self.seen)
         self.theta = nnls(
             [f for f, _ in self.seen],
@@ -135,10 +148,9 @@ class PrefillCost:
             [0.5 + 0.5 * i / max(1, n - 1) for i in range(n)],  # recent steps count more
         )
 
-    def predict(self, rows: list[float], decodes: int, chunks: list[tuple[int, int]]) -> float:
-        tokens = sum(n for n, _ in chunks)
+    def predict(self, rows: list[float], decodes: int, chunks: list[Work]) -> float:
         learnt = sum(t * f for t, f in zip(self.theta, features(chunks), strict=True))
-        return rows_delta(rows, decodes, tokens) + learnt
+        return rows_delta(rows, decodes, chunks) + learnt
 
     def largest(
         self, rows: list[float], decodes: int, ctx: int, remaining: int, allowance: float, cap: int
@@ -147,6 +159,41 @@ class PrefillCost:
         `allowance` seconds beside `decodes` decode rows (at least 1)."""
         limit = max(1, min(remaining, cap, max(self.start, 2 * self.last_tokens)))
         for n in range(limit, 1, -1):
-            if self.predict(rows, decodes, [(n, ctx)]) <= allowance:
+            if self.predict(rows, decodes, [(n, ctx, 1.0)]) <= allowance:
                 return n
         return 1
+
+    def split(
+        self,
+        rows: list[float],
+        decodes: int,
+        ctx: int,
+        remaining: int,
+        allowance: float,
+        layers: int,
+        inflight: tuple[int, int] | None = None,
+    ) -> tuple[int, int]:
+        """(tokens, layers) of a prompt with `ctx` keys cached to run this step
+        beside `decodes` decode rows within `allowance` seconds, the most token-
+        layers that fit (at least one layer). `inflight`: (tokens, layers done) of
+        a chunk already part-way through the model, which must go on as it is.
+
+        Going through a few layers per step lets a chunk be large (per token a
+        64-token chunk costs a third of an 8-token one here: each chunk pays its
+        attention group's fixed costs at every layer) while the step stays short."""
+        if inflight is not None:
+            sizes, top = [inflight[0]], layers - inflight[1]
+        else:
+            sizes = sorted({s for s in SIZES if s < remaining} | {min(remaining, max(SIZES))})
+            top = layers
+        trust = max(self.start, 2 * self.last_tokens) * layers
+        best = (0, 0, sizes[0], 1)  # (token-layers, layers, tokens, layers)
+        for n in sizes:
+            for k in range(top, 0, -1):
+                if (
+                    n * k <= trust
+                    and self.predict(rows, decodes, [(n, ctx, k / layers)]) <= allowance
+                ):
+                    best = max(best, (n * k, k, n, k))
+                    break
+        return best[2], best[3]

@@ -53,6 +53,7 @@ def run(
                 "outs": {o.rid: o for o in outs},
                 "decode": list(plan.decode),
                 "prefill": list(plan.prefill),
+                "spans": dict(plan.spans),
             }
         )
         for o in outs:
@@ -210,7 +211,16 @@ def test_measured_budget_keeps_streams_stepping_and_remeasures_them(tiny_path: P
     first = next(i for i, s in enumerate(steps) if any(r == "long" for r, _ in s["prefill"]))
     last = max(i for i, s in enumerate(steps) if any(r == "long" for r, _ in s["prefill"]))
     window = steps[first : last + 1]
-    assert sum(n for s in window for r, n in s["prefill"] if r == "long") == len(long_prompt)
+    # every prompt token went through every layer once, whether a chunk took one
+    # step or went a few layers per step
+    layers = lm.layers
+    done = sum(
+        n * (lambda a, b: b - a)(*s["spans"].get(r, (0, layers)))
+        for s in window
+        for r, n in s["prefill"]
+        if r == "long"
+    )
+    assert done == len(long_prompt) * layers
     assert len([s for s in window if s["prefill"]]) > 2 * DECODE_EVERY, len(window)
     for s in window:
         assert {f"s{i}" for i in range(3)} <= set(s["outs"]), s
@@ -232,3 +242,72 @@ def test_a_prompt_cache_is_allocated_once_for_the_whole_prompt(tiny_path: Path) 
     engine.step()
     assert req.cache is not None and 0 < req.prefilled < 600
     assert req.cache[0].keys.shape[2] == 768  # 600 rounded up to the cache's 256 steps
+
+
+def test_a_chunk_split_across_layers_gives_the_logits_of_one_pass(smollm_path: Path) -> None:
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from exo.nodes.forward import Chunk, fused_step
+
+    lm = load_model("smollm", smollm_path)
+    prompt = list(range(100, 190))
+    whole, split = make_prompt_cache(lm.model), make_prompt_cache(lm.model)
+    _, (ref,) = fused_step(lm.model, [], None, [Chunk(prompt, whole, True)])
+    h = None
+    for first, end in [(0, 7), (7, 8), (8, 20), (20, 30)]:
+        _, (h,) = fused_step(lm.model, [], None, [Chunk(prompt, split, end == 30, first, end, h)])
+        assert h is not None
+        mx.eval(h)
+        # layers past the span have not seen the chunk yet
+        assert [c.offset for c in split] == [90] * end + [0] * (30 - end)
+    assert h.shape == ref.shape and mx.allclose(h, ref, atol=1e-3).item()
+
+
+def test_a_prompt_going_a_layer_per_step_beside_streams_equals_it_run_alone(
+    tiny_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chunk sizes and layer spans are the cost model's choice; here it is
+    made to take one layer per step, to check the outputs and the step structure."""
+    lm = load_model("tiny", tiny_path)
+    engine = Engine()
+    engine.add_model(lm)
+
+    def one_layer(*args: object, inflight: tuple[int, int] | None = None) -> tuple[int, int]:
+        return (inflight[0] if inflight else min(24, int(args[3]))), 1  # type: ignore[call-overload]
+
+    monkeypatch.setattr(engine.cost, "split", one_layer)
+    params = {"max_tokens": 60, "temperature": 0, "ignore_eos": True}
+    long_prompt = [3 + i % 200 for i in range(100)]
+    arrivals = {
+        0: [(f"s{i}", "tiny", "completion", [5 + i, 6, 7], params) for i in range(3)],
+        4: [("long", "tiny", "completion", long_prompt, {**params, "max_tokens": 8})],
+    }
+    ids, steps = run(engine, arrivals)
+    assert ids["long"] == alone(lm, long_prompt, 8)
+    for i in range(3):
+        assert ids[f"s{i}"] == alone(lm, [5 + i, 6, 7], 60)
+    spans = [s["spans"]["long"] for s in steps if "long" in s["spans"]]
+    # 100 tokens in chunks of 24 (the last 4), each through 4 layers one at a time
+    assert spans == [(k, k + 1) for k in range(4)] * 5
+    for s in steps:
+        if "long" in s["spans"]:
+            assert {f"s{i}" for i in range(3)} <= set(s["outs"]), s
+
+
+def test_a_cancel_mid_chunk_frees_its_cache_and_state(tiny_path: Path) -> None:
+    lm = load_model("tiny", tiny_path)
+    engine = Engine()
+    engine.add_model(lm)
+    engine.cost.split = lambda *a, inflight=None: (inflight[0] if inflight else 16, 1)  # type: ignore[method-assign]
+    params = {"max_tokens": 100, "temperature": 0, "ignore_eos": True}
+    engine.submit("s", "tiny", "completion", [5, 6, 7], params)
+    for _ in range(3):
+        engine.step()
+    long = engine.submit("long", "tiny", "completion", list(range(3, 203)), params)
+    while not long.inflight:
+        engine.step()
+    assert long.h is not None and long.through and long.prefilled == 0
+    assert engine.cancel("long")
+    assert long.h is None and long.cache is None and "long" not in engine.requests
+    engine.step()
+    assert engine.status()["prefilling"] == 0

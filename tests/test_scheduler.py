@@ -68,11 +68,11 @@ def test_the_learnt_part_shrinks_chunks_as_the_prompt_fills_its_cache() -> None:
     truth = [0.01, 0.001, 0.02]  # per chunk, per token, per token per 1000 keys
     for n, ctx in [(2, 0), (4, 2), (8, 6), (16, 14), (8, 300), (4, 900), (6, 1200), (3, 1500)]:
         feats = [1, n, n * (ctx + n / 2) / 1000]
-        cost.observe([], 4, [(n, ctx)], sum(t * f for t, f in zip(truth, feats, strict=True)))
+        cost.observe([], 4, [(n, ctx, 1.0)], sum(t * f for t, f in zip(truth, feats, strict=True)))
     early = cost.largest([], 4, 0, 2000, allowance=0.06, cap=1024)
     late = cost.largest([], 4, 1800, 2000, allowance=0.06, cap=1024)
     assert early > late >= 1
-    assert cost.predict([], 4, [(late, 1800)]) <= 0.06 < cost.predict([], 4, [(late + 1, 1800)])
+    assert cost.predict([], 4, [(late, 1800, 1.0)]) <= 0.06 < cost.predict([], 4, [(late + 1, 1800, 1.0)])
 
 
 def test_the_chunk_grows_at_most_twofold_past_the_start() -> None:
@@ -80,5 +80,37 @@ def test_the_chunk_grows_at_most_twofold_past_the_start() -> None:
 
     cost = PrefillCost(start=16)
     assert cost.largest([], 4, 0, 2000, allowance=1.0, cap=1024) == 16  # nothing learnt yet
-    cost.observe([], 4, [(40, 0)], 0.01)
+    cost.observe([], 4, [(40, 0, 1.0)], 0.01)
     assert cost.largest([], 4, 40, 2000, allowance=1.0, cap=1024) == 80
+
+
+def test_a_long_prompt_goes_a_few_layers_per_step_in_larger_chunks() -> None:
+    """Each chunk pays fixed costs at every layer: beside decodes, a 32-token chunk
+    through 5 of 30 layers does 2.7x the work of a whole pass of 2 tokens per step."""
+    from exo.nodes.scheduler import PrefillCost
+
+    cost = PrefillCost(last_tokens=10_000)  # trusted everywhere
+    cost.theta = [0.03, 0.003, 0.004]  # per chunk, per token, per token per 1000 keys
+    whole = cost.largest([], 4, ctx=1800, remaining=2000, allowance=0.06, cap=1024)
+    n, k = cost.split([], 4, ctx=1800, remaining=2000, allowance=0.06, layers=30)
+    assert (whole, n, k) == (2, 32, 5)
+    assert cost.predict([], 4, [(n, 1800, k / 30)]) <= 0.06
+    assert cost.predict([], 4, [(n, 1800, (k + 1) / 30)]) > 0.06
+    # a chunk part-way through goes on with its tokens, at most to the last layer
+    assert cost.split([], 4, 1800, 2000, 0.06, 30, inflight=(16, 27)) == (16, 3)
+    assert cost.split([], 4, 1800, 2000, 0.06, 30, inflight=(128, 3)) == (128, 1)
+    # nothing fits: the smallest chunk still moves one layer
+    assert cost.split([], 4, 1800, 2000, 0.0, 30) == (8, 1)
+    # a short remainder goes whole when it fits
+    assert cost.split([], 4, 0, 3, 0.06, 30) == (3, 30)
+
+
+def test_the_layer_split_grows_at_most_twofold_past_the_start() -> None:
+    from exo.nodes.scheduler import PrefillCost
+
+    cost = PrefillCost(start=16)
+    n, k = cost.split([], 4, 0, 2000, allowance=1.0, layers=30)
+    assert n * k == 16 * 30  # nothing learnt yet: the start's token-layers
+    cost.observe([], 4, [(64, 0, 7 / 30)], 0.01)
+    n, k = cost.split([], 4, 64, 2000, allowance=1.0, layers=30)
+    assert n * k <= 2 * 64 * 7 and n * k > 64 * 7
