@@ -9,6 +9,7 @@ cache is dropped the moment it finishes or is cancelled.
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -34,7 +35,7 @@ DEFAULT_MAX_STALL = 1.5
 DEFAULT_IDLE_BUDGET = 256
 MIN_CHUNK = 2
 MAX_CHUNK = 1024
-EWMA = 0.2
+DECODE_TIMES = 5  # decode-only steps whose median is the decode step time
 DECODE_EVERY = 8  # mixed steps between two decode-only ones (see Engine.plan)
 # However long the streams' own step grows while a prompt prefills, the prompt
 # gets at least this share of the stall allowance, so it cannot starve.
@@ -158,7 +159,9 @@ class Engine:
         self.prefill_budget = prefill_budget  # fixed tokens per step; None: sized by max_stall
         self.idle_budget = idle_budget
         self.max_stall = max_stall
-        self.t_decode: float | None = None  # EWMA seconds of a decode-only step
+        self.t_decode: float | None = None  # seconds of a decode-only step, recently
+        self.decode_times: deque[float] = deque(maxlen=DECODE_TIMES)
+        self.predicted = 0.0  # what the cost model expected the last mixed step to add
         self.t_ref: float | None = None  # t_decode when the prompt now prefilling came
         self.cost = PrefillCost()  # what prompt chunks add to a decode step
         self.kv_budget = kv_budget if kv_budget is not None else default_kv_budget()
@@ -304,7 +307,7 @@ class Engine:
         waiting = [
             r for r in self.requests.values() if r.cache is not None and r.lm.model_id not in busy
         ]
-        if not waiting:
+        if not waiting or not decoding:
             self.t_ref = None
         elif self.t_ref is None:
             self.t_ref = self.t_decode
@@ -391,11 +394,14 @@ class Engine:
         """Step times: decode-only ones set the baseline, mixed ones teach the
         cost model what `work` (chunks of `model`'s prompts) added to it."""
         if plan.decode and not work:
-            old = self.t_decode
-            self.t_decode = seconds if old is None else old + EWMA * (seconds - old)
+            # A median, as one slow step on a shared machine must not move the
+            # baseline of a whole prefill.
+            self.decode_times.append(seconds)
+            self.t_decode = statistics.median(self.decode_times)
         elif plan.decode and work and self.t_decode is not None and model in self.batches:
-            rows = self.tables.get(model, [])
-            self.cost.observe(rows, len(self.batches[model].rids), work, seconds - self.t_decode)
+            rows, decodes = self.tables.get(model, []), len(self.batches[model].rids)
+            self.predicted = self.cost.predict(rows, decodes, work)
+            self.cost.observe(rows, decodes, work, seconds - self.t_decode)
 
     def step(self) -> list[Output]:
         from exo.nodes.forward import Chunk, step_forward
@@ -443,6 +449,7 @@ class Engine:
                 (len(c.tokens), r.prefilled, ((c.end or r.lm.layers) - c.first) / r.lm.layers)
                 for r, c in chunks
             )
+            batch.grow_ahead()
             work_model = work_model or (model_id if chunks else "")
             ready = self.prefetched.pop(model_id, None)
             if ready is not None and ready.rids == batch.rids:
@@ -483,14 +490,17 @@ class Engine:
         seconds = time.perf_counter() - t0
         if timed:
             self._learn(step, work, work_model, seconds)
-        if work:
+        if work or self.t_ref is not None:
             log.debug(
-                "step %d: %.4fs, %d decodes, chunks %s, baseline %s, cost %s",
+                "step %d: %.4fs, %d decodes, chunks %s, predicted +%.4fs, baseline %s (%s), "
+                "cost %s",
                 self.steps,
                 seconds,
                 len(step.decode),
-                work,
+                [(n, k, round(f, 3)) for n, k, f in work],
+                self.predicted if work else 0.0,
                 self.t_decode,
+                self.t_ref,
                 self.cost.theta,
             )
         return self._complete(

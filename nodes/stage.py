@@ -73,6 +73,7 @@ class StageRunner:
             self.drop(rid)
         decode: list[str] = list(header["decode"])
         self.follow(decode)
+        self.batch.grow_ahead()
         for rid, params in header.get("new", {}).items():
             self.caches[rid] = make_prompt_cache(self.lm.model)
             if self.last:

@@ -311,3 +311,28 @@ def test_a_cancel_mid_chunk_frees_its_cache_and_state(tiny_path: Path) -> None:
     assert long.h is None and long.cache is None and "long" not in engine.requests
     engine.step()
     assert engine.status()["prefilling"] == 0
+
+
+def test_the_batch_cache_grows_a_layer_per_step_ahead_of_need(tiny_path: Path) -> None:
+    """No step copies every layer's cache at once (a freeze every 256 tokens);
+    the outputs of rows that cross the cache's size stay those of each alone."""
+    lm = load_model("tiny", tiny_path)
+    engine = Engine(prefill_budget=512)
+    engine.add_model(lm)
+    params = {"max_tokens": 40, "temperature": 0, "ignore_eos": True}
+    prompts = {"a": [3 + i % 100 for i in range(230)], "b": [7, 8, 9]}
+    for rid, p in prompts.items():
+        engine.submit(rid, "tiny", "completion", p, params)
+    ids: dict[str, list[int]] = {"a": [], "b": []}
+    sizes: list[list[int]] = []
+    while engine.requests:
+        for o in engine.step():
+            ids[o.rid].extend(o.ids)
+        cache = engine.batches["tiny"].cache
+        if cache is not None:
+            sizes.append([c.keys.shape[2] for c in cache])
+    for prev, cur in zip(sizes, sizes[1:], strict=False):
+        assert sum(a != b for a, b in zip(prev, cur, strict=True)) <= 1, (prev, cur)
+    assert max(max(s) for s in sizes) > 256  # it did grow
+    for rid, p in prompts.items():
+        assert ids[rid] == alone(lm, p, 40)

@@ -99,7 +99,13 @@ def wait_tokens(streams: list[Stream], n: int, timeout: float = 300) -> None:
 
 
 def exo_stall(
-    url: str, model: str, tokenizer: Any, streams: int, long_n: int, before_s: float
+    url: str,
+    model: str,
+    tokenizer: Any,
+    streams: int,
+    long_n: int,
+    before_s: float,
+    control_s: float,
 ) -> dict[str, Any]:
     long_ids = long_prompt(tokenizer, long_n)
     alone = Stream(url, model, long_ids, 1).start()
@@ -115,17 +121,24 @@ def exo_stall(
     long = Stream(url, model, long_ids, 1).start()
     long.wait()
     t_sent, t_first = long.sent, long.times[0]
-    time.sleep(1.0)
+    # The same streams for as long again with no prompt coming: how high their
+    # inter-token latency goes by itself on this machine (the noise floor).
+    t_after = t_first + 1.0
+    time.sleep(1.0 + min(control_s, t_first - t_sent))
     for s in running:
         s.join()
     before = [b - a for s in running for a, b in gaps(s.times) if t_before <= a and b < t_sent]
     during = [b - a for s in running for a, b in gaps(s.times) if b > t_sent and a < t_first]
+    after = [b - a for s in running for a, b in gaps(s.times) if a >= t_after]
     med = statistics.median(before)
     return {
         "itl_median_before_s": med,
         "itl_max_during_s": max(during),
         "itl_p99_during_s": pct(during, 99),
         "stall_ratio": max(during) / med,
+        "itl_median_control_s": statistics.median(after),
+        "itl_max_control_s": max(after),
+        "control_ratio": max(after) / med,
         "long_ttft_s": t_first - t_sent,
         "long_ttft_alone_s": ttft_alone,
         "ttft_ratio": (t_first - t_sent) / ttft_alone,
@@ -220,7 +233,7 @@ def run(
         "streams": streams,
         "long_prompt_tokens": long_n,
     }
-    res["exo"] = exo_stall(url, model_id, tokenizer, streams, long_n, before_s=3.0)
+    res["exo"] = exo_stall(url, model_id, tokenizer, streams, long_n, before_s=3.0, control_s=60)
     res["batchgen"] = batchgen_stall(model, tokenizer, streams, long_n)
     res["throughput"] = []
     for n in concurrency:
@@ -247,6 +260,10 @@ def report(res: dict[str, Any]) -> None:
     )
     print(f"{'p99 ITL during, s':34}{e['itl_p99_during_s']:12.3f}{'':>16}")
     print(f"{'max during / median before':34}{e['stall_ratio']:12.2f}{b['stall_ratio']:16.2f}")
+    print(
+        f"{'no prompt: max / median before':34}{e['control_ratio']:12.2f}"
+        f"   (the same streams after the prefill, as long again: this machine's own jitter)"
+    )
     print(
         f"long prompt TTFT: {e['long_ttft_s']:.2f}s with streams running, {e['long_ttft_alone_s']:.2f}s alone "
         f"on an idle cluster (ratio {e['ttft_ratio']:.2f})"
