@@ -340,12 +340,13 @@ class Engine:
 
     def allowance(self) -> float:
         """Seconds of prefill work a step beside decodes may carry: up to max_stall
-        times the decode step the streams had before the prompt came. Their own
-        step grows with their context meanwhile, and that growth is theirs to keep."""
+        times the decode step the streams had before the prompt came, less what the
+        cost model has lately underestimated by. The streams' own step grows with
+        their context meanwhile, and that growth is theirs to keep."""
         assert self.t_decode is not None
         ref = self.t_ref or self.t_decode
         floor = FLOOR * (self.max_stall - 1.0) * self.t_decode
-        return max(floor, self.max_stall * ref - self.t_decode)
+        return max(floor, self.max_stall * ref - self.t_decode - self.cost.margin())
 
     def _layer_plan(self, decoding: list[str], req: Request) -> StepPlan:
         """One chunk of `req`'s prompt, through as many layers as the allowance holds."""

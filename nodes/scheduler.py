@@ -134,10 +134,14 @@ class PrefillCost:
     start: int = 16
     seen: list[tuple[list[float], float]] = field(default_factory=list)
     theta: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    misses: list[float] = field(default_factory=list)  # actual - predicted, recent steps
     last_tokens: int = 0
 
     def observe(self, rows: list[float], decodes: int, chunks: list[Work], extra: float) -> None:
         """`rows`: the model's matmul table; `decodes`: its decode rows in the step."""
+        if len(self.seen) >= 4:  # misses of a model fitted on almost nothing say little
+            self.misses.append(extra - self.predict(rows, decodes, chunks))
+            del self.misses[: -self.window]
         self.seen.append((features(chunks), extra - rows_delta(rows, decodes, chunks)))
         del self.seen[: -self.window]
         self.last_tokens = round(sum(n * f for n, _, f in chunks))
@@ -151,6 +155,14 @@ class PrefillCost:
     def predict(self, rows: list[float], decodes: int, chunks: list[Work]) -> float:
         learnt = sum(t * f for t, f in zip(self.theta, features(chunks), strict=True))
         return rows_delta(rows, decodes, chunks) + learnt
+
+    def margin(self, q: float = 0.9) -> float:
+        """How far recent steps ran past the prediction, at quantile `q` (0 if none
+        did): a step held under a bound must leave that much room."""
+        if not self.misses:
+            return 0.0
+        xs = sorted(self.misses)
+        return max(0.0, xs[min(len(xs) - 1, int(q * len(xs)))])
 
     def largest(
         self, rows: list[float], decodes: int, ctx: int, remaining: int, allowance: float, cap: int

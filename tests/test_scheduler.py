@@ -114,3 +114,17 @@ def test_the_layer_split_grows_at_most_twofold_past_the_start() -> None:
     cost.observe([], 4, [(64, 0, 7 / 30)], 0.01)
     n, k = cost.split([], 4, 64, 2000, allowance=1.0, layers=30)
     assert n * k <= 2 * 64 * 7 and n * k > 64 * 7
+
+
+def test_the_margin_is_how_far_steps_lately_ran_past_the_prediction() -> None:
+    from exo.nodes.scheduler import PrefillCost
+
+    cost = PrefillCost()
+    for i in range(4):  # fitted exactly on 0.01 per token: no miss
+        cost.observe([], 4, [(10 + i, 0, 1.0)], 0.001 * (10 + i))
+    assert cost.margin() == 0.0
+    for i in range(20):  # then one step in ten runs 30 ms over
+        n = 10 + i % 5
+        cost.observe([], 4, [(n, 0, 1.0)], 0.001 * n + (0.03 if i % 10 == 9 else 0.0))
+    assert 0.0 < cost.margin() <= 0.03
+    assert cost.margin(q=0.5) < 0.005
