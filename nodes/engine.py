@@ -39,7 +39,7 @@ DECODE_TIMES = 5  # decode-only steps whose median is the decode step time
 DECODE_EVERY = 8  # mixed steps between two decode-only ones (see Engine.plan)
 # However long the streams' own step grows while a prompt prefills, the prompt
 # gets at least this share of the stall allowance, so it cannot starve.
-FLOOR = 0.25
+FLOOR = 0.5
 
 
 def default_kv_budget() -> int:
