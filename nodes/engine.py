@@ -159,10 +159,15 @@ class Engine:
         self.prefill_budget = prefill_budget  # fixed tokens per step; None: sized by max_stall
         self.idle_budget = idle_budget
         self.max_stall = max_stall
-        self.t_decode: float | None = None  # seconds of a decode-only step, recently
-        self.decode_times: deque[float] = deque(maxlen=DECODE_TIMES)
+        # Recent decode-only step times by decode rows (a stale time for another batch
+        # size would make the cost model blame the prompt for the new rows' decodes),
+        # and the one for this step's batch.
+        self.decode_times: dict[int, deque[float]] = {}
+        self.t_decode: float | None = None
         self.predicted = 0.0  # what the cost model expected the last mixed step to add
-        self.t_ref: float | None = None  # t_decode when the prompt now prefilling came
+        # (decode rows, t_decode) when the prompt now prefilling came, or the batch last
+        # changed size
+        self.t_ref: tuple[int, float] | None = None
         self.cost = PrefillCost()  # what prompt chunks add to a decode step
         self.kv_budget = kv_budget if kv_budget is not None else default_kv_budget()
         self.models: dict[str, LoadedModel] = {}
@@ -307,10 +312,11 @@ class Engine:
         waiting = [
             r for r in self.requests.values() if r.cache is not None and r.lm.model_id not in busy
         ]
-        if not waiting or not decoding:
+        self.t_decode = self.decode_time(len(decoding))
+        if not waiting or not decoding or self.t_decode is None:
             self.t_ref = None
-        elif self.t_ref is None:
-            self.t_ref = self.t_decode
+        elif self.t_ref is None or self.t_ref[0] != len(decoding):
+            self.t_ref = (len(decoding), self.t_decode)
         if decoding and waiting and self.prefill_budget is None:
             self.mixed += 1
             if self.t_decode is None or self.mixed > DECODE_EVERY:
@@ -320,11 +326,22 @@ class Engine:
                 self.mixed = 0
                 waiting = []
         if waiting and self._splits(waiting[0], bool(decoding)):
-            return self._layer_plan(decoding, waiting[0])
-        budget = self.budget(len(decoding), waiting[0] if waiting else None)
+            step = self._layer_plan(decoding, waiting[0])
+            if step.spans or waiting[0].inflight:
+                return step
+            # The first prompt goes whole this step: the token budget below lets the
+            # prompts behind it start in the same step (many short prompts at once).
+        budget = self.budget(len(decoding), waiting)
         return plan(
             decoding, [Pending(r.rid, r.to_prefill) for r in waiting], budget, min_chunk=MIN_CHUNK
         )
+
+    def decode_time(self, rows: int) -> float | None:
+        """A decode-only step of `rows` rows: the median of the last few measured (one
+        slow step on a shared machine must not move the baseline of a whole
+        prefill); None until one is."""
+        times = self.decode_times.get(rows)
+        return statistics.median(times) if times else None
 
     def _splits(self, req: Request, decoding: bool) -> bool:
         """Whether `req`'s prompt goes through the model a few layers per step."""
@@ -344,7 +361,7 @@ class Engine:
         cost model has lately underestimated by. The streams' own step grows with
         their context meanwhile, and that growth is theirs to keep."""
         assert self.t_decode is not None
-        ref = self.t_ref or self.t_decode
+        ref = self.t_ref[1] if self.t_ref else self.t_decode
         floor = FLOOR * (self.max_stall - 1.0) * self.t_decode
         return max(floor, self.max_stall * ref - self.t_decode - self.cost.margin())
 
@@ -371,21 +388,22 @@ class Engine:
             list(decoding), [(req.rid, n)], {} if span == (0, layers) else {req.rid: span}
         )
 
-    def budget(self, decodes: int, first: Request | None) -> int:
+    def budget(self, decodes: int, waiting: list[Request]) -> int:
         """Tokens this step may carry (each decode counts as one), sized for the
-        first prompt waiting for prefill."""
+        prompts waiting for prefill as if they were one chunk of the first."""
         if not decodes:
             return self.idle_budget
         if self.prefill_budget is not None:
             return self.prefill_budget
-        if self.t_decode is None or first is None:
+        if self.t_decode is None or not waiting:
             return decodes + MIN_CHUNK
+        first = waiting[0]
         model = first.lm.model_id
         n = self.cost.largest(
             self.tables.get(model, []),
             len(self.batches[model].rids),
             first.prefilled,
-            first.to_prefill,
+            sum(r.to_prefill for r in waiting),
             self.allowance(),
             MAX_CHUNK,
         )
@@ -394,15 +412,16 @@ class Engine:
     def _learn(self, plan: StepPlan, work: list[Work], model: str, seconds: float) -> None:
         """Step times: decode-only ones set the baseline, mixed ones teach the
         cost model what `work` (chunks of `model`'s prompts) added to it."""
-        if plan.decode and not work:
-            # A median, as one slow step on a shared machine must not move the
-            # baseline of a whole prefill.
-            self.decode_times.append(seconds)
-            self.t_decode = statistics.median(self.decode_times)
-        elif plan.decode and work and self.t_decode is not None and model in self.batches:
-            rows, decodes = self.tables.get(model, []), len(self.batches[model].rids)
-            self.predicted = self.cost.predict(rows, decodes, work)
-            self.cost.observe(rows, decodes, work, seconds - self.t_decode)
+        decodes = len(plan.decode)
+        if decodes and not work:
+            times = self.decode_times.setdefault(decodes, deque(maxlen=DECODE_TIMES))
+            times.append(seconds)
+        elif decodes and work and model in self.batches:
+            base = self.decode_time(decodes)
+            if base is not None:
+                rows = self.tables.get(model, [])
+                self.predicted = self.cost.predict(rows, decodes, work)
+                self.cost.observe(rows, decodes, work, seconds - base)
 
     def step(self) -> list[Output]:
         from exo.nodes.forward import Chunk, step_forward
@@ -501,7 +520,7 @@ class Engine:
                 [(n, k, round(f, 3)) for n, k, f in work],
                 self.predicted if work else 0.0,
                 self.t_decode,
-                self.t_ref,
+                self.t_ref[1] if self.t_ref else None,
                 self.cost.theta,
             )
         return self._complete(

@@ -336,3 +336,24 @@ def test_the_batch_cache_grows_a_layer_per_step_ahead_of_need(tiny_path: Path) -
     assert max(max(s) for s in sizes) > 256  # it did grow
     for rid, p in prompts.items():
         assert ids[rid] == alone(lm, p, 40)
+
+
+def test_short_prompts_arriving_together_beside_streams_start_in_one_step(
+    tiny_path: Path,
+) -> None:
+    """Layer-wise prefill is for a prompt too long for one step; prompts that fit
+    whole share a step as before (8 new streams must not start one per step)."""
+    lm = load_model("tiny", tiny_path)
+    engine = Engine()
+    engine.add_model(lm)
+    params = {"max_tokens": 30, "temperature": 0, "ignore_eos": True}
+    arrivals = {
+        0: [(f"s{i}", "tiny", "completion", [5 + i, 6, 7], params) for i in range(3)],
+        8: [(f"n{i}", "tiny", "completion", [9 + i, 10, 11], params) for i in range(4)],
+    }
+    ids, steps = run(engine, arrivals)
+    first = next(s for s in steps if any(r.startswith("n") for r, _ in s["prefill"]))
+    assert sorted(r for r, _ in first["prefill"]) == [f"n{i}" for i in range(4)]
+    assert not first["spans"] and len(first["decode"]) == 3
+    for i in range(4):
+        assert ids[f"n{i}"] == alone(lm, [9 + i, 10, 11], 30)
