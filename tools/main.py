@@ -454,6 +454,12 @@ def bench_cancel(
 @click.option(
     "--prefill-budget", type=int, default=None, help="Node's budget, when starting a cluster here."
 )
+@click.option(
+    "--max-stall",
+    type=float,
+    default=None,
+    help="Node's --max-stall, when starting a cluster here.",
+)
 @click.option("--json", "as_json", is_flag=True)
 @models_dir_option
 def bench_stall(
@@ -464,6 +470,7 @@ def bench_stall(
     concurrency: str,
     tokens: int,
     prefill_budget: int | None,
+    max_stall: float | None,
     as_json: bool,
     models_dir: Path | None,
 ) -> None:
@@ -472,6 +479,7 @@ def bench_stall(
     from exo.tools import bench_stall as stall
 
     args = ["--prefill-budget", str(prefill_budget)] if prefill_budget else []
+    args += ["--max-stall", str(max_stall)] if max_stall else []
     with _target(url, model, models_dir, args) as (base, model_id, d):
         res = stall.run(
             base,
