@@ -1,7 +1,9 @@
 """The node's engine: a step loop over every request it holds.
 
-Each `step()` runs one plan from `scheduler.plan`: one decode token for every
-request past its prefill, then prompt chunks within the token budget. Requests
+Each `step()` runs one plan from `pacing.Pacer`: one decode token for every
+request past its prefill, then prompt chunks (a long prompt's through a few
+layers, its hidden state kept until the next step) within what the stall bound
+leaves. Requests
 join and leave at any step, each with its own KV cache and sampler; a request's
 cache is dropped the moment it finishes or is cancelled.
 """
@@ -9,7 +11,6 @@ cache is dropped the moment it finishes or is cancelled.
 from __future__ import annotations
 
 import logging
-import statistics
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -19,27 +20,11 @@ from typing import Any
 from exo.nodes.batch import Batch, sample_rows
 from exo.nodes.mlxenv import mx
 from exo.nodes.model import LoadedModel, kv_bytes_per_token
+from exo.nodes.pacing import DEFAULT_IDLE_BUDGET, DEFAULT_MAX_STALL, Pacer
 from exo.nodes.sampling import Sampler, SamplingParams, StopMatcher
-from exo.nodes.scheduler import Pending, PrefillCost, StepPlan, Work, plan
+from exo.nodes.scheduler import StepPlan, Work
 
 log = logging.getLogger(__name__)
-
-# While streams decode, the prefill work in a step is sized from measurement so
-# the step takes at most MAX_STALL times a decode-only step: the streams' inter-
-# token latency rises by at most that much while a long prompt prefills (see
-# BENCHMARKS.md, bench stall). The cost of a prefill token differs by 20x
-# between a 2-core CPU and an M-series GPU, so no fixed token count fits both.
-DEFAULT_MAX_STALL = 1.5
-# With nothing decoding a prompt goes in chunks of this size: on MLX's CPU backend
-# 256-token chunks prefill 2k tokens faster than one 2k pass (23 s vs 40 s here).
-DEFAULT_IDLE_BUDGET = 256
-MIN_CHUNK = 2
-MAX_CHUNK = 1024
-DECODE_TIMES = 5  # decode-only steps whose median is the decode step time
-DECODE_EVERY = 8  # mixed steps between two decode-only ones (see Engine.plan)
-# However long the streams' own step grows while a prompt prefills, the prompt
-# gets at least this share of the stall allowance, so it cannot starve.
-FLOOR = 0.5
 
 
 def default_kv_budget() -> int:
@@ -156,23 +141,10 @@ class Engine:
         kv_budget: int | None = None,
         max_stall: float = DEFAULT_MAX_STALL,
     ) -> None:
-        self.prefill_budget = prefill_budget  # fixed tokens per step; None: sized by max_stall
-        self.idle_budget = idle_budget
-        self.max_stall = max_stall
-        # Recent decode-only step times by decode rows (a stale time for another batch
-        # size would make the cost model blame the prompt for the new rows' decodes),
-        # and the one for this step's batch.
-        self.decode_times: dict[int, deque[float]] = {}
-        self.t_decode: float | None = None
-        self.predicted = 0.0  # what the cost model expected the last mixed step to add
-        # (decode rows, t_decode) when the prompt now prefilling came, or the batch last
-        # changed size
-        self.t_ref: tuple[int, float] | None = None
-        self.cost = PrefillCost()  # what prompt chunks add to a decode step
+        self.pace = Pacer(prefill_budget, idle_budget, max_stall)
         self.kv_budget = kv_budget if kv_budget is not None else default_kv_budget()
         self.models: dict[str, LoadedModel] = {}
         self.fused: dict[str, bool] = {}
-        self.tables: dict[str, list[float]] = {}  # model -> matmul seconds by row count
         self.requests: OrderedDict[str, Request] = OrderedDict()  # admitted
         self.queue: deque[Request] = deque()  # waiting for KV memory
         self.batches: dict[str, Batch] = {}
@@ -184,7 +156,6 @@ class Engine:
         self.drops: dict[str, list[str]] = {}
         self.steps = 0
         self.last_plan = StepPlan()
-        self.mixed = 0  # steps with both decodes and prefill since the last decode-only one
 
     # -- membership -----------------------------------------------------------------
 
@@ -193,16 +164,16 @@ class Engine:
 
         self.models[lm.model_id] = lm
         self.fused[lm.model_id] = supports_fused(lm.model)
-        self.tables[lm.model_id] = matmul_table(lm.model)
+        self.pace.add_model(lm.model_id, self.fused[lm.model_id], matmul_table(lm.model))
         self.batches.setdefault(lm.model_id, Batch())
 
     def remove_model(self, model_id: str) -> list[str]:
         """Unload a model; returns the requests that ended with it."""
         gone = self.fail_remote(model_id)
+        self.pace.remove_model(model_id)
         for d in (
             self.models,
             self.fused,
-            self.tables,
             self.batches,
             self.prefetched,
             self.remote,
@@ -312,116 +283,7 @@ class Engine:
         waiting = [
             r for r in self.requests.values() if r.cache is not None and r.lm.model_id not in busy
         ]
-        self.t_decode = self.decode_time(len(decoding))
-        if not waiting or not decoding or self.t_decode is None:
-            self.t_ref = None
-        elif self.t_ref is None or self.t_ref[0] != len(decoding):
-            self.t_ref = (len(decoding), self.t_decode)
-        if decoding and waiting and self.prefill_budget is None:
-            self.mixed += 1
-            if self.t_decode is None or self.mixed > DECODE_EVERY:
-                # A decode-only step now and then keeps the streams' own step time
-                # measured: it grows with their context while a long prompt prefills,
-                # and the prefill allowance is a share of it.
-                self.mixed = 0
-                waiting = []
-        if waiting and self._splits(waiting[0], bool(decoding)):
-            step = self._layer_plan(decoding, waiting[0])
-            if step.spans or waiting[0].inflight:
-                return step
-            # The first prompt goes whole this step: the token budget below lets the
-            # prompts behind it start in the same step (many short prompts at once).
-        budget = self.budget(len(decoding), waiting)
-        return plan(
-            decoding, [Pending(r.rid, r.to_prefill) for r in waiting], budget, min_chunk=MIN_CHUNK
-        )
-
-    def decode_time(self, rows: int) -> float | None:
-        """A decode-only step of `rows` rows: the median of the last few measured (one
-        slow step on a shared machine must not move the baseline of a whole
-        prefill); None until one is."""
-        times = self.decode_times.get(rows)
-        return statistics.median(times) if times else None
-
-    def _splits(self, req: Request, decoding: bool) -> bool:
-        """Whether `req`'s prompt goes through the model a few layers per step."""
-        if req.inflight:
-            return True
-        return (
-            decoding
-            and self.prefill_budget is None
-            and self.t_decode is not None
-            and req.lm.part is None
-            and self.fused[req.lm.model_id]
-        )
-
-    def allowance(self) -> float:
-        """Seconds of prefill work a step beside decodes may carry: up to max_stall
-        times the decode step the streams had before the prompt came, less what the
-        cost model has lately underestimated by. The streams' own step grows with
-        their context meanwhile, and that growth is theirs to keep."""
-        assert self.t_decode is not None
-        ref = self.t_ref[1] if self.t_ref else self.t_decode
-        floor = FLOOR * (self.max_stall - 1.0) * self.t_decode
-        return max(floor, self.max_stall * ref - self.t_decode - self.cost.margin())
-
-    def _layer_plan(self, decoding: list[str], req: Request) -> StepPlan:
-        """One chunk of `req`'s prompt, through as many layers as the allowance holds."""
-        model = req.lm.model_id
-        layers = req.lm.layers
-        inflight = (req.inflight, req.through) if req.inflight else None
-        if not decoding:
-            assert inflight is not None
-            n, k = req.inflight, layers - req.through
-        else:
-            n, k = self.cost.split(
-                self.tables.get(model, []),
-                len(self.batches[model].rids),
-                req.prefilled,
-                req.to_prefill,
-                self.allowance(),
-                layers,
-                inflight=inflight,
-            )
-        span = (req.through, req.through + k)
-        return StepPlan(
-            list(decoding), [(req.rid, n)], {} if span == (0, layers) else {req.rid: span}
-        )
-
-    def budget(self, decodes: int, waiting: list[Request]) -> int:
-        """Tokens this step may carry (each decode counts as one), sized for the
-        prompts waiting for prefill as if they were one chunk of the first."""
-        if not decodes:
-            return self.idle_budget
-        if self.prefill_budget is not None:
-            return self.prefill_budget
-        if self.t_decode is None or not waiting:
-            return decodes + MIN_CHUNK
-        first = waiting[0]
-        model = first.lm.model_id
-        n = self.cost.largest(
-            self.tables.get(model, []),
-            len(self.batches[model].rids),
-            first.prefilled,
-            sum(r.to_prefill for r in waiting),
-            self.allowance(),
-            MAX_CHUNK,
-        )
-        return decodes + n
-
-    def _learn(self, plan: StepPlan, work: list[Work], model: str, seconds: float) -> None:
-        """Step times: decode-only ones set the baseline, mixed ones teach the
-        cost model what `work` (chunks of `model`'s prompts) added to it."""
-        decodes = len(plan.decode)
-        if decodes and not work:
-            times = self.decode_times.setdefault(decodes, deque(maxlen=DECODE_TIMES))
-            times.append(seconds)
-        elif decodes and work and model in self.batches:
-            base = self.decode_time(decodes)
-            if base is not None:
-                rows = self.tables.get(model, [])
-                self.predicted = self.cost.predict(rows, decodes, work)
-                self.cost.observe(rows, decodes, work, seconds - base)
+        return self.pace.plan(decoding, waiting, {m: len(b.rids) for m, b in self.batches.items()})
 
     def step(self) -> list[Output]:
         from exo.nodes.forward import Chunk, step_forward
@@ -509,8 +371,9 @@ class Engine:
         mx.eval([t for _, t in sampled], states)
         seconds = time.perf_counter() - t0
         if timed:
-            self._learn(step, work, work_model, seconds)
-        if work or self.t_ref is not None:
+            self.pace.learn(step, work, work_model, seconds)
+        pace = self.pace
+        if work or pace.t_ref is not None:
             log.debug(
                 "step %d: %.4fs, %d decodes, chunks %s, predicted +%.4fs, baseline %s (%s), "
                 "cost %s",
@@ -518,10 +381,10 @@ class Engine:
                 seconds,
                 len(step.decode),
                 [(n, k, round(f, 3)) for n, k, f in work],
-                self.predicted if work else 0.0,
-                self.t_decode,
-                self.t_ref[1] if self.t_ref else None,
-                self.cost.theta,
+                pace.predicted if work else 0.0,
+                pace.t_decode,
+                pace.t_ref[1] if pace.t_ref else None,
+                pace.cost.theta,
             )
         return self._complete(
             [(r, t) for reqs, toks in sampled for r, t in zip(reqs, toks.tolist(), strict=True)],
@@ -567,7 +430,7 @@ class Engine:
             log.warning("tokens for step %d of %s that nobody waits for", step, model_id)
             return []
         del self.remote[model_id]
-        self._learn(w.plan, w.work, model_id, time.perf_counter() - w.t0)
+        self.pace.learn(w.plan, w.work, model_id, time.perf_counter() - w.t0)
         done = [r for r in w.chunks if r.prefilled == len(r.prompt)]
         if len(ids) != len(w.rows) + len(done):
             raise EngineError(500, "stage_error", f"the last stage sent {len(ids)} tokens")
@@ -696,6 +559,6 @@ class Engine:
             "kv_caps": {m: lm.kv_cap for m, lm in self.models.items() if lm.kv_cap is not None},
             "loaded": sorted(self.models),
             "steps": self.steps,
-            "step_s": self.t_decode,
-            "prefill_cost": self.cost.theta,
+            "step_s": self.pace.t_decode,
+            "prefill_cost": self.pace.cost.theta,
         }

@@ -126,7 +126,8 @@ def main(
 ) -> None:
     """Serve this machine's models to an exo cluster."""
     logs.setup(log_spec, log_file or logs.default_log_file("node"))
-    from exo.nodes.engine import DEFAULT_IDLE_BUDGET, DEFAULT_MAX_STALL, Engine
+    from exo.nodes.engine import Engine
+    from exo.nodes.pacing import DEFAULT_IDLE_BUDGET, DEFAULT_MAX_STALL
     from exo.nodes.worker import Node
 
     engine = Engine(

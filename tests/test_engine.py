@@ -195,12 +195,12 @@ def test_measured_budget_keeps_streams_stepping_and_remeasures_them(tiny_path: P
     stream still gets a token each step, and while the prompt prefills a
     decode-only step comes at least every DECODE_EVERY + 1 steps, so the
     baseline the allowance is a share of stays measured."""
-    from exo.nodes.engine import DECODE_EVERY
+    from exo.nodes.pacing import DECODE_EVERY
 
     lm = load_model("tiny", tiny_path)
     engine = Engine(max_stall=1.1)  # small chunks: many steps of prefill
     engine.add_model(lm)
-    assert len(engine.tables["tiny"]) == 65  # the matmul cost table, measured at load
+    assert len(engine.pace.tables["tiny"]) == 65  # the matmul cost table, measured at load
     params = {"max_tokens": 400, "temperature": 0, "ignore_eos": True}
     long_prompt = [3 + i % 200 for i in range(600)]
     arrivals = {
@@ -275,7 +275,7 @@ def test_a_prompt_going_a_layer_per_step_beside_streams_equals_it_run_alone(
     def one_layer(*args: object, inflight: tuple[int, int] | None = None) -> tuple[int, int]:
         return (inflight[0] if inflight else min(24, int(args[3]))), 1  # type: ignore[call-overload]
 
-    monkeypatch.setattr(engine.cost, "split", one_layer)
+    monkeypatch.setattr(engine.pace.cost, "split", one_layer)
     params = {"max_tokens": 60, "temperature": 0, "ignore_eos": True}
     long_prompt = [3 + i % 200 for i in range(100)]
     arrivals = {
@@ -298,7 +298,7 @@ def test_a_cancel_mid_chunk_frees_its_cache_and_state(tiny_path: Path) -> None:
     lm = load_model("tiny", tiny_path)
     engine = Engine()
     engine.add_model(lm)
-    engine.cost.split = lambda *a, inflight=None: (inflight[0] if inflight else 16, 1)  # type: ignore[method-assign]
+    engine.pace.cost.split = lambda *a, inflight=None: (inflight[0] if inflight else 16, 1)  # type: ignore[method-assign]
     params = {"max_tokens": 100, "temperature": 0, "ignore_eos": True}
     engine.submit("s", "tiny", "completion", [5, 6, 7], params)
     for _ in range(3):

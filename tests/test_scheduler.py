@@ -72,7 +72,11 @@ def test_the_learnt_part_shrinks_chunks_as_the_prompt_fills_its_cache() -> None:
     early = cost.largest([], 4, 0, 2000, allowance=0.06, cap=1024)
     late = cost.largest([], 4, 1800, 2000, allowance=0.06, cap=1024)
     assert early > late >= 1
-    assert cost.predict([], 4, [(late, 1800, 1.0)]) <= 0.06 < cost.predict([], 4, [(late + 1, 1800, 1.0)])
+    assert (
+        cost.predict([], 4, [(late, 1800, 1.0)])
+        <= 0.06
+        < cost.predict([], 4, [(late + 1, 1800, 1.0)])
+    )
 
 
 def test_the_chunk_grows_at_most_twofold_past_the_start() -> None:
