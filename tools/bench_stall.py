@@ -233,7 +233,7 @@ def run(
         "streams": streams,
         "long_prompt_tokens": long_n,
     }
-    res["exo"] = exo_stall(url, model_id, tokenizer, streams, long_n, before_s=3.0, control_s=60)
+    res["exo"] = exo_stall(url, model_id, tokenizer, streams, long_n, before_s=8.0, control_s=60)
     res["batchgen"] = batchgen_stall(model, tokenizer, streams, long_n)
     res["throughput"] = []
     for n in concurrency:
