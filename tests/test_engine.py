@@ -63,6 +63,16 @@ def run(
     raise AssertionError("engine did not finish")
 
 
+def beside_streams(
+    streams: int, at: int, prompt: list[int], params: dict, tokens: int
+) -> dict[int, list[tuple]]:
+    """Arrivals: `streams` short streams at step 0, then a "long" prompt at step `at`."""
+    return {
+        0: [(f"s{i}", "tiny", "completion", [5 + i, 6, 7], params) for i in range(streams)],
+        at: [("long", "tiny", "completion", prompt, {**params, "max_tokens": tokens})],
+    }
+
+
 def test_staggered_concurrent_requests_equal_each_run_alone(lm: LoadedModel) -> None:
     engine = Engine(prefill_budget=16)
     engine.add_model(lm)
@@ -95,10 +105,7 @@ def test_a_long_prompt_is_chunked_while_every_stream_gets_a_token_each_step(
     engine.add_model(lm)
     params = {"max_tokens": 200, "temperature": 0, "ignore_eos": True}
     long_prompt = list(range(3, 203))  # 200 tokens, budget 32 -> at least 7 steps of prefill
-    arrivals = {
-        0: [(f"s{i}", "tiny", "completion", [5 + i, 6, 7], params) for i in range(3)],
-        4: [("long", "tiny", "completion", long_prompt, {**params, "max_tokens": 5})],
-    }
+    arrivals = beside_streams(3, 4, long_prompt, params, 5)
     _, steps = run(engine, arrivals)
     prefill_steps = [s for s in steps if any(rid == "long" for rid, _ in s["prefill"])]
     assert len(prefill_steps) >= 200 // 32
@@ -203,10 +210,7 @@ def test_measured_budget_keeps_streams_stepping_and_remeasures_them(tiny_path: P
     assert len(engine.pace.tables["tiny"]) == 65  # the matmul cost table, measured at load
     params = {"max_tokens": 400, "temperature": 0, "ignore_eos": True}
     long_prompt = [3 + i % 200 for i in range(600)]
-    arrivals = {
-        0: [(f"s{i}", "tiny", "completion", [5 + i, 6, 7], params) for i in range(3)],
-        6: [("long", "tiny", "completion", long_prompt, {**params, "max_tokens": 2})],
-    }
+    arrivals = beside_streams(3, 6, long_prompt, params, 2)
     _, steps = run(engine, arrivals)
     first = next(i for i, s in enumerate(steps) if any(r == "long" for r, _ in s["prefill"]))
     last = max(i for i, s in enumerate(steps) if any(r == "long" for r, _ in s["prefill"]))
@@ -278,10 +282,7 @@ def test_a_prompt_going_a_layer_per_step_beside_streams_equals_it_run_alone(
     monkeypatch.setattr(engine.pace.cost, "split", one_layer)
     params = {"max_tokens": 60, "temperature": 0, "ignore_eos": True}
     long_prompt = [3 + i % 200 for i in range(100)]
-    arrivals = {
-        0: [(f"s{i}", "tiny", "completion", [5 + i, 6, 7], params) for i in range(3)],
-        4: [("long", "tiny", "completion", long_prompt, {**params, "max_tokens": 8})],
-    }
+    arrivals = beside_streams(3, 4, long_prompt, params, 8)
     ids, steps = run(engine, arrivals)
     assert ids["long"] == alone(lm, long_prompt, 8)
     for i in range(3):
