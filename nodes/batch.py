@@ -4,6 +4,7 @@ whole model) and by later pipeline stages, which follow stage 0's batch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -11,57 +12,105 @@ from exo.nodes.mlxenv import mx
 from exo.nodes.sampling import Sampler
 
 GROW_MARGIN = 8  # tokens
+# A batch may keep rows of very different lengths in separate attention groups
+# (each with its own left-padded cache): one long row padded into a group of short
+# ones makes every row attend over its length. Here a 2k-token row joining 4 rows
+# of 300 froze them 1.1 s (the copy) and then slowed their step from 180 to 304 ms.
+MAX_GROUPS = 3
+GROUP_SPAN = 2.0  # rows within this length ratio share a group
 
 
 @dataclass
-class Batch:
-    """The decode batch of one model: its rows and their shared left-padded cache."""
+class Rows:
+    """Rows of a batch that share one left-padded cache and attend together."""
 
-    rids: list[str] = field(default_factory=list)
-    cache: list[Any] | None = None
+    rids: list[str]
+    cache: list[Any]  # per layer, BatchKVCache
 
-    def join(self, rid: str, cache: list[Any]) -> None:
-        from mlx_lm.models.cache import BatchKVCache
+    @property
+    def length(self) -> int:
+        return int(self.cache[0]._idx)
 
-        new = [BatchKVCache.merge([c]) for c in cache]
-        if self.cache is None:
-            self.cache = new
-        else:
-            for mine, theirs in zip(self.cache, new, strict=True):
-                mine.extend(theirs)
-        self.rids.append(rid)
-        # Room to grow ahead from the first step on (the join copies every layer anyway).
-        self.grow_ahead(per_step=len(self.cache))
-
-    def leave(self, rids: set[str]) -> None:
-        keep = [i for i, r in enumerate(self.rids) if r not in rids]
-        if len(keep) == len(self.rids):
-            return
-        self.rids = [self.rids[i] for i in keep]
-        if not keep:
-            self.cache = None
-        else:
-            assert self.cache is not None
-            for c in self.cache:
-                c.filter(mx.array(keep))
-
-    def grow_ahead(self, per_step: int = 1) -> None:
-        """Lengthen the cache of `per_step` layers once the keys left before it is
-        full are fewer than its layers (plus a margin), so that every layer has
-        grown by the time one must. BatchKVCache grows by itself, copying every
-        row of every layer in one step: with 4 rows at 1k keys that step took
-        0.3 s here, twice a decode step, a freeze every 256 tokens."""
-        if self.cache is None or self.cache[0].keys is None:
-            return
-        need = self.cache[0]._idx + -(-len(self.cache) // per_step) + GROW_MARGIN
-        for c in [c for c in self.cache if c.keys.shape[2] < need][:per_step]:
+    def grow_ahead(self, per_step: int) -> None:
+        need = self.length + -(-len(self.cache) // per_step) + GROW_MARGIN
+        short = [c for c in self.cache if c.keys is not None and c.keys.shape[2] < need]
+        for c in short[:per_step]:
             for name in ("keys", "values"):
                 a = getattr(c, name)
                 more = mx.zeros((*a.shape[:2], c.step, a.shape[3]), a.dtype)
                 setattr(c, name, mx.concatenate([a, more], axis=2))
 
+
+@dataclass
+class Batch:
+    """The decode batch of one model: its rows, in groups of similar length when
+    `split` (the fused step runs each group's attention on its own), else one."""
+
+    split: bool = False
+    groups: list[Rows] = field(default_factory=list)
+
+    @property
+    def rids(self) -> list[str]:
+        """The rows in step order: group after group."""
+        return [r for g in self.groups for r in g.rids]
+
+    @property
+    def cache(self) -> list[Any] | None:
+        """The one group's cache, for callers that run a single group."""
+        assert len(self.groups) <= 1, "a split batch has a cache per group"
+        return self.groups[0].cache if self.groups else None
+
+    def dec_groups(self) -> list[tuple[int, list[Any]]]:
+        """(rows, per-layer caches) of each group, in step order."""
+        return [(len(g.rids), g.cache) for g in self.groups]
+
+    def join(self, rid: str, cache: list[Any]) -> None:
+        from mlx_lm.models.cache import BatchKVCache
+
+        new = [BatchKVCache.merge([c]) for c in cache]
+        length = max(1, int(new[0]._idx))
+        home = self._home(length)
+        if home is None:
+            home = Rows([], new)
+            self.groups.append(home)
+        else:
+            for mine, theirs in zip(home.cache, new, strict=True):
+                mine.extend(theirs)
+        home.rids.append(rid)
+        # Room to grow ahead from the first step on (the join copies every layer anyway).
+        home.grow_ahead(per_step=len(home.cache))
+
+    def _home(self, length: int) -> Rows | None:
+        """The group a row of `length` joins; None for a group of its own."""
+        if not self.groups:
+            return None
+        near = min(self.groups, key=lambda g: abs(math.log(max(1, g.length) / length)))
+        fits = max(near.length, length) <= GROUP_SPAN * max(1, min(near.length, length))
+        if not self.split or fits or len(self.groups) >= MAX_GROUPS:
+            return near
+        return None
+
+    def leave(self, rids: set[str]) -> None:
+        for g in self.groups:
+            keep = [i for i, r in enumerate(g.rids) if r not in rids]
+            if len(keep) < len(g.rids):
+                g.rids = [g.rids[i] for i in keep]
+                if keep:
+                    for c in g.cache:
+                        c.filter(mx.array(keep))
+        self.groups = [g for g in self.groups if g.rids]
+
+    def grow_ahead(self, per_step: int = 1) -> None:
+        """Lengthen the cache of `per_step` layers of each group once the keys left
+        before it is full are fewer than its layers (plus a margin), so that every
+        layer has grown by the time one must. BatchKVCache grows by itself, copying
+        every row of every layer in one step: with 4 rows at 1k keys that step took
+        0.3 s here, twice a decode step, a freeze every 256 tokens."""
+        for g in self.groups:
+            g.grow_ahead(per_step)
+
     def nbytes(self) -> int:
-        return sum(c.nbytes for c in self.cache) if self.cache else 0
+        return sum(c.nbytes for g in self.groups for c in g.cache)
 
 
 class Row(Protocol):

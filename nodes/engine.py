@@ -165,7 +165,11 @@ class Engine:
         self.models[lm.model_id] = lm
         self.fused[lm.model_id] = supports_fused(lm.model)
         self.pace.add_model(lm.model_id, self.fused[lm.model_id], matmul_table(lm.model))
-        self.batches.setdefault(lm.model_id, Batch())
+        # Rows of very different lengths attend in separate groups, which only the
+        # fused step runs (and a pipeline's later stages follow one group).
+        self.batches.setdefault(
+            lm.model_id, Batch(split=self.fused[lm.model_id] and lm.part is None)
+        )
 
     def remove_model(self, model_id: str) -> list[str]:
         """Unload a model; returns the requests that ended with it."""
@@ -339,14 +343,14 @@ class Engine:
                 # says nothing about what its chunks add to a decode step.
                 timed = timed and not chunks
                 _, chunk_logits = step_forward(
-                    lm.model, [], None, [c for _, c in chunks], self.fused[model_id]
+                    lm.model, [], [], [c for _, c in chunks], self.fused[model_id]
                 )
                 sampled.append((rows, ready.toks))
             else:
                 dec_logits, chunk_logits = step_forward(
                     lm.model,
                     [r.last for r in rows],
-                    batch.cache,
+                    batch.dec_groups(),
                     [c for _, c in chunks],
                     self.fused[model_id],
                 )
@@ -401,7 +405,7 @@ class Engine:
         batch = self.batches[lm.model_id]
         inner = lm.model.model
         tokens = [r.last for r in rows] + [t for _, c in chunks for t in c.tokens]
-        groups = groups_of(len(rows), batch.cache, [c for _, c in chunks])
+        groups = groups_of(batch.dec_groups(), [c for _, c in chunks])
         if groups:
             h = run_layers(inner.layers, inner.embed_tokens(mx.array(tokens)), groups)
             mx.eval(h, [c.state for _, ch in chunks for c in ch.cache])
@@ -472,13 +476,20 @@ class Engine:
         """Queue the next decode step before this one is read back (as mlx-lm's
         generate_step does), so building its graph overlaps this step's compute.
         Only for pure decode: a step with prefill work is planned afresh."""
+        from exo.nodes.forward import fused_step
+
         have = {r.rid for reqs, _ in sampled for r in reqs}
         for model_id, batch in self.batches.items():
             if not batch.rids or not have.issuperset(batch.rids):
                 continue
             rows = [self.requests[r] for r in batch.rids]
             last = in_row_order(sampled, batch.rids)
-            logits = self.models[model_id].model(last[:, None], cache=batch.cache)[:, -1, :]
+            model = self.models[model_id].model
+            if self.fused[model_id]:
+                logits, _ = fused_step(model, last, batch.dec_groups(), [])
+                assert logits is not None
+            else:
+                logits = model(last[:, None], cache=batch.cache)[:, -1, :]
             toks = in_row_order(sample_rows(rows, logits), batch.rids)
             mx.async_eval(toks)
             self.prefetched[model_id] = Prefetched(list(batch.rids), toks)

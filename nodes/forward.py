@@ -56,12 +56,16 @@ def lm_head(model: Any, h: mx.array) -> mx.array:
     return model.lm_head(h)
 
 
+DecGroups = list[tuple[int, list[Any]]]  # decode rows and their per-layer caches, by group
+
+
 def plain_step(
-    model: Any, dec: list[int], dec_cache: list[Any] | None, chunks: list[Chunk]
+    model: Any, dec: list[int], dec_groups: DecGroups, chunks: list[Chunk]
 ) -> tuple[mx.array | None, list[mx.array | None]]:
     dec_logits = None
     if dec:
-        dec_logits = model(mx.array(dec)[:, None], cache=dec_cache)[:, -1, :]
+        assert len(dec_groups) == 1, "mlx-lm's forward takes one decode cache"
+        dec_logits = model(mx.array(dec)[:, None], cache=dec_groups[0][1])[:, -1, :]
     outs: list[mx.array | None] = []
     for c in chunks:
         logits = model(mx.array([c.tokens]), cache=c.cache)
@@ -100,11 +104,8 @@ class Group:
     out: mx.array | None = None  # leaving state, for a group that ends before the last layer
 
 
-def groups_of(dec: int, dec_cache: list[Any] | None, chunks: list[Chunk]) -> list[Group]:
-    groups: list[Group] = []
-    if dec:
-        assert dec_cache is not None
-        groups.append(Group(dec, 1, dec_cache))
+def groups_of(dec_groups: DecGroups, chunks: list[Chunk]) -> list[Group]:
+    groups = [Group(rows, 1, caches) for rows, caches in dec_groups if rows]
     groups.extend(Group(1, len(c.tokens), c.cache, c.first, c.end, c.h) for c in chunks)
     return groups
 
@@ -191,19 +192,23 @@ def head(model: Any, h: mx.array, rows: list[int]) -> mx.array:
 
 
 def fused_step(
-    model: Any, dec: list[int], dec_cache: list[Any] | None, chunks: list[Chunk]
+    model: Any, dec: list[int] | mx.array, dec_groups: DecGroups, chunks: list[Chunk]
 ) -> tuple[mx.array | None, list[mx.array | None]]:
-    """-> the decode rows' logits, and per chunk: its last position's logits when it
-    ends the prompt, its hidden state when it stops short of the last layer, else None."""
+    """`dec`: the decode rows' tokens (a lazy array when the step is queued ahead),
+    in the order of `dec_groups` -> the decode rows' logits, and per chunk: its last
+    position's logits when it ends the prompt, its hidden state when it stops short
+    of the last layer, else None."""
     inner = model.model
     B = len(dec)
     last = len(inner.layers)
-    tokens = dec + [t for c in chunks if c.first == 0 for t in c.tokens]
-    if tokens:  # [T, D], the step's tokens that enter at layer 0, packed
-        h = inner.embed_tokens(mx.array(tokens))
+    ids = [dec.astype(mx.int32) if isinstance(dec, mx.array) else mx.array(dec, dtype=mx.int32)]
+    ids += [mx.array(c.tokens, dtype=mx.int32) for c in chunks if c.first == 0]
+    if sum(a.size for a in ids):  # [T, D], the step's tokens that enter at layer 0, packed
+        h = inner.embed_tokens(mx.concatenate(ids) if len(ids) > 1 else ids[0])
     else:
         h = mx.zeros((0, inner.embed_tokens.weight.shape[1]), dtype=mx.float32)
-    groups = groups_of(B, dec_cache, chunks)
+    groups = groups_of(dec_groups, chunks)
+    n_dec = len(groups) - len(chunks)
     h = run_layers(inner.layers, h, groups)
     done = [(c.end or last) == last for c in chunks]
     rows, wanted = sampled_rows(
@@ -212,16 +217,16 @@ def fused_step(
     logits = head(model, h, rows) if rows else None
     picked = iter(wanted)
     outs: list[mx.array | None] = []
-    for g, d in zip(groups[1 if B else 0 :], done, strict=True):
+    for g, d in zip(groups[n_dec:], done, strict=True):
         w = next(picked) if d else None
         outs.append(g.out if not d else None if w is None or logits is None else logits[w])
     return (logits[:B] if B and logits is not None else None), outs
 
 
 def step_forward(
-    model: Any, dec: list[int], dec_cache: list[Any] | None, chunks: list[Chunk], fused: bool
+    model: Any, dec: list[int], dec_groups: DecGroups, chunks: list[Chunk], fused: bool
 ) -> tuple[mx.array | None, list[mx.array | None]]:
-    return (fused_step if fused else plain_step)(model, dec, dec_cache, chunks)
+    return (fused_step if fused else plain_step)(model, dec, dec_groups, chunks)
 
 
 def matmul_table(model: Any, max_rows: int = 64, reps: int = 3) -> list[float]:

@@ -83,7 +83,7 @@ class StageRunner:
             if rid not in self.caches:
                 raise StageError(f"a prompt chunk of {rid}, which this stage does not hold")
             chunks.append((rid, Chunk([0] * n, self.caches[rid], bool(logits))))
-        groups = groups_of(len(decode), self.batch.cache, [c for _, c in chunks])
+        groups = groups_of(self.batch.dec_groups(), [c for _, c in chunks])
         if not groups:  # a step that only carries drops
             return h if not self.last else []
         h = run_layers(self.lm.model.model.layers, h, groups)
