@@ -98,6 +98,9 @@ def wait_tokens(streams: list[Stream], n: int, timeout: float = 300) -> None:
         time.sleep(0.05)
 
 
+JOINED_TOKENS = 16
+
+
 def exo_stall(
     url: str,
     model: str,
@@ -118,17 +121,20 @@ def exo_stall(
     wait_tokens(running, 5)
     t_before = time.perf_counter()
     time.sleep(before_s)
-    long = Stream(url, model, long_ids, 1).start()
+    # The long prompt then decodes a few tokens in the batch: joining it must not
+    # freeze the streams either.
+    long = Stream(url, model, long_ids, JOINED_TOKENS).start()
     long.wait()
-    t_sent, t_first = long.sent, long.times[0]
+    t_sent, t_first, t_last = long.sent, long.times[0], long.times[-1]
     # The same streams for as long again with no prompt coming: how high their
     # inter-token latency goes by itself on this machine (the noise floor).
-    t_after = t_first + 1.0
+    t_after = t_last + 1.0
     time.sleep(1.0 + min(control_s, t_first - t_sent))
     for s in running:
         s.join()
     before = [b - a for s in running for a, b in gaps(s.times) if t_before <= a and b < t_sent]
     during = [b - a for s in running for a, b in gaps(s.times) if b > t_sent and a < t_first]
+    joined = [b - a for s in running for a, b in gaps(s.times) if b > t_first and a < t_last]
     after = [b - a for s in running for a, b in gaps(s.times) if a >= t_after]
     med = statistics.median(before)
     return {
@@ -136,6 +142,8 @@ def exo_stall(
         "itl_max_during_s": max(during),
         "itl_p99_during_s": pct(during, 99),
         "stall_ratio": max(during) / med,
+        "itl_max_joined_s": max(joined),
+        "joined_ratio": max(joined) / med,
         "itl_median_control_s": statistics.median(after),
         "itl_max_control_s": max(after),
         "control_ratio": max(after) / med,
@@ -260,6 +268,10 @@ def report(res: dict[str, Any]) -> None:
     )
     print(f"{'p99 ITL during, s':34}{e['itl_p99_during_s']:12.3f}{'':>16}")
     print(f"{'max during / median before':34}{e['stall_ratio']:12.2f}{b['stall_ratio']:16.2f}")
+    print(
+        f"{'max ITL while it decodes too, s':34}{e['itl_max_joined_s']:12.3f}"
+        f"   ({e['joined_ratio']:.2f}x: the {JOINED_TOKENS} tokens after its first, joining included)"
+    )
     print(
         f"{'no prompt: max / median before':34}{e['control_ratio']:12.2f}"
         f"   (the same streams after the prefill, as long again: this machine's own jitter)"
