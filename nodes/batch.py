@@ -41,6 +41,19 @@ class Rows:
                 setattr(c, name, mx.concatenate([a, more], axis=2))
 
 
+def _as_batch(c: Any) -> Any:
+    """A one-row BatchKVCache over a request's own KVCache buffers, without copying
+    them (BatchKVCache.merge copies: a 2k-token prompt's cache is ~100 MB here)."""
+    from mlx_lm.models.cache import BatchKVCache
+
+    b = BatchKVCache([0])
+    if c.keys is not None:
+        b.keys, b.values = c.keys, c.values
+        b.offset = mx.array([c.offset])
+        b._idx = c.offset
+    return b
+
+
 @dataclass
 class Batch:
     """The decode batch of one model: its rows, in groups of similar length when
@@ -67,15 +80,14 @@ class Batch:
     def join(self, rid: str, cache: list[Any]) -> None:
         from mlx_lm.models.cache import BatchKVCache
 
-        new = [BatchKVCache.merge([c]) for c in cache]
-        length = max(1, int(new[0]._idx))
+        length = max(1, int(cache[0].offset))
         home = self._home(length)
         if home is None:
-            home = Rows([], new)
+            home = Rows([], [_as_batch(c) for c in cache])
             self.groups.append(home)
         else:
-            for mine, theirs in zip(home.cache, new, strict=True):
-                mine.extend(theirs)
+            for mine, c in zip(home.cache, cache, strict=True):
+                mine.extend(BatchKVCache.merge([c]))
         home.rids.append(rid)
         # Room to grow ahead from the first step on (the join copies every layer anyway).
         home.grow_ahead(per_step=len(home.cache))

@@ -27,6 +27,11 @@ from exo.nodes.scheduler import StepPlan, Work
 log = logging.getLogger(__name__)
 
 
+# Keys of room past the prompt in its cache: the cache becomes its decode group's
+# as it is when the request joins the batch, with room to grow ahead (batch.py).
+JOIN_ROOM = 64
+
+
 def default_kv_budget() -> int:
     """KV cache memory the engine may reserve: a quarter of what is free now."""
     import psutil
@@ -245,7 +250,7 @@ class Engine:
                 # One buffer for the whole prompt: a cache that grows 256 keys at a
                 # time copies itself each time, a spike in the step that does it.
                 if isinstance(c, KVCache):
-                    c.step = -(-len(req.prompt) // KVCache.step) * KVCache.step
+                    c.step = -(-(len(req.prompt) + JOIN_ROOM) // KVCache.step) * KVCache.step
             self.requests[req.rid] = req
             reserved += req.kv_reserved
             log.debug("rid=%s admitted: %d prompt tokens", req.rid, len(req.prompt))

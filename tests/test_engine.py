@@ -399,9 +399,13 @@ def test_a_row_joins_the_group_nearest_its_length() -> None:
         return [c, c]
 
     batch = Batch(split=True)
+    caches = {}
     for rid, n in [("a", 10), ("b", 15), ("c", 400), ("d", 300), ("e", 60), ("f", 1000)]:
-        batch.join(rid, cache(n))
+        caches[rid] = cache(n)
+        batch.join(rid, caches[rid])
     assert len(batch.groups) == MAX_GROUPS == 3
+    # a row starting a group brings its own buffers, not a copy of them
+    assert batch.groups[2].cache[0].keys is caches["e"][0].keys
     # f fits no group within 2x and no new group is allowed: it goes to the nearest
     assert [g.rids for g in batch.groups] == [["a", "b"], ["c", "d", "f"], ["e"]]
     assert batch.rids == ["a", "b", "c", "d", "f", "e"]  # step order: group after group
