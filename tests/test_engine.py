@@ -415,3 +415,28 @@ def test_a_row_joins_the_group_nearest_its_length() -> None:
     for rid, n in [("a", 10), ("c", 400)]:
         whole.join(rid, cache(n))
     assert len(whole.groups) == 1 and whole.cache is not None
+
+
+def test_a_prompt_arriving_while_decodes_are_queued_ahead_starts_a_step_later(
+    tiny_path: Path,
+) -> None:
+    """The queued decode step is already computed: running the prompt's chunk beside
+    it would be a second pass over the weights in that step."""
+    lm = load_model("tiny", tiny_path)
+    engine = Engine(prefill_budget=32)
+    engine.add_model(lm)
+    params = {"max_tokens": 20, "temperature": 0, "ignore_eos": True}
+    for i in range(3):
+        engine.submit(f"s{i}", "tiny", "completion", [5 + i, 6, 7], params)
+    for _ in range(4):
+        engine.step()
+    assert engine.prefetched
+    engine.submit("new", "tiny", "completion", [9, 10, 11], params)
+    outs = engine.step()
+    assert engine.last_plan.prefill == [] and {o.rid for o in outs} == {"s0", "s1", "s2"}
+    outs = engine.step()
+    assert engine.last_plan.prefill == [("new", 3)] and len(engine.last_plan.decode) == 3
+    ids = [t for o in outs if o.rid == "new" for t in o.ids]
+    while engine.requests:
+        ids += [t for o in engine.step() if o.rid == "new" for t in o.ids]
+    assert ids == alone(lm, [9, 10, 11], 20)
