@@ -27,6 +27,14 @@ from exo.nodes.scheduler import StepPlan, Work
 log = logging.getLogger(__name__)
 
 
+# Queue the next decode step before this one's tokens are read back, so building
+# its graph overlaps compute (as mlx-lm's generate_step does). Not on MLX's CPU
+# backend: there a stream runs its tasks in order and an eval waits behind
+# everything queued before it, and async_eval of a step's graph returned only
+# once it was nearly computed: each step's tokens came back a step late, and the
+# first step of each chain (after any join) took two steps' time (0.45 s vs 0.22).
+QUEUE_AHEAD = mx.default_device() != mx.cpu
+
 # Keys of room past the prompt in its cache: the cache becomes its decode group's
 # as it is when the request joins the batch, with room to grow ahead (batch.py).
 JOIN_ROOM = 64
@@ -379,7 +387,12 @@ class Engine:
             return []
         states = [c.state for r in self.requests.values() if r.cache is not None for c in r.cache]
         states += [r.h for r in self.requests.values() if r.h is not None]
-        if not joined and not self.queue and all(r.cache is None for r in self.requests.values()):
+        if (
+            QUEUE_AHEAD
+            and not joined
+            and not self.queue
+            and all(r.cache is None for r in self.requests.values())
+        ):
             self._prefetch(sampled)
         mx.eval([t for _, t in sampled], states)
         seconds = time.perf_counter() - t0

@@ -172,8 +172,14 @@ def test_cancel_frees_the_kv_cache_at_any_stage(tiny_path: Path) -> None:
     assert engine.step() == []
 
 
+@pytest.fixture
+def queue_ahead(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decode steps queued one ahead, as on a GPU (off on MLX's CPU backend)."""
+    monkeypatch.setattr("exo.nodes.engine.QUEUE_AHEAD", True)
+
+
 def test_a_cancel_between_steps_leaves_the_queued_next_step_right_for_the_others(
-    tiny_path: Path,
+    tiny_path: Path, queue_ahead: None
 ) -> None:
     """Pure decode steps are queued one ahead (async eval); a cancel in between
     must drop exactly that row from the queued step."""
@@ -418,7 +424,7 @@ def test_a_row_joins_the_group_nearest_its_length() -> None:
 
 
 def test_a_prompt_arriving_while_decodes_are_queued_ahead_starts_a_step_later(
-    tiny_path: Path,
+    tiny_path: Path, queue_ahead: None
 ) -> None:
     """The queued decode step is already computed: running the prompt's chunk beside
     it would be a second pass over the weights in that step."""
@@ -440,3 +446,16 @@ def test_a_prompt_arriving_while_decodes_are_queued_ahead_starts_a_step_later(
     while engine.requests:
         ids += [t for o in engine.step() if o.rid == "new" for t in o.ids]
     assert ids == alone(lm, [9, 10, 11], 20)
+
+
+def test_no_step_is_queued_ahead_on_the_cpu_backend(tiny_path: Path) -> None:
+    from exo.nodes import engine as eng
+
+    assert (mx.default_device() != mx.cpu) == eng.QUEUE_AHEAD
+    lm = load_model("tiny", tiny_path)
+    engine = Engine(prefill_budget=32)
+    engine.add_model(lm)
+    engine.submit("s", "tiny", "completion", [5, 6, 7], {"max_tokens": 5, "temperature": 0})
+    for _ in range(3):
+        engine.step()
+        assert bool(engine.prefetched) == eng.QUEUE_AHEAD
