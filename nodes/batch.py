@@ -89,7 +89,9 @@ class Batch:
             for mine, c in zip(home.cache, cache, strict=True):
                 mine.extend(BatchKVCache.merge([c]))
         home.rids.append(rid)
-        # Room to grow ahead from the first step on (the join copies every layer anyway).
+        # Room to grow ahead from the first step on: a row starting a group brings its
+        # prompt cache, allocated with that room (engine.JOIN_ROOM), so this copies
+        # only when joining a group that is itself full.
         home.grow_ahead(per_step=len(home.cache))
 
     def _home(self, length: int) -> Rows | None:

@@ -188,14 +188,7 @@ class Engine:
         """Unload a model; returns the requests that ended with it."""
         gone = self.fail_remote(model_id)
         self.pace.remove_model(model_id)
-        for d in (
-            self.models,
-            self.fused,
-            self.batches,
-            self.prefetched,
-            self.remote,
-            self.drops,
-        ):
+        for d in (self.models, self.fused, self.batches, self.prefetched, self.remote, self.drops):
             d.pop(model_id, None)
         return gone
 
@@ -421,7 +414,7 @@ class Engine:
         """Stage 0 of a split model: embed, run this node's layers, hand the hidden
         states to the next stage. The step completes when the last stage's
         tokens come back (finish_remote); until then the model takes no new step."""
-        from exo.nodes.forward import groups_of, run_layers
+        from exo.nodes.forward import groups_of, no_rows, run_layers
 
         assert self.hop is not None, "a pipeline stage needs the node's peer sockets"
         batch = self.batches[lm.model_id]
@@ -432,7 +425,7 @@ class Engine:
             h = run_layers(inner.layers, inner.embed_tokens(mx.array(tokens)), groups)
             mx.eval(h, [c.state for _, ch in chunks for c in ch.cache])
         else:
-            h = mx.zeros((0, inner.embed_tokens.weight.shape[1]), dtype=mx.float32)
+            h = no_rows(lm.model)
         work = [(len(c.tokens), r.prefilled, 1.0) for r, c in chunks]
         header = {
             "instance": lm.instance,

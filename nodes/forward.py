@@ -1,7 +1,7 @@
 """One engine step's forward pass: every decode and the prefill chunks together.
 
-Decode rows share a left-padded BatchKVCache; each prefill chunk has its own
-KVCache. For llama-family models (llama, mistral, qwen2: the same attention
+Decode rows share left-padded BatchKVCaches, one per group of rows of similar
+length (batch.py); each prefill chunk has its own KVCache. For llama-family models (llama, mistral, qwen2: the same attention
 block) the step is fused: all tokens of the step (B decode tokens and the chunks)
 go through the weight matmuls as one packed matrix, so weights are read once
 per step and a prefill chunk rides along with the decodes almost for free;
@@ -187,6 +187,11 @@ def sampled_rows(dec: int, chunks: list[tuple[int, bool]]) -> tuple[list[int], l
     return rows, wanted
 
 
+def no_rows(model: Any) -> mx.array:
+    """A hidden state of no tokens, for a step that has none at some point."""
+    return mx.zeros((0, model.model.embed_tokens.weight.shape[1]), dtype=mx.float32)
+
+
 def head(model: Any, h: mx.array, rows: list[int]) -> mx.array:
     return lm_head(model, model.model.norm(h[mx.array(rows)]))
 
@@ -206,7 +211,7 @@ def fused_step(
     if sum(a.size for a in ids):  # [T, D], the step's tokens that enter at layer 0, packed
         h = inner.embed_tokens(mx.concatenate(ids) if len(ids) > 1 else ids[0])
     else:
-        h = mx.zeros((0, inner.embed_tokens.weight.shape[1]), dtype=mx.float32)
+        h = no_rows(model)
     groups = groups_of(dec_groups, chunks)
     n_dec = len(groups) - len(chunks)
     h = run_layers(inner.layers, h, groups)
@@ -218,8 +223,11 @@ def fused_step(
     picked = iter(wanted)
     outs: list[mx.array | None] = []
     for g, d in zip(groups[n_dec:], done, strict=True):
-        w = next(picked) if d else None
-        outs.append(g.out if not d else None if w is None or logits is None else logits[w])
+        if not d:
+            outs.append(g.out)
+            continue
+        w = next(picked)
+        outs.append(None if w is None or logits is None else logits[w])
     return (logits[:B] if B and logits is not None else None), outs
 
 
