@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from exo.nodes.batch import Batch, sample_rows
+from exo.nodes.lane import Lane, lane_default
 from exo.nodes.mlxenv import mx
 from exo.nodes.model import LoadedModel, kv_bytes_per_token
 from exo.nodes.pacing import DEFAULT_IDLE_BUDGET, DEFAULT_MAX_STALL, Pacer
@@ -78,6 +79,7 @@ class Request:
     inflight: int = 0
     through: int = 0
     h: Any = None
+    in_lane: bool = False  # being prefilled by the engine's lane (lane.py)
 
     @property
     def to_prefill(self) -> int:
@@ -153,8 +155,13 @@ class Engine:
         idle_budget: int = DEFAULT_IDLE_BUDGET,
         kv_budget: int | None = None,
         max_stall: float = DEFAULT_MAX_STALL,
+        lane: bool | None = None,
     ) -> None:
         self.pace = Pacer(prefill_budget, idle_budget, max_stall)
+        # Prompts arriving while streams decode prefill beside them on another core
+        # (lane.py); None: where that pays (MLX's CPU backend, 2+ cores).
+        self.lane = Lane() if (lane_default() if lane is None else lane) else None
+        self.failed: list[tuple[str, str]] = []  # (rid, why): requests the engine gave up on
         self.kv_budget = kv_budget if kv_budget is not None else default_kv_budget()
         self.models: dict[str, LoadedModel] = {}
         self.fused: dict[str, bool] = {}
@@ -265,6 +272,8 @@ class Engine:
         req = self.requests.pop(rid, None)
         if req is None:
             return False
+        if req.in_lane and self.lane is not None:
+            self.lane.cancel(rid)
         self._release(req)
         log.info("rid=%s cancelled after %d tokens", rid, req.generated)
         self._admit()
@@ -295,19 +304,22 @@ class Engine:
         # second pass over the weights (the streams' step doubled, 0.47 s here).
         held = busy | self.prefetched.keys()
         waiting = [
-            r for r in self.requests.values() if r.cache is not None and r.lm.model_id not in held
+            r
+            for r in self.requests.values()
+            if r.cache is not None and not r.in_lane and r.lm.model_id not in held
         ]
         return self.pace.plan(decoding, waiting, {m: len(b.rids) for m, b in self.batches.items()})
 
     def step(self) -> list[Output]:
         from exo.nodes.forward import Chunk, step_forward
 
+        landed = self._to_lane()
         step = self.plan()
         self.last_plan = step
         # Later stages free a request's memory when the next step names it in `drops`:
         # with nothing else to do, a step goes out just to carry them.
         flush = {m for m, d in self.drops.items() if d} - self.remote.keys()
-        if step.empty and not flush:
+        if step.empty and not flush and not landed:
             return []
         self.steps += 1
         t0 = time.perf_counter()
@@ -317,7 +329,11 @@ class Engine:
         # this node's chunks and their model, for the cost model
         work: list[Work] = []
         work_model = ""
-        timed = True
+        # Steps beside the lane's work say nothing of the streams' own step time.
+        timed = self.lane is None or self.lane.idle()
+        for req, logits in landed:
+            sampled.append(([req], req.sampler(logits)[None]))
+            joined.append(req)
         for rid, n in step.prefill:
             req = self.requests[rid]
             assert req.cache is not None
@@ -378,7 +394,13 @@ class Engine:
                     joined.append(req)
         if not sampled:
             return []
-        states = [c.state for r in self.requests.values() if r.cache is not None for c in r.cache]
+        # (The lane's prompts are its own to evaluate, on its thread and stream.)
+        states = [
+            c.state
+            for r in self.requests.values()
+            if r.cache is not None and not r.in_lane
+            for c in r.cache
+        ]
         states += [r.h for r in self.requests.values() if r.h is not None]
         if (
             QUEUE_AHEAD
@@ -409,6 +431,39 @@ class Engine:
             [(r, t) for reqs, toks in sampled for r, t in zip(reqs, toks.tolist(), strict=True)],
             joined,
         )
+
+    def _to_lane(self) -> list[tuple[Request, mx.array]]:
+        """Hand the lane the prompts waiting beside running decodes, and take back
+        the ones it has prefilled (their last logits), to sample and join this step."""
+        if self.lane is None:
+            return []
+        landed = []
+        for req, logits in self.lane.take():
+            req.in_lane = False
+            if self.requests.get(req.rid) is not req:
+                continue  # cancelled meanwhile
+            if logits is None:
+                self.requests.pop(req.rid)
+                self._release(req)
+                self.failed.append((req.rid, "the prompt's prefill failed on this node"))
+                continue
+            landed.append((req, logits))
+        self.lane.release_blas()
+        busy = self.remote.keys()
+        if any(b.rids for m, b in self.batches.items() if m not in busy):
+            for req in self.requests.values():
+                if (
+                    req.cache is not None
+                    and req.to_prefill
+                    and not req.in_lane
+                    and not req.inflight
+                    and req.lm.part is None
+                    and self.fused[req.lm.model_id]
+                    and req.lm.model_id not in busy
+                ):
+                    req.in_lane = True
+                    self.lane.submit(req)
+        return landed
 
     def _send_on(self, lm: LoadedModel, rows: list[Request], chunks: list[Any], t0: float) -> None:
         """Stage 0 of a split model: embed, run this node's layers, hand the hidden
@@ -552,11 +607,13 @@ class Engine:
         return out
 
     def runnable(self) -> bool:
-        """Whether step() has anything to do now."""
+        """Whether step() has anything to do now (the lane's prompts: once landed)."""
         busy = self.remote.keys()
-        return any(r.lm.model_id not in busy for r in self.requests.values()) or any(
-            d for m, d in self.drops.items() if m not in busy
-        )
+        if self.lane is not None and self.lane.landed():
+            return True
+        return any(
+            r.lm.model_id not in busy and not r.in_lane for r in self.requests.values()
+        ) or any(d for m, d in self.drops.items() if m not in busy)
 
     # -- status ---------------------------------------------------------------------
 

@@ -73,6 +73,12 @@ from exo.nodes.store import default_models_dir
     help="Slowest step, relative to a decode-only step, while a prompt prefills (default 1.5).",
 )
 @click.option(
+    "--prefill-lane/--no-prefill-lane",
+    default=None,
+    help="Prefill prompts on a core of their own while streams decode "
+    "(default: on MLX's CPU backend with 2+ cores).",
+)
+@click.option(
     "--peer-port",
     type=int,
     default=0,
@@ -116,6 +122,7 @@ def main(
     kv_budget_mb: int | None,
     idle_budget: int | None,
     max_stall: float | None,
+    prefill_lane: bool | None,
     peer_port: int,
     probe_port: int,
     stage_timeout: float,
@@ -135,6 +142,7 @@ def main(
         max_stall=max_stall or DEFAULT_MAX_STALL,
         idle_budget=idle_budget or DEFAULT_IDLE_BUDGET,
         kv_budget=kv_budget_mb << 20 if kv_budget_mb else None,
+        lane=prefill_lane,
     )
     from exo.nodes.download import Downloader
     from exo.nodes.interfaces import load_link_types

@@ -27,10 +27,12 @@ OPENBLAS_CANDIDATES = (
 )
 
 blas: str = "native" if platform.system() == "Darwin" else "reference"
+_openblas: ctypes.CDLL | None = None
+_openblas_threads = 0  # OpenBLAS's own thread count, as it started
 
 
 def _preload_openblas() -> None:
-    global blas
+    global blas, _openblas, _openblas_threads
     if platform.system() != "Linux" or "mlx.core" in sys.modules:
         return
     override = os.environ.get("EXO_OPENBLAS")
@@ -38,11 +40,12 @@ def _preload_openblas() -> None:
     for path in paths:
         if path and os.path.exists(path):
             try:
-                ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+                lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
             except OSError as e:  # pragma: no cover - depends on the host
                 log.warning("could not load %s: %s", path, e)
                 continue
             blas = f"openblas ({path})"
+            _openblas, _openblas_threads = lib, lib.openblas_get_num_threads()
             return
 
 
@@ -56,4 +59,12 @@ if blas == "reference":
         "Install it (Debian/Ubuntu: apt-get install libopenblas0-pthread) or set EXO_OPENBLAS."
     )
 
-__all__ = ["mx", "blas"]
+
+def blas_threads(n: int | None) -> None:
+    """OpenBLAS's threads per call: `n`, or None for as many as it started with.
+    Not while any thread is inside a BLAS call (OpenBLAS resizes its pool)."""
+    if _openblas is not None:
+        _openblas.openblas_set_num_threads(n or _openblas_threads)
+
+
+__all__ = ["mx", "blas", "blas_threads"]

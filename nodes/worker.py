@@ -146,7 +146,9 @@ class Node:
                 mx.clear_cache()
             was_busy = busy
             # Sleep when nothing can step: idle, or every step out at later stages.
-            events = dict(poller.poll(0 if self.engine.runnable() else 100))
+            # (10 ms while the prefill lane works: its prompts join at the next step.)
+            lane = self.engine.lane is not None and not self.engine.lane.idle()
+            events = dict(poller.poll(0 if self.engine.runnable() else 10 if lane else 100))
             if self.pair in events:
                 while self.pair.poll(0):
                     self.handle(P.decode(self.pair.recv()))
@@ -164,6 +166,9 @@ class Node:
                     self.last_step_s * 1000,
                 )
             self.emit(outputs)
+            for rid, why in self.engine.failed:
+                self.send("FAIL", rid=rid, status=500, code="prefill_error", message=why)
+            self.engine.failed.clear()
             self.check_stalled_steps()
             self.report_progress()
             self._status = self.status()

@@ -58,6 +58,8 @@ def run(
         )
         for o in outs:
             ids[o.rid].extend(o.ids)
+        if not outs and engine.lane is not None:
+            engine.lane.wait(5.0)  # every prompt left is the lane's
         if step > max(arrivals) and not engine.requests and not engine.queue:
             return ids, steps
     raise AssertionError("engine did not finish")
@@ -73,8 +75,9 @@ def beside_streams(
     }
 
 
-def test_staggered_concurrent_requests_equal_each_run_alone(lm: LoadedModel) -> None:
-    engine = Engine(prefill_budget=16)
+@pytest.mark.parametrize("lane", [False, True], ids=["fused", "lane"])
+def test_staggered_concurrent_requests_equal_each_run_alone(lm: LoadedModel, lane: bool) -> None:
+    engine = Engine(prefill_budget=16, lane=lane)
     engine.add_model(lm)
     lengths = [30, 25, 40, 20]
     arrivals: dict[int, list[tuple]] = {}
@@ -95,13 +98,15 @@ def test_staggered_concurrent_requests_equal_each_run_alone(lm: LoadedModel) -> 
         )
         assert ids[f"r{i}"] == alone(lm, prompt, n), f"r{i}"
     assert engine.kv_bytes() == 0
+    if lane:  # the later arrivals came while others decoded: the lane prefilled them
+        assert engine.lane is not None and engine.lane.prompts == 3
 
 
 def test_a_long_prompt_is_chunked_while_every_stream_gets_a_token_each_step(
     tiny_path: Path,
 ) -> None:
     lm = load_model("tiny", tiny_path)
-    engine = Engine(prefill_budget=32)
+    engine = Engine(prefill_budget=32, lane=False)
     engine.add_model(lm)
     params = {"max_tokens": 200, "temperature": 0, "ignore_eos": True}
     long_prompt = list(range(3, 203))  # 200 tokens, budget 32 -> at least 7 steps of prefill
@@ -211,7 +216,7 @@ def test_measured_budget_keeps_streams_stepping_and_remeasures_them(tiny_path: P
     from exo.nodes.pacing import DECODE_EVERY
 
     lm = load_model("tiny", tiny_path)
-    engine = Engine(max_stall=1.1)  # small chunks: many steps of prefill
+    engine = Engine(max_stall=1.1, lane=False)  # small chunks: many steps of prefill
     engine.add_model(lm)
     assert len(engine.pace.tables["tiny"]) == 65  # the matmul cost table, measured at load
     params = {"max_tokens": 400, "temperature": 0, "ignore_eos": True}
@@ -279,7 +284,7 @@ def test_a_prompt_going_a_layer_per_step_beside_streams_equals_it_run_alone(
     """The chunk sizes and layer spans are the cost model's choice; here it is
     made to take one layer per step, to check the outputs and the step structure."""
     lm = load_model("tiny", tiny_path)
-    engine = Engine()
+    engine = Engine(lane=False)
     engine.add_model(lm)
 
     def one_layer(*args: object, inflight: tuple[int, int] | None = None) -> tuple[int, int]:
@@ -303,7 +308,7 @@ def test_a_prompt_going_a_layer_per_step_beside_streams_equals_it_run_alone(
 
 def test_a_cancel_mid_chunk_frees_its_cache_and_state(tiny_path: Path) -> None:
     lm = load_model("tiny", tiny_path)
-    engine = Engine()
+    engine = Engine(lane=False)
     engine.add_model(lm)
     engine.pace.cost.split = lambda *a, inflight=None: (inflight[0] if inflight else 16, 1)  # type: ignore[method-assign]
     params = {"max_tokens": 100, "temperature": 0, "ignore_eos": True}
@@ -351,7 +356,7 @@ def test_short_prompts_arriving_together_beside_streams_start_in_one_step(
     """Layer-wise prefill is for a prompt too long for one step; prompts that fit
     whole share a step as before (8 new streams must not start one per step)."""
     lm = load_model("tiny", tiny_path)
-    engine = Engine()
+    engine = Engine(lane=False)
     engine.add_model(lm)
     params = {"max_tokens": 30, "temperature": 0, "ignore_eos": True}
     arrivals = {
@@ -429,7 +434,7 @@ def test_a_prompt_arriving_while_decodes_are_queued_ahead_starts_a_step_later(
     """The queued decode step is already computed: running the prompt's chunk beside
     it would be a second pass over the weights in that step."""
     lm = load_model("tiny", tiny_path)
-    engine = Engine(prefill_budget=32)
+    engine = Engine(prefill_budget=32, lane=False)
     engine.add_model(lm)
     params = {"max_tokens": 20, "temperature": 0, "ignore_eos": True}
     for i in range(3):
@@ -459,3 +464,78 @@ def test_no_step_is_queued_ahead_on_the_cpu_backend(tiny_path: Path) -> None:
     for _ in range(3):
         engine.step()
         assert bool(engine.prefetched) == eng.QUEUE_AHEAD
+
+
+def test_a_prompt_beside_streams_prefills_in_the_lane_while_each_stream_gets_a_token_each_step(
+    lm: LoadedModel,
+) -> None:
+    engine = Engine(lane=True)
+    engine.add_model(lm)
+    assert engine.lane is not None
+    engine.lane.chunk = 16
+    params = {"max_tokens": 400, "temperature": 0, "ignore_eos": True}
+    long_prompt = list(range(3, 83))  # 80 tokens in chunks of 16: 5 passes of the lane
+    arrivals = {
+        0: [(f"s{i}", lm.model_id, "completion", [5 + i, 6, 7], params) for i in range(3)],
+        4: [("long", lm.model_id, "completion", long_prompt, {**params, "max_tokens": 6})],
+    }
+    ids, steps = run(engine, arrivals)
+    assert ids["long"] == alone(lm, long_prompt, 6)
+    assert engine.lane.passes == 5
+    first = next(i for i, s in enumerate(steps) if "long" in s["outs"])
+    for s in steps[4:first]:
+        # the step never carried the prompt, and every stream got its token
+        assert s["prefill"] == [] and set(s["decode"]) == {"s0", "s1", "s2"}
+        assert {"s0", "s1", "s2"} <= set(s["outs"]), s
+    assert engine.lane.idle() and not engine.lane.single_blas  # OpenBLAS has its threads back
+
+
+def test_a_cancel_in_the_lane_frees_the_prompt_and_the_streams_go_on(tiny_path: Path) -> None:
+    lm = load_model("tiny", tiny_path)
+    engine = Engine(lane=True)
+    engine.add_model(lm)
+    assert engine.lane is not None
+    engine.lane.chunk = 8
+    params = {"max_tokens": 400, "temperature": 0, "ignore_eos": True}
+    for i in range(2):
+        engine.submit(f"s{i}", "tiny", "completion", [5 + i, 6], params)
+    engine.step()
+    engine.submit("long", "tiny", "completion", list(range(3, 203)), params)
+    engine.step()
+    assert engine.requests["long"].in_lane and "long" in engine.lane
+    assert engine.cancel("long")
+    assert "long" not in engine.requests and "long" not in engine.lane
+    for _ in range(50):
+        if engine.lane.idle():
+            break
+        outs = engine.step()
+        assert {o.rid for o in outs} == {"s0", "s1"}
+        engine.lane.wait(0.1)
+    assert engine.lane.idle() and engine.lane.passes < 200 // 8  # dropped part-way
+    assert not any(o.rid == "long" for o in engine.step())
+    assert engine.kv_bytes() == engine.batches["tiny"].nbytes()  # only the streams' cache
+
+
+def test_a_prompt_the_lane_fails_on_fails_alone(
+    tiny_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from exo.nodes.lane import Lane
+
+    def broken(self: Lane, batch: list) -> list:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(Lane, "_pass", broken)
+    lm = load_model("tiny", tiny_path)
+    engine = Engine(lane=True)
+    engine.add_model(lm)
+    assert engine.lane is not None
+    params = {"max_tokens": 400, "temperature": 0, "ignore_eos": True}
+    engine.submit("s0", "tiny", "completion", [5, 6], params)
+    engine.step()
+    engine.submit("bad", "tiny", "completion", list(range(3, 40)), params)
+    engine.step()
+    engine.lane.wait(5.0)
+    outs = engine.step()
+    assert [o.rid for o in outs] == ["s0"]
+    assert engine.failed == [("bad", "the prompt's prefill failed on this node")]
+    assert "bad" not in engine.requests
