@@ -3,9 +3,11 @@
 Each `step()` runs one plan from `pacing.Pacer`: one decode token for every
 request past its prefill, then prompt chunks (a long prompt's through a few
 layers, its hidden state kept until the next step) within what the stall bound
-leaves. Requests
-join and leave at any step, each with its own KV cache and sampler; a request's
-cache is dropped the moment it finishes or is cancelled.
+leaves. Where the node has a prefill lane (`lane.py`: MLX's CPU backend, 2+
+cores), a prompt waiting while streams decode goes to the lane instead and joins
+the batch at the step after it lands. Requests join and leave at any step, each
+with its own KV cache and sampler; a request's cache is dropped the moment it
+finishes or is cancelled.
 """
 
 from __future__ import annotations

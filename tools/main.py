@@ -452,6 +452,9 @@ def bench_cancel(
     "--tokens", default=48, show_default=True, help="Tokens per stream in the throughput runs."
 )
 @click.option(
+    "--rounds", default=1, show_default=True, help="Rounds of the stall test (exo's side)."
+)
+@click.option(
     "--prefill-budget", type=int, default=None, help="Node's budget, when starting a cluster here."
 )
 @click.option(
@@ -469,6 +472,7 @@ def bench_stall(
     long_tokens: int,
     concurrency: str,
     tokens: int,
+    rounds: int,
     prefill_budget: int | None,
     max_stall: float | None,
     as_json: bool,
@@ -489,6 +493,7 @@ def bench_stall(
             long_tokens,
             [int(x) for x in concurrency.split(",") if x],
             tokens,
+            rounds,
         )
     stall.report(res)
     print(json.dumps(res) if as_json else "")
