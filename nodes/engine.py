@@ -332,7 +332,7 @@ class Engine:
         work: list[Work] = []
         work_model = ""
         # Steps beside the lane's work say nothing of the streams' own step time.
-        timed = self.lane is None or self.lane.idle()
+        timed = not self.lane_working()
         for req, logits in landed:
             sampled.append(([req], req.sampler(logits)[None]))
             joined.append(req)
@@ -607,6 +607,10 @@ class Engine:
                 time.perf_counter() - req.t_submit,
             )
         return out
+
+    def lane_working(self) -> bool:
+        """Whether the prefill lane has prompts in hand (they join once landed)."""
+        return self.lane is not None and not self.lane.idle()
 
     def runnable(self) -> bool:
         """Whether step() has anything to do now (the lane's prompts: once landed)."""

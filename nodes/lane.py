@@ -56,7 +56,6 @@ class Lane:
         self._jobs: list[Job] = []
         self._landed: list[tuple[Any, mx.array | None]] = []
         self._working = False
-        self._stopping = False
         self._thread: threading.Thread | None = None
         self.passes = 0  # chunk passes run
         self.prompts = 0  # prompts prefilled
@@ -91,14 +90,10 @@ class Lane:
 
     def take(self) -> list[tuple[Any, mx.array | None]]:
         """Prompts prefilled since the last call, with their last position's logits
-        (None: the lane failed on it, its `finish` says "error")."""
+        (None: the lane failed on it)."""
         with self._cv:
             out, self._landed = self._landed, []
         return out
-
-    def busy(self) -> bool:
-        with self._cv:
-            return bool(self._jobs or self._landed or self._working)
 
     def landed(self) -> bool:
         with self._cv:
@@ -120,11 +115,6 @@ class Lane:
         with self._cv:
             self._cv.wait_for(lambda: self._landed or not (self._jobs or self._working), timeout)
 
-    def stop(self) -> None:
-        with self._cv:
-            self._stopping = True
-            self._cv.notify_all()
-
     # -- the lane's thread ---------------------------------------------------------
 
     def _run(self) -> None:
@@ -132,27 +122,24 @@ class Lane:
         with mx.stream(stream):
             while True:
                 with self._cv:
-                    self._cv.wait_for(lambda: self._jobs or self._stopping)
-                    if self._stopping:
-                        return
+                    self._cv.wait_for(lambda: self._jobs)
                     batch = self._next_pass()
                     self._working = bool(batch)
                 if not batch:
                     continue
+                failed = False
                 try:
                     results = self._pass(batch)
                 except Exception:  # the engine fails these prompts, not the whole node
                     log.exception("prefill lane failed on %s", [j.req.rid for j, _ in batch])
-                    results = [(j, None) for j, _ in batch]
-                    for j, _ in batch:
-                        j.req.finish = "error"
+                    results, failed = [(j, None) for j, _ in batch], True
                 with self._cv:
                     self._working = False
                     self.passes += 1
                     for job, logits in results:
                         if job.cancelled:
                             self._jobs.remove(job)
-                        elif logits is not None or job.req.finish == "error":
+                        elif logits is not None or failed:
                             self._jobs.remove(job)
                             self._landed.append((job.req, logits))
                             self.prompts += logits is not None

@@ -147,8 +147,8 @@ class Node:
             was_busy = busy
             # Sleep when nothing can step: idle, or every step out at later stages.
             # (10 ms while the prefill lane works: its prompts join at the next step.)
-            lane = self.engine.lane is not None and not self.engine.lane.idle()
-            events = dict(poller.poll(0 if self.engine.runnable() else 10 if lane else 100))
+            wait = 10 if self.engine.lane_working() else 100
+            events = dict(poller.poll(0 if self.engine.runnable() else wait))
             if self.pair in events:
                 while self.pair.poll(0):
                     self.handle(P.decode(self.pair.recv()))
