@@ -373,7 +373,8 @@ def test_short_prompts_arriving_together_beside_streams_start_in_one_step(
 
 def test_rows_of_very_different_lengths_decode_in_separate_groups(tiny_path: Path) -> None:
     """A long row padded into a group of short ones would make each of them attend
-    over its length (and the join would copy them all to it)."""
+    over its length (and the join would copy them all to it); a row a little longer
+    than the short ones shares their group (a group costs more than a few keys)."""
     lm = load_model("tiny", tiny_path)
     engine = Engine(prefill_budget=512)
     engine.add_model(lm)
@@ -381,7 +382,8 @@ def test_rows_of_very_different_lengths_decode_in_separate_groups(tiny_path: Pat
     prompts = {
         "s0": [5, 6, 7],
         "s1": [6, 7, 8, 9],
-        "long": [3 + i % 100 for i in range(300)],
+        "s2": [7, 8],
+        "long": [3 + i % 100 for i in range(900)],  # would pad 3 rows by ~900 keys each
         "mid": [4 + i % 90 for i in range(40)],
     }
     ids: dict[str, list[int]] = {r: [] for r in prompts}
@@ -393,7 +395,7 @@ def test_rows_of_very_different_lengths_decode_in_separate_groups(tiny_path: Pat
         for o in engine.step():
             ids[o.rid].extend(o.ids)
         layouts.append([list(g.rids) for g in batch.groups])
-    assert [["s0", "s1"], ["long"], ["mid"]] in layouts
+    assert [{"s0", "s1", "s2", "mid"}, {"long"}] in [[set(g) for g in lay] for lay in layouts]
     for rid, p in prompts.items():
         assert ids[rid] == alone(lm, p, 30)
     assert batch.groups == [] and engine.kv_bytes() == 0
@@ -411,19 +413,24 @@ def test_a_row_joins_the_group_nearest_its_length() -> None:
 
     batch = Batch(split=True)
     caches = {}
-    for rid, n in [("a", 10), ("b", 15), ("c", 400), ("d", 300), ("e", 60), ("f", 1000)]:
+    # b pads a by 5 keys: one group. c would pad a and b by ~3k each: a group of its
+    # own. d, shorter than c, pads only itself (500 keys): joins c. e would pad c and
+    # d by 3k each: a third group.
+    for rid, n in [("a", 10), ("b", 15), ("c", 3000), ("d", 2500), ("e", 6000)]:
         caches[rid] = cache(n)
         batch.join(rid, caches[rid])
     assert len(batch.groups) == MAX_GROUPS == 3
     # a row starting a group brings its own buffers, not a copy of them
     assert batch.groups[2].cache[0].keys is caches["e"][0].keys
-    # f fits no group within 2x and no new group is allowed: it goes to the nearest
-    assert [g.rids for g in batch.groups] == [["a", "b"], ["c", "d", "f"], ["e"]]
-    assert batch.rids == ["a", "b", "c", "d", "f", "e"]  # step order: group after group
+    batch.join("f", cache(9000))
+    # f is worth a group (it would pad e by 3k keys) but no new one is allowed: it
+    # joins the group it pads least
+    assert [g.rids for g in batch.groups] == [["a", "b"], ["c", "d"], ["e", "f"]]
+    assert batch.rids == ["a", "b", "c", "d", "e", "f"]  # step order: group after group
     batch.leave({"e"})
-    assert [g.rids for g in batch.groups] == [["a", "b"], ["c", "d", "f"]]
+    assert [g.rids for g in batch.groups] == [["a", "b"], ["c", "d"], ["f"]]
     whole = Batch()  # not split: one group whatever the lengths
-    for rid, n in [("a", 10), ("c", 400)]:
+    for rid, n in [("a", 10), ("c", 3000)]:
         whole.join(rid, cache(n))
     assert len(whole.groups) == 1 and whole.cache is not None
 
