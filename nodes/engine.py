@@ -163,7 +163,7 @@ class Engine:
         # Prompts arriving while streams decode prefill beside them on another core
         # (lane.py); None: where that pays (MLX's CPU backend, 2+ cores).
         self.lane = Lane() if (lane_default() if lane is None else lane) else None
-        self.failed: list[tuple[str, str]] = []  # (rid, why): requests the engine gave up on
+        self._failed: list[tuple[str, str]] = []  # (rid, why): requests the engine gave up on
         self.kv_budget = kv_budget if kv_budget is not None else default_kv_budget()
         self.models: dict[str, LoadedModel] = {}
         self.fused: dict[str, bool] = {}
@@ -447,7 +447,7 @@ class Engine:
             if logits is None:
                 self.requests.pop(req.rid)
                 self._release(req)
-                self.failed.append((req.rid, "the prompt's prefill failed on this node"))
+                self._failed.append((req.rid, "the prompt's prefill failed on this node"))
                 continue
             landed.append((req, logits))
         self.lane.release_blas()
@@ -606,6 +606,12 @@ class Engine:
                 out.usage["completion_tokens"],
                 time.perf_counter() - req.t_submit,
             )
+        return out
+
+    def take_failed(self) -> list[tuple[str, str]]:
+        """(rid, why) of the requests the engine gave up on since the last call: they
+        are gone from it, and their clients are owed an error."""
+        out, self._failed = self._failed, []
         return out
 
     def lane_working(self) -> bool:

@@ -20,6 +20,7 @@ hands back each prompt's last logits (evaluated) and its KV cache, complete.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -57,6 +58,10 @@ class Lane:
         self._landed: list[tuple[Any, mx.array | None]] = []
         self._working = False
         self._thread: threading.Thread | None = None
+        # Readable once a prompt lands: the node's loop polls it with its sockets.
+        self.wakeup, self._wake = os.pipe()
+        os.set_blocking(self.wakeup, False)
+        os.set_blocking(self._wake, False)
         self.passes = 0  # chunk passes run
         self.prompts = 0  # prompts prefilled
         self.single_blas = False  # whether OpenBLAS is held to one thread now
@@ -93,6 +98,8 @@ class Lane:
         (None: the lane failed on it)."""
         with self._cv:
             out, self._landed = self._landed, []
+            with contextlib.suppress(BlockingIOError):
+                os.read(self.wakeup, 4096)
         return out
 
     def landed(self) -> bool:
@@ -136,6 +143,7 @@ class Lane:
                 with self._cv:
                     self._working = False
                     self.passes += 1
+                    landed = len(self._landed)
                     for job, logits in results:
                         if job.cancelled:
                             self._jobs.remove(job)
@@ -143,6 +151,9 @@ class Lane:
                             self._jobs.remove(job)
                             self._landed.append((job.req, logits))
                             self.prompts += logits is not None
+                    if len(self._landed) > landed:
+                        with contextlib.suppress(BlockingIOError):  # full: it is readable
+                            os.write(self._wake, b"!")
                     self._cv.notify_all()
 
     def _next_pass(self) -> list[tuple[Job, int]]:

@@ -130,6 +130,8 @@ class Node:
         poller = zmq.Poller()
         poller.register(self.pair, zmq.POLLIN)
         poller.register(self.peers.router, zmq.POLLIN)
+        if self.engine.lane is not None:
+            poller.register(self.engine.lane.wakeup, zmq.POLLIN)  # a prompt prefilled
         while not self.stopping.is_set() and self.link.is_alive():
             if self._reset.is_set():
                 # The broker forgot us (it restarted or expired us): no one waits for our
@@ -145,10 +147,9 @@ class Node:
                 # size leave many behind); the weights stay.
                 mx.clear_cache()
             was_busy = busy
-            # Sleep when nothing can step: idle, or every step out at later stages.
-            # (10 ms while the prefill lane works: its prompts join at the next step.)
-            wait = 10 if self.engine.lane_working() else 100
-            events = dict(poller.poll(0 if self.engine.runnable() else wait))
+            # Sleep when nothing can step: idle, every step out at later stages, or
+            # every prompt in the prefill lane (its wakeup wakes us when one lands).
+            events = dict(poller.poll(0 if self.engine.runnable() else 100))
             if self.pair in events:
                 while self.pair.poll(0):
                     self.handle(P.decode(self.pair.recv()))
@@ -166,9 +167,8 @@ class Node:
                     self.last_step_s * 1000,
                 )
             self.emit(outputs)
-            for rid, why in self.engine.failed:
+            for rid, why in self.engine.take_failed():
                 self.send("FAIL", rid=rid, status=500, code="prefill_error", message=why)
-            self.engine.failed.clear()
             self.check_stalled_steps()
             self.report_progress()
             self._status = self.status()

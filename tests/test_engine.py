@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import select
 from pathlib import Path
 
 import pytest
@@ -542,7 +543,12 @@ def test_a_prompt_the_lane_fails_on_fails_alone(
     engine.submit("bad", "tiny", "completion", list(range(3, 40)), params)
     engine.step()
     engine.lane.wait(5.0)
+    # the node's loop sleeps on the lane's wakeup: readable once a result lands,
+    # drained when the engine takes it
+    assert select.select([engine.lane.wakeup], [], [], 0)[0]
     outs = engine.step()
+    assert not select.select([engine.lane.wakeup], [], [], 0)[0]
     assert [o.rid for o in outs] == ["s0"]
-    assert engine.failed == [("bad", "the prompt's prefill failed on this node")]
+    assert engine.take_failed() == [("bad", "the prompt's prefill failed on this node")]
+    assert engine.take_failed() == []
     assert "bad" not in engine.requests
