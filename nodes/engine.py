@@ -15,11 +15,11 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from exo.nodes.batch import Batch, sample_rows
+from exo.nodes.head import Head
 from exo.nodes.lane import Lane, lane_default
 from exo.nodes.mlxenv import mx
 from exo.nodes.model import LoadedModel, kv_bytes_per_token
@@ -122,18 +122,6 @@ def encode_prompt(lm: LoadedModel, kind: str, payload: Any) -> list[int]:
 
 
 @dataclass
-class Remote:
-    """A pipeline step out at the later stages."""
-
-    step: int
-    rows: list[Request]  # the decode rows, in batch order
-    chunks: list[Request]  # requests that sent a prompt chunk
-    plan: StepPlan
-    work: list[Work]  # its chunks, for the cost model
-    t0: float
-
-
-@dataclass
 class Prefetched:
     """A decode step already queued: its rows and their (lazy) next tokens."""
 
@@ -171,11 +159,8 @@ class Engine:
         self.queue: deque[Request] = deque()  # waiting for KV memory
         self.batches: dict[str, Batch] = {}
         self.prefetched: dict[str, Prefetched] = {}
-        # Pipeline heads (stage 0 of a split model): the step whose later stages
-        # are still computing, and what the next step must tell them to free.
-        self.hop: Callable[[LoadedModel, dict[str, Any], mx.array], None] | None = None
-        self.remote: dict[str, Remote] = {}
-        self.drops: dict[str, list[str]] = {}
+        # Models this node heads a pipeline of: their steps out, their drops owed.
+        self.head = Head()
         self.steps = 0
         self.last_plan = StepPlan()
 
@@ -197,7 +182,8 @@ class Engine:
         """Unload a model; returns the requests that ended with it."""
         gone = self.fail_remote(model_id)
         self.pace.remove_model(model_id)
-        for d in (self.models, self.fused, self.batches, self.prefetched, self.remote, self.drops):
+        self.head.forget(model_id)
+        for d in (self.models, self.fused, self.batches, self.prefetched):
             d.pop(model_id, None)
         return gone
 
@@ -284,7 +270,7 @@ class Engine:
     def _release(self, req: Request) -> None:
         req.cache = req.h = None
         if req.lm.part is not None:
-            self.drops.setdefault(req.lm.model_id, []).append(req.rid)
+            self.head.drop(req.lm.model_id, req.rid)
         batch = self.batches[req.lm.model_id]
         ready = self.prefetched.get(req.lm.model_id)
         if ready is not None and req.rid in ready.rids:
@@ -299,7 +285,7 @@ class Engine:
     # -- the step -------------------------------------------------------------------
 
     def plan(self) -> StepPlan:
-        busy = self.remote.keys()
+        busy = self.head.busy()
         decoding = [rid for m, b in self.batches.items() if m not in busy for rid in b.rids]
         # A model whose decodes were queued ahead starts new prompts a step later:
         # its decodes are already computed, and a chunk run beside them would be a
@@ -320,7 +306,7 @@ class Engine:
         self.last_plan = step
         # Later stages free a request's memory when the next step names it in `drops`:
         # with nothing else to do, a step goes out just to carry them.
-        flush = {m for m, d in self.drops.items() if d} - self.remote.keys()
+        flush = self.head.owed()
         if step.empty and not flush and not landed:
             return []
         self.steps += 1
@@ -351,13 +337,13 @@ class Engine:
             )
             by_model.setdefault(req.lm.model_id, []).append((req, chunk))
         active = {*by_model, *flush, *(m for m, b in self.batches.items() if b.rids)}
-        active -= self.remote.keys()
+        active -= self.head.busy()
         for model_id in active:
             batch, lm = self.batches[model_id], self.models[model_id]
             rows = [self.requests[r] for r in batch.rids]
             chunks = by_model.get(model_id, [])
             if lm.part is not None:
-                self._send_on(lm, rows, chunks, t0)
+                self.head.send(lm, batch, rows, chunks, self.steps, t0)
                 continue
             work.extend(
                 (len(c.tokens), r.prefilled, ((c.end or r.lm.layers) - c.first) / r.lm.layers)
@@ -451,7 +437,7 @@ class Engine:
                 continue
             landed.append((req, logits))
         self.lane.release_blas()
-        busy = self.remote.keys()
+        busy = self.head.busy()
         if any(b.rids for m, b in self.batches.items() if m not in busy):
             for req in self.requests.values():
                 if (
@@ -467,45 +453,13 @@ class Engine:
                     self.lane.submit(req)
         return landed
 
-    def _send_on(self, lm: LoadedModel, rows: list[Request], chunks: list[Any], t0: float) -> None:
-        """Stage 0 of a split model: embed, run this node's layers, hand the hidden
-        states to the next stage. The step completes when the last stage's
-        tokens come back (finish_remote); until then the model takes no new step."""
-        from exo.nodes.forward import groups_of, no_rows, run_layers
-
-        assert self.hop is not None, "a pipeline stage needs the node's peer sockets"
-        batch = self.batches[lm.model_id]
-        inner = lm.model.model
-        tokens = [r.last for r in rows] + [t for _, c in chunks for t in c.tokens]
-        groups = groups_of(batch.dec_groups(), [c for _, c in chunks])
-        if groups:
-            h = run_layers(inner.layers, inner.embed_tokens(mx.array(tokens)), groups)
-            mx.eval(h, [c.state for _, ch in chunks for c in ch.cache])
-        else:
-            h = no_rows(lm.model)
-        work = [(len(c.tokens), r.prefilled, 1.0) for r, c in chunks]
-        header = {
-            "instance": lm.instance,
-            "step": self.steps,
-            "decode": list(batch.rids),
-            "chunks": [[r.rid, len(c.tokens), c.logits] for r, c in chunks],
-            "new": {r.rid: r.wire for r, _ in chunks if r.prefilled == 0},
-            "drops": self.drops.pop(lm.model_id, []),
-        }
-        self.hop(lm, header, h)
-        for req, chunk in chunks:
-            req.prefilled += len(chunk.tokens)
-        plan = StepPlan([r.rid for r in rows], [(r.rid, len(c.tokens)) for r, c in chunks])
-        self.remote[lm.model_id] = Remote(self.steps, rows, [r for r, c in chunks], plan, work, t0)
-
     def finish_remote(self, model_id: str, step: int, ids: list[int]) -> list[Output]:
         """The last stage's tokens for a step this node began: decode rows in
         batch order, then the chunks that finished their prompts."""
-        w = self.remote.get(model_id)
-        if w is None or w.step != step:
+        w = self.head.back(model_id, step)
+        if w is None:
             log.warning("tokens for step %d of %s that nobody waits for", step, model_id)
             return []
-        del self.remote[model_id]
         self.pace.learn(w.plan, w.work, model_id, time.perf_counter() - w.t0)
         done = [r for r in w.chunks if r.prefilled == len(r.prompt)]
         if len(ids) != len(w.rows) + len(done):
@@ -517,7 +471,7 @@ class Engine:
 
     def fail_remote(self, model_id: str) -> list[str]:
         """A later stage failed: every request of the model ends here."""
-        self.remote.pop(model_id, None)
+        self.head.out.pop(model_id, None)
         gone = [r.rid for r in [*self.requests.values(), *self.queue] if r.lm.model_id == model_id]
         for rid in gone:
             self.cancel(rid)
@@ -620,12 +574,12 @@ class Engine:
 
     def runnable(self) -> bool:
         """Whether step() has anything to do now (the lane's prompts: once landed)."""
-        busy = self.remote.keys()
+        busy = self.head.busy()
         if self.lane is not None and self.lane.landed():
             return True
         return any(
             r.lm.model_id not in busy and not r.in_lane for r in self.requests.values()
-        ) or any(d for m, d in self.drops.items() if m not in busy)
+        ) or bool(self.head.owed())
 
     # -- status ---------------------------------------------------------------------
 

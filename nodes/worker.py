@@ -73,7 +73,7 @@ class Node:
         self.probing: threading.Thread | None = None
         self.probe_cpu_s = 0.0
         self.interfaces_up: dict[str, bool] = {}
-        self.engine.hop = self.hop
+        self.engine.head.hop = self.hop
         # instance -> {state, model, layers, error?}: what the broker reads to tell an
         # instance loading from ready
         self.stages: dict[str, dict[str, Any]] = {}
@@ -277,16 +277,14 @@ class Node:
     def check_stalled_steps(self) -> None:
         """A step the later stages never answer (a link that died under it) fails its
         requests instead of leaving them hanging until their deadline."""
-        now = time.perf_counter()
-        for model_id, w in list(self.engine.remote.items()):
-            if now - w.t0 > self.stage_timeout:
-                lm = self.engine.models[model_id]
-                why = (
-                    f"stage after {self.name} did not answer step {w.step} within "
-                    f"{self.stage_timeout:.0f}s (next hop {self.next_hop.get(lm.instance)})"
-                )
-                log.error("instance %s: %s", lm.instance, why)
-                self.fail_instance_requests(model_id, why, 504, "stage_timeout")
+        for model_id, w in self.engine.head.stalled(self.stage_timeout):
+            lm = self.engine.models[model_id]
+            why = (
+                f"stage after {self.name} did not answer step {w.step} within "
+                f"{self.stage_timeout:.0f}s (next hop {self.next_hop.get(lm.instance)})"
+            )
+            log.error("instance %s: %s", lm.instance, why)
+            self.fail_instance_requests(model_id, why, 504, "stage_timeout")
 
     def fail_instance_requests(
         self, model_id: str, why: str, status: int = 500, code: str = "stage_error"

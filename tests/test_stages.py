@@ -45,7 +45,7 @@ def pipeline(path: Path, bounds: list[int]) -> Pipeline:
     parts = [Part(a, b, bounds[-1]) for a, b in zip(bounds, bounds[1:], strict=False)]
     engine.add_model(load_model("m", path, parts[0]))
     p = Pipeline(engine, [StageRunner(load_model("m", path, part)) for part in parts[1:]])
-    engine.hop = p.hop
+    engine.head.hop = p.hop
     return p
 
 
@@ -67,7 +67,7 @@ def drive(p: Pipeline, arrivals: dict[int, list[str]], cancel: dict[int, str] | 
         for o in outs:
             ids[o.rid].extend(o.ids)
         e = p.engine
-        if step > max(arrivals) and not (e.requests or e.queue or any(e.drops.values())):
+        if step > max(arrivals) and not (e.requests or e.queue or any(e.head.drops.values())):
             return ids
     raise AssertionError("requests did not finish")
 

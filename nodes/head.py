@@ -1,0 +1,109 @@
+"""Stage 0 of a model split across nodes: a pipeline head.
+
+The head embeds a step's tokens, runs its own layers and hands the hidden states
+to the next stage (`hop`, the node's peer sockets). The step is then out: the
+model takes no new step until the last stage's tokens come back (the engine's
+`finish_remote`). Later stages keep a KV cache per request; they free one when a
+step names it in `drops`, so a request that ends at the head is carried to them
+by the model's next step (or a step sent just for that).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, KeysView
+from dataclasses import dataclass
+from typing import Any
+
+from exo.nodes.batch import Batch
+from exo.nodes.mlxenv import mx
+from exo.nodes.model import LoadedModel
+from exo.nodes.scheduler import StepPlan, Work
+
+Hop = Callable[[LoadedModel, dict[str, Any], mx.array], None]
+
+
+@dataclass
+class Remote:
+    """A step out at the later stages."""
+
+    step: int
+    rows: list[Any]  # engine.Request: the decode rows, in batch order
+    chunks: list[Any]  # requests that sent a prompt chunk
+    plan: StepPlan
+    work: list[Work]  # its chunks, for the cost model
+    t0: float
+
+
+class Head:
+    """The steps a node's pipeline heads have out, and the drops they owe."""
+
+    def __init__(self) -> None:
+        self.hop: Hop | None = None
+        self.out: dict[str, Remote] = {}  # model id -> its step at the later stages
+        self.drops: dict[str, list[str]] = {}  # model id -> requests to free there
+
+    def busy(self) -> KeysView[str]:
+        """Models whose step is out: they take no new one."""
+        return self.out.keys()
+
+    def drop(self, model_id: str, rid: str) -> None:
+        self.drops.setdefault(model_id, []).append(rid)
+
+    def owed(self) -> set[str]:
+        """Models with drops to carry and no step out to carry them."""
+        return {m for m, d in self.drops.items() if d} - self.out.keys()
+
+    def send(
+        self,
+        lm: LoadedModel,
+        batch: Batch,
+        rows: list[Any],
+        chunks: list[tuple[Any, Any]],
+        step: int,
+        t0: float,
+    ) -> None:
+        """Embed, run this node's layers, hand the hidden states on. `chunks`:
+        (request, forward.Chunk) pairs; the requests' progress counts them sent."""
+        from exo.nodes.forward import groups_of, no_rows, run_layers
+
+        assert self.hop is not None, "a pipeline stage needs the node's peer sockets"
+        inner = lm.model.model
+        tokens = [r.last for r in rows] + [t for _, c in chunks for t in c.tokens]
+        groups = groups_of(batch.dec_groups(), [c for _, c in chunks])
+        if groups:
+            h = run_layers(inner.layers, inner.embed_tokens(mx.array(tokens)), groups)
+            mx.eval(h, [c.state for _, ch in chunks for c in ch.cache])
+        else:
+            h = no_rows(lm.model)
+        work = [(len(c.tokens), r.prefilled, 1.0) for r, c in chunks]
+        header = {
+            "instance": lm.instance,
+            "step": step,
+            "decode": list(batch.rids),
+            "chunks": [[r.rid, len(c.tokens), c.logits] for r, c in chunks],
+            "new": {r.rid: r.wire for r, _ in chunks if r.prefilled == 0},
+            "drops": self.drops.pop(lm.model_id, []),
+        }
+        self.hop(lm, header, h)
+        for req, chunk in chunks:
+            req.prefilled += len(chunk.tokens)
+        plan = StepPlan([r.rid for r in rows], [(r.rid, len(c.tokens)) for r, c in chunks])
+        self.out[lm.model_id] = Remote(step, rows, [r for r, _ in chunks], plan, work, t0)
+
+    def back(self, model_id: str, step: int) -> Remote | None:
+        """The step `step` of `model_id` come back; None if nobody waits for it."""
+        w = self.out.get(model_id)
+        if w is None or w.step != step:
+            return None
+        del self.out[model_id]
+        return w
+
+    def stalled(self, timeout: float) -> list[tuple[str, Remote]]:
+        """Steps out for longer than `timeout` seconds."""
+        now = time.perf_counter()
+        return [(m, w) for m, w in self.out.items() if now - w.t0 > timeout]
+
+    def forget(self, model_id: str) -> None:
+        self.out.pop(model_id, None)
+        self.drops.pop(model_id, None)
