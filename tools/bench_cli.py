@@ -1,0 +1,218 @@
+"""`exo-tools bench ...`: benchmarks that print figures beside a baseline, against
+a running cluster (--url) or one started here for the run."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+
+from exo.tools.options import models_dir_option, resolve_models_dir
+
+
+@contextlib.contextmanager
+def _target(
+    url: str | None,
+    model: str | None,
+    models_dir: Path | None,
+    node_args: list[str] | None = None,
+    nodes: int = 1,
+) -> Iterator[tuple[str, str, Path]]:
+    """(base URL, model id, models dir) for a benchmark: the cluster at `url`, or one
+    started here for the duration (with the default model unless one is named)."""
+    from exo.tools.cluster import LocalCluster
+    from exo.tools.default_model import DEFAULT_MODEL, pull_default
+
+    d = resolve_models_dir(models_dir)
+    if model is None:
+        model = DEFAULT_MODEL
+        pull_default(d)
+    if url is not None:
+        yield url, model, d
+        return
+    cluster = LocalCluster.on_free_ports(
+        d, nodes=nodes, log_spec="warning", node_args=node_args or []
+    ).start()
+    try:
+        yield cluster.url, model, d
+    finally:
+        cluster.stop()
+
+
+def target_options(f: Any) -> Any:
+    """--url and --model: what every benchmark runs against (see _target)."""
+    f = click.option("--model", default=None, help="Model id (default: the default model).")(f)
+    return click.option(
+        "--url", default=None, help="A running cluster's base URL (default: start one here)."
+    )(f)
+
+
+@click.group()
+def bench() -> None:
+    """Benchmarks that print figures beside a baseline."""
+
+
+@bench.command("overhead")
+@target_options
+@click.option("--max-tokens", default=128, show_default=True)
+@click.option("--rounds", default=3, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@models_dir_option
+def bench_overhead(
+    url: str | None,
+    model: str | None,
+    max_tokens: int,
+    rounds: int,
+    as_json: bool,
+    models_dir: Path | None,
+) -> None:
+    """Single-stream decode tokens/s and TTFT through the whole stack vs bare mlx-lm."""
+    from exo.nodes.store import ModelStore
+    from exo.tools.bench import overhead, print_overhead
+
+    with _target(url, model, models_dir) as (base, model_id, d):
+        res = overhead(base, ModelStore(d).path(model_id), model_id, max_tokens, rounds)
+    print(json.dumps(res) if as_json else "")
+    if not as_json:
+        print_overhead(res)
+
+
+@bench.command("cancel")
+@target_options
+@click.option("--cancels", default=40, show_default=True)
+@click.option(
+    "--storm",
+    "storm_n",
+    default=200,
+    show_default=True,
+    help="Requests cancelled at random moments.",
+)
+@click.option("--tokens", default=64, show_default=True, help="Tokens for the lone-request rate.")
+@click.option(
+    "--rounds", default=6, show_default=True, help="Storm rounds, each between two lone runs."
+)
+@click.option("--json", "as_json", is_flag=True)
+@models_dir_option
+def bench_cancel(
+    url: str | None,
+    model: str | None,
+    cancels: int,
+    storm_n: int,
+    tokens: int,
+    rounds: int,
+    as_json: bool,
+    models_dir: Path | None,
+) -> None:
+    """Cancel latency (client -> node) and throughput after a storm of cancels."""
+    from exo.tools import bench_cancel as bc
+
+    with _target(url, model, models_dir) as (base, model_id, _):
+        res = bc.run(base, model_id, cancels, storm_n, tokens, rounds)
+    bc.report(res)
+    print(json.dumps(res) if as_json else "")
+
+
+@bench.command("stall")
+@target_options
+@click.option(
+    "--streams", default=4, show_default=True, help="Streams running when the long prompt comes."
+)
+@click.option("--long-tokens", default=2048, show_default=True, help="Length of the long prompt.")
+@click.option(
+    "--concurrency", default="1,4,8,16", show_default=True, help="Stream counts for throughput."
+)
+@click.option(
+    "--tokens", default=48, show_default=True, help="Tokens per stream in the throughput runs."
+)
+@click.option(
+    "--rounds", default=1, show_default=True, help="Rounds of the stall test (exo's side)."
+)
+@click.option(
+    "--prefill-budget", type=int, default=None, help="Node's budget, when starting a cluster here."
+)
+@click.option(
+    "--max-stall",
+    type=float,
+    default=None,
+    help="Node's --max-stall, when starting a cluster here.",
+)
+@click.option("--json", "as_json", is_flag=True)
+@models_dir_option
+def bench_stall(
+    url: str | None,
+    model: str | None,
+    streams: int,
+    long_tokens: int,
+    concurrency: str,
+    tokens: int,
+    rounds: int,
+    prefill_budget: int | None,
+    max_stall: float | None,
+    as_json: bool,
+    models_dir: Path | None,
+) -> None:
+    """Inter-token latency of running streams while a long prompt prefills, and batch throughput."""
+    from exo.nodes.store import ModelStore
+    from exo.tools import bench_stall as stall
+
+    args = ["--prefill-budget", str(prefill_budget)] if prefill_budget else []
+    args += ["--max-stall", str(max_stall)] if max_stall else []
+    with _target(url, model, models_dir, args) as (base, model_id, d):
+        res = stall.run(
+            base,
+            ModelStore(d).path(model_id),
+            model_id,
+            streams,
+            long_tokens,
+            [int(x) for x in concurrency.split(",") if x],
+            tokens,
+            rounds,
+        )
+    stall.report(res)
+    print(json.dumps(res) if as_json else "")
+
+
+@bench.command("pipeline")
+@target_options
+@click.option("--stages", default="1,2,3", show_default=True, help="Stage counts to compare.")
+@click.option("--tokens", default=64, show_default=True)
+@click.option("--rounds", default=3, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@models_dir_option
+def bench_pipeline(
+    url: str | None,
+    model: str | None,
+    stages: str,
+    tokens: int,
+    rounds: int,
+    as_json: bool,
+    models_dir: Path | None,
+) -> None:
+    """Decode tokens/s and TTFT on 1, 2, 3 stages of this machine; bytes between stages."""
+    from exo.tools import bench_pipeline as bp
+
+    counts = [int(x) for x in stages.split(",") if x]
+    with _target(url, model, models_dir, nodes=max(counts)) as (base, model_id, _):
+        res = bp.run(base, model_id, counts, tokens, rounds)
+    bp.report(res)
+    print(json.dumps(res) if as_json else "")
+
+
+@bench.command("links")
+@click.option("--rounds", default=5, show_default=True, help="Probes per link.")
+@click.option("--json", "as_json", is_flag=True)
+@models_dir_option
+def bench_links(rounds: int, as_json: bool, models_dir: Path | None) -> None:
+    """Prober bandwidth and RTT vs iperf3 and ping, in a namespace test bed (needs root)."""
+    from exo.tools import bench_links as bl
+
+    if os.geteuid() != 0:
+        raise click.ClickException("bench links builds network namespaces: run it as root")
+    res = bl.run(resolve_models_dir(models_dir), rounds)
+    bl.report(res)
+    print(json.dumps(res) if as_json else "")
