@@ -18,7 +18,7 @@ GROW_MARGIN = 8  # tokens
 # But a group costs its own attention ops in every layer of every step: with
 # SmolLM2 on 2 CPU cores, 8 rows took 206 ms in one group, 234 in two, 265 in
 # three, while a padded key costs about 15 us per row. So a row starts a group
-# only when joining the nearest one would pad more keys than a group costs:
+# only when joining the group it pads least would pad more keys than a group costs:
 # chats arriving a few steps apart (70 and 80 tokens) share one.
 MAX_GROUPS = 3
 SPLIT_KEYS = 2048  # padded keys (summed over the rows) worth a group of their own
