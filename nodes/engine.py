@@ -471,7 +471,7 @@ class Engine:
 
     def fail_remote(self, model_id: str) -> list[str]:
         """A later stage failed: every request of the model ends here."""
-        self.head.out.pop(model_id, None)
+        self.head.abandon(model_id)
         gone = [r.rid for r in [*self.requests.values(), *self.queue] if r.lm.model_id == model_id]
         for rid in gone:
             self.cancel(rid)
@@ -574,9 +574,9 @@ class Engine:
 
     def runnable(self) -> bool:
         """Whether step() has anything to do now (the lane's prompts: once landed)."""
-        busy = self.head.busy()
         if self.lane is not None and self.lane.landed():
             return True
+        busy = self.head.busy()
         return any(
             r.lm.model_id not in busy and not r.in_lane for r in self.requests.values()
         ) or bool(self.head.owed())

@@ -104,6 +104,10 @@ class Head:
         now = time.perf_counter()
         return [(m, w) for m, w in self.out.items() if now - w.t0 > timeout]
 
-    def forget(self, model_id: str) -> None:
+    def abandon(self, model_id: str) -> None:
+        """The later stages failed: nobody will answer the step out."""
         self.out.pop(model_id, None)
+
+    def forget(self, model_id: str) -> None:
+        self.abandon(model_id)
         self.drops.pop(model_id, None)
