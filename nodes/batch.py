@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from exo.nodes.mlxenv import mx
+from exo.nodes.rowcache import RowCache
 from exo.nodes.sampling import Sampler
 
 GROW_MARGIN = 8  # tokens
@@ -29,39 +30,45 @@ class Rows:
     """Rows of a batch that share one left-padded cache and attend together."""
 
     rids: list[str]
-    cache: list[Any]  # per layer, BatchKVCache
+    cache: list[RowCache]  # per layer
 
     @property
     def length(self) -> int:
         return int(self.cache[0]._idx)
 
+    def _need(self, per_step: int) -> int:
+        """Columns for the steps it takes to grow every layer, plus a margin."""
+        return self.length + -(-len(self.cache) // per_step) + GROW_MARGIN
+
     def grow_ahead(self, per_step: int) -> None:
-        need = self.length + -(-len(self.cache) // per_step) + GROW_MARGIN
-        short = [c for c in self.cache if c.keys is not None and c.keys.shape[2] < need]
-        for c in short[:per_step]:
-            for name in ("keys", "values"):
-                a = getattr(c, name)
-                more = mx.zeros((*a.shape[:2], c.step, a.shape[3]), a.dtype)
-                setattr(c, name, mx.concatenate([a, more], axis=2))
+        need, spare = self._need(per_step), max(1, len(self.rids) // 4)
+        for c in [c for c in self.cache if c.short(need, spare)][:per_step]:
+            c.grow_columns(need)
+            c.grow_rows(spare)
+
+    def join(self, rid: str, cache: list[Any]) -> None:
+        for mine, c in zip(self.cache, cache, strict=True):
+            mine.insert(c)
+        self.rids.append(rid)
+        # A longer row moves the group's end: room for the next steps now, since
+        # growing a layer per step could not keep up.
+        need = self._need(1)
+        for c in self.cache:
+            c.grow_columns(need)
+
+    def leave(self, rid: str) -> None:
+        """`rid` goes; the last row takes its place (RowCache.remove)."""
+        i = self.rids.index(rid)
+        for c in self.cache:
+            c.remove(i)
+        self.rids[i] = self.rids[-1]
+        self.rids.pop()
 
 
 def padding(g: Rows, length: int) -> int:
     """Keys attended for nothing, per step, once a row of `length` joins `g`: a
     longer row pads every row already there; a shorter one is padded itself."""
     return len(g.rids) * (length - g.length) if length > g.length else g.length - length
-
-
-def _as_batch(c: Any) -> Any:
-    """A one-row BatchKVCache over a request's own KVCache buffers, without copying
-    them (BatchKVCache.merge copies: a 2k-token prompt's cache is ~100 MB here)."""
-    from mlx_lm.models.cache import BatchKVCache
-
-    b = BatchKVCache([0])
-    if c.keys is not None:
-        b.keys, b.values = c.keys, c.values
-        b.offset = mx.array([c.offset])
-        b._idx = c.offset
-    return b
 
 
 @dataclass
@@ -88,21 +95,14 @@ class Batch:
         return [(len(g.rids), g.cache) for g in self.groups]
 
     def join(self, rid: str, cache: list[Any]) -> None:
-        from mlx_lm.models.cache import BatchKVCache
-
-        length = max(1, int(cache[0].offset))
-        home = self._home(length)
+        """Add a request's prefilled per-layer KVCaches as a row. A row starting a
+        group brings its prompt's buffers, uncopied (allocated with room to grow:
+        engine.JOIN_ROOM); one joining a group is written into a spare row."""
+        home = self._home(max(1, int(cache[0].offset)))
         if home is None:
-            home = Rows([], [_as_batch(c) for c in cache])
-            self.groups.append(home)
+            self.groups.append(Rows([rid], [RowCache.of(c) for c in cache]))
         else:
-            for mine, c in zip(home.cache, cache, strict=True):
-                mine.extend(BatchKVCache.merge([c]))
-        home.rids.append(rid)
-        # Room to grow ahead from the first step on: a row starting a group brings its
-        # prompt cache, allocated with that room (engine.JOIN_ROOM), so this copies
-        # only when joining a group that is itself full.
-        home.grow_ahead(per_step=len(home.cache))
+            home.join(rid, cache)
 
     def _home(self, length: int) -> Rows | None:
         """The group a row of `length` joins; None for a group of its own."""
@@ -114,21 +114,23 @@ class Batch:
         return None
 
     def leave(self, rids: set[str]) -> None:
+        """Rows go, each replaced by its group's last row: the order of the rows
+        that stay changes (later pipeline stages map theirs to stage 0's)."""
         for g in self.groups:
-            keep = [i for i, r in enumerate(g.rids) if r not in rids]
-            if len(keep) < len(g.rids):
-                g.rids = [g.rids[i] for i in keep]
-                if keep:
-                    for c in g.cache:
-                        c.filter(mx.array(keep))
+            for rid in [r for r in g.rids if r in rids]:
+                if len(g.rids) > 1:
+                    g.leave(rid)
+                else:
+                    g.rids.clear()
         self.groups = [g for g in self.groups if g.rids]
 
     def grow_ahead(self, per_step: int = 1) -> None:
         """Lengthen the cache of `per_step` layers of each group once the keys left
-        before it is full are fewer than its layers (plus a margin), so that every
-        layer has grown by the time one must. BatchKVCache grows by itself, copying
-        every row of every layer in one step: with 4 rows at 1k keys that step took
-        0.3 s here, twice a decode step, a freeze every 256 tokens."""
+        before it is full are fewer than its layers (plus a margin), and give them
+        a spare row once none is left, so that every layer has grown by the time one
+        must. Grown all at once, as BatchKVCache grows, every row of every layer is
+        copied in one step: with 4 rows at 1k keys that step took 0.3 s here, twice
+        a decode step, a freeze every 256 tokens."""
         for g in self.groups:
             g.grow_ahead(per_step)
 

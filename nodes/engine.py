@@ -272,15 +272,17 @@ class Engine:
         if req.lm.part is not None:
             self.head.drop(req.lm.model_id, req.rid)
         batch = self.batches[req.lm.model_id]
+        batch.leave({req.rid})
         ready = self.prefetched.get(req.lm.model_id)
         if ready is not None and req.rid in ready.rids:
-            keep = [i for i, r in enumerate(ready.rids) if r != req.rid]
-            if keep:
-                ready.rids = [ready.rids[i] for i in keep]
-                ready.toks = ready.toks[mx.array(keep)]
+            # The queued step's tokens, for the rows left, in their new order (the
+            # batch's last row took the cancelled one's place).
+            if batch.rids:
+                at = {r: i for i, r in enumerate(ready.rids)}
+                ready.toks = ready.toks[mx.array([at[r] for r in batch.rids])]
+                ready.rids = list(batch.rids)
             else:
                 del self.prefetched[req.lm.model_id]
-        batch.leave({req.rid})
 
     # -- the step -------------------------------------------------------------------
 

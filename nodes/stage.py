@@ -2,12 +2,15 @@
 (or, on the last stage, sampled tokens) out.
 
 Stage 0 runs the scheduler; a later stage follows it step by step. Each step's
-header says which requests decode (in the batch's row order) and which send a
+header says which requests decode (in stage 0's row order) and which send a
 prompt chunk, so this stage keeps the same batch and per-request caches as
 stage 0 without deciding anything: rows that left stage 0's batch leave here,
-requests whose prompt finished join here, in the same order. Requests that end
-are named in the next header's `drops`, so a cancel frees this stage's memory
-within one step of stage 0 seeing it.
+requests whose prompt finished join here. The rows may sit in another order here
+(a row leaving takes its group's last row into its place, and stage 0 may have
+interleaved leaves and joins that reach this stage together): the step reorders
+its hidden states, a few rows of numbers, instead of the caches. Requests that
+end are named in the next header's `drops`, so a cancel frees this stage's
+memory within one step of stage 0 seeing it.
 """
 
 from __future__ import annotations
@@ -49,8 +52,9 @@ class StageRunner:
         self.samplers.pop(rid, None)
         self.batch.leave({rid})
 
-    def follow(self, decode: list[str]) -> None:
-        """Make this stage's batch the one stage 0 decoded this step."""
+    def follow(self, decode: list[str]) -> tuple[list[int], list[int]]:
+        """Make this stage's batch hold the rows stage 0 decoded this step. ->
+        where each of this batch's rows sits in `decode`, and the way back."""
         self.batch.leave(set(self.batch.rids) - set(decode))
         for rid in decode:
             if rid not in self.batch.rids:
@@ -58,8 +62,11 @@ class StageRunner:
                 if cache is None:
                     raise StageError(f"request {rid} decodes before its prompt reached this stage")
                 self.batch.join(rid, cache)
-        if self.batch.rids != decode:
-            raise StageError(f"batch order differs from stage 0's: {self.batch.rids} vs {decode}")
+        here = {r: i for i, r in enumerate(self.batch.rids)}
+        if len(here) != len(decode):
+            raise StageError(f"batch differs from stage 0's: {self.batch.rids} vs {decode}")
+        at = {r: i for i, r in enumerate(decode)}
+        return [at[r] for r in self.batch.rids], [here[r] for r in decode]
 
     def run(self, header: dict[str, Any], h: mx.array) -> mx.array | list[int]:
         """One step: the next stage's input, or on the last stage the tokens."""
@@ -72,7 +79,7 @@ class StageRunner:
         for rid in header.get("drops", []):
             self.drop(rid)
         decode: list[str] = list(header["decode"])
-        self.follow(decode)
+        to_mine, back = self.follow(decode)
         self.batch.grow_ahead()
         for rid, params in header.get("new", {}).items():
             self.caches[rid] = make_prompt_cache(self.lm.model)
@@ -86,7 +93,8 @@ class StageRunner:
         groups = groups_of(self.batch.dec_groups(), [c for _, c in chunks])
         if not groups:  # a step that only carries drops
             return h if not self.last else []
-        h = run_layers(self.lm.model.model.layers, h, groups)
+        h = _rows(h, to_mine)
+        h = _rows(run_layers(self.lm.model.model.layers, h, groups), back)
         states = [c.state for _, ch in chunks for c in ch.cache]
         if not self.last:
             mx.eval(h, states)
@@ -106,3 +114,10 @@ class StageRunner:
         return self.batch.nbytes() + sum(
             c.nbytes for cache in self.caches.values() for c in cache if c.keys is not None
         )
+
+
+def _rows(h: mx.array, order: list[int]) -> mx.array:
+    """h's first len(order) rows (the decodes) in `order`, the rest as they are."""
+    if order == list(range(len(order))):
+        return h
+    return mx.concatenate([h[mx.array(order)], h[len(order) :]])

@@ -188,23 +188,27 @@ def test_a_cancel_between_steps_leaves_the_queued_next_step_right_for_the_others
     tiny_path: Path, queue_ahead: None
 ) -> None:
     """Pure decode steps are queued one ahead (async eval); a cancel in between
-    must drop exactly that row from the queued step."""
+    must drop exactly that row from the queued step (and follow the rows that
+    move: the batch's last row takes the cancelled one's place)."""
     lm = load_model("tiny", tiny_path)
     params = {"max_tokens": 40, "temperature": 0, "ignore_eos": True}
     engine = Engine()
     engine.add_model(lm)
-    ids: dict[str, list[int]] = {"a": [], "b": [], "c": []}
-    for rid, prompt in (("a", [5, 6]), ("b", [7, 8, 9]), ("c", [10])):
+    prompts = {"a": [5, 6], "b": [7, 8, 9], "c": [10], "d": [11, 12]}
+    ids: dict[str, list[int]] = {rid: [] for rid in prompts}
+    for rid, prompt in prompts.items():
         engine.submit(rid, "tiny", "completion", prompt, params)
     for step in range(100):
         if step == 10:
             assert engine.prefetched  # a decode step is queued ahead
             engine.cancel("b")
+            assert engine.batches["tiny"].rids == ["a", "d", "c"]
         for o in engine.step():
             ids[o.rid].extend(o.ids)
         if not engine.requests:
             break
-    assert ids["a"] == alone(lm, [5, 6], 40) and ids["c"] == alone(lm, [10], 40)
+    for rid in "acd":
+        assert ids[rid] == alone(lm, prompts[rid], 40), rid
     assert len(ids["b"]) < 40 and ids["b"] == alone(lm, [7, 8, 9], 40)[: len(ids["b"])]
     assert engine.kv_bytes() == 0 and not engine.prefetched
 

@@ -129,3 +129,44 @@ def test_stage_zero_admits_only_what_every_later_stage_can_hold(tiny_path: Path)
         if not p.engine.requests and not p.engine.queue:
             break
     assert done == {"r0": 20, "r1": 20}
+
+
+def test_a_stage_whose_rows_sit_in_another_order_gives_each_row_its_own_tokens(
+    tiny_path: Path,
+) -> None:
+    """A row leaving takes its group's last row into its place, so a stage that
+    sees stage 0's leaves and joins in another sequence holds its rows in another
+    order. Stage 0: [a b c d], a leaves -> [d b c], x joins -> [d b c x], b is
+    cancelled -> [d x c]. The stage, told all at once: a and b leave -> [d c], x
+    joins -> [d c x]. Each row must still get the tokens of its own cache."""
+    n = model_meta(tiny_path)["layers"]
+    part = Part(n // 2, n, n)
+    wide = load_model("m", tiny_path).model.args.hidden_size
+    mx.random.seed(3)
+    prompt = {rid: mx.random.normal((3 + i, wide)) for i, rid in enumerate("abcdx")}
+    dec = {rid: mx.random.normal((2, wide)) for rid in "abcdx"}
+
+    def tokens(runner: StageRunner, i: int, decode: list[str], drops: list[str]) -> dict:
+        header = {"step": 5 + i, "decode": decode, "chunks": [], "new": {}, "drops": drops}
+        out = runner.run(header, mx.concatenate([dec[r][i : i + 1] for r in decode]))
+        assert isinstance(out, list)
+        return dict(zip(decode, out, strict=True))
+
+    runs = []
+    for told in (["d", "x", "c"], ["d", "c", "x"]):  # stage 0's order; this stage's own
+        runner = StageRunner(load_model("m", tiny_path, part))
+        for step, rid in enumerate("abcdx"):
+            header = {
+                "step": step,
+                "decode": [],
+                "chunks": [[rid, prompt[rid].shape[0], True]],
+                "new": {rid: {"temperature": 0}},
+                "drops": [],
+            }
+            runner.run(header, prompt[rid])
+        first = tokens(runner, 0, ["a", "b", "c", "d"], [])
+        assert runner.batch.rids == ["a", "b", "c", "d"]
+        second = tokens(runner, 1, told, ["a", "b"])
+        assert runner.batch.rids == ["d", "c", "x"]  # its own order, whatever it was told
+        runs.append((first, second))
+    assert runs[0] == runs[1]

@@ -1,0 +1,170 @@
+"""One layer's keys and values for a group of decode rows, joined and left in place.
+
+mlx-lm's BatchKVCache joins a row by concatenating the whole batch and drops one
+by gathering the rows that stay: every join and every finish copied the group's
+cache, in the step that did it (68-121 ms to join one row to 4-8 rows of 300-1k
+tokens here, 32-92 ms for one to leave: a stall every time a chat starts or ends).
+Here the buffers have rows to spare and columns to grow into (`Batch.grow_ahead`
+adds both a layer per step, ahead of need):
+- a row joins by writing its prompt's keys into a free row: its own bytes only;
+- a row leaves by moving the group's last row into its place (swap-remove): one
+  row's bytes, not the group's;
+- rows need not line up. RoPE is applied before keys are cached, so where a key
+  sits in the buffer does not matter, only which keys a row may see: a mask per
+  row. A row shorter than the group sits right-aligned with masked columns before
+  it (as left padding); a longer one takes columns from 0 and the rows already
+  there get its extra columns masked, in place of shifting them all right.
+Writes go through MLX's slice update, which reuses the buffer when nothing else
+holds it; a row moved within the buffer is copied out first, else the source view
+would hold the buffer and the update would copy it whole (0.4-0.7 s measured).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from exo.nodes.mlxenv import mx
+
+STEP = 256  # columns added at a time, as BatchKVCache
+
+
+class RowCache:
+    """Rows [0, rows) of `keys`/`values` ([capacity, heads, columns, dim]) are live;
+    columns [0, idx) are filled. `offset` [rows]: each row's position (RoPE);
+    `valid` [capacity, columns]: which keys each row attends to."""
+
+    step = STEP
+
+    def __init__(self, keys: mx.array, values: mx.array, length: int) -> None:
+        """A group of one row over a prompt's own buffers (not copied)."""
+        self.keys, self.values = keys, values
+        self.rows = 1
+        self._idx = length
+        self.offset = mx.array([length])
+        self.valid = mx.ones((1, keys.shape[2]), dtype=mx.bool_)
+        # Per live row, in row order: its first visible column, and whether columns
+        # after that are masked too (a longer row joined after it).
+        self.starts = [0]
+        self.gaps = [False]
+
+    @classmethod
+    def of(cls, kv: Any) -> RowCache:
+        """From a request's prefilled KVCache."""
+        return cls(kv.keys, kv.values, int(kv.offset))
+
+    @property
+    def capacity(self) -> int:
+        return int(self.keys.shape[0])
+
+    @property
+    def columns(self) -> int:
+        return int(self.keys.shape[2])
+
+    # -- as a cache mlx-lm's attention calls ----------------------------------------
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        n = keys.shape[2]
+        if self._idx + n > self.columns:
+            self.grow_columns(self._idx + n)
+        a, b = self._idx, self._idx + n
+        self.keys[: self.rows, :, a:b, :] = keys
+        self.values[: self.rows, :, a:b, :] = values
+        self._idx = b
+        self.offset = self.offset + n
+        return self.keys[: self.rows, :, :b, :], self.values[: self.rows, :, :b, :]
+
+    def make_mask(self, N: int, return_array: bool = False, window_size: Any = None) -> Any:
+        """Which keys each of N new queries sees: [rows, 1, N, idx + N], or as
+        mlx-lm's plain caches when no row has masked columns."""
+        assert window_size is None, "sliding-window attention keeps its own caches"
+        if (
+            not any(s or g for s, g in zip(self.starts, self.gaps, strict=True))
+            and not return_array
+        ):
+            return None if N == 1 else "causal"
+        past = mx.broadcast_to(
+            self.valid[: self.rows, None, None, : self._idx], (self.rows, 1, N, self._idx)
+        )
+        new = mx.broadcast_to(mx.tril(mx.ones((N, N), dtype=mx.bool_)), (self.rows, 1, N, N))
+        return mx.concatenate([past, new], axis=-1)
+
+    @property
+    def state(self) -> tuple[mx.array, mx.array, mx.array, mx.array]:
+        return self.keys, self.values, self.offset, self.valid
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.keys.nbytes + self.values.nbytes + self.valid.nbytes)
+
+    # -- rows joining and leaving -----------------------------------------------------
+
+    def insert(self, kv: Any) -> None:
+        """Add a request's prefilled KVCache as the last row."""
+        length = int(kv.offset)
+        if self.rows == self.capacity:
+            self.grow_rows()
+        if length > self._idx:
+            if length + 1 > self.columns:
+                self.grow_columns(length + 1)
+            # The rows already here skip the new row's extra columns.
+            self.valid[: self.rows, self._idx : length] = False
+            self.gaps = [g or self._idx < length for g in self.gaps]
+            self._idx = length
+        start = self._idx - length
+        r = self.rows
+        self.keys[r : r + 1, :, start : self._idx, :] = kv.keys[..., :length, :]
+        self.values[r : r + 1, :, start : self._idx, :] = kv.values[..., :length, :]
+        self.valid[r] = mx.arange(self.columns) >= start
+        self.offset = mx.concatenate([self.offset, mx.array([length])])
+        self.starts.append(start)
+        self.gaps.append(False)
+        self.rows += 1
+
+    def remove(self, row: int) -> None:
+        """Drop row `row`: the last row moves into its place."""
+        last = self.rows - 1
+        if row != last:
+            # Its keys from its first column on: those before it are masked anyway.
+            a, b = self.starts[last], self._idx
+            k, v, ok = (
+                mx.contiguous(self.keys[last : last + 1, :, a:b]),
+                mx.contiguous(self.values[last : last + 1, :, a:b]),
+                mx.contiguous(self.valid[last]),
+            )
+            mx.eval(k, v, ok)  # copied out, so the buffers have no other holder
+            self.keys[row : row + 1, :, a:b] = k
+            self.values[row : row + 1, :, a:b] = v
+            self.valid[row] = ok
+            self.starts[row], self.gaps[row] = self.starts[last], self.gaps[last]
+        keep = list(range(last))
+        if row != last:
+            keep[row] = last
+        self.offset = self.offset[mx.array(keep)] if keep else self.offset[:0]
+        self.starts.pop()
+        self.gaps.pop()
+        self.rows = last
+
+    # -- room -------------------------------------------------------------------------
+
+    def short(self, columns: int, spare_rows: int) -> bool:
+        return self.columns < columns or self.capacity < self.rows + spare_rows
+
+    def grow_columns(self, columns: int) -> None:
+        more = -(-(columns - self.columns) // self.step) * self.step
+        if more <= 0:
+            return
+        k, v = self.keys, self.values
+        self.keys = mx.concatenate([k, mx.zeros((*k.shape[:2], more, k.shape[3]), k.dtype)], 2)
+        self.values = mx.concatenate([v, mx.zeros((*v.shape[:2], more, v.shape[3]), v.dtype)], 2)
+        self.valid = mx.concatenate([self.valid, mx.ones((self.capacity, more), mx.bool_)], 1)
+
+    def grow_rows(self, spare: int | None = None) -> None:
+        """Room for `spare` more rows (default: a quarter of the rows, at least one)."""
+        more = spare if spare is not None else max(1, self.rows // 4)
+        more -= self.capacity - self.rows
+        if more <= 0:
+            return
+        k, v = self.keys, self.values
+        self.keys = mx.concatenate([k, mx.zeros((more, *k.shape[1:]), k.dtype)])
+        self.values = mx.concatenate([v, mx.zeros((more, *v.shape[1:]), v.dtype)])
+        self.valid = mx.concatenate([self.valid, mx.ones((more, self.columns), mx.bool_)])

@@ -1,0 +1,78 @@
+"""A group's decode cache: rows join into spare rows and leave by swap-remove,
+in place, and every row keeps seeing exactly its own keys."""
+
+from __future__ import annotations
+
+import numpy as np
+from mlx_lm.models.cache import KVCache
+
+from exo.nodes.mlxenv import mx
+from exo.nodes.rowcache import RowCache
+
+HEADS, DIM = 2, 4
+
+
+def prompt(n: int, seed: int) -> KVCache:
+    mx.random.seed(seed)
+    c = KVCache()
+    c.update_and_fetch(mx.random.normal((1, HEADS, n, DIM)), mx.random.normal((1, HEADS, n, DIM)))
+    return c
+
+
+def seen(cache: RowCache, row: int) -> np.ndarray:
+    """The keys row `row` attends to, in column order."""
+    valid = np.array(cache.valid[row, : cache._idx])
+    return np.array(cache.keys[row, :, : cache._idx])[:, valid]
+
+
+def own(kv: KVCache, extra: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate([np.array(kv.keys[0, :, : kv.offset]), *extra], axis=1)
+
+
+def test_rows_join_in_place_and_each_sees_only_its_own_keys() -> None:
+    a, b, c = prompt(10, 1), prompt(4, 2), prompt(13, 3)
+    g = RowCache.of(a)
+    assert g.keys is a.keys  # the first row's buffers, not a copy
+    g.grow_rows(2)
+    g.grow_columns(20)
+    shape = g.keys.shape
+    g.insert(b)  # shorter: right-aligned, the columns before it masked
+    g.insert(c)  # longer: columns from 0; the rows already there skip its 3 extra
+    assert g.keys.shape == shape  # written into spare room: nothing reallocated
+    assert g._idx == 13 and g.offset.tolist() == [10, 4, 13]
+    # A decode step: one new key per row, each at its own position.
+    mx.random.seed(4)
+    new = mx.random.normal((3, HEADS, 1, DIM))
+    g.update_and_fetch(new, new)
+    assert g.offset.tolist() == [11, 5, 14]
+    for row, kv in enumerate((a, b, c)):
+        assert np.allclose(seen(g, row), own(kv, [np.array(new[row])])), row
+    mask = g.make_mask(1)
+    assert mask.shape == (3, 1, 1, 15)
+    assert np.array_equal(np.array(mask[:, 0, 0, :14]), np.array(g.valid[:3, :14]))
+
+
+def test_a_row_leaving_is_replaced_by_the_last_row_and_nothing_else_moves() -> None:
+    kvs = [prompt(n, i) for i, n in enumerate((6, 9, 7, 8))]
+    g = RowCache.of(kvs[0])
+    g.grow_rows(4)
+    for kv in kvs[1:]:
+        g.insert(kv)
+    shape = g.keys.shape
+    g.remove(1)  # the last row (index 3) takes its place
+    assert g.rows == 3 and g.keys.shape == shape
+    assert g.offset.tolist() == [6, 8, 7]
+    for row, kv in enumerate((kvs[0], kvs[3], kvs[2])):
+        assert np.allclose(seen(g, row), own(kv, [])), row
+    g.remove(2)  # the last row itself: nothing moves
+    assert g.rows == 2 and g.offset.tolist() == [6, 8]
+    assert np.allclose(seen(g, 1), own(kvs[3], []))
+
+
+def test_a_group_with_no_masked_keys_takes_no_mask() -> None:
+    g = RowCache.of(prompt(5, 0))
+    g.grow_rows(1)
+    g.insert(prompt(5, 1))
+    assert g.make_mask(1) is None
+    g.insert(prompt(3, 2))
+    assert g.make_mask(1) is not None
