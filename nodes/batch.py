@@ -13,7 +13,7 @@ from exo.nodes.sampling import Sampler
 
 GROW_MARGIN = 8  # tokens
 # A batch may keep rows of very different lengths in separate attention groups
-# (each with its own left-padded cache): one long row padded into a group of short
+# (each with its own cache, rowcache.py): one long row padded into a group of short
 # ones makes every row attend over its length. Here a 2k-token row joining 4 rows
 # of 300 froze them 1.1 s (the copy) and then slowed their step from 180 to 304 ms.
 # But a group costs its own attention ops in every layer of every step: with
@@ -27,7 +27,7 @@ SPLIT_KEYS = 2048  # padded keys (summed over the rows) worth a group of their o
 
 @dataclass
 class Rows:
-    """Rows of a batch that share one left-padded cache and attend together."""
+    """Rows of a batch that share one cache per layer and attend together."""
 
     rids: list[str]
     cache: list[RowCache]  # per layer

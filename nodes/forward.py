@@ -1,8 +1,8 @@
 """One engine step's forward pass: every decode and the prefill chunks together.
 
-Decode rows share left-padded BatchKVCaches, one per group of rows of similar
-length (batch.py); each prefill chunk has its own KVCache. For llama-family models (llama, mistral, qwen2: the same attention
-block) the step is fused: all tokens of the step (B decode tokens and the chunks)
+Decode rows share a RowCache per layer (rowcache.py), one per group of rows of
+similar length (batch.py); each prefill chunk has its own KVCache. For
+llama-family models (llama, mistral, qwen2: the same attention block) the step is fused: all tokens of the step (B decode tokens and the chunks)
 go through the weight matmuls as one packed matrix, so weights are read once
 per step and a prefill chunk rides along with the decodes almost for free;
 only attention runs per group, each against its own cache. Other architectures

@@ -18,7 +18,7 @@ def test_every_command_group_is_wired() -> None:
     for cmd in ("up", "linkstat", "models", "instances", "bench", "api"):
         assert f"  {cmd} " in top, top
     bench = tools("bench", "--help")
-    for cmd in ("overhead", "cancel", "stall", "pipeline", "links"):
+    for cmd in ("overhead", "cancel", "stall", "churn", "pipeline", "links"):
         assert f"  {cmd} " in bench, bench
     # the options shared between command groups reach each of them
     assert "--models-dir" in tools("bench", "stall", "--help")

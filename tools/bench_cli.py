@@ -177,6 +177,37 @@ def bench_stall(
     print(json.dumps(res) if as_json else "")
 
 
+@bench.command("churn")
+@target_options
+@click.option("--streams", default=4, show_default=True, help="Streams running throughout.")
+@click.option("--context", default=400, show_default=True, help="The streams' prompt tokens.")
+@click.option("--arrivals", default=10, show_default=True, help="Short requests, one at a time.")
+@click.option("--every", default=2.0, show_default=True, help="Seconds between arrivals.")
+@click.option("--short-prompt", default=16, show_default=True)
+@click.option("--short-tokens", default=4, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@models_dir_option
+def bench_churn(
+    url: str | None,
+    model: str | None,
+    streams: int,
+    context: int,
+    arrivals: int,
+    every: float,
+    short_prompt: int,
+    short_tokens: int,
+    as_json: bool,
+    models_dir: Path | None,
+) -> None:
+    """Running streams' inter-token latency while short requests join and leave the batch."""
+    from exo.tools import bench_churn as bc
+
+    with _target(url, model, models_dir) as (base, model_id, _):
+        res = bc.run(base, model_id, streams, context, arrivals, every, short_prompt, short_tokens)
+    bc.report(res)
+    print(json.dumps(res) if as_json else "")
+
+
 @bench.command("pipeline")
 @target_options
 @click.option("--stages", default="1,2,3", show_default=True, help="Stage counts to compare.")
