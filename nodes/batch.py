@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from exo.nodes.mlxenv import mx
-from exo.nodes.rowcache import RowCache
+from exo.nodes.rowcache import STEP, RowCache
 from exo.nodes.sampling import Sampler
 
 GROW_MARGIN = 8  # tokens
@@ -59,8 +59,16 @@ class Rows:
     def leave(self, rid: str) -> None:
         """`rid` goes; the last row takes its place (RowCache.remove)."""
         i = self.rids.index(rid)
-        for c in self.cache:
-            c.remove(i)
+        moved = [c.moving(i) for c in self.cache]
+        mx.eval(moved)  # copied out before any buffer is written: see RowCache.remove
+        for c, m in zip(self.cache, moved, strict=True):
+            c.remove(i, m)
+        # Once the rows that began at column 0 are gone, the rest attend to masked
+        # columns at every step (4 rows x 900 keys: ~50 ms a step here): one copy
+        # drops them, as mlx-lm's cache drops its common left padding.
+        if self.cache[0].dead_front() >= STEP:
+            for c in self.cache:
+                c.trim_front(c.dead_front())
         self.rids[i] = self.rids[-1]
         self.rids.pop()
 

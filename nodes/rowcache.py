@@ -17,6 +17,10 @@ adds both a layer per step, ahead of need):
 Writes go through MLX's slice update, which reuses the buffer when nothing else
 holds it; a row moved within the buffer is copied out first, else the source view
 would hold the buffer and the update would copy it whole (0.4-0.7 s measured).
+Columns no live row sees any more, at the front, are dropped with one copy once
+there are STEP of them (`Batch.leave`); masked columns in the middle (where a
+longer row joined) stay until the group empties: the split rule (batch.py) keeps
+them under SPLIT_KEYS per group.
 """
 
 from __future__ import annotations
@@ -120,18 +124,31 @@ class RowCache:
         self.gaps.append(False)
         self.rows += 1
 
-    def remove(self, row: int) -> None:
-        """Drop row `row`: the last row moves into its place."""
+    def moving(self, row: int) -> tuple[mx.array, mx.array, mx.array] | None:
+        """What `remove(row)` moves: the last row's keys, values and mask, copied
+        out (lazily; evaluate before `remove`), from its first column on (those
+        before it are masked anyway). None when `row` is the last."""
+        last = self.rows - 1
+        if row == last:
+            return None
+        a, b = self.starts[last], self._idx
+        return (
+            mx.contiguous(self.keys[last : last + 1, :, a:b]),
+            mx.contiguous(self.values[last : last + 1, :, a:b]),
+            mx.contiguous(self.valid[last]),
+        )
+
+    def remove(self, row: int, moved: tuple[mx.array, mx.array, mx.array] | None = None) -> None:
+        """Drop row `row`: the last row moves into its place. `moved`: `moving(row)`,
+        evaluated (a caller removing from every layer evaluates them all at once)."""
         last = self.rows - 1
         if row != last:
-            # Its keys from its first column on: those before it are masked anyway.
+            if moved is None:
+                moved = self.moving(row)
+                mx.eval(moved)
+            assert moved is not None
+            k, v, ok = moved
             a, b = self.starts[last], self._idx
-            k, v, ok = (
-                mx.contiguous(self.keys[last : last + 1, :, a:b]),
-                mx.contiguous(self.values[last : last + 1, :, a:b]),
-                mx.contiguous(self.valid[last]),
-            )
-            mx.eval(k, v, ok)  # copied out, so the buffers have no other holder
             self.keys[row : row + 1, :, a:b] = k
             self.values[row : row + 1, :, a:b] = v
             self.valid[row] = ok
@@ -143,6 +160,20 @@ class RowCache:
         self.starts.pop()
         self.gaps.pop()
         self.rows = last
+
+    def dead_front(self) -> int:
+        """Columns no live row sees, from column 0: left when the rows that began
+        there are gone, and attended (masked) by every row at every step."""
+        return min(self.starts, default=0)
+
+    def trim_front(self, n: int) -> None:
+        """Drop the first `n` columns: one copy of the group (a view would be
+        copied whole on the next write anyway)."""
+        self.keys = mx.contiguous(self.keys[:, :, n:])
+        self.values = mx.contiguous(self.values[:, :, n:])
+        self.valid = mx.contiguous(self.valid[:, n:])
+        self._idx -= n
+        self.starts = [s - n for s in self.starts]
 
     # -- room -------------------------------------------------------------------------
 

@@ -76,3 +76,21 @@ def test_a_group_with_no_masked_keys_takes_no_mask() -> None:
     assert g.make_mask(1) is None
     g.insert(prompt(3, 2))
     assert g.make_mask(1) is not None
+
+
+def test_columns_no_row_sees_any_more_are_dropped_when_their_rows_leave() -> None:
+    from exo.nodes.batch import Batch
+
+    kvs = {"a": prompt(300, 0), "b": prompt(20, 1), "c": prompt(10, 2)}
+    batch = Batch()
+    for rid, kv in kvs.items():
+        batch.join(rid, [kv, kv])  # two layers
+    g = batch.groups[0].cache[1]
+    assert g._idx == 300 and g.starts == [0, 280, 290]
+    batch.leave({"b"})  # c moves into b's row; a still sees column 0 on
+    assert g._idx == 300 and batch.rids == ["a", "c"]
+    batch.leave({"a"})  # c alone: it sees only its last 10 columns
+    assert batch.rids == ["c"]
+    for g in batch.groups[0].cache:
+        assert g._idx == 10 and g.starts == [0] and g.offset.tolist() == [10]
+        assert np.allclose(seen(g, 0), own(kvs["c"], []))
