@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from exo.nodes.batch import Batch, sample_rows
@@ -24,6 +24,7 @@ from exo.nodes.lane import Lane, lane_default
 from exo.nodes.mlxenv import mx
 from exo.nodes.model import LoadedModel, kv_bytes_per_token
 from exo.nodes.pacing import DEFAULT_IDLE_BUDGET, DEFAULT_MAX_STALL, Pacer
+from exo.nodes.request import EngineError, Output, Request, encode_prompt
 from exo.nodes.sampling import Sampler, SamplingParams, StopMatcher
 from exo.nodes.scheduler import StepPlan, Work
 
@@ -48,77 +49,6 @@ def default_kv_budget() -> int:
     import psutil
 
     return psutil.virtual_memory().available // 4
-
-
-class EngineError(Exception):
-    """A request the engine refuses; status is the HTTP status the API answers with."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
-
-
-@dataclass
-class Request:
-    rid: str
-    lm: LoadedModel
-    prompt: list[int]
-    params: SamplingParams
-    wire: dict[str, Any]  # the sampling parameters as sent, for a pipeline's last stage
-    sampler: Sampler
-    cache: list[Any] | None  # own KV cache while prefilling; None once in the decode batch
-    stop: StopMatcher
-    detok: Any
-    kv_reserved: int = 0
-    prefilled: int = 0
-    last: int = 0
-    generated: int = 0
-    text_len: int = 0
-    finish: str | None = None
-    t_submit: float = field(default_factory=time.perf_counter)
-    # A chunk part-way through the model: its tokens, the layers it has been
-    # through, and its hidden state there.
-    inflight: int = 0
-    through: int = 0
-    h: Any = None
-    in_lane: bool = False  # being prefilled by the engine's lane (lane.py)
-
-    @property
-    def to_prefill(self) -> int:
-        return len(self.prompt) - self.prefilled
-
-    def kv_bytes(self) -> int:
-        if self.cache is None:
-            return 0
-        return sum(c.nbytes for c in self.cache if getattr(c, "keys", None) is not None)
-
-
-@dataclass(slots=True)
-class Output:
-    rid: str
-    ids: list[int]
-    text: str
-    finish: str | None = None
-    usage: dict[str, int] | None = None
-
-
-def encode_prompt(lm: LoadedModel, kind: str, payload: Any) -> list[int]:
-    tok = lm.tokenizer
-    if kind == "chat":
-        try:
-            ids = tok.apply_chat_template(payload, add_generation_prompt=True)
-        except Exception as e:  # jinja raises many things for odd messages
-            raise EngineError(
-                400, "invalid_messages", f"could not apply the chat template: {e}"
-            ) from e
-        return list(ids)
-    if kind == "completion":
-        if isinstance(payload, list):
-            if not all(isinstance(t, int) and 0 <= t < len(tok) for t in payload):
-                raise EngineError(400, "invalid_prompt", "prompt token ids out of range")
-            return list(payload)
-        return list(tok.encode(payload, add_special_tokens=False)) or [next(iter(lm.eos), 0)]
-    raise EngineError(400, "invalid_kind", f"unknown request kind {kind!r}")
 
 
 @dataclass
@@ -483,7 +413,7 @@ class Engine:
         outputs: list[Output] = []
         finished = False
         for req, tok in sampled:
-            out = self._emit(req, tok)
+            out = req.emit(tok)
             outputs.append(out)
             if out.finish:
                 self.requests.pop(req.rid, None)
@@ -521,48 +451,6 @@ class Engine:
             toks = in_row_order(sample_rows(rows, logits), batch.rids)
             mx.async_eval(toks)
             self.prefetched[model_id] = Prefetched(list(batch.rids), toks)
-
-    def _emit(self, req: Request, token: int) -> Output:
-        req.generated += 1
-        req.last = token
-        finish: str | None = None
-        ids = [token]
-        is_eos = token in req.lm.eos and not req.params.ignore_eos
-        if is_eos:
-            finish, ids = "stop", []
-            req.detok.finalize()
-        else:
-            req.detok.add_token(token)
-            if (
-                req.generated >= req.params.max_tokens
-                or len(req.prompt) + req.generated >= req.lm.context
-            ):
-                finish = "length"
-                req.detok.finalize()
-        new = req.detok.text[req.text_len :]
-        req.text_len = len(req.detok.text)
-        text, hit = req.stop.feed(new)
-        if hit:
-            finish = "stop"
-        elif finish:
-            text += req.stop.flush()
-        out = Output(req.rid, ids, text, finish)
-        if finish:
-            req.finish = finish
-            out.usage = {
-                "prompt_tokens": len(req.prompt),
-                "completion_tokens": req.generated - is_eos,
-                "total_tokens": len(req.prompt) + req.generated - is_eos,
-            }
-            log.info(
-                "rid=%s finished (%s): %d prompt + %d generated tokens in %.2fs",
-                req.rid,
-                finish,
-                len(req.prompt),
-                out.usage["completion_tokens"],
-                time.perf_counter() - req.t_submit,
-            )
-        return out
 
     def take_failed(self) -> list[tuple[str, str]]:
         """(rid, why) of the requests the engine gave up on since the last call: they

@@ -28,7 +28,7 @@ class Remote:
     """A step out at the later stages."""
 
     step: int
-    rows: list[Any]  # engine.Request: the decode rows, in batch order
+    rows: list[Any]  # request.Request: the decode rows, in batch order
     chunks: list[Any]  # requests that sent a prompt chunk
     plan: StepPlan
     work: list[Work]  # its chunks, for the cost model

@@ -43,7 +43,7 @@ def lane_default() -> bool:
 
 @dataclass
 class Job:
-    req: Any  # engine.Request: its prompt, cache and progress
+    req: Any  # request.Request: its prompt, cache and progress
     cancelled: bool = False
 
 

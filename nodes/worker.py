@@ -17,7 +17,7 @@ from exo.broker import protocol as P
 from exo.nodes import info as node_info
 from exo.nodes import memory
 from exo.nodes.download import Downloader, DownloadError, Progress
-from exo.nodes.engine import Engine, EngineError, Output
+from exo.nodes.engine import Engine
 from exo.nodes.interfaces import Usage, interfaces
 from exo.nodes.link import BrokerLink
 from exo.nodes.mlxenv import blas, mx
@@ -26,6 +26,7 @@ from exo.nodes.peers import PeerSockets
 from exo.nodes.pressure import read_pressure
 from exo.nodes.prober import ProbeServer, probe
 from exo.nodes.rdma import rdma_devices
+from exo.nodes.request import EngineError, Output
 from exo.nodes.stage import StageRunner
 from exo.nodes.store import ModelStore
 from exo.nodes.weights import WeightsServer

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from exo.nodes.engine import Engine, EngineError
+from exo.nodes.engine import Engine
 from exo.nodes.mlxenv import mx
 from exo.nodes.model import LoadedModel, load_model
+from exo.nodes.request import EngineError
 
 PROMPTS = [
     "What is the capital of France?",

@@ -102,8 +102,8 @@ def test_a_stage_holds_only_its_layers(tiny_path: Path) -> None:
 
 
 def test_stage_zero_admits_only_what_every_later_stage_can_hold(tiny_path: Path) -> None:
-    from exo.nodes.engine import EngineError
     from exo.nodes.model import kv_bytes_per_token
+    from exo.nodes.request import EngineError
 
     p = pipeline(tiny_path, [0, 2, 4])
     head = p.engine.models["m"]

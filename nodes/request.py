@@ -1,0 +1,129 @@
+"""A request's own state in the engine: its prompt, sampler, stop sequences and
+progress, and what each new token makes of it (text, finish, usage)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from exo.nodes.model import LoadedModel
+from exo.nodes.sampling import Sampler, SamplingParams, StopMatcher
+
+log = logging.getLogger(__name__)
+
+
+class EngineError(Exception):
+    """A request the engine refuses; status is the HTTP status the API answers with."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+@dataclass
+class Request:
+    rid: str
+    lm: LoadedModel
+    prompt: list[int]
+    params: SamplingParams
+    wire: dict[str, Any]  # the sampling parameters as sent, for a pipeline's last stage
+    sampler: Sampler
+    cache: list[Any] | None  # own KV cache while prefilling; None once in the decode batch
+    stop: StopMatcher
+    detok: Any
+    kv_reserved: int = 0
+    prefilled: int = 0
+    last: int = 0
+    generated: int = 0
+    text_len: int = 0
+    finish: str | None = None
+    t_submit: float = field(default_factory=time.perf_counter)
+    # A chunk part-way through the model: its tokens, the layers it has been
+    # through, and its hidden state there.
+    inflight: int = 0
+    through: int = 0
+    h: Any = None
+    in_lane: bool = False  # being prefilled by the engine's lane (lane.py)
+
+    @property
+    def to_prefill(self) -> int:
+        return len(self.prompt) - self.prefilled
+
+    def kv_bytes(self) -> int:
+        if self.cache is None:
+            return 0
+        return sum(c.nbytes for c in self.cache if getattr(c, "keys", None) is not None)
+
+    def emit(self, token: int) -> Output:
+        """This request's next token: its text so far (held back where a stop
+        sequence may be starting), and whether it finishes here."""
+        self.generated += 1
+        self.last = token
+        finish: str | None = None
+        ids = [token]
+        is_eos = token in self.lm.eos and not self.params.ignore_eos
+        if is_eos:
+            finish, ids = "stop", []
+            self.detok.finalize()
+        else:
+            self.detok.add_token(token)
+            if (
+                self.generated >= self.params.max_tokens
+                or len(self.prompt) + self.generated >= self.lm.context
+            ):
+                finish = "length"
+                self.detok.finalize()
+        new = self.detok.text[self.text_len :]
+        self.text_len = len(self.detok.text)
+        text, hit = self.stop.feed(new)
+        if hit:
+            finish = "stop"
+        elif finish:
+            text += self.stop.flush()
+        out = Output(self.rid, ids, text, finish)
+        if finish:
+            self.finish = finish
+            out.usage = {
+                "prompt_tokens": len(self.prompt),
+                "completion_tokens": self.generated - is_eos,
+                "total_tokens": len(self.prompt) + self.generated - is_eos,
+            }
+            log.info(
+                "rid=%s finished (%s): %d prompt + %d generated tokens in %.2fs",
+                self.rid,
+                finish,
+                len(self.prompt),
+                out.usage["completion_tokens"],
+                time.perf_counter() - self.t_submit,
+            )
+        return out
+
+
+@dataclass(slots=True)
+class Output:
+    rid: str
+    ids: list[int]
+    text: str
+    finish: str | None = None
+    usage: dict[str, int] | None = None
+
+
+def encode_prompt(lm: LoadedModel, kind: str, payload: Any) -> list[int]:
+    tok = lm.tokenizer
+    if kind == "chat":
+        try:
+            ids = tok.apply_chat_template(payload, add_generation_prompt=True)
+        except Exception as e:  # jinja raises many things for odd messages
+            raise EngineError(
+                400, "invalid_messages", f"could not apply the chat template: {e}"
+            ) from e
+        return list(ids)
+    if kind == "completion":
+        if isinstance(payload, list):
+            if not all(isinstance(t, int) and 0 <= t < len(tok) for t in payload):
+                raise EngineError(400, "invalid_prompt", "prompt token ids out of range")
+            return list(payload)
+        return list(tok.encode(payload, add_special_tokens=False)) or [next(iter(lm.eos), 0)]
+    raise EngineError(400, "invalid_kind", f"unknown request kind {kind!r}")
