@@ -77,10 +77,16 @@ def beside_streams(
     }
 
 
-@pytest.mark.parametrize("lane", [False, True], ids=["fused", "lane"])
-def test_staggered_concurrent_requests_equal_each_run_alone(lm: LoadedModel, lane: bool) -> None:
+@pytest.mark.parametrize("path", ["fused", "lane", "plain"])
+def test_staggered_concurrent_requests_equal_each_run_alone(
+    lm: LoadedModel, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if path == "plain":  # mlx-lm's own forward, as for architectures the fused step lacks
+        monkeypatch.setattr("exo.nodes.forward.supports_fused", lambda model: False)
+    lane = path == "lane"
     engine = Engine(prefill_budget=16, lane=lane)
     engine.add_model(lm)
+    assert engine.fused[lm.model_id] == (path != "plain")
     lengths = [30, 25, 40, 20]
     arrivals: dict[int, list[tuple]] = {}
     for i, (text, n, at) in enumerate(zip(PROMPTS, lengths, [0, 3, 5, 9], strict=True)):
