@@ -69,6 +69,12 @@ class Rows:
         if self.cache[0].dead_front() >= STEP:
             for c in self.cache:
                 c.trim_front(c.dead_front())
+        # Memory back once most rows are gone (16 rows of 2k keys are ~1.5 GB here):
+        # one copy each time the rows halve, so a few per group's life.
+        keep = len(self.rids) + max(1, len(self.rids) // 4)
+        if self.cache[0].capacity > 2 * keep:
+            for c in self.cache:
+                c.shrink_rows(keep)
         self.rids[i] = self.rids[-1]
         self.rids.pop()
 

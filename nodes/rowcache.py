@@ -175,6 +175,13 @@ class RowCache:
         self._idx -= n
         self.starts = [s - n for s in self.starts]
 
+    def shrink_rows(self, keep: int) -> None:
+        """Give back the rows past `keep` (all free): one copy of the rows kept."""
+        assert keep >= self.rows
+        self.keys = mx.contiguous(self.keys[:keep])
+        self.values = mx.contiguous(self.values[:keep])
+        self.valid = mx.contiguous(self.valid[:keep])
+
     # -- room -------------------------------------------------------------------------
 
     def short(self, columns: int, spare_rows: int) -> bool:

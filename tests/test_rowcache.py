@@ -94,3 +94,18 @@ def test_columns_no_row_sees_any_more_are_dropped_when_their_rows_leave() -> Non
     for g in batch.groups[0].cache:
         assert g._idx == 10 and g.starts == [0] and g.offset.tolist() == [10]
         assert np.allclose(seen(g, 0), own(kvs["c"], []))
+
+
+def test_a_group_gives_memory_back_once_most_of_its_rows_are_gone() -> None:
+    from exo.nodes.batch import Batch
+
+    kvs = {f"r{i}": prompt(50 + i, i) for i in range(12)}
+    batch = Batch()
+    for rid, kv in kvs.items():
+        batch.join(rid, [kv])
+    full = batch.nbytes()
+    batch.leave({f"r{i}" for i in range(10)})
+    g = batch.groups[0].cache[0]
+    assert g.rows == 2 and g.capacity <= 6 and batch.nbytes() < full / 2
+    for row, rid in enumerate(batch.rids):
+        assert np.allclose(seen(g, row), own(kvs[rid], [])), rid
