@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from exo.broker.protocol import DEFAULT_ROUTER_PORT
-from exo.common import logs
+from exo.common import hugepages, logs
 from exo.nodes.store import default_models_dir
 
 
@@ -132,6 +132,7 @@ def main(
     log_file: str | None,
 ) -> None:
     """Serve this machine's models to an exo cluster."""
+    hugepages.ensure()
     logs.setup(log_spec, log_file or logs.default_log_file("node"))
     from exo.nodes.engine import Engine
     from exo.nodes.pacing import DEFAULT_IDLE_BUDGET, DEFAULT_MAX_STALL

@@ -25,9 +25,12 @@ def _target(
 ) -> Iterator[tuple[str, str, Path]]:
     """(base URL, model id, models dir) for a benchmark: the cluster at `url`, or one
     started here for the duration (with the default model unless one is named)."""
+    from exo.common import hugepages
     from exo.tools.cluster import LocalCluster
     from exo.tools.default_model import DEFAULT_MODEL, pull_default
 
+    # The baselines run in this process: the same pages as the node's (hugepages.py).
+    hugepages.ensure()
     d = resolve_models_dir(models_dir)
     if model is None:
         model = DEFAULT_MODEL
