@@ -63,6 +63,8 @@ class Rows:
         mx.eval(moved)  # copied out before any buffer is written: see RowCache.remove
         for c, m in zip(self.cache, moved, strict=True):
             c.remove(i, m)
+        self.rids[i] = self.rids[-1]
+        self.rids.pop()
         # Once the rows that began at column 0 are gone, the rest attend to masked
         # columns at every step (4 rows x 900 keys: ~50 ms a step here): one copy
         # drops them, as mlx-lm's cache drops its common left padding.
@@ -75,8 +77,6 @@ class Rows:
         if self.cache[0].capacity > 2 * keep:
             for c in self.cache:
                 c.shrink_rows(keep)
-        self.rids[i] = self.rids[-1]
-        self.rids.pop()
 
 
 def padding(g: Rows, length: int) -> int:

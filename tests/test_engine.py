@@ -39,13 +39,19 @@ def alone(lm: LoadedModel, prompt: list[int], n: int, **params) -> list[int]:
 
 
 def run(
-    engine: Engine, arrivals: dict[int, list[tuple]], max_steps: int = 2000
+    engine: Engine,
+    arrivals: dict[int, list[tuple]],
+    max_steps: int = 2000,
+    beside: set[str] | None = None,
 ) -> tuple[dict[str, list[int]], list[dict]]:
-    """Submit (rid, model, kind, payload, params) at the given steps; collect ids and per-step outputs."""
+    """Submit (rid, model, kind, payload, params) at the given steps; collect ids and
+    per-step outputs; `beside` collects the requests that arrived while rows decoded."""
     ids: dict[str, list[int]] = {}
     steps: list[dict] = []
     for step in range(max_steps):
         for args in arrivals.get(step, []):
+            if beside is not None and any(b.rids for b in engine.batches.values()):
+                beside.add(args[0])
             engine.submit(*args)
             ids[args[0]] = []
         outs = engine.step()
@@ -99,15 +105,19 @@ def test_staggered_concurrent_requests_equal_each_run_alone(
                 {"max_tokens": n, "temperature": 0},
             )
         )
-    ids, _ = run(engine, arrivals)
+    beside: set[str] = set()
+    ids, _ = run(engine, arrivals, beside=beside)
     for i, (text, n) in enumerate(zip(PROMPTS, lengths, strict=True)):
         prompt = lm.tokenizer.apply_chat_template(
             [{"role": "user", "content": text}], add_generation_prompt=True
         )
         assert ids[f"r{i}"] == alone(lm, prompt, n), f"r{i}"
     assert engine.kv_bytes() == 0
-    if lane:  # the later arrivals came while others decoded: the lane prefilled them
-        assert engine.lane is not None and engine.lane.prompts == 3
+    assert beside  # later arrivals came while others decoded
+    if lane:
+        # Those went to the lane; so may one that arrived alone and began in the
+        # step, once rows joined: how many depends on the lane's pace.
+        assert engine.lane is not None and engine.lane.prompts >= len(beside)
 
 
 def test_a_long_prompt_is_chunked_while_every_stream_gets_a_token_each_step(
