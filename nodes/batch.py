@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from exo.nodes.mlxenv import mx
-from exo.nodes.rowcache import STEP, RowCache
+from exo.nodes.rowcache import STEP, RowCache, spare_rows
 from exo.nodes.sampling import Sampler
 
 GROW_MARGIN = 8  # tokens
@@ -41,7 +41,7 @@ class Rows:
         return self.length + -(-len(self.cache) // per_step) + GROW_MARGIN
 
     def grow_ahead(self, per_step: int) -> None:
-        need, spare = self._need(per_step), max(1, len(self.rids) // 4)
+        need, spare = self._need(per_step), spare_rows(len(self.rids))
         for c in [c for c in self.cache if c.short(need, spare)][:per_step]:
             c.grow_columns(need)
             c.grow_rows(spare)
@@ -73,7 +73,7 @@ class Rows:
                 c.trim_front(c.dead_front())
         # Memory back once most rows are gone (16 rows of 2k keys are ~1.5 GB here):
         # one copy each time the rows halve, so a few per group's life.
-        keep = len(self.rids) + max(1, len(self.rids) // 4)
+        keep = len(self.rids) + spare_rows(len(self.rids))
         if self.cache[0].capacity > 2 * keep:
             for c in self.cache:
                 c.shrink_rows(keep)

@@ -32,6 +32,11 @@ from exo.nodes.mlxenv import mx
 STEP = 256  # columns added at a time, as BatchKVCache
 
 
+def spare_rows(rows: int) -> int:
+    """Rows a group of `rows` keeps free for the next joins: a quarter, at least one."""
+    return max(1, rows // 4)
+
+
 class RowCache:
     """Rows [0, rows) of `keys`/`values` ([capacity, heads, columns, dim]) are live;
     columns [0, idx) are filled. `offset` [rows]: each row's position (RoPE);
@@ -142,6 +147,7 @@ class RowCache:
         """Drop row `row`: the last row moves into its place. `moved`: `moving(row)`,
         evaluated (a caller removing from every layer evaluates them all at once)."""
         last = self.rows - 1
+        keep = list(range(last))
         if row != last:
             if moved is None:
                 moved = self.moving(row)
@@ -153,8 +159,6 @@ class RowCache:
             self.values[row : row + 1, :, a:b] = v
             self.valid[row] = ok
             self.starts[row], self.gaps[row] = self.starts[last], self.gaps[last]
-        keep = list(range(last))
-        if row != last:
             keep[row] = last
         self.offset = self.offset[mx.array(keep)] if keep else self.offset[:0]
         self.starts.pop()
@@ -197,8 +201,8 @@ class RowCache:
         self.valid = mx.concatenate([self.valid, mx.ones((self.capacity, more), mx.bool_)], 1)
 
     def grow_rows(self, spare: int | None = None) -> None:
-        """Room for `spare` more rows (default: a quarter of the rows, at least one)."""
-        more = spare if spare is not None else max(1, self.rows // 4)
+        """Room for `spare` more rows (default: spare_rows)."""
+        more = spare if spare is not None else spare_rows(self.rows)
         more -= self.capacity - self.rows
         if more <= 0:
             return
