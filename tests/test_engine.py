@@ -398,7 +398,9 @@ def test_rows_of_very_different_lengths_decode_in_separate_groups(tiny_path: Pat
     over its length (and the join would copy them all to it); a row a little longer
     than the short ones shares their group (a group costs more than a few keys)."""
     lm = load_model("tiny", tiny_path)
-    engine = Engine(prefill_budget=512)
+    # No lane: whether it lands "long" and "mid" before the short rows finish is a
+    # race (lost when earlier tests left OpenBLAS slower); the groups are the point.
+    engine = Engine(prefill_budget=512, lane=False)
     engine.add_model(lm)
     params = {"max_tokens": 30, "temperature": 0, "ignore_eos": True}
     prompts = {
