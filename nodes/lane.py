@@ -65,6 +65,8 @@ class Lane:
         self.passes = 0  # chunk passes run
         self.prompts = 0  # prompts prefilled
         self.single_blas = False  # whether OpenBLAS is held to one thread now
+        self._open = threading.Event()  # cleared: the lane holds before its next layer
+        self._open.set()
 
     def __contains__(self, rid: str) -> bool:
         with self._cv:
@@ -109,6 +111,15 @@ class Lane:
     def idle(self) -> bool:
         with self._cv:
             return not (self._jobs or self._working)
+
+    def pause(self) -> None:
+        """Hold the lane before its next layer, every other way as it was (its prompts,
+        OpenBLAS's threads): the baseline of `exo-tools bench lane`, which measures
+        the streams' steps with the lane working and held in turn."""
+        self._open.clear()
+
+    def resume(self) -> None:
+        self._open.set()
 
     def release_blas(self) -> None:
         """Give OpenBLAS its threads back once the lane has nothing to do (called on
@@ -188,6 +199,7 @@ class Lane:
         hs: list[mx.array | None] = [None] * len(batch)
         outs: list[mx.array | None] = [None] * len(batch)
         for li in range(layers):
+            self._open.wait()
             if all(j.cancelled for j, _ in batch):
                 return [(j, None) for j, _ in batch]
             end = None if li == layers - 1 else li + 1

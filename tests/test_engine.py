@@ -547,6 +547,42 @@ def test_a_cancel_in_the_lane_frees_the_prompt_and_the_streams_go_on(tiny_path: 
     assert engine.kv_bytes() == engine.batches["tiny"].nbytes()  # only the streams' cache
 
 
+def test_a_paused_lane_holds_its_prompt_and_the_streams_go_on(tiny_path: Path) -> None:
+    import time
+
+    lm = load_model("tiny", tiny_path)
+    engine = Engine(lane=True)
+    engine.add_model(lm)
+    assert engine.lane is not None
+    engine.lane.chunk = 8
+    params = {"max_tokens": 400, "temperature": 0, "ignore_eos": True}
+    for i in range(2):
+        engine.submit(f"s{i}", "tiny", "completion", [5 + i, 6], params)
+    engine.step()
+    long_prompt = list(range(3, 83))  # 10 passes of 8
+    engine.submit("long", "tiny", "completion", long_prompt, {**params, "max_tokens": 4})
+    engine.lane.pause()
+    engine.step()  # hands the prompt to the lane
+    held = []
+    for _ in range(3):
+        for _ in range(5):
+            assert {o.rid for o in engine.step()} == {"s0", "s1"}
+            time.sleep(0.02)
+        held.append(engine.lane.passes)
+    # A pass already in its last layer may finish; none after it.
+    assert held[0] <= 1 and held[0] == held[1] == held[2]
+    assert engine.requests["long"].in_lane and engine.requests["long"].prefilled <= 8
+    engine.lane.resume()
+    ids: list[int] = []
+    for _ in range(500):
+        ids += [t for o in engine.step() if o.rid == "long" for t in o.ids]
+        if "long" not in engine.requests:
+            break
+        engine.lane.wait(0.05)
+    assert engine.lane.passes == 10
+    assert ids == alone(lm, long_prompt, 4)
+
+
 def test_a_prompt_the_lane_fails_on_fails_alone(
     tiny_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -211,6 +211,40 @@ def bench_churn(
     print(json.dumps(res) if as_json else "")
 
 
+@bench.command("lane")
+@click.option("--model", default=None, help="Model id (default: the default model).")
+@click.option("--streams", default=4, show_default=True, help="Streams decoding throughout.")
+@click.option("--long-tokens", default=2048, show_default=True, help="The lane's prompt.")
+@click.option("--blocks", default=16, show_default=True, help="Blocks, held and working in turn.")
+@click.option("--block-steps", default=7, show_default=True, help="Decode steps per block.")
+@click.option("--json", "as_json", is_flag=True)
+@models_dir_option
+def bench_lane(
+    model: str | None,
+    streams: int,
+    long_tokens: int,
+    blocks: int,
+    block_steps: int,
+    as_json: bool,
+    models_dir: Path | None,
+) -> None:
+    """The streams' decode steps with the prefill lane working beside them and held, in
+    turn (the node's engine, run in this process)."""
+    from exo.common import hugepages
+    from exo.nodes.store import ModelStore
+    from exo.tools import bench_lane as bl
+    from exo.tools.default_model import DEFAULT_MODEL, pull_default
+
+    hugepages.ensure()  # the node's pages (hugepages.py)
+    d = resolve_models_dir(models_dir)
+    if model is None:
+        model = DEFAULT_MODEL
+        pull_default(d)
+    res = bl.run(ModelStore(d).path(model), model, streams, long_tokens, blocks, block_steps)
+    bl.report(res)
+    print(json.dumps(res) if as_json else "")
+
+
 @bench.command("pipeline")
 @target_options
 @click.option("--stages", default="1,2,3", show_default=True, help="Stage counts to compare.")
