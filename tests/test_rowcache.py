@@ -4,9 +4,12 @@ in place, and every row keeps seeing exactly its own keys."""
 from __future__ import annotations
 
 import numpy as np
+
+from exo.nodes.mlxenv import mx  # before mlx_lm: it loads OpenBLAS for MLX (mlxenv.py)
+
+# isort: split
 from mlx_lm.models.cache import KVCache
 
-from exo.nodes.mlxenv import mx
 from exo.nodes.rowcache import RowCache
 
 HEADS, DIM = 2, 4
