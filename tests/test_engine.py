@@ -583,6 +583,37 @@ def test_a_paused_lane_holds_its_prompt_and_the_streams_go_on(tiny_path: Path) -
     assert ids == alone(lm, long_prompt, 4)
 
 
+def test_the_lanes_threads_give_the_core_to_the_step_loops(tiny_path: Path) -> None:
+    import threading
+
+    from exo.nodes import lane as lane_mod
+
+    def nices() -> dict[int, int]:
+        out = {}
+        for t in Path("/proc/self/task").iterdir():
+            stat = (t / "stat").read_text()
+            out[int(t.name)] = int(stat[stat.rindex(")") + 2 :].split()[16])
+        return out
+
+    lm = load_model("tiny", tiny_path)
+    engine = Engine(lane=True)
+    engine.add_model(lm)
+    assert engine.lane is not None
+    params = {"max_tokens": 400, "temperature": 0, "ignore_eos": True}
+    engine.submit("s0", "tiny", "completion", [5, 6], params)
+    engine.step()
+    engine.submit("long", "tiny", "completion", list(range(3, 40)), params)
+    engine.step()
+    engine.lane.wait(5.0)
+    assert engine.lane.prompts == 1
+    n = nices()
+    assert engine.lane._thread is not None
+    assert lane_mod.NICE > 0 and n[engine.lane._thread.native_id] == lane_mod.NICE
+    # its MLX stream's worker too; the step loop's threads keep theirs
+    assert sum(1 for v in n.values() if v == lane_mod.NICE) >= 2
+    assert n[threading.get_native_id()] == 0
+
+
 def test_a_prompt_the_lane_fails_on_fails_alone(
     tiny_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
