@@ -521,17 +521,26 @@ def test_a_prompt_beside_streams_prefills_in_the_lane_while_each_stream_gets_a_t
     assert engine.lane.idle() and not engine.lane.single_blas  # OpenBLAS has its threads back
 
 
-def test_a_cancel_in_the_lane_frees_the_prompt_and_the_streams_go_on(tiny_path: Path) -> None:
-    lm = load_model("tiny", tiny_path)
+STREAM = {"max_tokens": 400, "temperature": 0, "ignore_eos": True}
+
+
+def tiny_lane_engine(tiny_path: Path, streams: int, chunk: int | None = None) -> Engine:
+    """The tiny model's engine with a lane, `streams` rows decoding (a step in)."""
     engine = Engine(lane=True)
-    engine.add_model(lm)
+    engine.add_model(load_model("tiny", tiny_path))
     assert engine.lane is not None
-    engine.lane.chunk = 8
-    params = {"max_tokens": 400, "temperature": 0, "ignore_eos": True}
-    for i in range(2):
-        engine.submit(f"s{i}", "tiny", "completion", [5 + i, 6], params)
+    if chunk:
+        engine.lane.chunk = chunk
+    for i in range(streams):
+        engine.submit(f"s{i}", "tiny", "completion", [5 + i, 6], STREAM)
     engine.step()
-    engine.submit("long", "tiny", "completion", list(range(3, 203)), params)
+    return engine
+
+
+def test_a_cancel_in_the_lane_frees_the_prompt_and_the_streams_go_on(tiny_path: Path) -> None:
+    engine = tiny_lane_engine(tiny_path, 2, chunk=8)
+    assert engine.lane is not None
+    engine.submit("long", "tiny", "completion", list(range(3, 203)), STREAM)
     engine.step()
     assert engine.requests["long"].in_lane and "long" in engine.lane
     assert engine.cancel("long")
@@ -550,17 +559,10 @@ def test_a_cancel_in_the_lane_frees_the_prompt_and_the_streams_go_on(tiny_path: 
 def test_a_paused_lane_holds_its_prompt_and_the_streams_go_on(tiny_path: Path) -> None:
     import time
 
-    lm = load_model("tiny", tiny_path)
-    engine = Engine(lane=True)
-    engine.add_model(lm)
+    engine = tiny_lane_engine(tiny_path, 2, chunk=8)
     assert engine.lane is not None
-    engine.lane.chunk = 8
-    params = {"max_tokens": 400, "temperature": 0, "ignore_eos": True}
-    for i in range(2):
-        engine.submit(f"s{i}", "tiny", "completion", [5 + i, 6], params)
-    engine.step()
     long_prompt = list(range(3, 83))  # 10 passes of 8
-    engine.submit("long", "tiny", "completion", long_prompt, {**params, "max_tokens": 4})
+    engine.submit("long", "tiny", "completion", long_prompt, {**STREAM, "max_tokens": 4})
     engine.lane.pause()
     engine.step()  # hands the prompt to the lane
     held = []
@@ -580,7 +582,7 @@ def test_a_paused_lane_holds_its_prompt_and_the_streams_go_on(tiny_path: Path) -
             break
         engine.lane.wait(0.05)
     assert engine.lane.passes == 10
-    assert ids == alone(lm, long_prompt, 4)
+    assert ids == alone(engine.models["tiny"], long_prompt, 4)
 
 
 def test_the_lanes_threads_give_the_core_to_the_step_loops(tiny_path: Path) -> None:
@@ -595,14 +597,9 @@ def test_the_lanes_threads_give_the_core_to_the_step_loops(tiny_path: Path) -> N
             out[int(t.name)] = int(stat[stat.rindex(")") + 2 :].split()[16])
         return out
 
-    lm = load_model("tiny", tiny_path)
-    engine = Engine(lane=True)
-    engine.add_model(lm)
+    engine = tiny_lane_engine(tiny_path, 1)
     assert engine.lane is not None
-    params = {"max_tokens": 400, "temperature": 0, "ignore_eos": True}
-    engine.submit("s0", "tiny", "completion", [5, 6], params)
-    engine.step()
-    engine.submit("long", "tiny", "completion", list(range(3, 40)), params)
+    engine.submit("long", "tiny", "completion", list(range(3, 40)), STREAM)
     engine.step()
     engine.lane.wait(5.0)
     assert engine.lane.prompts == 1
@@ -623,14 +620,9 @@ def test_a_prompt_the_lane_fails_on_fails_alone(
         raise RuntimeError("boom")
 
     monkeypatch.setattr(Lane, "_pass", broken)
-    lm = load_model("tiny", tiny_path)
-    engine = Engine(lane=True)
-    engine.add_model(lm)
+    engine = tiny_lane_engine(tiny_path, 1)
     assert engine.lane is not None
-    params = {"max_tokens": 400, "temperature": 0, "ignore_eos": True}
-    engine.submit("s0", "tiny", "completion", [5, 6], params)
-    engine.step()
-    engine.submit("bad", "tiny", "completion", list(range(3, 40)), params)
+    engine.submit("bad", "tiny", "completion", list(range(3, 40)), STREAM)
     engine.step()
     engine.lane.wait(5.0)
     # the node's loop sleeps on the lane's wakeup: readable once a result lands,
