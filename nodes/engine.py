@@ -452,6 +452,11 @@ class Engine:
             mx.async_eval(toks)
             self.prefetched[model_id] = Prefetched(list(batch.rids), toks)
 
+    def close(self) -> None:
+        """Before the process exits: the lane's pass in hand finished (lane.close)."""
+        if self.lane is not None:
+            self.lane.close()
+
     def take_failed(self) -> list[tuple[str, str]]:
         """(rid, why) of the requests the engine gave up on since the last call: they
         are gone from it, and their clients are owed an error."""

@@ -136,6 +136,18 @@ class Lane:
     def resume(self) -> None:
         self._open.set()
 
+    def close(self, timeout: float = 30.0) -> None:
+        """Drop every prompt and wait out the pass in hand: a process that exits while
+        MLX evaluates on the lane's stream aborts ("terminate called without an
+        active exception", status 134)."""
+        with self._cv:
+            for j in self._jobs:
+                j.cancelled = True
+            self._landed = []
+        self._open.set()
+        with self._cv:
+            self._cv.wait_for(lambda: not self._working, timeout)
+
     def release_blas(self) -> None:
         """Give OpenBLAS its threads back once the lane has nothing to do (called on
         the engine's thread between steps, so no one is inside BLAS)."""

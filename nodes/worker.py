@@ -175,6 +175,7 @@ class Node:
             self._status = self.status()
         self.link.stop_event.set()
         self.link.join(timeout=2)
+        self.engine.close()
         self.peers.close()
         self.prober.close()
         if self.weights:

@@ -191,6 +191,27 @@ def test_node_killed_mid_stream_fails_the_stream_and_a_restarted_node_serves(
         assert c.cluster_state()["requests_active"] == 0
 
 
+def test_a_node_stopped_while_a_prompt_prefills_in_its_lane_exits_cleanly(
+    models_dir: Path, tmp_path: Path
+) -> None:
+    import signal
+
+    from exo.tools.bench_stall import Stream, wait_tokens
+    from exo.tools.default_model import DEFAULT_MODEL
+
+    with LocalCluster.on_free_ports(models_dir, log_dir=tmp_path) as c:
+        running = Stream(c.url, DEFAULT_MODEL, [1, 2, 3], 1000).start()
+        wait_tokens([running], 3)
+        # beside a decoding stream a prompt goes to the lane: ~20 s of passes here
+        Stream(c.url, DEFAULT_MODEL, [(i * 7) % 5000 + 10 for i in range(2000)], 1).start()
+        time.sleep(2)
+        node = c.node_procs[0]
+        assert node is not None and node.poll() is None
+        c.kill_node(0, signal.SIGTERM)
+        # exiting while MLX evaluated on the lane's stream aborted (status 134)
+        assert node.returncode == 0
+
+
 def test_nodes_reregister_with_a_restarted_broker(models_dir: Path, tmp_path: Path) -> None:
     with LocalCluster.on_free_ports(models_dir, log_dir=tmp_path) as c:
         assert c.broker is not None

@@ -35,7 +35,8 @@ def test_bench_lane_measures_steps_with_the_lane_held_and_working(models_dir: Pa
         "--long-tokens", "300", "--blocks", "4", "--block-steps", "3", "--json",
     )  # fmt: skip
     r = json.loads(out.strip().splitlines()[-1])
-    # held first: the lane cannot land before a held block has been measured
+    # Both kinds of block measured (what holding does is test_engine's paused-lane
+    # test); how far a lane at nice 19 gets beside the tiny model's 10 ms steps is
+    # not this test's business.
     assert r["steps_held"] >= 2 and r["steps_working"] >= 2
     assert r["step_held_s"] > 0 and r["working_over_held"] > 0
-    assert r["lane_tokens_per_s"] > 0  # it prefilled while let go

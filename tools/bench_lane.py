@@ -77,10 +77,7 @@ def run(
         prefilled = req.prefilled if req is not None else long_n
         if req is None or not req.in_lane:
             break  # landed: the rest would not be the lane's
-    lane.resume()
-    engine.cancel("long")
-    for i in range(streams):
-        engine.cancel(f"s{i}")
+    engine.close()
     if not working or not held:
         raise RuntimeError("the long prompt left the lane before a block of each kind")
     base, off, on_ = (statistics.median(x) for x in (before, held, working))
