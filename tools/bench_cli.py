@@ -15,6 +15,21 @@ import click
 from exo.tools.options import models_dir_option, resolve_models_dir
 
 
+def _model(model: str | None, models_dir: Path | None) -> tuple[str, Path]:
+    """(model id, models dir) for a benchmark: the default model, pulled, unless one
+    is named. Its process first runs itself again with the node's huge pages: the
+    baselines (and bench lane's engine) run in it (hugepages.py)."""
+    from exo.common import hugepages
+    from exo.tools.default_model import DEFAULT_MODEL, pull_default
+
+    hugepages.ensure()
+    d = resolve_models_dir(models_dir)
+    if model is None:
+        model = DEFAULT_MODEL
+        pull_default(d)
+    return model, d
+
+
 @contextlib.contextmanager
 def _target(
     url: str | None,
@@ -24,17 +39,10 @@ def _target(
     nodes: int = 1,
 ) -> Iterator[tuple[str, str, Path]]:
     """(base URL, model id, models dir) for a benchmark: the cluster at `url`, or one
-    started here for the duration (with the default model unless one is named)."""
-    from exo.common import hugepages
+    started here for the duration (see _model)."""
     from exo.tools.cluster import LocalCluster
-    from exo.tools.default_model import DEFAULT_MODEL, pull_default
 
-    # The baselines run in this process: the same pages as the node's (hugepages.py).
-    hugepages.ensure()
-    d = resolve_models_dir(models_dir)
-    if model is None:
-        model = DEFAULT_MODEL
-        pull_default(d)
+    model, d = _model(model, models_dir)
     if url is not None:
         yield url, model, d
         return
@@ -230,16 +238,10 @@ def bench_lane(
 ) -> None:
     """The streams' decode steps with the prefill lane working beside them and held, in
     turn (the node's engine, run in this process)."""
-    from exo.common import hugepages
     from exo.nodes.store import ModelStore
     from exo.tools import bench_lane as bl
-    from exo.tools.default_model import DEFAULT_MODEL, pull_default
 
-    hugepages.ensure()  # the node's pages (hugepages.py)
-    d = resolve_models_dir(models_dir)
-    if model is None:
-        model = DEFAULT_MODEL
-        pull_default(d)
+    model, d = _model(model, models_dir)
     res = bl.run(ModelStore(d).path(model), model, streams, long_tokens, blocks, block_steps)
     bl.report(res)
     print(json.dumps(res) if as_json else "")
