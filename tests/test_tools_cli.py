@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 def tools(*args: str) -> str:
     out = subprocess.run(
@@ -40,3 +42,43 @@ def test_bench_lane_measures_steps_with_the_lane_held_and_working(models_dir: Pa
     # not this test's business.
     assert r["steps_held"] >= 2 and r["steps_working"] >= 2
     assert r["step_held_s"] > 0 and r["working_over_held"] > 0
+
+
+def test_bench_stall_report_shows_each_rounds_median_during_and_median_before(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from exo.tools.bench_stall import report
+
+    def round_(before: float, during: float) -> dict[str, float]:
+        return {
+            "itl_median_before_s": before,
+            "itl_max_during_s": 1.5 * before,
+            "itl_p99_during_s": 1.4 * before,
+            "itl_median_during_s": during,
+            "stall_ratio": 1.5,
+            "itl_max_joined_s": 1.6 * before,
+            "joined_ratio": 1.6,
+            "control_ratio": 1.3,
+            "long_ttft_s": 25.0,
+            "long_ttft_alone_s": 14.0,
+            "ttft_ratio": 25 / 14,
+        }
+
+    rounds = [round_(0.2, 0.22), round_(0.16, 0.2)]
+    report(
+        {
+            "model": "m",
+            "streams": 4,
+            "long_prompt_tokens": 2048,
+            "machine": "here",
+            "exo": rounds[0],
+            "exo_rounds": rounds,
+            "batchgen": {"itl_median_before_s": 0.2, "itl_max_during_s": 40.0, "stall_ratio": 200},
+            "throughput": [],
+        }
+    )
+    out = capsys.readouterr().out
+    assert "median ITL during, s" in out and "0.220" in out
+    # per round: max / p99 / median during over the median before, and that median
+    assert "1: 1.50 / 1.40 / 1.10, 1.60, 1.30; 0.200s; 25.0s" in out, out
+    assert "2: 1.50 / 1.40 / 1.25, 1.60, 1.30; 0.160s; 25.0s" in out, out

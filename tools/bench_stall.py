@@ -141,6 +141,7 @@ def exo_stall(
         "itl_median_before_s": med,
         "itl_max_during_s": max(during),
         "itl_p99_during_s": pct(during, 99),
+        "itl_median_during_s": statistics.median(during),
         "stall_ratio": max(during) / med,
         "itl_max_joined_s": max(joined),
         "joined_ratio": max(joined) / med,
@@ -275,6 +276,7 @@ def report(res: dict[str, Any]) -> None:
         f"{'max ITL during long prefill, s':34}{e['itl_max_during_s']:12.3f}{b['itl_max_during_s']:16.3f}"
     )
     print(f"{'p99 ITL during, s':34}{e['itl_p99_during_s']:12.3f}{'':>16}")
+    print(f"{'median ITL during, s':34}{e['itl_median_during_s']:12.3f}{'':>16}")
     print(f"{'max during / median before':34}{e['stall_ratio']:12.2f}{b['stall_ratio']:16.2f}")
     print(
         f"{'max ITL while it decodes too, s':34}{e['itl_max_joined_s']:12.3f}"
@@ -290,13 +292,15 @@ def report(res: dict[str, Any]) -> None:
     )
     if len(res.get("exo_rounds", [])) > 1:
         print(
-            "rounds (max / p99 during, join, control: over the median before; TTFT with streams):"
+            "rounds (max / p99 / median during, join, control: over the median before;"
+            " the median before; TTFT with streams):"
         )
         for i, r in enumerate(res["exo_rounds"], 1):
             med = r["itl_median_before_s"]
             print(
-                f"  {i}: {r['stall_ratio']:.2f} / {r['itl_p99_during_s'] / med:.2f}, "
-                f"{r['joined_ratio']:.2f}, {r['control_ratio']:.2f}; {r['long_ttft_s']:.1f}s"
+                f"  {i}: {r['stall_ratio']:.2f} / {r['itl_p99_during_s'] / med:.2f} / "
+                f"{r['itl_median_during_s'] / med:.2f}, {r['joined_ratio']:.2f}, "
+                f"{r['control_ratio']:.2f}; {med:.3f}s; {r['long_ttft_s']:.1f}s"
             )
         print("  (the table above shows the round with the median max / median before)")
     print(f"{'streams':>8}{'exo tok/s':>12}{'BatchGenerator tok/s':>22}{'ratio':>8}")
