@@ -86,7 +86,9 @@ def _attend(
     q = attn.rope(q, offset=cache.offset)
     k = attn.rope(k, offset=cache.offset)
     k, v = cache.update_and_fetch(k, v)
-    if _FAST:
+    if _FAST and L > 1 and L * k.shape[2] >= attention.CHUNK_MIN and q.dtype == mx.float32:
+        o = attention.attend_chunk(q, k, v, attn.scale)  # a prompt chunk (a group of one row)
+    elif _FAST:
         o = attention.attend(q, k, v, attn.scale, mask)
     else:
         o = scaled_dot_product_attention(q, k, v, cache=cache, scale=attn.scale, mask=mask)

@@ -67,4 +67,28 @@ def blas_threads(n: int | None) -> None:
         _openblas.openblas_set_num_threads(n or _openblas_threads)
 
 
-__all__ = ["mx", "blas", "blas_threads"]
+_numpy_single = False
+
+
+def numpy_blas_single() -> None:
+    """numpy's own OpenBLAS (its wheels bundle one, apart from MLX's) to one thread,
+    once: attention.attend_chunk runs its matmuls beside the engine's step on a
+    core of its own, where a second thread would only contend with the step."""
+    global _numpy_single
+    if _numpy_single:
+        return
+    _numpy_single = True
+    import glob
+
+    import numpy as np
+
+    libs = os.path.join(os.path.dirname(os.path.dirname(np.__file__)), "numpy.libs")
+    for path in glob.glob(os.path.join(libs, "libscipy_openblas*.so*")):
+        lib = ctypes.CDLL(path)
+        for name in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads"):
+            if hasattr(lib, name):
+                getattr(lib, name)(1)
+                return
+
+
+__all__ = ["mx", "blas", "blas_threads", "numpy_blas_single"]

@@ -38,3 +38,22 @@ def test_attend_equals_mlx_attention(batch: int, n: int, length: int, mask: str 
     got = attention.attend(q, k, v, 0.125, attention.additive_mask(given, n, length - n))
     assert got.shape == want.shape
     assert mx.max(mx.abs(got - want)).item() < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("n", "length"),
+    [
+        (40, 40),  # a first chunk, blocks of queries and a partial last block
+        (17, 300),  # a chunk over a cache, shorter than a block
+        (256, 1024),  # the lane's chunk over 1k keys
+    ],
+)
+def test_attend_chunk_equals_mlx_causal_attention_over_a_sliced_cache(n: int, length: int) -> None:
+    mx.random.seed(1)
+    q = mx.random.normal((1, 9, n, 64))
+    # keys and values as a KVCache hands them over: a slice of a longer buffer
+    k, v = (mx.random.normal((1, 3, length + 256, 64))[:, :, :length] for _ in range(2))
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask="causal")
+    got = attention.attend_chunk(q, k, v, 0.125)
+    assert got.shape == want.shape and got.dtype == mx.float32
+    assert mx.max(mx.abs(got - want)).item() < 1e-5
