@@ -634,3 +634,35 @@ def test_a_prompt_the_lane_fails_on_fails_alone(
     assert engine.take_failed() == [("bad", "the prompt's prefill failed on this node")]
     assert engine.take_failed() == []
     assert "bad" not in engine.requests
+
+
+def test_a_long_prompts_chunks_through_numpy_equal_mlx_lm_alone_and_in_the_lane(
+    lm: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunks past attention.CHUNK_MIN go through numpy (attend_chunk): prefilled in
+    the step when alone and in the lane beside streams, the prompt's tokens are
+    mlx-lm's own (one unchunked prefill, MLX's attention)."""
+    from exo.nodes import attention
+    from exo.tools.bench_stall import long_prompt
+
+    calls = []
+    numpy_chunk = attention.attend_chunk
+
+    def counted(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+        calls.append(q.shape[2])
+        return numpy_chunk(q, k, v, scale)
+
+    monkeypatch.setattr(attention, "attend_chunk", counted)
+    prompt = long_prompt(lm.tokenizer, 600)
+    want = alone(lm, prompt, 8)
+    engine = Engine(lane=True)
+    engine.add_model(lm)
+    assert engine.lane is not None
+    params = {"max_tokens": 8, "temperature": 0}
+    ids, _ = run(engine, {0: [("a", lm.model_id, "completion", prompt, params)]})
+    assert ids["a"] == want and calls and engine.lane.prompts == 0
+    calls.clear()
+    short = {**STREAM, "max_tokens": 24}
+    streams = [(f"s{i}", lm.model_id, "completion", [5 + i, 6, 7], short) for i in range(2)]
+    ids, _ = run(engine, {0: streams, 2: [("b", lm.model_id, "completion", prompt, params)]})
+    assert ids["b"] == want and calls and engine.lane.prompts == 1
