@@ -87,8 +87,8 @@ def attend(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array |
 BLOCK = 32  # queries per block in attend_chunk: a block's scores stay in the core's cache
 # Queries x keys from which a chunk goes through attend_chunk. Below, its sync (the
 # step's graph waits for the chunk's q, k, v) and copies cost more than MLX's passes
-# save: a 40-token prompt's first token came ~15% later through numpy (0.25-0.31 s
-# against 0.28-0.37); at 64 x 1k it is 4.4 ms against 7.8.
+# save: a 40-token prompt's first token came ~15% later through numpy (0.28-0.37 s
+# against 0.25-0.31); at 64 x 1k it is 4.4 ms against 7.8.
 CHUNK_MIN = 32768
 
 
@@ -108,7 +108,7 @@ def attend_chunk(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.arra
         kt, vh = np.ascontiguousarray(ks[h].T), vs[h]
         for i in range(0, n, BLOCK):
             b = min(BLOCK, n - i)
-            seen = past + i + b  # keys the block's last query sees; later ones: none of it
+            seen = past + i + b  # keys up to the block's last query: no query sees past them
             s = qs[g * h : g * (h + 1), i : i + b].reshape(g * b, d) @ kt[:, :seen]
             # the block's own b keys, causally: query j sees up to key j
             s.reshape(g, b, seen)[:, :, seen - b :][:, np.triu(np.ones((b, b), bool), 1)] = -np.inf
