@@ -203,13 +203,19 @@ def test_a_node_stopped_while_a_prompt_prefills_in_its_lane_exits_cleanly(
         running = Stream(c.url, DEFAULT_MODEL, [1, 2, 3], 1000).start()
         wait_tokens([running], 3)
         # beside a decoding stream a prompt goes to the lane: ~20 s of passes here
-        Stream(c.url, DEFAULT_MODEL, [(i * 7) % 5000 + 10 for i in range(2000)], 1).start()
+        long = Stream(c.url, DEFAULT_MODEL, [(i * 7) % 5000 + 10 for i in range(2000)], 1).start()
         time.sleep(2)
         node = c.node_procs[0]
         assert node is not None and node.poll() is None
         c.kill_node(0, signal.SIGTERM)
         # exiting while MLX evaluated on the lane's stream aborted (status 134)
         assert node.returncode == 0
+        # both clients are told in their streams (the broker expires the node), and the
+        # bench's client records it (its thread died on the error event before)
+        for s in (running, long):
+            assert s.thread is not None
+            s.thread.join(30)
+            assert s.error and not s.thread.is_alive(), s.times
 
 
 def test_nodes_reregister_with_a_restarted_broker(models_dir: Path, tmp_path: Path) -> None:

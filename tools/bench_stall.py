@@ -54,7 +54,11 @@ class Stream:
                     if self.stop.is_set():
                         return  # closing the connection cancels the request
                     if line.startswith("data: {"):
-                        ids = json.loads(line[6:])["choices"][0].get("token_ids") or []
+                        event = json.loads(line[6:])
+                        if "error" in event:  # the request failed mid-stream (a node stopped...)
+                            self.error = str(event["error"].get("message", event["error"]))
+                            return
+                        ids = event["choices"][0].get("token_ids") or []
                         now = time.perf_counter()
                         self.times.extend([now] * len(ids))
         except httpx.HTTPError as e:
