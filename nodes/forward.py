@@ -86,8 +86,9 @@ def _attend(
     q = attn.rope(q, offset=cache.offset)
     k = attn.rope(k, offset=cache.offset)
     k, v = cache.update_and_fetch(k, v)
-    if _FAST and L > 1 and L * k.shape[2] >= attention.CHUNK_MIN and q.dtype == mx.float32:
-        o = attention.attend_chunk(q, k, v, attn.scale)  # a prompt chunk (a group of one row)
+    chunk = B == 1 and L > 1  # a prompt chunk: a group of one row
+    if _FAST and chunk and L * k.shape[2] >= attention.CHUNK_MIN and q.dtype == mx.float32:
+        o = attention.attend_chunk(q, k, v, attn.scale)
     elif _FAST:
         o = attention.attend(q, k, v, attn.scale, mask)
     else:
