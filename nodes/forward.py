@@ -20,6 +20,7 @@ from exo.nodes.mlxenv import mx  # before mlx_lm: it loads OpenBLAS for MLX (mlx
 from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
 
 from exo.nodes import attention
+from exo.nodes.layout import embedding_dims
 
 FUSED_TYPES = {"llama", "mistral", "qwen2"}
 # MLX's own attention kernel is the fast one everywhere but on its CPU backend.
@@ -194,7 +195,7 @@ def sampled_rows(dec: int, chunks: list[tuple[int, bool]]) -> tuple[list[int], l
 
 def no_rows(model: Any) -> mx.array:
     """A hidden state of no tokens, for a step that has none at some point."""
-    return mx.zeros((0, model.model.embed_tokens.weight.shape[1]), dtype=mx.float32)
+    return mx.zeros((0, embedding_dims(model.model.embed_tokens)), dtype=mx.float32)
 
 
 def head(model: Any, h: mx.array, rows: list[int]) -> mx.array:

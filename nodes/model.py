@@ -81,6 +81,9 @@ def load_model(model_id: str, path: Path, part: Part | None = None) -> LoadedMod
     from mlx_lm.utils import load_model as mlx_load_model
     from mlx_lm.utils import load_tokenizer
 
+    from exo.nodes import layout
+    from exo.nodes.forward import supports_fused
+
     t0 = time.perf_counter()
     model, config = mlx_load_model(path, lazy=True)
     tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
@@ -103,6 +106,12 @@ def load_model(model_id: str, path: Path, part: Part | None = None) -> LoadedMod
     # Only this stage's weights are read; the rest stay unloaded, lazy arrays.
     params = [v for m in keep for _, v in tree_flatten(m.parameters())]
     mx.eval(params)
+    nbytes = sum(v.nbytes for v in params)
+    del params
+    if layout.wanted() and supports_fused(model):
+        # mlx-lm's forward and ours both call the layers, so only architectures
+        # whose code we know never reads a Linear's `.weight` itself.
+        layout.input_major(model, keep)
     context = int(
         config.get("max_position_embeddings") or getattr(tokenizer, "model_max_length", 0) or 2048
     )
@@ -115,9 +124,7 @@ def load_model(model_id: str, path: Path, part: Part | None = None) -> LoadedMod
         time.perf_counter() - t0,
         context,
     )
-    return LoadedModel(
-        model_id, model, tokenizer, context, eos, part, nbytes=sum(v.nbytes for v in params)
-    )
+    return LoadedModel(model_id, model, tokenizer, context, eos, part, nbytes=nbytes)
 
 
 def kv_bytes_per_token(model: Any) -> int:
