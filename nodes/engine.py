@@ -21,12 +21,13 @@ from typing import Any
 from exo.nodes.batch import Batch, sample_rows
 from exo.nodes.head import Head
 from exo.nodes.lane import Lane, lane_default
-from exo.nodes.mlxenv import mx
+from exo.nodes.mlxenv import blas_max_threads, blas_threads, mx
 from exo.nodes.model import LoadedModel, kv_bytes_per_token
 from exo.nodes.pacing import DEFAULT_IDLE_BUDGET, DEFAULT_MAX_STALL, Pacer
 from exo.nodes.request import EngineError, Output, Request, encode_prompt
 from exo.nodes.sampling import Sampler, SamplingParams, StopMatcher
 from exo.nodes.scheduler import StepPlan, Work
+from exo.nodes.threads import ALL, ThreadChoice
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,8 @@ class Engine:
         self.prefetched: dict[str, Prefetched] = {}
         # Models this node heads a pipeline of: their steps out, their drops owed.
         self.head = Head()
+        # OpenBLAS's threads for decode-only steps, by batch size (threads.py).
+        self.threads = ThreadChoice() if blas_max_threads() > 1 else None
         self.steps = 0
         self.last_plan = StepPlan()
 
@@ -270,12 +273,15 @@ class Engine:
             by_model.setdefault(req.lm.model_id, []).append((req, chunk))
         active = {*by_model, *flush, *(m for m, b in self.batches.items() if b.rids)}
         active -= self.head.busy()
+        dec_rows = 0  # decode rows this node computes in this step
+        pure = not landed  # whether the step is decodes only, all computed here
         for model_id in active:
             batch, lm = self.batches[model_id], self.models[model_id]
             rows = [self.requests[r] for r in batch.rids]
             chunks = by_model.get(model_id, [])
             if lm.part is not None:
                 self.head.send(lm, batch, rows, chunks, self.steps, t0)
+                pure = False
                 continue
             work.extend(
                 (len(c.tokens), r.prefilled, ((c.end or r.lm.layers) - c.first) / r.lm.layers)
@@ -292,6 +298,7 @@ class Engine:
                     lm.model, [], [], [c for _, c in chunks], self.fused[model_id]
                 )
                 sampled.append((rows, ready.toks))
+                pure = False
             else:
                 dec_logits, chunk_logits = step_forward(
                     lm.model,
@@ -303,6 +310,8 @@ class Engine:
                 if rows:
                     assert dec_logits is not None
                     sampled.extend(sample_rows(rows, dec_logits))
+                    dec_rows += len(rows)
+                pure = pure and not chunks
             for (req, chunk), logits in zip(chunks, chunk_logits, strict=True):
                 if chunk.end is not None and chunk.end < req.lm.layers:
                     req.inflight, req.through, req.h = len(chunk.tokens), chunk.end, logits
@@ -329,10 +338,19 @@ class Engine:
             and all(r.cache is None for r in self.requests.values())
         ):
             self._prefetch(sampled)
+        # While the lane works it holds OpenBLAS to one thread per caller; otherwise a
+        # decode-only step runs with the threads found best for its size, and any
+        # other with all of them. (Nothing else is inside BLAS between steps.)
+        threads = None
+        if self.threads is not None and not (self.lane is not None and self.lane.single_blas):
+            threads = self.threads.pick(dec_rows) if pure and dec_rows else ALL
+            blas_threads(threads)
         mx.eval([t for _, t in sampled], states)
         seconds = time.perf_counter() - t0
         if timed:
             self.pace.learn(step, work, work_model, seconds)
+        if self.threads is not None and threads is not None and pure and dec_rows:
+            self.threads.learn(dec_rows, threads, seconds)
         pace = self.pace
         if work or pace.t_ref is not None:
             log.debug(
@@ -504,5 +522,8 @@ class Engine:
             "loaded": sorted(self.models),
             "steps": self.steps,
             "step_s": self.pace.t_decode,
+            "blas_threads": {str(n): t for n, t in self.threads.chosen.items()}
+            if self.threads
+            else {},
             "prefill_cost": self.pace.cost.theta,
         }

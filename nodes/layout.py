@@ -17,9 +17,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import mlx.nn as nn
+from exo.nodes.mlxenv import mx  # before mlx.nn: it loads OpenBLAS for MLX (mlxenv.py)
 
-from exo.nodes.mlxenv import mx
+# isort: split
+import mlx.nn as nn
 
 FLOATS = (mx.float32, mx.float16, mx.bfloat16)
 

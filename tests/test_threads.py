@@ -1,0 +1,68 @@
+"""OpenBLAS's threads for decode-only steps (nodes/threads.py), and the engine using them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from exo.nodes.engine import Engine
+from exo.nodes.mlxenv import blas_max_threads, blas_threads_now
+from exo.nodes.model import load_model
+from exo.nodes.threads import ALL, SAMPLES, ThreadChoice, pick
+
+
+def test_choices_alternate_until_each_has_its_samples_then_the_lower_median_wins() -> None:
+    times: dict[int, list[float]] = {}
+    seen = []
+    for _ in range(2 * SAMPLES):
+        t = pick(times)
+        seen.append(t)
+        times.setdefault(t, []).append(0.10 if t == 1 else 0.12)
+    assert seen == [1, ALL] * SAMPLES
+    assert pick(times) == 1
+    # one slow step (a join, a hiccup of the machine) does not decide it
+    slow_once = [0.10] * (SAMPLES - 1) + [0.50]
+    assert pick({1: slow_once, ALL: [0.12] * SAMPLES}) == 1
+    assert pick({1: [0.15] * SAMPLES, ALL: [0.30] + [0.12] * (SAMPLES - 1)}) == ALL
+
+
+def test_a_choice_once_made_stays_for_that_batch_size_only() -> None:
+    c = ThreadChoice()
+    for _ in range(SAMPLES):
+        for t in (1, ALL):
+            assert c.pick(4) == t
+            c.learn(4, t, 0.2 if t == 1 else 0.1)
+    assert c.chosen == {4: ALL}
+    # later steps grow slower with the streams' context: the choice holds
+    for _ in range(10):
+        c.learn(4, ALL, 1.0)
+    assert c.pick(4) == ALL and c.chosen == {4: ALL}
+    assert 8 not in c.chosen and c.pick(8) == 1  # another size is tried afresh
+
+
+def test_the_engine_runs_decode_steps_with_the_chosen_threads(tiny_path: Path) -> None:
+    engine = Engine(lane=False)
+    engine.add_model(load_model("tiny", tiny_path))
+    if blas_max_threads() < 2:  # nothing to choose between: the engine does not try
+        assert engine.threads is None
+        return
+    assert engine.threads is not None
+    params = {"max_tokens": 200, "temperature": 0, "ignore_eos": True}
+    for i in range(2):
+        engine.submit(f"s{i}", "tiny", "completion", [5 + i, 6, 7], params)
+    engine.step()  # both prefill in this step: all threads
+    assert blas_threads_now() == blas_max_threads()
+    used = []
+    for _ in range(2 * SAMPLES):
+        engine.step()
+        used.append(blas_threads_now())
+    assert used == [1, blas_max_threads()] * SAMPLES  # each tried in turn, on real steps
+    assert set(engine.threads.chosen) == {2}
+    assert engine.status()["blas_threads"] == {"2": engine.threads.chosen[2]}
+    engine.threads.chosen[2] = 1
+    engine.step()
+    assert blas_threads_now() == 1
+    # a step carrying a prompt gets every thread
+    engine.submit("p", "tiny", "completion", list(range(3, 40)), {**params, "max_tokens": 2})
+    engine.step()
+    assert [r for r, _ in engine.last_plan.prefill] == ["p"]
+    assert blas_threads_now() == blas_max_threads()
