@@ -43,6 +43,9 @@ def test_up_serves_the_default_model_and_stops_everything_on_ctrl_c(
         stderr=subprocess.STDOUT,
         text=True,
         env=env,
+        # As a shell without job control starts a background command: SIGINT ignored.
+        # Ctrl-C (SIGINT below) must stop it all the same.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
     out: list[str] = []
     try:
@@ -78,4 +81,7 @@ def test_up_serves_the_default_model_and_stops_everything_on_ctrl_c(
         assert not alive, alive
     finally:
         if p.poll() is None:
+            # its broker and nodes too, or a failure here leaves them running
+            for c in psutil.Process(p.pid).children(recursive=True):
+                c.kill()
             p.kill()

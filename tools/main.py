@@ -222,6 +222,10 @@ def up(
         stop = True
 
     signal.signal(signal.SIGTERM, on_signal)
+    # Ctrl-C as KeyboardInterrupt even where SIGINT came in ignored: a shell without
+    # job control starts background commands that way (`exo-tools up &` in a script,
+    # then `kill -INT`), and Python then leaves it ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         cluster.start()
         # One instance across every node (a pipeline stage each), loaded now so the
