@@ -44,6 +44,10 @@ QUEUE_AHEAD = mx.default_device() != mx.cpu
 # as it is when the request joins the batch, with room to grow ahead (batch.py).
 JOIN_ROOM = 64
 
+# On one OpenBLAS thread a decode-only step's rows go through the weight matmuls
+# padded to a multiple of this (forward.fused_step): sgemm here is fastest there.
+PAD_ROWS = 4
+
 
 def default_kv_budget() -> int:
     """KV cache memory the engine may reserve: a quarter of what is free now."""
@@ -273,15 +277,30 @@ class Engine:
             by_model.setdefault(req.lm.model_id, []).append((req, chunk))
         active = {*by_model, *flush, *(m for m, b in self.batches.items() if b.rids)}
         active -= self.head.busy()
-        dec_rows = 0  # decode rows this node computes in this step
-        pure = not landed  # whether the step is decodes only, all computed here
+        # A step of decodes only, all computed here, runs with the OpenBLAS threads found
+        # best for its size (threads.py); any other with all of them; and while the lane
+        # works it holds OpenBLAS to one thread per caller. On one thread the decode rows
+        # go through the weight matmuls padded to a multiple of 4 (forward.fused_step).
+        dec_rows = sum(len(self.batches[m].rids) for m in active)
+        pure = (
+            bool(dec_rows)
+            and not landed
+            and not by_model
+            and not self.prefetched
+            and all(self.models[m].part is None for m in active)
+        )
+        lane_holds = self.lane is not None and self.lane.single_blas
+        threads = None
+        if self.threads is not None and not lane_holds:
+            threads = self.threads.pick(dec_rows) if pure else ALL
+        one = lane_holds or threads == 1 or blas_max_threads() == 1
+        pad_to = PAD_ROWS if pure and one else 1
         for model_id in active:
             batch, lm = self.batches[model_id], self.models[model_id]
             rows = [self.requests[r] for r in batch.rids]
             chunks = by_model.get(model_id, [])
             if lm.part is not None:
                 self.head.send(lm, batch, rows, chunks, self.steps, t0)
-                pure = False
                 continue
             work.extend(
                 (len(c.tokens), r.prefilled, ((c.end or r.lm.layers) - c.first) / r.lm.layers)
@@ -298,7 +317,6 @@ class Engine:
                     lm.model, [], [], [c for _, c in chunks], self.fused[model_id]
                 )
                 sampled.append((rows, ready.toks))
-                pure = False
             else:
                 dec_logits, chunk_logits = step_forward(
                     lm.model,
@@ -306,12 +324,11 @@ class Engine:
                     batch.dec_groups(),
                     [c for _, c in chunks],
                     self.fused[model_id],
+                    pad_to,
                 )
                 if rows:
                     assert dec_logits is not None
                     sampled.extend(sample_rows(rows, dec_logits))
-                    dec_rows += len(rows)
-                pure = pure and not chunks
             for (req, chunk), logits in zip(chunks, chunk_logits, strict=True):
                 if chunk.end is not None and chunk.end < req.lm.layers:
                     req.inflight, req.through, req.h = len(chunk.tokens), chunk.end, logits
@@ -338,18 +355,13 @@ class Engine:
             and all(r.cache is None for r in self.requests.values())
         ):
             self._prefetch(sampled)
-        # While the lane works it holds OpenBLAS to one thread per caller; otherwise a
-        # decode-only step runs with the threads found best for its size, and any
-        # other with all of them. (Nothing else is inside BLAS between steps.)
-        threads = None
-        if self.threads is not None and not (self.lane is not None and self.lane.single_blas):
-            threads = self.threads.pick(dec_rows) if pure and dec_rows else ALL
-            blas_threads(threads)
+        if threads is not None:
+            blas_threads(threads)  # (nothing else is inside BLAS between steps)
         mx.eval([t for _, t in sampled], states)
         seconds = time.perf_counter() - t0
         if timed:
             self.pace.learn(step, work, work_model, seconds)
-        if self.threads is not None and threads is not None and pure and dec_rows:
+        if self.threads is not None and threads is not None and pure:
             self.threads.learn(dec_rows, threads, seconds)
         pace = self.pace
         if work or pace.t_ref is not None:

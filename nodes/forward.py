@@ -123,13 +123,18 @@ def _mask(g: Group) -> Any:
     return attention.additive_mask(mask, g.n, cache.offset) if _FAST else mask
 
 
-def run_layers(layers: list[Any], h: mx.array, groups: list[Group]) -> mx.array:
+def _padded(x: mx.array, pad: int) -> mx.array:
+    return mx.concatenate([x, mx.zeros((pad, x.shape[1]), x.dtype)]) if pad else x
+
+
+def run_layers(layers: list[Any], h: mx.array, groups: list[Group], pad: int = 0) -> mx.array:
     """h: [T, D], the tokens of the groups that start at layer 0, packed in order
     -> the tokens of those that reach the last layer, packed in order. The weight
     matmuls see every row present at a layer at once; attention runs per group.
     A group that starts later joins at its first layer with its own `h`; one that
     ends early leaves its state in `out` (a long prompt goes through a few layers
-    per step, so a step beside running decodes stays short)."""
+    per step, so a step beside running decodes stays short). `pad`: zero rows at the
+    end of `h` that go through the weight matmuls only (see fused_step)."""
     masks = [_mask(g) for g in groups]
     last = len(layers)
     here = [i for i, g in enumerate(groups) if g.first == 0]
@@ -152,7 +157,7 @@ def run_layers(layers: list[Any], h: mx.array, groups: list[Group]) -> mx.array:
                 _attend(attn, q[start:end], k[start:end], v[start:end], g, g.caches[li], masks[i])
             )
             start = end
-        h = h + attn.o_proj(_pack(outs))
+        h = h + attn.o_proj(_padded(_pack(outs), pad))
         h = h + layer.mlp(layer.post_attention_layernorm(h))
         if any((g.end or last) == li + 1 < last for g in (groups[i] for i in here)):
             parts = dict(zip(here, _split(h, [groups[i] for i in here]), strict=True))
@@ -203,14 +208,22 @@ def head(model: Any, h: mx.array, rows: list[int]) -> mx.array:
 
 
 def fused_step(
-    model: Any, dec: list[int] | mx.array, dec_groups: DecGroups, chunks: list[Chunk]
+    model: Any,
+    dec: list[int] | mx.array,
+    dec_groups: DecGroups,
+    chunks: list[Chunk],
+    pad_to: int = 1,
 ) -> tuple[mx.array | None, list[mx.array | None]]:
     """`dec`: the decode rows' tokens (a lazy array when the step is queued ahead),
     in the order of `dec_groups` -> the decode rows' logits, and per chunk: its last
     position's logits when it ends the prompt, its hidden state when it stops short
-    of the last layer, else None."""
+    of the last layer, else None. `pad_to`: a step of decodes only multiplies its
+    weights for a multiple of this many rows, the extra ones zero: on one thread
+    OpenBLAS's sgemm here is fastest at multiples of 4 rows (a 4-row step 119 ms
+    against 150 for 3 rows; BENCHMARKS.md)."""
     inner = model.model
     B = len(dec)
+    pad = (-B) % pad_to if B and not chunks else 0
     last = len(inner.layers)
     ids = [dec.astype(mx.int32) if isinstance(dec, mx.array) else mx.array(dec, dtype=mx.int32)]
     ids += [mx.array(c.tokens, dtype=mx.int32) for c in chunks if c.first == 0]
@@ -220,12 +233,12 @@ def fused_step(
         h = no_rows(model)
     groups = groups_of(dec_groups, chunks)
     n_dec = len(groups) - len(chunks)
-    h = run_layers(inner.layers, h, groups)
+    h = run_layers(inner.layers, _padded(h, pad), groups, pad)
     done = [(c.end or last) == last for c in chunks]
     rows, wanted = sampled_rows(
         B, [(len(c.tokens), c.logits) for c, d in zip(chunks, done, strict=True) if d]
     )
-    logits = head(model, h, rows) if rows else None
+    logits = head(model, h, rows + list(range(B, B + pad))) if rows else None
     picked = iter(wanted)
     outs: list[mx.array | None] = []
     for g, d in zip(groups[n_dec:], done, strict=True):
@@ -238,9 +251,16 @@ def fused_step(
 
 
 def step_forward(
-    model: Any, dec: list[int], dec_groups: DecGroups, chunks: list[Chunk], fused: bool
+    model: Any,
+    dec: list[int],
+    dec_groups: DecGroups,
+    chunks: list[Chunk],
+    fused: bool,
+    pad_to: int = 1,
 ) -> tuple[mx.array | None, list[mx.array | None]]:
-    return (fused_step if fused else plain_step)(model, dec, dec_groups, chunks)
+    if fused:
+        return fused_step(model, dec, dec_groups, chunks, pad_to)
+    return plain_step(model, dec, dec_groups, chunks)
 
 
 def matmul_table(model: Any, max_rows: int = 64, reps: int = 3) -> list[float]:

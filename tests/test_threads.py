@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from exo.nodes.engine import Engine
-from exo.nodes.mlxenv import blas_max_threads, blas_threads_now
+from exo.nodes.mlxenv import blas_max_threads, blas_threads_now, mx
 from exo.nodes.model import load_model
 from exo.nodes.threads import ALL, SAMPLES, ThreadChoice, pick
 
@@ -66,3 +69,50 @@ def test_the_engine_runs_decode_steps_with_the_chosen_threads(tiny_path: Path) -
     engine.step()
     assert [r for r, _ in engine.last_plan.prefill] == ["p"]
     assert blas_threads_now() == blas_max_threads()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 5])
+def test_padded_decode_rows_give_the_same_logits(rows: int, smollm_path: Path) -> None:
+    from mlx_lm.models.cache import KVCache
+
+    from exo.nodes.forward import fused_step
+
+    lm = load_model("smollm", smollm_path)
+    out = {}
+    for pad_to in (1, 4):
+        caches = [KVCache() for _ in lm.model.layers]
+        toks = [5 + i for i in range(rows)]
+        logits = None
+        for _ in range(3):  # a few steps, so the rows attend over keys of their own
+            logits, _ = fused_step(lm.model, toks, [(rows, caches)], [], pad_to)
+            assert logits is not None and logits.shape[0] == rows
+            toks = logits.argmax(-1).tolist()
+        out[pad_to] = logits
+    assert mx.allclose(out[1], out[4], atol=1e-4).item()
+
+
+def test_a_decode_step_on_one_thread_pads_its_rows_to_four(
+    tiny_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import exo.nodes.forward as fw
+
+    seen: list[int] = []
+    orig = fw.step_forward
+
+    def spy(*args: Any) -> Any:  # the engine imports step_forward at each step
+        seen.append(args[5] if len(args) > 5 else 1)
+        return orig(*args)
+
+    monkeypatch.setattr(fw, "step_forward", spy)
+    engine = Engine(lane=False)
+    engine.add_model(load_model("tiny", tiny_path))
+    params = {"max_tokens": 50, "temperature": 0, "ignore_eos": True}
+    for i in range(3):
+        engine.submit(f"s{i}", "tiny", "completion", [5 + i, 6, 7], params)
+    engine.step()
+    assert engine.threads is not None  # OpenBLAS with 2 threads, as CI's machine has
+    engine.threads.chosen[3] = 1
+    engine.step()
+    engine.threads.chosen[3] = ALL
+    engine.step()
+    assert seen[-2:] == [4, 1] and seen[0] == 1  # the prompts' step is never padded
