@@ -27,7 +27,7 @@ from exo.nodes.pacing import DEFAULT_IDLE_BUDGET, DEFAULT_MAX_STALL, Pacer
 from exo.nodes.request import EngineError, Output, Request, encode_prompt
 from exo.nodes.sampling import Sampler, SamplingParams, StopMatcher
 from exo.nodes.scheduler import StepPlan, Work
-from exo.nodes.threads import ALL, ThreadChoice
+from exo.nodes.threads import ThreadChoice, for_step
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +43,6 @@ QUEUE_AHEAD = mx.default_device() != mx.cpu
 # Keys of room past the prompt in its cache: the cache becomes its decode group's
 # as it is when the request joins the batch, with room to grow ahead (batch.py).
 JOIN_ROOM = 64
-
-# On one OpenBLAS thread a decode-only step's rows go through the weight matmuls
-# padded to a multiple of this (forward.fused_step): sgemm here is fastest there.
-PAD_ROWS = 4
 
 
 def default_kv_budget() -> int:
@@ -277,10 +273,8 @@ class Engine:
             by_model.setdefault(req.lm.model_id, []).append((req, chunk))
         active = {*by_model, *flush, *(m for m, b in self.batches.items() if b.rids)}
         active -= self.head.busy()
-        # A step of decodes only, all computed here, runs with the OpenBLAS threads found
-        # best for its size (threads.py); any other with all of them; and while the lane
-        # works it holds OpenBLAS to one thread per caller. On one thread the decode rows
-        # go through the weight matmuls padded to a multiple of 4 (forward.fused_step).
+        # OpenBLAS's threads and the decode rows' padding (threads.py): a step of decodes
+        # only, all computed here, is the kind the thread choice times and steers.
         dec_rows = sum(len(self.batches[m].rids) for m in active)
         pure = (
             bool(dec_rows)
@@ -290,11 +284,7 @@ class Engine:
             and all(self.models[m].part is None for m in active)
         )
         lane_holds = self.lane is not None and self.lane.single_blas
-        threads = None
-        if self.threads is not None and not lane_holds:
-            threads = self.threads.pick(dec_rows) if pure else ALL
-        one = lane_holds or threads == 1 or blas_max_threads() == 1
-        pad_to = PAD_ROWS if pure and one else 1
+        threads, pad_to = for_step(self.threads, dec_rows, pure, lane_holds, blas_max_threads())
         for model_id in active:
             batch, lm = self.batches[model_id], self.models[model_id]
             rows = [self.requests[r] for r in batch.rids]

@@ -12,7 +12,11 @@ the other core to the processes that carry the tokens out (broker, API).
 
 Only decode-only steps are timed or steered: a step carrying a prompt chunk
 gets every thread, and while the prefill lane works OpenBLAS is held to one
-thread per caller (lane.py).
+thread per caller (lane.py). On one thread a decode-only step's rows go through
+the weight matmuls padded to a multiple of PAD_ROWS (forward.fused_step): there
+OpenBLAS's sgemm is fastest at multiples of 4 rows (whole steps: 3 rows 150 ms,
+4 rows 119; padded, 3 rows 132 -> 120, 5 rows 151 -> 134), so the choice of one
+thread is one thread padded.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ OPTIONS = (1, ALL)
 # Decode-only steps timed per choice before choosing: with 3, one of five sizes chose
 # the slower (8 rows, by 7%): steps here vary by about that much.
 SAMPLES = 5
+PAD_ROWS = 4
 
 
 def pick(times: dict[int, list[float]], options: tuple[int, ...] = OPTIONS) -> int:
@@ -60,3 +65,17 @@ class ThreadChoice:
         if all(len(by.get(t, ())) >= SAMPLES for t in self.options):
             self.chosen[rows] = pick(by, self.options)
             del self.times[rows]
+
+
+def for_step(
+    choice: ThreadChoice | None, rows: int, decodes_only: bool, lane_holds: bool, max_threads: int
+) -> tuple[int | None, int]:
+    """A step's OpenBLAS threads (None: leave them as they are, the lane's to say
+    or nothing to choose) and the multiple its decode rows are padded to. `rows`:
+    its decode rows; `decodes_only`: no prompt in it, all computed here;
+    `max_threads`: OpenBLAS's threads as it started (0: no OpenBLAS)."""
+    threads = None
+    if choice is not None and not lane_holds:
+        threads = choice.pick(rows) if decodes_only else ALL
+    one = lane_holds or threads == 1 or max_threads == 1
+    return threads, PAD_ROWS if decodes_only and one else 1

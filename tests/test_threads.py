@@ -10,7 +10,7 @@ import pytest
 from exo.nodes.engine import Engine
 from exo.nodes.mlxenv import blas_max_threads, blas_threads_now, mx
 from exo.nodes.model import load_model
-from exo.nodes.threads import ALL, SAMPLES, ThreadChoice, pick
+from exo.nodes.threads import ALL, PAD_ROWS, SAMPLES, ThreadChoice, for_step, pick
 
 
 def test_choices_alternate_until_each_has_its_samples_then_the_lower_median_wins() -> None:
@@ -40,6 +40,18 @@ def test_a_choice_once_made_stays_for_that_batch_size_only() -> None:
         c.learn(4, ALL, 1.0)
     assert c.pick(4) == ALL and c.chosen == {4: ALL}
     assert 8 not in c.chosen and c.pick(8) == 1  # another size is tried afresh
+
+
+def test_a_step_pads_its_decode_rows_only_on_one_thread_and_only_decodes() -> None:
+    c = ThreadChoice()
+    c.chosen.update({3: 1, 5: ALL})
+    assert for_step(c, 3, True, False, 2) == (1, PAD_ROWS)
+    assert for_step(c, 5, True, False, 2) == (ALL, 1)
+    assert for_step(c, 3, False, False, 2) == (ALL, 1)  # a prompt in the step: all threads
+    # the lane holds OpenBLAS to one thread: left as it is, and decodes padded
+    assert for_step(c, 5, True, True, 2) == (None, PAD_ROWS)
+    assert for_step(None, 5, True, False, 1) == (None, PAD_ROWS)  # OpenBLAS with one thread
+    assert for_step(None, 5, True, False, 0) == (None, 1)  # no OpenBLAS: nothing known
 
 
 def test_the_engine_runs_decode_steps_with_the_chosen_threads(tiny_path: Path) -> None:
