@@ -60,9 +60,6 @@ if blas == "reference":
     )
 
 
-_blas_now = 0  # the thread count last set (0: as it started)
-
-
 def blas_threads_now() -> int:
     """OpenBLAS's threads per call now, as OpenBLAS reports it (0 without it)."""
     return int(_openblas.openblas_get_num_threads()) if _openblas is not None else 0
@@ -76,11 +73,9 @@ def blas_max_threads() -> int:
 def blas_threads(n: int | None) -> None:
     """OpenBLAS's threads per call: `n`, or None (or 0) for as many as it started
     with. Not while any thread is inside a BLAS call (OpenBLAS resizes its pool)."""
-    global _blas_now
     n = n or _openblas_threads
-    if _openblas is not None and n != (_blas_now or _openblas_threads):
+    if _openblas is not None and n != blas_threads_now():
         _openblas.openblas_set_num_threads(n)
-        _blas_now = n
 
 
 _numpy_single = False
