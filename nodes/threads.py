@@ -6,8 +6,9 @@ weight, and which sizes gain from the second thread does not follow from the
 shapes: SmolLM2's engine steps here (blocks alternating in one process, ms, two
 threads / one) 1 row 97 / 112, 2 rows 113 / 120, 4 rows 154 / 141, 8 rows
 198 / 184, 12 rows 302 / 244, while its matmuls alone said the opposite at 12
-(BENCHMARKS.md). So the engine tries each choice on the first decode-only steps
-of each batch size, alternating, and keeps the faster. One thread also leaves
+(BENCHMARKS.md). So the engine tries each choice on decode-only steps of each
+batch size, alternating, and keeps the faster; a size it has no choice for yet
+runs as the nearest size it has one for, until it has stayed SETTLE steps. One thread also leaves
 the other core to the processes that carry the tokens out (broker, API).
 
 Only decode-only steps are timed or steered: a step carrying a prompt chunk
@@ -28,6 +29,11 @@ OPTIONS = (1, ALL)
 # Decode-only steps timed per choice before choosing: with 3, one of five sizes chose
 # the slower (8 rows, by 7%): steps here vary by about that much.
 SAMPLES = 5
+# Decode-only steps a batch size runs on its nearest chosen neighbour's choice before
+# it is explored: half of an exploration's steps run on the slower choice, and a size
+# that comes and goes (a prompt's 16 tokens decoding beside four streams: 5 rows on two
+# threads, 0.21-0.31 s a step against 0.18-0.21 on one) never earns that back.
+SETTLE = 32
 PAD_ROWS = 4
 
 
@@ -41,25 +47,43 @@ def pick(times: dict[int, list[float]], options: tuple[int, ...] = OPTIONS) -> i
     return min(options, key=lambda t: statistics.median(times[t]))
 
 
+def nearest(chosen: dict[int, int], rows: int) -> int | None:
+    """The choice of the chosen batch size closest to `rows` (the smaller on a tie)."""
+    if not chosen:
+        return None
+    return chosen[min(chosen, key=lambda n: (abs(n - rows), n))]
+
+
 class ThreadChoice:
     """Decode-only step times by batch size and thread count, and the choice for
     each batch size once made. A choice stays made: what it turns on (how OpenBLAS
     splits a product of that many rows) does not change as the streams' context
-    grows, while their steps do, and comparing old times with new ones would flip it."""
+    grows, while their steps do, and comparing old times with new ones would flip it.
+    A size new to it takes its nearest chosen neighbour's choice for its first SETTLE
+    steps, and is explored once it has stayed that long (the first size at once)."""
 
-    def __init__(self, options: tuple[int, ...] = OPTIONS) -> None:
+    def __init__(self, options: tuple[int, ...] = OPTIONS, settle: int = SETTLE) -> None:
         self.options = options
+        self.settle = settle
         self.times: dict[int, dict[int, list[float]]] = {}
+        self.seen: dict[int, int] = {}  # batch size -> decode-only steps before exploring
         self.chosen: dict[int, int] = {}  # batch size -> threads
 
     def pick(self, rows: int) -> int:
         if rows in self.chosen:
             return self.chosen[rows]
+        near = nearest(self.chosen, rows)
+        if near is not None and rows not in self.times and self.seen.get(rows, 0) < self.settle:
+            return near
         return pick(self.times.get(rows, {}), self.options)
 
     def learn(self, rows: int, threads: int, seconds: float) -> None:
         if rows in self.chosen:
             return
+        if rows not in self.times and self.chosen and self.seen.get(rows, 0) < self.settle:
+            self.seen[rows] = self.seen.get(rows, 0) + 1
+            return
+        self.seen.pop(rows, None)
         by = self.times.setdefault(rows, {})
         by.setdefault(threads, []).append(seconds)
         if all(len(by.get(t, ())) >= SAMPLES for t in self.options):

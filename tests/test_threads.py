@@ -39,7 +39,28 @@ def test_a_choice_once_made_stays_for_that_batch_size_only() -> None:
     for _ in range(10):
         c.learn(4, ALL, 1.0)
     assert c.pick(4) == ALL and c.chosen == {4: ALL}
-    assert 8 not in c.chosen and c.pick(8) == 1  # another size is tried afresh
+    assert 8 not in c.chosen and c.pick(8) == ALL  # another size: as 4 until it settles
+
+
+def test_a_new_size_runs_as_its_nearest_chosen_neighbour_until_it_settles() -> None:
+    c = ThreadChoice(settle=3)
+    assert c.pick(4) == 1  # nothing chosen yet: the first size is explored at once
+    c.chosen.update({2: ALL, 8: 1})
+    assert [c.pick(n) for n in (1, 3, 5, 6, 12)] == [ALL, ALL, ALL, 1, 1]  # 5: the smaller tie
+    # a size that comes and goes (a prompt decoding beside the streams) is never explored
+    for _ in range(2):
+        assert c.pick(6) == 1
+        c.learn(6, 1, 0.3)
+    assert c.times == {} and c.pick(6) == 1
+    # once it has stayed `settle` steps, it is explored as the first size was
+    c.learn(6, 1, 0.3)
+    seen = []
+    for _ in range(2 * SAMPLES):
+        t = c.pick(6)
+        seen.append(t)
+        c.learn(6, t, 0.10 if t == ALL else 0.12)
+    assert seen == [1, ALL] * SAMPLES
+    assert c.chosen[6] == ALL and 6 not in c.seen
 
 
 def test_a_step_pads_its_decode_rows_only_on_one_thread_and_only_decodes() -> None:
