@@ -284,7 +284,7 @@ class Engine:
             and all(self.models[m].part is None for m in active)
         )
         lane_holds = self.lane is not None and self.lane.single_blas
-        threads, pad_to = for_step(self.threads, dec_rows, pure, lane_holds, blas_max_threads())
+        option, pad_to = for_step(self.threads, dec_rows, pure, lane_holds, blas_max_threads())
         for model_id in active:
             batch, lm = self.batches[model_id], self.models[model_id]
             rows = [self.requests[r] for r in batch.rids]
@@ -345,14 +345,14 @@ class Engine:
             and all(r.cache is None for r in self.requests.values())
         ):
             self._prefetch(sampled)
-        if threads is not None:
-            blas_threads(threads)  # (nothing else is inside BLAS between steps)
+        if option is not None:
+            blas_threads(option.threads)  # (nothing else is inside BLAS between steps)
         mx.eval([t for _, t in sampled], states)
         seconds = time.perf_counter() - t0
         if timed:
             self.pace.learn(step, work, work_model, seconds)
-        if self.threads is not None and threads is not None and pure:
-            self.threads.learn(dec_rows, threads, seconds)
+        if self.threads is not None and option is not None and pure:
+            self.threads.learn(dec_rows, option, seconds)
         pace = self.pace
         if work or pace.t_ref is not None:
             log.debug(
@@ -524,7 +524,11 @@ class Engine:
             "loaded": sorted(self.models),
             "steps": self.steps,
             "step_s": self.pace.t_decode,
-            "blas_threads": {str(n): t for n, t in self.threads.chosen.items()}
+            # batch size -> OpenBLAS's threads and the rows its matmuls see
+            "blas_threads": {
+                str(n): {"threads": o.threads or blas_max_threads(), "rows": o.rows(n)}
+                for n, o in self.threads.chosen.items()
+            }
             if self.threads
             else {},
             "prefill_cost": self.pace.cost.theta,

@@ -13,41 +13,62 @@ the other core to the processes that carry the tokens out (broker, API).
 
 Only decode-only steps are timed or steered: a step carrying a prompt chunk
 gets every thread, and while the prefill lane works OpenBLAS is held to one
-thread per caller (lane.py). On one thread a decode-only step's rows go through
-the weight matmuls padded to a multiple of PAD_ROWS (forward.fused_step): there
-OpenBLAS's sgemm is fastest at multiples of 4 rows (whole steps: 3 rows 150 ms,
-4 rows 119; padded, 3 rows 132 -> 120, 5 rows 151 -> 134), so the choice of one
-thread is one thread padded.
+thread per caller (lane.py). A choice is a thread count and the multiple its
+decode rows are padded to through the weight matmuls (zero rows, forward.fused_step):
+on one thread OpenBLAS's sgemm here is fastest at multiples of 4 rows (whole steps:
+3 rows 150 ms, 4 rows 119; padded, 3 rows 132 -> 120, 5 rows 151 -> 134); on two,
+16 rows cost less than 12 or 14 (engine steps, blocks alternating: 12 rows 175 ms
+on one thread, 226 on two, 158 on two padded to 16; 14 rows 189, 198, 171).
 """
 
 from __future__ import annotations
 
 import statistics
+from typing import NamedTuple
 
 ALL = 0  # as many threads as OpenBLAS started with
-OPTIONS = (1, ALL)
+PAD_ROWS = 4  # one thread's multiple, also while the lane holds OpenBLAS to one
+
+
+class Option(NamedTuple):
+    threads: int  # 1 or ALL
+    pad: int  # decode rows go through the weight matmuls as a multiple of this
+
+    def rows(self, n: int) -> int:
+        return -(-n // self.pad) * self.pad
+
+
+OPTIONS = (Option(1, PAD_ROWS), Option(ALL, 1), Option(ALL, 8))
 # Decode-only steps timed per choice before choosing: with 3, one of five sizes chose
 # the slower (8 rows, by 7%): steps here vary by about that much.
 SAMPLES = 5
 # Decode-only steps a batch size runs on its nearest chosen neighbour's choice before
-# it is explored: half of an exploration's steps run on the slower choice, and a size
+# it is explored: an exploration's steps run on the slower choices too, and a size
 # that comes and goes (a prompt's 16 tokens decoding beside four streams: 5 rows on two
 # threads, 0.21-0.31 s a step against 0.18-0.21 on one) never earns that back.
 SETTLE = 32
-PAD_ROWS = 4
 
 
-def pick(times: dict[int, list[float]], options: tuple[int, ...] = OPTIONS) -> int:
+def distinct(options: tuple[Option, ...], rows: int) -> tuple[Option, ...]:
+    """The options that differ for `rows` (padding 16 rows to 8s changes nothing)."""
+    out: list[Option] = []
+    for o in options:
+        if all((o.threads, o.rows(rows)) != (k.threads, k.rows(rows)) for k in out):
+            out.append(o)
+    return tuple(out)
+
+
+def pick(times: dict[Option, list[float]], options: tuple[Option, ...]) -> Option:
     """The choice for one batch size, from the step times seen with each: while
     any is short of SAMPLES, the one with fewest (they alternate, so the machine's
-    drift meets both alike), else the lowest median."""
-    short = [t for t in options if len(times.get(t, [])) < SAMPLES]
+    drift meets all alike), else the lowest median."""
+    short = [o for o in options if len(times.get(o, [])) < SAMPLES]
     if short:
-        return min(short, key=lambda t: len(times.get(t, [])))
-    return min(options, key=lambda t: statistics.median(times[t]))
+        return min(short, key=lambda o: len(times.get(o, [])))
+    return min(options, key=lambda o: statistics.median(times[o]))
 
 
-def nearest(chosen: dict[int, int], rows: int) -> int | None:
+def nearest(chosen: dict[int, Option], rows: int) -> Option | None:
     """The choice of the chosen batch size closest to `rows` (the smaller on a tie)."""
     if not chosen:
         return None
@@ -55,51 +76,57 @@ def nearest(chosen: dict[int, int], rows: int) -> int | None:
 
 
 class ThreadChoice:
-    """Decode-only step times by batch size and thread count, and the choice for
-    each batch size once made. A choice stays made: what it turns on (how OpenBLAS
+    """Decode-only step times by batch size and option, and the choice for each
+    batch size once made. A choice stays made: what it turns on (how OpenBLAS
     splits a product of that many rows) does not change as the streams' context
     grows, while their steps do, and comparing old times with new ones would flip it.
     A size new to it takes its nearest chosen neighbour's choice for its first SETTLE
     steps, and is explored once it has stayed that long (the first size at once)."""
 
-    def __init__(self, options: tuple[int, ...] = OPTIONS, settle: int = SETTLE) -> None:
+    def __init__(self, options: tuple[Option, ...] = OPTIONS, settle: int = SETTLE) -> None:
         self.options = options
         self.settle = settle
-        self.times: dict[int, dict[int, list[float]]] = {}
+        self.times: dict[int, dict[Option, list[float]]] = {}
         self.seen: dict[int, int] = {}  # batch size -> decode-only steps before exploring
-        self.chosen: dict[int, int] = {}  # batch size -> threads
+        self.chosen: dict[int, Option] = {}
 
-    def pick(self, rows: int) -> int:
+    def _settling(self, rows: int) -> bool:
+        return bool(self.chosen) and rows not in self.times and self.seen.get(rows, 0) < self.settle
+
+    def pick(self, rows: int) -> Option:
         if rows in self.chosen:
             return self.chosen[rows]
         near = nearest(self.chosen, rows)
-        if near is not None and rows not in self.times and self.seen.get(rows, 0) < self.settle:
+        if near is not None and self._settling(rows):
             return near
-        return pick(self.times.get(rows, {}), self.options)
+        return pick(self.times.get(rows, {}), distinct(self.options, rows))
 
-    def learn(self, rows: int, threads: int, seconds: float) -> None:
+    def learn(self, rows: int, option: Option, seconds: float) -> None:
         if rows in self.chosen:
             return
-        if rows not in self.times and self.chosen and self.seen.get(rows, 0) < self.settle:
+        if self._settling(rows):
             self.seen[rows] = self.seen.get(rows, 0) + 1
             return
         self.seen.pop(rows, None)
         by = self.times.setdefault(rows, {})
-        by.setdefault(threads, []).append(seconds)
-        if all(len(by.get(t, ())) >= SAMPLES for t in self.options):
-            self.chosen[rows] = pick(by, self.options)
+        by.setdefault(option, []).append(seconds)
+        options = distinct(self.options, rows)
+        if all(len(by.get(o, ())) >= SAMPLES for o in options):
+            self.chosen[rows] = pick(by, options)
             del self.times[rows]
 
 
 def for_step(
     choice: ThreadChoice | None, rows: int, decodes_only: bool, lane_holds: bool, max_threads: int
-) -> tuple[int | None, int]:
-    """A step's OpenBLAS threads (None: leave them as they are, the lane's to say
+) -> tuple[Option | None, int]:
+    """A step's option (None: leave OpenBLAS's threads as they are, the lane's to say
     or nothing to choose) and the multiple its decode rows are padded to. `rows`:
     its decode rows; `decodes_only`: no prompt in it, all computed here;
     `max_threads`: OpenBLAS's threads as it started (0: no OpenBLAS)."""
-    threads = None
     if choice is not None and not lane_holds:
-        threads = choice.pick(rows) if decodes_only else ALL
-    one = lane_holds or threads == 1 or max_threads == 1
-    return threads, PAD_ROWS if decodes_only and one else 1
+        if not decodes_only:
+            return Option(ALL, 1), 1
+        option = choice.pick(rows)
+        return option, option.pad
+    one = lane_holds or max_threads == 1
+    return None, PAD_ROWS if decodes_only and one else 1

@@ -10,65 +10,90 @@ import pytest
 from exo.nodes.engine import Engine
 from exo.nodes.mlxenv import blas_max_threads, blas_threads_now, mx
 from exo.nodes.model import load_model
-from exo.nodes.threads import ALL, PAD_ROWS, SAMPLES, ThreadChoice, for_step, pick
+from exo.nodes.threads import (
+    OPTIONS,
+    PAD_ROWS,
+    SAMPLES,
+    Option,
+    ThreadChoice,
+    distinct,
+    for_step,
+    pick,
+)
+
+ONE, SPREAD, SPREAD8 = OPTIONS
 
 
 def test_choices_alternate_until_each_has_its_samples_then_the_lower_median_wins() -> None:
-    times: dict[int, list[float]] = {}
+    times: dict[Option, list[float]] = {}
     seen = []
-    for _ in range(2 * SAMPLES):
-        t = pick(times)
-        seen.append(t)
-        times.setdefault(t, []).append(0.10 if t == 1 else 0.12)
-    assert seen == [1, ALL] * SAMPLES
-    assert pick(times) == 1
+    for _ in range(3 * SAMPLES):
+        o = pick(times, OPTIONS)
+        seen.append(o)
+        times.setdefault(o, []).append({ONE: 0.12, SPREAD: 0.13, SPREAD8: 0.10}[o])
+    assert seen == [ONE, SPREAD, SPREAD8] * SAMPLES
+    assert pick(times, OPTIONS) == SPREAD8
     # one slow step (a join, a hiccup of the machine) does not decide it
     slow_once = [0.10] * (SAMPLES - 1) + [0.50]
-    assert pick({1: slow_once, ALL: [0.12] * SAMPLES}) == 1
-    assert pick({1: [0.15] * SAMPLES, ALL: [0.30] + [0.12] * (SAMPLES - 1)}) == ALL
+    assert pick({ONE: slow_once, SPREAD: [0.12] * SAMPLES}, (ONE, SPREAD)) == ONE
+    assert pick({ONE: [0.15] * SAMPLES, SPREAD: [0.30] + [0.12] * 4}, (ONE, SPREAD)) == SPREAD
+
+
+def test_options_that_change_nothing_for_a_batch_size_are_tried_once() -> None:
+    assert Option(1, PAD_ROWS) == ONE and [ONE.rows(n) for n in (1, 4, 5)] == [4, 4, 8]
+    assert [SPREAD8.rows(n) for n in (3, 8, 13, 16)] == [8, 8, 16, 16]
+    assert distinct(OPTIONS, 12) == OPTIONS
+    assert distinct(OPTIONS, 16) == (ONE, SPREAD)  # 16 rows are a multiple of 8 already
+    c = ThreadChoice()
+    for _ in range(SAMPLES):
+        for o in (ONE, SPREAD):
+            assert c.pick(16) == o
+            c.learn(16, o, 0.2 if o == ONE else 0.1)
+    assert c.chosen == {16: SPREAD}
 
 
 def test_a_choice_once_made_stays_for_that_batch_size_only() -> None:
     c = ThreadChoice()
     for _ in range(SAMPLES):
-        for t in (1, ALL):
-            assert c.pick(4) == t
-            c.learn(4, t, 0.2 if t == 1 else 0.1)
-    assert c.chosen == {4: ALL}
+        for o in OPTIONS:
+            assert c.pick(4) == o
+            c.learn(4, o, 0.1 if o == SPREAD else 0.2)
+    assert c.chosen == {4: SPREAD}
     # later steps grow slower with the streams' context: the choice holds
     for _ in range(10):
-        c.learn(4, ALL, 1.0)
-    assert c.pick(4) == ALL and c.chosen == {4: ALL}
-    assert 8 not in c.chosen and c.pick(8) == ALL  # another size: as 4 until it settles
+        c.learn(4, SPREAD, 1.0)
+    assert c.pick(4) == SPREAD and c.chosen == {4: SPREAD}
+    assert 8 not in c.chosen and c.pick(8) == SPREAD  # another size: as 4 until it settles
 
 
 def test_a_new_size_runs_as_its_nearest_chosen_neighbour_until_it_settles() -> None:
     c = ThreadChoice(settle=3)
-    assert c.pick(4) == 1  # nothing chosen yet: the first size is explored at once
-    c.chosen.update({2: ALL, 8: 1})
-    assert [c.pick(n) for n in (1, 3, 5, 6, 12)] == [ALL, ALL, ALL, 1, 1]  # 5: the smaller tie
+    assert c.pick(4) == ONE  # nothing chosen yet: the first size is explored at once
+    c.chosen.update({2: SPREAD, 8: ONE})
+    assert [c.pick(n) for n in (1, 3, 5, 6, 12)] == [SPREAD, SPREAD, SPREAD, ONE, ONE]
     # a size that comes and goes (a prompt decoding beside the streams) is never explored
     for _ in range(2):
-        assert c.pick(6) == 1
-        c.learn(6, 1, 0.3)
-    assert c.times == {} and c.pick(6) == 1
+        assert c.pick(6) == ONE
+        c.learn(6, ONE, 0.3)
+    assert c.times == {} and c.pick(6) == ONE
     # once it has stayed `settle` steps, it is explored as the first size was
-    c.learn(6, 1, 0.3)
+    c.learn(6, ONE, 0.3)
     seen = []
-    for _ in range(2 * SAMPLES):
-        t = c.pick(6)
-        seen.append(t)
-        c.learn(6, t, 0.10 if t == ALL else 0.12)
-    assert seen == [1, ALL] * SAMPLES
-    assert c.chosen[6] == ALL and 6 not in c.seen
+    for _ in range(3 * SAMPLES):
+        o = c.pick(6)
+        seen.append(o)
+        c.learn(6, o, 0.10 if o == SPREAD8 else 0.12)
+    assert seen == [ONE, SPREAD, SPREAD8] * SAMPLES
+    assert c.chosen[6] == SPREAD8 and 6 not in c.seen
 
 
-def test_a_step_pads_its_decode_rows_only_on_one_thread_and_only_decodes() -> None:
+def test_a_step_pads_its_decode_rows_as_its_option_says_and_only_decodes() -> None:
     c = ThreadChoice()
-    c.chosen.update({3: 1, 5: ALL})
-    assert for_step(c, 3, True, False, 2) == (1, PAD_ROWS)
-    assert for_step(c, 5, True, False, 2) == (ALL, 1)
-    assert for_step(c, 3, False, False, 2) == (ALL, 1)  # a prompt in the step: all threads
+    c.chosen.update({3: ONE, 5: SPREAD, 13: SPREAD8})
+    assert for_step(c, 3, True, False, 2) == (ONE, PAD_ROWS)
+    assert for_step(c, 5, True, False, 2) == (SPREAD, 1)
+    assert for_step(c, 13, True, False, 2) == (SPREAD8, 8)
+    assert for_step(c, 3, False, False, 2) == (SPREAD, 1)  # a prompt in the step: all threads
     # the lane holds OpenBLAS to one thread: left as it is, and decodes padded
     assert for_step(c, 5, True, True, 2) == (None, PAD_ROWS)
     assert for_step(None, 5, True, False, 1) == (None, PAD_ROWS)  # OpenBLAS with one thread
@@ -88,13 +113,16 @@ def test_the_engine_runs_decode_steps_with_the_chosen_threads(tiny_path: Path) -
     engine.step()  # both prefill in this step: all threads
     assert blas_threads_now() == blas_max_threads()
     used = []
-    for _ in range(2 * SAMPLES):
+    for _ in range(3 * SAMPLES):
         engine.step()
         used.append(blas_threads_now())
-    assert used == [1, blas_max_threads()] * SAMPLES  # each tried in turn, on real steps
+    assert used == [1, blas_max_threads(), blas_max_threads()] * SAMPLES  # each in turn
     assert set(engine.threads.chosen) == {2}
-    assert engine.status()["blas_threads"] == {"2": engine.threads.chosen[2]}
-    engine.threads.chosen[2] = 1
+    o = engine.threads.chosen[2]
+    assert engine.status()["blas_threads"] == {
+        "2": {"threads": o.threads or blas_max_threads(), "rows": o.rows(2)}
+    }
+    engine.threads.chosen[2] = ONE
     engine.step()
     assert blas_threads_now() == 1
     # a step carrying a prompt gets every thread
@@ -112,7 +140,7 @@ def test_padded_decode_rows_give_the_same_logits(rows: int, smollm_path: Path) -
 
     lm = load_model("smollm", smollm_path)
     out = {}
-    for pad_to in (1, 4):
+    for pad_to in (1, 4, 8):
         caches = [KVCache() for _ in lm.model.layers]
         toks = [5 + i for i in range(rows)]
         logits = None
@@ -122,6 +150,7 @@ def test_padded_decode_rows_give_the_same_logits(rows: int, smollm_path: Path) -
             toks = logits.argmax(-1).tolist()
         out[pad_to] = logits
     assert mx.allclose(out[1], out[4], atol=1e-4).item()
+    assert mx.allclose(out[1], out[8], atol=1e-4).item()
 
 
 def test_a_decode_step_on_one_thread_pads_its_rows_to_four(
@@ -144,8 +173,7 @@ def test_a_decode_step_on_one_thread_pads_its_rows_to_four(
         engine.submit(f"s{i}", "tiny", "completion", [5 + i, 6, 7], params)
     engine.step()
     assert engine.threads is not None  # OpenBLAS with 2 threads, as CI's machine has
-    engine.threads.chosen[3] = 1
-    engine.step()
-    engine.threads.chosen[3] = ALL
-    engine.step()
-    assert seen[-2:] == [4, 1] and seen[0] == 1  # the prompts' step is never padded
+    for o in OPTIONS:
+        engine.threads.chosen[3] = o
+        engine.step()
+    assert seen[-3:] == [4, 1, 8] and seen[0] == 1  # the prompts' step is never padded
