@@ -8,8 +8,9 @@ threads / one) 1 row 97 / 112, 2 rows 113 / 120, 4 rows 154 / 141, 8 rows
 198 / 184, 12 rows 302 / 244, while its matmuls alone said the opposite at 12
 (BENCHMARKS.md). So the engine tries each choice on decode-only steps of each
 batch size, alternating, and keeps the faster; a size it has no choice for yet
-runs as the nearest size it has one for, until it has stayed SETTLE steps. One thread also leaves
-the other core to the processes that carry the tokens out (broker, API).
+runs as a size within NEAR rows that has one, until it has stayed SETTLE steps.
+One thread also leaves the other core to the processes that carry the tokens out
+(broker, API).
 
 Only decode-only steps are timed or steered: a step carrying a prompt chunk
 gets every thread, and while the prefill lane works OpenBLAS is held to one
@@ -47,6 +48,10 @@ SAMPLES = 5
 # that comes and goes (a prompt's 16 tokens decoding beside four streams: 5 rows on two
 # threads, 0.21-0.31 s a step against 0.18-0.21 on one) never earns that back.
 SETTLE = 32
+# How near (in rows) a chosen size must be to stand in for a new one: beyond it, how
+# OpenBLAS splits the products differs (two threads: 8 rows 103 ms of matmuls, 12 rows
+# 168, 16 rows 109), and the new size is explored at once.
+NEAR = 2
 
 
 def distinct(options: tuple[Option, ...], rows: int) -> tuple[Option, ...]:
@@ -69,10 +74,10 @@ def pick(times: dict[Option, list[float]], options: tuple[Option, ...]) -> Optio
 
 
 def nearest(chosen: dict[int, Option], rows: int) -> Option | None:
-    """The choice of the chosen batch size closest to `rows` (the smaller on a tie)."""
-    if not chosen:
-        return None
-    return chosen[min(chosen, key=lambda n: (abs(n - rows), n))]
+    """The choice of the chosen batch size closest to `rows` (the smaller on a tie),
+    if one is within NEAR rows of it."""
+    near = [n for n in chosen if abs(n - rows) <= NEAR]
+    return chosen[min(near, key=lambda n: (abs(n - rows), n))] if near else None
 
 
 class ThreadChoice:
@@ -80,8 +85,8 @@ class ThreadChoice:
     batch size once made. A choice stays made: what it turns on (how OpenBLAS
     splits a product of that many rows) does not change as the streams' context
     grows, while their steps do, and comparing old times with new ones would flip it.
-    A size new to it takes its nearest chosen neighbour's choice for its first SETTLE
-    steps, and is explored once it has stayed that long (the first size at once)."""
+    A size new to it takes the choice of a chosen size within NEAR rows for its first
+    SETTLE steps, and is explored once it has stayed that long (at once with none near)."""
 
     def __init__(self, options: tuple[Option, ...] = OPTIONS, settle: int = SETTLE) -> None:
         self.options = options
@@ -91,13 +96,18 @@ class ThreadChoice:
         self.chosen: dict[int, Option] = {}
 
     def _settling(self, rows: int) -> bool:
-        return bool(self.chosen) and rows not in self.times and self.seen.get(rows, 0) < self.settle
+        return (
+            rows not in self.times
+            and self.seen.get(rows, 0) < self.settle
+            and nearest(self.chosen, rows) is not None
+        )
 
     def pick(self, rows: int) -> Option:
         if rows in self.chosen:
             return self.chosen[rows]
-        near = nearest(self.chosen, rows)
-        if near is not None and self._settling(rows):
+        if self._settling(rows):
+            near = nearest(self.chosen, rows)
+            assert near is not None
             return near
         return pick(self.times.get(rows, {}), distinct(self.options, rows))
 

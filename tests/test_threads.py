@@ -63,14 +63,19 @@ def test_a_choice_once_made_stays_for_that_batch_size_only() -> None:
     for _ in range(10):
         c.learn(4, SPREAD, 1.0)
     assert c.pick(4) == SPREAD and c.chosen == {4: SPREAD}
-    assert 8 not in c.chosen and c.pick(8) == SPREAD  # another size: as 4 until it settles
+    assert 5 not in c.chosen and c.pick(5) == SPREAD  # a size near it: as 4 until it settles
+    assert c.pick(8) == ONE  # one further off is explored at once
 
 
 def test_a_new_size_runs_as_its_nearest_chosen_neighbour_until_it_settles() -> None:
     c = ThreadChoice(settle=3)
     assert c.pick(4) == ONE  # nothing chosen yet: the first size is explored at once
     c.chosen.update({2: SPREAD, 8: ONE})
-    assert [c.pick(n) for n in (1, 3, 5, 6, 12)] == [SPREAD, SPREAD, SPREAD, ONE, ONE]
+    # within NEAR (2) rows of a chosen size, the nearest's (the smaller on a tie)
+    assert [c.pick(n) for n in (1, 3, 4, 6, 10)] == [SPREAD, SPREAD, SPREAD, ONE, ONE]
+    c.chosen[8] = SPREAD8
+    assert [c.pick(n) for n in (5, 6, 11)] == [ONE, SPREAD8, ONE]  # 5, 11: none near
+    c.chosen[8] = ONE
     # a size that comes and goes (a prompt decoding beside the streams) is never explored
     for _ in range(2):
         assert c.pick(6) == ONE

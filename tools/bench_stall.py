@@ -158,6 +158,36 @@ def exo_stall(
     }
 
 
+def machine_floor(seconds: float, step_s: float = 0.12) -> dict[str, float]:
+    """A fixed computation about as long as a decode step, run over and over for
+    `seconds` on one thread while the cluster idles: how far this machine's own
+    jitter (a shared host's other tenants, its hypervisor) takes the longest of
+    them over their median in that time. No engine's steps can stay under it."""
+    from exo.nodes.mlxenv import blas_threads, mx
+
+    blas_threads(1)
+    w = mx.random.normal((576, 1536)) * 0.01
+    x = mx.random.normal((4, 576))
+    mx.eval(w, x)
+
+    def work(n: int) -> float:
+        t = time.perf_counter()
+        y = x
+        for _ in range(n):
+            y = (y @ w)[:, :576]
+        mx.eval(y)
+        return time.perf_counter() - t
+
+    n = max(1, round(50 * step_s / work(50)))
+    times: list[float] = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        times.append(work(n))
+    blas_threads(None)
+    med = statistics.median(times)
+    return {"floor_max_ratio": max(times) / med, "floor_p99_ratio": pct(times, 99) / med}
+
+
 def exo_throughput(url: str, model: str, tokenizer: Any, n: int, tokens: int) -> float:
     streams = [
         Stream(url, model, tokenizer.encode(f"Story number {i}:"), tokens).start() for i in range(n)
@@ -240,12 +270,15 @@ def run(
 
     model, tokenizer = load(str(model_path))
     Stream(url, model_id, [1, 2, 3], 2).start().join()  # the node loads the model
+    # As long as the long prompt's prefill with streams running (~20 s here).
+    floor = machine_floor(20.0)
     res: dict[str, Any] = {
         "bench": "stall",
         "model": model_id,
         "machine": machine(),
         "streams": streams,
         "long_prompt_tokens": long_n,
+        **floor,
     }
     # One round's max is one moment of a shared machine: several rounds show the spread,
     # and the table shows the round with the median ratio.
@@ -289,6 +322,10 @@ def report(res: dict[str, Any]) -> None:
     print(
         f"{'no prompt: max / median before':34}{e['control_ratio']:12.2f}"
         f"   (the same streams after the prefill, as long again: this machine's own jitter)"
+    )
+    print(
+        f"{'fixed work, idle: max / median':34}{res['floor_max_ratio']:12.2f}"
+        f"   (p99 {res['floor_p99_ratio']:.2f}; a 0.12 s computation for 20 s: the machine's floor)"
     )
     print(
         f"long prompt TTFT: {e['long_ttft_s']:.2f}s with streams running, {e['long_ttft_alone_s']:.2f}s alone "
