@@ -71,6 +71,8 @@ def test_bench_stall_report_shows_each_rounds_median_during_and_median_before(
             "streams": 4,
             "long_prompt_tokens": 2048,
             "machine": "here",
+            "floor_max_ratio": 1.42,
+            "floor_p99_ratio": 1.31,
             "exo": rounds[0],
             "exo_rounds": rounds,
             "batchgen": {"itl_median_before_s": 0.2, "itl_max_during_s": 40.0, "stall_ratio": 200},
@@ -82,3 +84,11 @@ def test_bench_stall_report_shows_each_rounds_median_during_and_median_before(
     # per round: max / p99 / median during over the median before, and that median
     assert "1: 1.50 / 1.40 / 1.10, 1.60, 1.30; 0.200s; 25.0s" in out, out
     assert "2: 1.50 / 1.40 / 1.25, 1.60, 1.30; 0.160s; 25.0s" in out, out
+    assert "fixed work, idle: max / median          1.42   (p99 1.31" in out, out
+
+
+def test_bench_stall_machine_floor_times_one_fixed_computation() -> None:
+    from exo.tools.bench_stall import machine_floor
+
+    r = machine_floor(1.0, step_s=0.02)
+    assert r["floor_max_ratio"] >= r["floor_p99_ratio"] >= 1.0
