@@ -84,7 +84,7 @@ def test_bench_stall_report_shows_each_rounds_median_during_and_median_before(
     # per round: max / p99 / median during over the median before, and that median
     assert "1: 1.50 / 1.40 / 1.10, 1.60, 1.30; 0.200s; 25.0s" in out, out
     assert "2: 1.50 / 1.40 / 1.25, 1.60, 1.30; 0.160s; 25.0s" in out, out
-    assert "fixed work, idle: max / median          1.42   (p99 1.31" in out, out
+    assert "fixed work, idle: max / median            1.42   (p99 1.31" in out, out
 
 
 def test_bench_stall_machine_floor_times_one_fixed_computation() -> None:
