@@ -46,9 +46,9 @@ class Rows:
             c.grow_columns(need)
             c.grow_rows(spare)
 
-    def join(self, rid: str, cache: list[Any]) -> None:
+    def join(self, rid: str, cache: list[Any], coming: int = 0) -> None:
         for mine, c in zip(self.cache, cache, strict=True):
-            mine.insert(c)
+            mine.insert(c, coming)
         self.rids.append(rid)
         # A longer row moves the group's end: room for the next steps now, since
         # growing a layer per step could not keep up.
@@ -108,15 +108,17 @@ class Batch:
         """(rows, per-layer caches) of each group, in step order."""
         return [(len(g.rids), g.cache) for g in self.groups]
 
-    def join(self, rid: str, cache: list[Any]) -> None:
+    def join(self, rid: str, cache: list[Any], coming: int = 0) -> None:
         """Add a request's prefilled per-layer KVCaches as a row. A row starting a
         group brings its prompt's buffers, uncopied (allocated with room to grow:
-        engine.JOIN_ROOM); one joining a group is written into a spare row."""
+        engine.JOIN_ROOM); one joining a group is written into a spare row.
+        `coming`: rows joining after it in the same step (a group that must grow
+        makes room for them at once)."""
         home = self._home(max(1, int(cache[0].offset)))
         if home is None:
             self.groups.append(Rows([rid], [RowCache.of(c) for c in cache]))
         else:
-            home.join(rid, cache)
+            home.join(rid, cache, coming)
 
     def _home(self, length: int) -> Rows | None:
         """The group a row of `length` joins; None for a group of its own."""

@@ -439,13 +439,14 @@ class Engine:
                 self.requests.pop(req.rid, None)
                 self._release(req)
                 finished = True
-        for req in joined:
-            # A request done at its first token never joins: joining pads every
-            # row of the batch to its length, for nothing.
-            if req.rid in self.requests:
-                assert req.cache is not None
-                self.batches[req.lm.model_id].join(req.rid, req.cache)
-                req.cache = None
+        # A request done at its first token never joins: joining pads every row of
+        # the batch to its length, for nothing.
+        joining = [r for r in joined if r.rid in self.requests]
+        for i, req in enumerate(joining):
+            assert req.cache is not None
+            coming = sum(r.lm is req.lm for r in joining[i + 1 :])
+            self.batches[req.lm.model_id].join(req.rid, req.cache, coming)
+            req.cache = None
         if finished:
             self._admit()
         return outputs

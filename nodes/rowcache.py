@@ -107,11 +107,13 @@ class RowCache:
 
     # -- rows joining and leaving -----------------------------------------------------
 
-    def insert(self, kv: Any) -> None:
-        """Add a request's prefilled KVCache as the last row."""
+    def insert(self, kv: Any, coming: int = 0) -> None:
+        """Add a request's prefilled KVCache as the last row. `coming`: rows about to
+        join after it, in the same step: room for them too, in one copy (16 rows
+        joining one by one grew the buffers a dozen times: a 0.77 s step)."""
         length = int(kv.offset)
         if self.rows == self.capacity:
-            self.grow_rows()
+            self.grow_rows(spare_rows(self.rows) + coming)
         if length > self._idx:
             if length + 1 > self.columns:
                 self.grow_columns(length + 1)

@@ -56,12 +56,12 @@ class StageRunner:
         """Make this stage's batch hold the rows stage 0 decoded this step. ->
         where each of this batch's rows sits in `decode`, and the way back."""
         self.batch.leave(set(self.batch.rids) - set(decode))
-        for rid in decode:
-            if rid not in self.batch.rids:
-                cache = self.caches.pop(rid, None)
-                if cache is None:
-                    raise StageError(f"request {rid} decodes before its prompt reached this stage")
-                self.batch.join(rid, cache)
+        new = [rid for rid in decode if rid not in self.batch.rids]
+        for i, rid in enumerate(new):
+            cache = self.caches.pop(rid, None)
+            if cache is None:
+                raise StageError(f"request {rid} decodes before its prompt reached this stage")
+            self.batch.join(rid, cache, coming=len(new) - i - 1)
         here = {r: i for i, r in enumerate(self.batch.rids)}
         if len(here) != len(decode):
             raise StageError(f"batch differs from stage 0's: {self.batch.rids} vs {decode}")

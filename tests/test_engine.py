@@ -666,3 +666,29 @@ def test_a_long_prompts_chunks_through_numpy_equal_mlx_lm_alone_and_in_the_lane(
     streams = [(f"s{i}", lm.model_id, "completion", [5 + i, 6, 7], short) for i in range(2)]
     ids, _ = run(engine, {0: streams, 2: [("b", lm.model_id, "completion", prompt, params)]})
     assert ids["b"] == want and calls and engine.lane.prompts == 1
+
+
+def test_prompts_joining_in_one_step_grow_the_batch_once(
+    tiny_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from exo.nodes.rowcache import RowCache
+
+    grew: list[int] = []
+    orig = RowCache.grow_rows
+
+    def spy(self: RowCache, spare: int | None = None) -> None:
+        before = self.capacity
+        orig(self, spare)
+        if self.capacity > before:
+            grew.append(self.capacity)
+
+    monkeypatch.setattr(RowCache, "grow_rows", spy)
+    engine = Engine(lane=False)
+    engine.add_model(load_model("tiny", tiny_path))
+    layers = len(engine.models["tiny"].model.model.layers)
+    params = {"max_tokens": 3, "temperature": 0, "ignore_eos": True}
+    for i in range(12):
+        engine.submit(f"r{i}", "tiny", "completion", [5 + i, 6, 7], params)
+    engine.step()  # all twelve prefill and join in this step
+    assert len(engine.batches["tiny"].rids) == 12
+    assert len(grew) == layers and min(grew) >= 12  # one growth per layer, room for all

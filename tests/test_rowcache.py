@@ -112,3 +112,19 @@ def test_a_group_gives_memory_back_once_most_of_its_rows_are_gone() -> None:
     assert g.rows == 2 and g.capacity <= 6 and batch.nbytes() < full / 2
     for row, rid in enumerate(batch.rids):
         assert np.allclose(seen(g, row), own(kvs[rid], [])), rid
+
+
+def test_rows_joining_in_one_step_make_room_for_each_other_at_once() -> None:
+    kvs = [prompt(5 + i % 3, i) for i in range(16)]
+    g = RowCache.of(kvs[0])
+    g.insert(kvs[1], coming=14)  # the buffers grow here, for all 16
+    shape = g.keys.shape
+    assert g.capacity >= 16
+    for i in range(2, 16):
+        g.insert(kvs[i], coming=15 - i)
+    assert g.keys.shape == shape and g.rows == 16  # no growing one row at a time
+    for row, kv in enumerate(kvs):
+        assert np.allclose(seen(g, row), own(kv, [])), row
+    alone = RowCache.of(prompt(5, 0))
+    alone.insert(prompt(6, 1))
+    assert alone.capacity == 2  # without `coming`: a quarter of the rows spare, at least one
