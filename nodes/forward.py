@@ -207,6 +207,58 @@ def head(model: Any, h: mx.array, rows: list[int]) -> mx.array:
     return lm_head(model, model.model.norm(h[mx.array(rows)]))
 
 
+# Fresh prompts up to this long attend as one group in a step, right-padded to a
+# multiple of PACK_TO tokens: one group's ops instead of one group per prompt, each
+# about 40 ms a prompt here (16 prompts of 5 tokens: 0.91 s for their step, one of 80
+# tokens 0.26-0.40 s). Padding keys come after every real one: the causal mask keeps
+# them out of each prompt's own attention, and its cache gets only its own keys.
+PACK_MAX = 64
+PACK_TO = 8
+
+
+class PackCache:
+    """One layer's caches for a pack of fresh prompts of `lens` tokens (as one
+    attention group of right-padded rows): each cache gets its own prompt's keys."""
+
+    offset = 0
+
+    def __init__(self, caches: list[Any], lens: list[int]) -> None:
+        self.caches, self.lens = caches, lens
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        for i, (c, n) in enumerate(zip(self.caches, self.lens, strict=True)):
+            c.update_and_fetch(keys[i : i + 1, :, :n], values[i : i + 1, :, :n])
+        return keys, values
+
+    def make_mask(self, N: int, return_array: bool = False, window_size: Any = None) -> Any:
+        return "causal"
+
+
+def packs(chunks: list[Chunk], layers: int) -> list[list[int]]:
+    """The chunks (indices) that attend together: fresh prompts of up to PACK_MAX
+    tokens through every layer, by length rounded up to PACK_TO, two or more to a
+    pack; every other chunk alone."""
+    by: dict[int, list[int]] = {}
+    alone: list[list[int]] = []
+    for i, c in enumerate(chunks):
+        whole = c.first == 0 and (c.end or layers) == layers and c.h is None
+        fresh = whole and int(c.cache[0].offset) == 0
+        if fresh and len(c.tokens) <= PACK_MAX:
+            by.setdefault(-(-len(c.tokens) // PACK_TO), []).append(i)
+        else:
+            alone.append([i])
+    return [p for p in by.values() if len(p) > 1] + [p for p in by.values() if len(p) == 1] + alone
+
+
+def _chunk_group(chunks: list[Chunk], pack: list[int], layers: int) -> Group:
+    if len(pack) == 1:
+        c = chunks[pack[0]]
+        return Group(1, len(c.tokens), c.cache, c.first, c.end, c.h)
+    lens = [len(chunks[i].tokens) for i in pack]
+    caches = [PackCache([chunks[i].cache[li] for i in pack], lens) for li in range(layers)]
+    return Group(len(pack), max(lens), caches)
+
+
 def fused_step(
     model: Any,
     dec: list[int] | mx.array,
@@ -225,28 +277,37 @@ def fused_step(
     B = len(dec)
     pad = (-B) % pad_to if B and not chunks else 0
     last = len(inner.layers)
+    order = [(p, _chunk_group(chunks, p, last)) for p in packs(chunks, last)]
     ids = [dec.astype(mx.int32) if isinstance(dec, mx.array) else mx.array(dec, dtype=mx.int32)]
-    ids += [mx.array(c.tokens, dtype=mx.int32) for c in chunks if c.first == 0]
+    for p, g in order:
+        if g.first == 0:
+            for i in p:
+                toks = chunks[i].tokens
+                ids.append(mx.array(toks + [0] * (g.n - len(toks)), dtype=mx.int32))
     if sum(a.size for a in ids):  # [T, D], the step's tokens that enter at layer 0, packed
         h = inner.embed_tokens(mx.concatenate(ids) if len(ids) > 1 else ids[0])
     else:
         h = no_rows(model)
-    groups = groups_of(dec_groups, chunks)
-    n_dec = len(groups) - len(chunks)
+    groups = groups_of(dec_groups, []) + [g for _, g in order]
     h = run_layers(inner.layers, _padded(h, pad), groups, pad)
-    done = [(c.end or last) == last for c in chunks]
-    rows, wanted = sampled_rows(
-        B, [(len(c.tokens), c.logits) for c, d in zip(chunks, done, strict=True) if d]
-    )
-    logits = head(model, h, rows + list(range(B, B + pad))) if rows else None
-    picked = iter(wanted)
-    outs: list[mx.array | None] = []
-    for g, d in zip(groups[n_dec:], done, strict=True):
-        if not d:
-            outs.append(g.out)
+    # The rows of h (the groups that reached the last layer, in order) to take logits of.
+    rows, want, at = list(range(B)), {}, B
+    for p, g in order:
+        if (g.end or last) != last:
             continue
-        w = next(picked)
-        outs.append(None if w is None or logits is None else logits[w])
+        for j, i in enumerate(p):
+            if chunks[i].logits:
+                want[i] = len(rows)
+                rows.append(at + j * g.n + len(chunks[i].tokens) - 1)
+        at += g.rows * g.n
+    logits = head(model, h, rows + list(range(B, B + pad))) if rows else None
+    outs: list[mx.array | None] = [None] * len(chunks)
+    for p, g in order:
+        for i in p:
+            if (g.end or last) != last:
+                outs[i] = g.out
+            elif i in want and logits is not None:
+                outs[i] = logits[want[i]]
     return (logits[:B] if B and logits is not None else None), outs
 
 
