@@ -43,6 +43,9 @@ OPTIONS = (Option(1, PAD_ROWS), Option(ALL, 1), Option(ALL, 8))
 # Decode-only steps timed per choice before choosing: with 3, one of five sizes chose
 # the slower (8 rows, by 7%): steps here vary by about that much.
 SAMPLES = 5
+# Samples each before an option far slower than the best is dropped (contenders).
+EARLY = 2
+DROP = 1.3
 # Decode-only steps a batch size runs on its nearest chosen neighbour's choice before
 # it is explored: an exploration's steps run on the slower choices too, and a size
 # that comes and goes (a prompt's 16 tokens decoding beside four streams: 5 rows on two
@@ -63,10 +66,22 @@ def distinct(options: tuple[Option, ...], rows: int) -> tuple[Option, ...]:
     return tuple(out)
 
 
+def contenders(times: dict[Option, list[float]], options: tuple[Option, ...]) -> tuple[Option, ...]:
+    """The options still worth timing: all, until each has EARLY samples; then those
+    whose fastest step is within DROP of the best median. A slower option shows in
+    every one of its steps, the machine's spikes in one: one row on two threads
+    padded to 8 costs ~1.6x, and five of its steps were five stalls of a lone stream."""
+    if any(len(times.get(o, [])) < EARLY for o in options):
+        return options
+    best = min(statistics.median(times[o]) for o in options)
+    return tuple(o for o in options if min(times[o]) <= DROP * best)
+
+
 def pick(times: dict[Option, list[float]], options: tuple[Option, ...]) -> Option:
     """The choice for one batch size, from the step times seen with each: while
-    any is short of SAMPLES, the one with fewest (they alternate, so the machine's
-    drift meets all alike), else the lowest median."""
+    any contender is short of SAMPLES, the one with fewest (they alternate, so the
+    machine's drift meets all alike), else the lowest median."""
+    options = contenders(times, options)
     short = [o for o in options if len(times.get(o, [])) < SAMPLES]
     if short:
         return min(short, key=lambda o: len(times.get(o, [])))
@@ -121,7 +136,8 @@ class ThreadChoice:
         by = self.times.setdefault(rows, {})
         by.setdefault(option, []).append(seconds)
         options = distinct(self.options, rows)
-        if all(len(by.get(o, ())) >= SAMPLES for o in options):
+        live = contenders(by, options)
+        if len(live) == 1 or all(len(by.get(o, ())) >= SAMPLES for o in live):
             self.chosen[rows] = pick(by, options)
             del self.times[rows]
 
