@@ -110,26 +110,21 @@ class ThreadChoice:
         self.seen: dict[int, int] = {}  # batch size -> decode-only steps before exploring
         self.chosen: dict[int, Option] = {}
 
-    def _settling(self, rows: int) -> bool:
-        return (
-            rows not in self.times
-            and self.seen.get(rows, 0) < self.settle
-            and nearest(self.chosen, rows) is not None
-        )
+    def _stand_in(self, rows: int) -> Option | None:
+        """The near size's choice `rows` runs on while it settles, else None."""
+        if rows in self.times or self.seen.get(rows, 0) >= self.settle:
+            return None
+        return nearest(self.chosen, rows)
 
     def pick(self, rows: int) -> Option:
         if rows in self.chosen:
             return self.chosen[rows]
-        if self._settling(rows):
-            near = nearest(self.chosen, rows)
-            assert near is not None
-            return near
-        return pick(self.times.get(rows, {}), distinct(self.options, rows))
+        return self._stand_in(rows) or pick(self.times.get(rows, {}), distinct(self.options, rows))
 
     def learn(self, rows: int, option: Option, seconds: float) -> None:
         if rows in self.chosen:
             return
-        if self._settling(rows):
+        if self._stand_in(rows) is not None:
             self.seen[rows] = self.seen.get(rows, 0) + 1
             return
         self.seen.pop(rows, None)
