@@ -181,20 +181,24 @@ def _pack(hs: list[mx.array]) -> mx.array:
     return mx.concatenate(hs, axis=0) if len(hs) > 1 else hs[0]
 
 
-def sampled_rows(dec: int, chunks: list[tuple[int, bool]]) -> tuple[list[int], list[int | None]]:
+def sampled_rows(
+    dec: int, chunks: list[tuple[int, bool]], slot: int = 0
+) -> tuple[list[int], list[int | None]]:
     """Rows of the packed step whose logits are wanted: every decode row and the
-    last row of each chunk that finishes its prompt; and, per chunk, its index
-    among those rows (None when it wants none)."""
+    last row of each (tokens, logits) chunk that finishes its prompt; and, per
+    chunk, its index among those rows (None when it wants none). `slot`: rows each
+    chunk takes in the step, its tokens right-padded (a pack: forward.packs); 0, its
+    own length."""
     rows = list(range(dec))
     pos = dec
     wanted: list[int | None] = []
     for n, logits in chunks:
-        pos += n
         if logits:
             wanted.append(len(rows))
-            rows.append(pos - 1)
+            rows.append(pos + n - 1)
         else:
             wanted.append(None)
+        pos += slot or n
     return rows, wanted
 
 
@@ -295,10 +299,11 @@ def fused_step(
     for p, g in order:
         if (g.end or last) != last:
             continue
-        for j, i in enumerate(p):
-            if chunks[i].logits:
-                want[i] = len(rows)
-                rows.append(at + j * g.n + len(chunks[i].tokens) - 1)
+        got, wanted = sampled_rows(0, [(len(chunks[i].tokens), chunks[i].logits) for i in p], g.n)
+        for i, w in zip(p, wanted, strict=True):
+            if w is not None:
+                want[i] = len(rows) + w
+        rows += [at + r for r in got]
         at += g.rows * g.n
     logits = head(model, h, rows + list(range(B, B + pad))) if rows else None
     outs: list[mx.array | None] = [None] * len(chunks)
