@@ -21,8 +21,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from exo.api.client import BrokerClient, BrokerUnavailable
 from exo.api.errors import error_body, error_response
+from exo.api.limits import BodyLimit
 from exo.api.schemas import ChatRequest, CompletionRequest, PlaceRequest, Sampling, first_error
 from exo.broker import protocol as P
+from exo.common.names import valid_model_id
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +118,13 @@ def create_app(broker: str) -> FastAPI:
 
     app = FastAPI(title="exo", lifespan=lifespan)
     app.state.client = client
+    app.add_middleware(BodyLimit)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Whatever got past the checks is still answered in OpenAI's shape.
+        log.exception("%s %s failed", request.method, request.url.path)
+        return error_response(500, f"internal error: {type(exc).__name__}", "internal_error")
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -161,12 +170,12 @@ def create_app(broker: str) -> FastAPI:
     async def pull(request: Request) -> Any:
         try:
             body = json.loads(await request.body() or b"{}")
-        except ValueError:
+        except (ValueError, RecursionError):
             return error_response(400, "We could not parse the JSON body of your request.")
         if not isinstance(body, dict):
             body = {}
         model, node = body.get("model"), body.get("node")
-        if not isinstance(model, str) or "/" not in model:
+        if not isinstance(model, str) or "/" not in model or not valid_model_id(model):
             return error_response(400, "'model' must be a hub id ORG/NAME", param="model")
         if node is not None and not isinstance(node, str):
             return error_response(400, "'node' must be a node id or name", param="node")

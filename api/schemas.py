@@ -7,6 +7,8 @@ from typing import Annotated, Any, Literal, cast
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 NonNegFloat = Annotated[float, Field(ge=0.0)]
+# Beyond any model's context; a node refuses what its model cannot hold.
+MAX_TOKENS = (1 << 31) - 1
 
 
 class StreamOptions(BaseModel):
@@ -20,12 +22,12 @@ class Sampling(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
 
     model: str = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     n: int | None = Field(default=None, ge=1, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(1 << 63), le=(1 << 63) - 1)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     # vLLM's extension: the generated token ids beside the text, per choice.
@@ -38,6 +40,8 @@ class Sampling(BaseModel):
     def _stop(cls, v: str | list[str] | None) -> str | list[str] | None:
         if isinstance(v, list) and len(v) > 4:
             raise ValueError("at most 4 stop sequences")
+        if any(len(s) > 1024 for s in ([v] if isinstance(v, str) else v or [])):
+            raise ValueError("a stop sequence is at most 1024 characters")
         return v
 
     def params(self, max_tokens: int | None) -> dict[str, Any]:
@@ -82,7 +86,7 @@ class Message(BaseModel):
 
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
 
     def limit(self) -> int | None:
         return (

@@ -13,7 +13,7 @@ from typing import Any
 
 import zmq
 
-from exo.broker import probes
+from exo.broker import probes, reports
 from exo.broker import protocol as P
 from exo.broker.deploy import Deployer, Topology
 from exo.broker.placement import (
@@ -73,6 +73,7 @@ class Broker:
         self.stats = P.Counters()
         self.stop_event = threading.Event()
         self.started = time.time()
+        self.due: dict[str, float] = {}  # periodic work -> when it is next due
 
     # -- sending --------------------------------------------------------------------
 
@@ -100,7 +101,7 @@ class Broker:
             self.router.getsockopt(zmq.LAST_ENDPOINT).decode(),
             self.pub.getsockopt(zmq.LAST_ENDPOINT).decode(),
         )
-        next_beat = next_pub = next_tend = 0.0
+        self.due = {"beat": 0.0, "pub": 0.0, "tend": 0.0}
         while not self.stop_event.is_set():
             if self.router.poll(int(P.HEARTBEAT_S * 1000 / 2)):
                 for _ in range(1000):  # bounded, so liveness work is never starved
@@ -110,27 +111,46 @@ class Broker:
                         break
                     self.on_frames(parts)
             now = time.monotonic()
-            self.resend_cancels(now)
-            self.expire_deadlines(now)
-            if now >= next_tend:
-                self.tend_parked(now)
-                next_tend = now + PARKED_S
-            if now >= next_beat:
-                self.expire(now)
-                view = self.topology()  # once for the tick: instances and probes share it
-                self.deploy.tend(view)
-                self.tend_probes(now, view)
-                beat = P.encode("HEARTBEAT")
-                for ident in list(self.reg.peers):
-                    self.send_raw(ident, beat)
-                next_beat = now + P.HEARTBEAT_S
-            if now >= next_pub:
-                self.pub.send_multipart(
-                    [b"cluster", P.encode("REPLY", qid="cluster", data=self.cluster())]
-                )
-                next_pub = now + PUBLISH_S
+            for name, work in (
+                ("cancels", self.resend_cancels),
+                ("deadlines", self.expire_deadlines),
+                ("parked", self.tick_parked),
+                ("beat", self.tick_beat),
+                ("publish", self.tick_publish),
+            ):
+                try:
+                    work(now)
+                except Exception:
+                    # One tick's bad state (from whatever got past the checks) must not
+                    # stop the loop: the next tick tries again.
+                    self.stats[f"tick_error_{name}"] += 1
+                    log.exception("broker tick %s failed", name)
         self.router.close(linger=0)
         self.pub.close(linger=0)
+
+    def tick_parked(self, now: float) -> None:
+        if now >= self.due["tend"]:
+            self.due["tend"] = now + PARKED_S
+            self.tend_parked(now)
+
+    def tick_beat(self, now: float) -> None:
+        if now < self.due["beat"]:
+            return
+        self.due["beat"] = now + P.HEARTBEAT_S
+        self.expire(now)
+        view = self.topology()  # once for the tick: instances and probes share it
+        self.deploy.tend(view)
+        self.tend_probes(now, view)
+        beat = P.encode("HEARTBEAT")
+        for ident in list(self.reg.peers):
+            self.send_raw(ident, beat)
+
+    def tick_publish(self, now: float) -> None:
+        if now >= self.due["pub"]:
+            self.due["pub"] = now + PUBLISH_S
+            self.pub.send_multipart(
+                [P.TOPIC_CLUSTER, P.encode("REPLY", qid="cluster", data=self.cluster())]
+            )
 
     def on_frames(self, parts: list[zmq.Frame]) -> None:
         if len(parts) != 2:
@@ -156,7 +176,16 @@ class Broker:
         if handler is None:
             self.dropped["wrong_role"] += 1
             return
-        handler(self, peer, msg, parts[1])
+        try:
+            handler(self, peer, msg, parts[1])
+        except reports.BadReport as e:
+            self.dropped["bad_report"] += 1
+            log.warning("%s %s sent a bad %s: %s", peer.role, peer.peer_id, msg.type, e)
+        except Exception:
+            # A message the checks let through and a handler choked on: it is dropped,
+            # the broker goes on (and the traceback says what to check next time).
+            self.dropped["handler_error"] += 1
+            log.exception("%s from %s %s failed; dropped", msg.type, peer.role, peer.peer_id)
 
     # -- registration and liveness --------------------------------------------------
 
@@ -170,9 +199,18 @@ class Broker:
         if role not in P.ROLES:
             self.send(ident, "REFUSED", reason=f"unknown role {role!r}")
             return
+        info: dict[str, Any] = {}
+        if role == "node":
+            try:
+                info = reports.node_info(msg.get("info") or {})
+            except reports.BadReport as e:
+                self.dropped["bad_report"] += 1
+                log.warning("refused node %s: %s", peer_id, e)
+                self.send(ident, "REFUSED", reason=f"bad info: {e}")
+                return
         if ident in self.reg.peers:
             self.drop_peer(ident, "registered again")
-        peer = Peer(ident, peer_id, role, name=str(msg.get("name", "")), info=msg.get("info") or {})
+        peer = Peer(ident, peer_id, role, name=str(msg.get("name", "")), info=info)
         self.reg.peers[ident] = peer
         self.reg.seen_models.update(peer.models)
         self.send(
@@ -217,11 +255,11 @@ class Broker:
 
     def on_heartbeat(self, peer: Peer, msg: P.Message, frame: zmq.Frame) -> None:
         status = msg.get("status")
-        if isinstance(status, dict):
-            peer.status = status
+        if status is not None and peer.role == "node":
+            peer.status = reports.node_status(status)
 
     def on_info(self, peer: Peer, msg: P.Message, frame: zmq.Frame) -> None:
-        peer.info = msg["info"]
+        peer.info = reports.node_info(msg["info"])
         self.reg.seen_models.update(peer.models)
 
     # -- requests -------------------------------------------------------------------

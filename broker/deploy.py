@@ -9,7 +9,10 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
+
+import msgspec
+from msgspec import Meta
 
 from exo.broker.instances import Instance, advance
 from exo.broker.placement import (
@@ -32,6 +35,25 @@ if TYPE_CHECKING:
 Topology = tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]
 
 log = logging.getLogger(__name__)
+
+
+Name = Annotated[str, Meta(max_length=256)]
+Layer = Annotated[int, Meta(ge=0, le=100_000)]
+
+
+class StageIn(msgspec.Struct, forbid_unknown_fields=True):
+    node: Name
+    layers: tuple[Layer, Layer]
+
+
+class PlaceSpec(msgspec.Struct, forbid_unknown_fields=True):
+    """INSTANCES' spec for place and preview (the API's PlaceRequest, checked again)."""
+
+    model: Name = ""
+    nodes: Annotated[list[Name], Meta(max_length=1024)] | None = None
+    stages: Annotated[list[StageIn], Meta(max_length=1024)] | None = None
+    min_nodes: Annotated[int, Meta(ge=1, le=1024)] | None = None
+    max_nodes: Annotated[int, Meta(ge=1, le=1024)] | None = None
 
 
 class Deployer:
@@ -242,7 +264,11 @@ class Deployer:
             return {"id": inst.id, "deleted": True}
         if op not in ("place", "preview"):
             return PlacementError(400, "invalid_op", f"unknown instances op {op!r}")
-        model = str(spec.get("model", ""))
+        try:
+            want = msgspec.convert(spec, PlaceSpec, strict=True)
+        except msgspec.ValidationError as e:
+            return PlacementError(400, "invalid_placement", f"malformed placement: {e}")
+        model = want.model
         meta = self.meta(model)
         if meta is None:
             return PlacementError(
@@ -250,13 +276,10 @@ class Deployer:
             )
         try:
             ask = Ask(
-                nodes=tuple(str(n) for n in spec.get("nodes") or ()),
-                stages=tuple(
-                    (str(s["node"]), int(s["layers"][0]), int(s["layers"][1]))
-                    for s in spec.get("stages") or ()
-                ),
-                min_nodes=int(spec.get("min_nodes") or 1),
-                max_nodes=int(spec["max_nodes"]) if spec.get("max_nodes") else None,
+                nodes=tuple(want.nodes or ()),
+                stages=tuple((s.node, s.layers[0], s.layers[1]) for s in want.stages or ()),
+                min_nodes=want.min_nodes or 1,
+                max_nodes=want.max_nodes,
             )
             if op == "preview":
                 found = candidates(meta, self.views(meta), ask)
@@ -269,6 +292,6 @@ class Deployer:
             chosen = place(meta, self.views(meta), ask)
         except PlacementError as e:
             return e
-        except (KeyError, IndexError, TypeError, ValueError) as e:
-            return PlacementError(400, "invalid_placement", f"malformed placement: {e!r}")
+        except ValueError as e:
+            return PlacementError(400, "invalid_placement", f"malformed placement: {e}")
         return self.create(meta, chosen.stages, auto=False).public(nodes)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import threading
 
@@ -90,7 +91,16 @@ def main(
         with contextlib.suppress(KeyboardInterrupt):
             broker.run()
         return
-    thread = threading.Thread(target=broker.run, name="broker", daemon=True)
+    def run() -> None:
+        try:
+            broker.run()
+        except BaseException:
+            # The API without its broker would answer 503 for ever: better a process
+            # that exits, non-zero, for its supervisor (or `exo-tools up`) to see.
+            log.critical("the broker's loop died; exiting", exc_info=True)
+            os._exit(70)
+
+    thread = threading.Thread(target=run, name="broker", daemon=True)
     thread.start()
     local = "127.0.0.1" if host in ("0.0.0.0", "*") else host
     try:

@@ -157,6 +157,27 @@ TYPES: dict[str, dict[str, type | tuple[type, ...]]] = {
     "REPLY": {"qid": str, "data": (dict, list)},
 }
 
+# Optional fields: checked when present (a wrong type drops the frame like a
+# missing required field would).
+OPTIONAL: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "HELLO": {"name": str, "info": dict},
+    "HEARTBEAT": {"status": dict},
+    "SUBMIT": {"timeout_s": (int, float)},
+    "TOKENS": {"finish": str, "usage": dict},
+    "CANCEL": {"reason": str, "qid": str},
+    "STATE": {"done": int, "total": int, "node": str},
+    "PULL": {"node": str, "revision": str},
+    "INSTANCES": {"spec": dict, "id": str},
+    "DOWNLOAD": {"revision": str, "source": str},
+    "LOAD": {"stage": int, "next": str, "head": str, "kv_budgets": list},
+    "ROUTE": {"next": str, "head": str},
+    "ACT": {"new": dict, "drops": list},
+}
+
+# Ids a peer names (request, query, instance, peer): bounded like every other field.
+MAX_ID = 256
+IDS = ("rid", "qid", "peer_id", "instance", "model")
+
 ROLES = ("node", "frontend")
 
 
@@ -209,6 +230,12 @@ def decode(frame: bytes | memoryview, max_frame: int = MAX_FRAME) -> Message:
     for name, kind in spec.items():
         if not isinstance(obj.get(name), kind):
             raise ProtocolError("bad_fields", f"{type_}.{name}")
+    for name, kind in OPTIONAL.get(type_, {}).items():
+        if name in obj and obj[name] is not None and not isinstance(obj[name], kind):
+            raise ProtocolError("bad_fields", f"{type_}.{name}")
+    for name in IDS:
+        if isinstance(v := obj.get(name), str) and len(v) > MAX_ID:
+            raise ProtocolError("bad_fields", f"{type_}.{name} longer than {MAX_ID}")
     return Message(type_, obj, version)
 
 

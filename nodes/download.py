@@ -10,9 +10,11 @@ until every file is in place, so a folder mid-download is never a model.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -21,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from exo.common.names import valid_model_id
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +84,40 @@ def list_files(
         size = s.lfs.size if s.lfs else s.size
         if size is None:
             raise DownloadError(f"the hub gave no size for {repo_id}/{s.rfilename}")
+        if not safe_name(s.rfilename):
+            raise DownloadError(f"{api.endpoint} listed a file {s.rfilename!r} outside the model")
+        if not 0 <= int(size) <= MAX_FILE:
+            raise DownloadError(f"{api.endpoint} listed {s.rfilename!r} at {size} bytes")
         out.append(RemoteFile(s.rfilename, int(size), s.lfs.sha256 if s.lfs else None))
     return out
+
+
+MAX_FILE = 1 << 40
+REVISION = re.compile(r"[\w./-]{1,128}", re.ASCII)  # no model file is a terabyte
+
+
+def safe_name(name: str) -> bool:
+    """Whether a listed file name stays inside the model's folder wherever it lands:
+    relative, forward slashes only, no empty, "." or ".." part, no NUL, no ".partial"
+    (the store's own marker of a file in progress)."""
+    if not isinstance(name, str) or not name or len(name) > 512:
+        return False
+    parts = name.split("/")
+    return (
+        "\\" not in name
+        and "\0" not in name
+        and ":" not in parts[0]
+        and all(p not in ("", ".", "..") for p in parts)
+        and not name.endswith(".partial")
+    )
+
+
+def inside(dest: Path, name: str) -> Path:
+    """dest/name, checked to resolve inside dest (a link in the folder could point out)."""
+    target = (dest / name).resolve()
+    if not safe_name(name) or not target.is_relative_to(dest.resolve()):
+        raise DownloadError(f"{name!r} would land outside {dest}")
+    return dest / name
 
 
 def sha256_of(path: Path) -> str:
@@ -118,6 +154,10 @@ class Downloader:
 
     def _download(self, repo_id: str, dest: Path, revision: str, prog: Progress) -> None:
         self._report(prog)
+        if not valid_model_id(repo_id):
+            raise DownloadError(f"{repo_id!r} is not a model id (ORG/NAME, as on the hub)")
+        if not REVISION.fullmatch(revision) or ".." in revision:
+            raise DownloadError(f"{revision!r} is not a revision")
         files = list_files(repo_id, revision, self.token, self.hub)
         if not files:
             raise DownloadError(f"{repo_id} has no files")
@@ -133,7 +173,7 @@ class Downloader:
             )
         prog.state = "downloading"
         for f in files:
-            target = dest / f.name
+            target = inside(dest, f.name)
             if target.is_file() and target.stat().st_size == f.size:
                 continue
             self._fetch(repo_id, revision, f, target, prog)
@@ -144,7 +184,7 @@ class Downloader:
 
     @staticmethod
     def _have(dest: Path, f: RemoteFile) -> int:
-        target = dest / f.name
+        target = inside(dest, f.name)
         if target.is_file() and target.stat().st_size == f.size:
             return f.size
         part = target.with_name(target.name + ".partial")
@@ -184,17 +224,23 @@ class Downloader:
             before = prog.done
             wait = 0.0
             try:
-                self._stream(
+                    self._stream(
                     url,
                     {**headers, **({"Range": f"bytes={have}-"} if have else {})},
                     part,
                     have,
+                    f.size,
                     prog,
                     window,
                 )
             except _RetryAfter as e:
                 wait = e.seconds
-            except (httpx.HTTPError, OSError, _Retry) as e:
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise DownloadError(f"disk full writing {target}: {e}") from None
+                log.info("%s: %s; retrying in %.2fs", f.name, e, backoff)
+                wait, backoff = backoff, min(backoff * 2, 8.0)
+            except (httpx.HTTPError, _Retry) as e:
                 log.info("%s: %s; retrying in %.2fs", f.name, e, backoff)
                 wait, backoff = backoff, min(backoff * 2, 8.0)
             if prog.done > before:
@@ -210,6 +256,7 @@ class Downloader:
         headers: dict[str, str],
         part: Path,
         have: int,
+        size: int,
         prog: Progress,
         window: list[tuple[float, int]],
     ) -> None:
@@ -226,8 +273,14 @@ class Downloader:
             mode = "ab" if r.status_code == 206 else "wb"
             if mode == "wb" and have:
                 prog.done -= have  # the server ignored the range: start over
+                have = 0
             with part.open(mode) as out:
                 for chunk in r.iter_bytes():
+                    if have + len(chunk) > size:
+                        # A source that sends more than it listed is lying; what it
+                        # sent past the listed size never reaches the disk.
+                        raise DownloadError(f"{url} sent more than the {size} bytes it listed")
+                    have += len(chunk)
                     out.write(chunk)
                     prog.done += len(chunk)
                     now = time.monotonic()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,7 +82,9 @@ class Engine:
         # Prompts arriving while streams decode prefill beside them on another core
         # (lane.py); None: where that pays (MLX's CPU backend, 2+ cores).
         self.lane = Lane() if (lane_default() if lane is None else lane) else None
-        self._failed: list[tuple[str, str]] = []  # (rid, why): requests the engine gave up on
+        # (rid, code, why): requests the engine gave up on, owed an error
+        self._failed: list[tuple[str, str, str]] = []
+        self.step_faults: Counter[str] = Counter()  # model -> its steps that raised, in a row
         self.kv_budget = kv_budget if kv_budget is not None else default_kv_budget()
         self.models: dict[str, LoadedModel] = {}
         self.fused: dict[str, bool] = {}
@@ -128,7 +130,10 @@ class Engine:
             )
         if rid in self.requests or any(r.rid == rid for r in self.queue):
             raise EngineError(409, "duplicate_request", f"request {rid} already running")
-        sp = SamplingParams.from_wire(params)
+        try:
+            sp = SamplingParams.from_wire(params)
+        except ValueError as e:
+            raise EngineError(400, "invalid_params", str(e)) from None
         prompt = encode_prompt(lm, kind, payload)
         if len(prompt) >= lm.context:
             raise EngineError(
@@ -234,7 +239,7 @@ class Engine:
         return self.pace.plan(decoding, waiting, {m: len(b.rids) for m, b in self.batches.items()})
 
     def step(self) -> list[Output]:
-        from exo.nodes.forward import Chunk, step_forward
+        from exo.nodes.forward import Chunk
 
         landed = self._to_lane()
         step = self.plan()
@@ -286,48 +291,22 @@ class Engine:
         lane_holds = self.lane is not None and self.lane.single_blas
         option, pad_to = for_step(self.threads, dec_rows, pure, lane_holds, blas_max_threads())
         for model_id in active:
-            batch, lm = self.batches[model_id], self.models[model_id]
-            rows = [self.requests[r] for r in batch.rids]
             chunks = by_model.get(model_id, [])
-            if lm.part is not None:
-                self.head.send(lm, batch, rows, chunks, self.steps, t0)
+            try:
+                m_sampled, m_joined, m_work, untimed = self._model_step(
+                    model_id, chunks, pad_to, t0
+                )
+            except Exception as e:
+                # Its requests' caches may be half-written: they end (never a wrong
+                # token); the other models' requests in this step go on.
+                self._fail_model_step(model_id, chunks, e)
                 continue
-            work.extend(
-                (len(c.tokens), r.prefilled, ((c.end or r.lm.layers) - c.first) / r.lm.layers)
-                for r, c in chunks
-            )
-            batch.grow_ahead()
-            work_model = work_model or (model_id if chunks else "")
-            ready = self.prefetched.pop(model_id, None)
-            if ready is not None and ready.rids == batch.rids:
-                # This step's decodes were computed during the last one, so its time
-                # says nothing about what its chunks add to a decode step.
-                timed = timed and not chunks
-                _, chunk_logits = step_forward(
-                    lm.model, [], [], [c for _, c in chunks], self.fused[model_id]
-                )
-                sampled.append((rows, ready.toks))
-            else:
-                dec_logits, chunk_logits = step_forward(
-                    lm.model,
-                    [r.last for r in rows],
-                    batch.dec_groups(),
-                    [c for _, c in chunks],
-                    self.fused[model_id],
-                    pad_to,
-                )
-                if rows:
-                    assert dec_logits is not None
-                    sampled.extend(sample_rows(rows, dec_logits))
-            for (req, chunk), logits in zip(chunks, chunk_logits, strict=True):
-                if chunk.end is not None and chunk.end < req.lm.layers:
-                    req.inflight, req.through, req.h = len(chunk.tokens), chunk.end, logits
-                    continue
-                req.inflight, req.through, req.h = 0, 0, None
-                req.prefilled += len(chunk.tokens)
-                if logits is not None:
-                    sampled.append(([req], req.sampler(logits)[None]))
-                    joined.append(req)
+            self.step_faults.pop(model_id, None)
+            sampled += m_sampled
+            joined += m_joined
+            work += m_work
+            timed = timed and not untimed
+            work_model = work_model or (model_id if chunks and m_work else "")
         if not sampled:
             return []
         # (The lane's prompts are its own to evaluate, on its thread and stream.)
@@ -372,6 +351,76 @@ class Engine:
             joined,
         )
 
+    def _model_step(
+        self,
+        model_id: str,
+        chunks: list[tuple[Request, Any]],
+        pad_to: int | None,
+        t0: float,
+    ) -> tuple[list[tuple[list[Request], mx.array]], list[Request], list[Work], bool]:
+        """One model's part of the step: its decode rows and prompt chunks through
+        the model (or, for stage 0 of a pipeline, sent on). -> the tokens it samples,
+        the requests that finished their prompts, its chunks' work for the cost model,
+        and whether its time says nothing of the step's cost (its decodes came
+        computed from the last step)."""
+        from exo.nodes.forward import step_forward
+
+        batch, lm = self.batches[model_id], self.models[model_id]
+        rows = [self.requests[r] for r in batch.rids]
+        sampled: list[tuple[list[Request], mx.array]] = []
+        joined: list[Request] = []
+        if lm.part is not None:
+            self.head.send(lm, batch, rows, chunks, self.steps, t0)
+            return sampled, joined, [], False
+        work: list[Work] = [
+            (len(c.tokens), r.prefilled, ((c.end or r.lm.layers) - c.first) / r.lm.layers)
+            for r, c in chunks
+        ]
+        batch.grow_ahead()
+        untimed = False
+        ready = self.prefetched.pop(model_id, None)
+        if ready is not None and ready.rids == batch.rids:
+            # This step's decodes were computed during the last one, so its time
+            # says nothing about what its chunks add to a decode step.
+            untimed = bool(chunks)
+            _, chunk_logits = step_forward(
+                lm.model, [], [], [c for _, c in chunks], self.fused[model_id]
+            )
+            sampled.append((rows, ready.toks))
+        else:
+            dec_logits, chunk_logits = step_forward(
+                lm.model,
+                [r.last for r in rows],
+                batch.dec_groups(),
+                [c for _, c in chunks],
+                self.fused[model_id],
+                pad_to,
+            )
+            if rows:
+                assert dec_logits is not None
+                sampled.extend(sample_rows(rows, dec_logits))
+        for (req, chunk), logits in zip(chunks, chunk_logits, strict=True):
+            if chunk.end is not None and chunk.end < req.lm.layers:
+                req.inflight, req.through, req.h = len(chunk.tokens), chunk.end, logits
+                continue
+            req.inflight, req.through, req.h = 0, 0, None
+            req.prefilled += len(chunk.tokens)
+            if logits is not None:
+                sampled.append(([req], req.sampler(logits)[None]))
+                joined.append(req)
+        return sampled, joined, work, untimed
+
+    def _fail_model_step(
+        self, model_id: str, chunks: list[tuple[Request, Any]], e: Exception
+    ) -> None:
+        log.exception("model %s: step %d failed", model_id, self.steps)
+        why = f"the step of {model_id} failed: {type(e).__name__}: {e}"
+        self.prefetched.pop(model_id, None)
+        for rid in [*self.batches[model_id].rids, *(r.rid for r, _ in chunks)]:
+            if self.cancel(rid):
+                self._failed.append((rid, "step_failed", why))
+        self.step_faults[model_id] += 1
+
     def _to_lane(self) -> list[tuple[Request, mx.array]]:
         """Hand the lane the prompts waiting beside running decodes, and take back
         the ones it has prefilled (their last logits), to sample and join this step."""
@@ -385,7 +434,8 @@ class Engine:
             if logits is None:
                 self.requests.pop(req.rid)
                 self._release(req)
-                self._failed.append((req.rid, "the prompt's prefill failed on this node"))
+                why = "the prompt's prefill failed on this node"
+                self._failed.append((req.rid, "prefill_error", why))
                 continue
             landed.append((req, logits))
         self.lane.release_blas()
@@ -478,8 +528,26 @@ class Engine:
         if self.lane is not None:
             self.lane.close()
 
-    def take_failed(self) -> list[tuple[str, str]]:
-        """(rid, why) of the requests the engine gave up on since the last call: they
+    def fail_step(self) -> list[tuple[str, str]]:
+        """After step() raised: end the requests it carried (decode rows of models not
+        waiting on a later stage, prompt chunks, prompts just back from the lane),
+        whose caches it may have left half-written. -> (rid, model) of each."""
+        busy = self.head.busy()
+        chunked = {rid for rid, _ in self.last_plan.prefill}
+        carried = [
+            r
+            for r in self.requests.values()
+            if (r.cache is None and r.lm.model_id not in busy)
+            or r.rid in chunked
+            or (r.cache is not None and not r.in_lane and r.to_prefill == 0)
+        ]
+        for r in carried:
+            self.prefetched.pop(r.lm.model_id, None)
+            self.cancel(r.rid)
+        return [(r.rid, r.lm.model_id) for r in carried]
+
+    def take_failed(self) -> list[tuple[str, str, str]]:
+        """(rid, error code, why) of the requests the engine gave up on since the last call: they
         are gone from it, and their clients are owed an error."""
         out, self._failed = self._failed, []
         return out

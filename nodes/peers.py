@@ -22,6 +22,11 @@ from exo.nodes.mlxenv import mx
 
 log = logging.getLogger(__name__)
 
+# The largest hidden states a step carries: rows (decodes and prompt chunks, at
+# most a prefill budget of pacing.MAX_CHUNK plus the batch) x width x 4 bytes.
+# 2,304 rows of a 16,384-wide model (the largest open models) is 151 MB.
+MAX_ACT = 160 * 1024 * 1024
+
 
 class PeerSockets:
     def __init__(
@@ -30,8 +35,11 @@ class PeerSockets:
         self.ctx, self.peer_id = ctx, peer_id
         self.router = ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
-        self.router.setsockopt(zmq.RCVHWM, 1000)
-        self.router.setsockopt(zmq.MAXMSGSIZE, 1 << 31)
+        # Steps go one at a time per instance: a few frames in flight is all a
+        # stage ever has. A larger frame than MAX_ACT is no step (and costs its
+        # sender the connection).
+        self.router.setsockopt(zmq.RCVHWM, 64)
+        self.router.setsockopt(zmq.MAXMSGSIZE, MAX_ACT)
         if port:
             self.router.bind(f"tcp://{host}:{port}")
             self.port = port
@@ -91,7 +99,11 @@ class PeerSockets:
             return msg, None
         shape = msg["shape"]
         buf = parts[2].buffer if len(parts) == 3 else b""
-        if len(shape) != 2 or len(buf) != 4 * int(shape[0]) * int(shape[1]):
+        if (
+            len(shape) != 2
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
+            or len(buf) != 4 * shape[0] * shape[1]
+        ):
             self.dropped["bad_tensor"] += 1
             return None
         return msg, mx.array(np.frombuffer(buf, dtype=np.float32).reshape(shape))

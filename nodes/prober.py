@@ -42,6 +42,10 @@ def _recv_exact(conn: socket.socket, n: int) -> bytes:
     return buf
 
 
+MAX_PROBES = 4  # connections served at once
+IDLE_S = 10.0  # a probe connection silent this long is closed
+
+
 class ProbeServer(threading.Thread):
     """Answers other nodes' probes; counts the CPU time it spends doing so."""
 
@@ -51,6 +55,7 @@ class ProbeServer(threading.Thread):
         self.port = int(self.sock.getsockname()[1])
         self.cpu_s = 0.0
         self.lock = threading.Lock()
+        self.slots = threading.BoundedSemaphore(MAX_PROBES)
 
     def run(self) -> None:
         while True:
@@ -58,19 +63,25 @@ class ProbeServer(threading.Thread):
                 conn, _ = self.sock.accept()
             except OSError:
                 return
+            # Probes come one at a time (the broker runs one in the cluster): a few
+            # at once is plenty, and more are closed rather than given a thread.
+            if not self.slots.acquire(blocking=False):
+                conn.close()
+                continue
             threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
 
     def serve(self, conn: socket.socket) -> None:
         t0 = time.thread_time()
         try:
             with conn, contextlib.suppress(OSError, ConnectionError):
-                conn.settimeout(30)
+                conn.settimeout(IDLE_S)
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 while (op := conn.recv(1)) == PING:
                     conn.sendall(PING)
                 if op == BULK:
                     conn.sendall(REPLY.pack(*self.receive(conn)))
         finally:
+            self.slots.release()
             with self.lock:
                 self.cpu_s += time.thread_time() - t0
 

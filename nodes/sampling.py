@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 from exo.nodes.mlxenv import mx
 
@@ -23,15 +24,41 @@ class SamplingParams:
 
     @classmethod
     def from_wire(cls, p: dict) -> SamplingParams:
+        """The parameters a GENERATE carries, or ValueError naming the bad one. The API
+        checks them first; a node checks again, as nothing on the wire is trusted."""
         stop = p.get("stop") or []
-        return cls(
-            max_tokens=int(p.get("max_tokens", 256)),
-            temperature=float(p.get("temperature", 1.0)),
-            top_p=float(p.get("top_p", 1.0)),
-            seed=p.get("seed"),
-            stop=[stop] if isinstance(stop, str) else list(stop),
-            ignore_eos=bool(p.get("ignore_eos", False)),
+        if isinstance(stop, str):
+            stop = [stop]
+        seed = p.get("seed")
+        out = cls(
+            max_tokens=_number(p, "max_tokens", 256, int, 1, 1 << 31),
+            temperature=_number(p, "temperature", 1.0, float, 0.0, 2.0),
+            top_p=_number(p, "top_p", 1.0, float, 1e-9, 1.0),
+            seed=None if seed is None else _number(p, "seed", 0, int, -(1 << 63), (1 << 64) - 1),
+            stop=stop,
+            ignore_eos=p.get("ignore_eos", False) is True,
         )
+        if (
+            not isinstance(stop, list)
+            or len(stop) > MAX_STOPS
+            or not all(isinstance(s, str) and len(s) <= MAX_STOP_CHARS for s in stop)
+        ):
+            raise ValueError(f"stop: at most {MAX_STOPS} strings of {MAX_STOP_CHARS} characters")
+        return out
+
+
+MAX_STOPS = 16
+MAX_STOP_CHARS = 1024
+
+
+def _number(p: dict, name: str, default: float, kind: type, lo: float, hi: float) -> Any:
+    v = p.get(name, default)
+    if isinstance(v, bool) or not isinstance(v, int | float) or (kind is int and v != int(v)):
+        raise ValueError(f"{name} must be a number")
+    v = kind(v)
+    if not lo <= v <= hi:
+        raise ValueError(f"{name} must be within [{lo}, {hi}]")
+    return v
 
 
 class Sampler:
@@ -39,7 +66,8 @@ class Sampler:
         self.temperature = params.temperature
         self.top_p = params.top_p
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
-        self.key = mx.random.key(seed)
+        # OpenAI's seeds are signed 64-bit; MLX's keys take unsigned ones.
+        self.key = mx.random.key(seed % (1 << 64))
 
     def __call__(self, logits: mx.array) -> mx.array:
         """logits: [vocab] (last position) -> token id as a 0-d array."""

@@ -44,6 +44,13 @@ class StageRunner:
     last_step: int = 0  # stage 0's number of the last step run here
 
     @property
+    def width(self) -> int:
+        """The hidden states' width, which every ACT to this stage carries."""
+        from exo.nodes.layout import embedding_dims
+
+        return int(embedding_dims(self.lm.model.model.embed_tokens))
+
+    @property
     def last(self) -> bool:
         return self.lm.part is None or self.lm.part.last
 
@@ -114,6 +121,38 @@ class StageRunner:
         return self.batch.nbytes() + sum(
             c.nbytes for cache in self.caches.values() for c in cache if c.keys is not None
         )
+
+
+def malformed(header: dict[str, Any], shape: tuple[int, ...], width: int) -> str | None:
+    """Why an ACT header and its hidden states cannot be a step stage 0 sent (None:
+    they can). Checked before anything runs: such a frame is dropped and counted,
+    and fails no one's request."""
+    decode, chunks = header.get("decode"), header.get("chunks")
+    new, drops = header.get("new") or {}, header.get("drops") or []
+    if not (isinstance(decode, list) and all(isinstance(r, str) for r in decode)):
+        return "decode is not a list of request ids"
+    if not isinstance(chunks, list) or not all(
+        isinstance(c, list)
+        and len(c) == 3
+        and isinstance(c[0], str)
+        and isinstance(c[1], int)
+        and not isinstance(c[1], bool)
+        and 0 < c[1] <= MAX_CHUNK_TOKENS
+        and isinstance(c[2], bool | int)
+        for c in chunks
+    ):
+        return "chunks are not [rid, tokens, wants_logits] triples"
+    if not (isinstance(new, dict) and all(isinstance(p, dict) for p in new.values())):
+        return "new is not a map of sampling parameters"
+    if not (isinstance(drops, list) and all(isinstance(r, str) for r in drops)):
+        return "drops is not a list of request ids"
+    rows = len(decode) + sum(c[1] for c in chunks)
+    if tuple(shape) != (rows, width):
+        return f"hidden states {tuple(shape)} for {rows} rows of width {width}"
+    return None
+
+
+MAX_CHUNK_TOKENS = 1 << 16
 
 
 def _rows(h: mx.array, order: list[int]) -> mx.array:

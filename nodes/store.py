@@ -12,6 +12,8 @@ import json
 import os
 from pathlib import Path
 
+from exo.common.names import valid_model_id
+
 
 def default_models_dir() -> Path:
     env = os.environ.get("EXO_MODELS_DIR")
@@ -19,6 +21,8 @@ def default_models_dir() -> Path:
 
 
 def folder_name(model_id: str) -> str:
+    if not valid_model_id(model_id):
+        raise ValueError(f"{model_id!r} is not a model id (ORG/NAME, as on the hub)")
     return model_id.replace("/", "--")
 
 

@@ -29,13 +29,44 @@ LISTING = re.compile(r"/api/models/([^/]+/[^/]+)(?:/revision/[^/]+)?")
 RESOLVE = re.compile(r"/([^/]+/[^/]+)/resolve/[^/]+/(.+)")
 
 
+# At most this many connections at once (more are closed at once), and a peer
+# silent this long (headers not sent, a read not taken) is dropped: idle
+# connections cannot pile up threads and file descriptors.
+MAX_CONNECTIONS = 16
+IDLE_S = 15.0
+
+
+class BoundedServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, *args: Any, limit: int = MAX_CONNECTIONS, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.slots = threading.BoundedSemaphore(limit)
+        self.refused = 0
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.refused += 1
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+
 def get_server(
     host: str, port: int, on_get: Callable[[BaseHTTPRequestHandler], None]
-) -> ThreadingHTTPServer:
-    """A threaded HTTP/1.1 server that hands every GET to `on_get`, quietly."""
+) -> BoundedServer:
+    """A threaded HTTP/1.1 server that hands every GET to `on_get`, quietly, with
+    at most MAX_CONNECTIONS connections and an IDLE_S deadline on each."""
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        timeout = IDLE_S
 
         def log_message(self, *args: object) -> None:
             pass
@@ -43,9 +74,7 @@ def get_server(
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming
             on_get(self)
 
-    http = ThreadingHTTPServer((host, port), Handler)
-    http.daemon_threads = True
-    return http
+    return BoundedServer((host, port), Handler)
 
 
 class WeightsServer:

@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -14,6 +14,7 @@ from typing import Any
 import zmq
 
 from exo.broker import protocol as P
+from exo.common.names import valid_model_id
 from exo.nodes import info as node_info
 from exo.nodes import memory
 from exo.nodes.download import Downloader, DownloadError, Progress
@@ -27,13 +28,14 @@ from exo.nodes.pressure import read_pressure
 from exo.nodes.prober import ProbeServer, probe
 from exo.nodes.rdma import rdma_devices
 from exo.nodes.request import EngineError, Output
-from exo.nodes.stage import StageRunner
+from exo.nodes.stage import StageRunner, malformed
 from exo.nodes.store import ModelStore
 from exo.nodes.weights import WeightsServer
 
 log = logging.getLogger(__name__)
 
 PROGRESS_S = 1.0
+FAILING_STEPS = 3
 
 
 class Node:
@@ -102,6 +104,7 @@ class Node:
         self.usage_at = 0.0
         # (rid, wall-clock time the engine dropped it), for `bench cancel` and tests
         self.recent_cancels: deque[tuple[str, float, float]] = deque(maxlen=64)
+        self.errors: Counter[str] = Counter()  # handler and step failures, by kind
 
     def info(self) -> dict[str, Any]:
         models = self.store.scan()  # walks every model folder: once per INFO
@@ -153,23 +156,11 @@ class Node:
             events = dict(poller.poll(0 if self.engine.runnable() else 100))
             if self.pair in events:
                 while self.pair.poll(0):
-                    self.handle(P.decode(self.pair.recv()))
+                    self.guarded("broker message", self.on_broker, self.pair.recv())
             if self.peers.router in events:
                 while self.peers.router.poll(0):
-                    self.on_peer()
-            t0 = time.perf_counter()
-            outputs = self.engine.step()
-            self.last_step_s = time.perf_counter() - t0
-            if outputs and log.isEnabledFor(logging.DEBUG):
-                log.debug(
-                    "step %d: %d outputs in %.1f ms",
-                    self.engine.steps,
-                    len(outputs),
-                    self.last_step_s * 1000,
-                )
-            self.emit(outputs)
-            for rid, why in self.engine.take_failed():
-                self.send("FAIL", rid=rid, status=500, code="prefill_error", message=why)
+                    self.guarded("peer message", self.on_peer)
+            self.tick()
             self.check_stalled_steps()
             self.report_progress()
             self._status = self.status()
@@ -181,6 +172,73 @@ class Node:
         if self.weights:
             self.weights.close()
         return 2 if self.link.refused else 0
+
+    def guarded(self, what: str, fn: Any, *args: Any) -> None:
+        """Run a handler; what it raises is logged and counted, never the node's end."""
+        try:
+            fn(*args)
+        except Exception:
+            self.errors[what] += 1
+            log.exception("%s failed; dropped", what)
+
+    def on_broker(self, frame: bytes) -> None:
+        try:
+            msg = P.decode(frame)
+        except P.ProtocolError as e:
+            self.errors[f"broker_{e.reason}"] += 1
+            return
+        self.handle(msg)
+
+    def tick(self) -> None:
+        """A step of the engine and what it owes: tokens out, errors out, models that
+        keep failing unloaded."""
+        t0 = time.perf_counter()
+        outputs = self.step()
+        self.last_step_s = time.perf_counter() - t0
+        if outputs and log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "step %d: %d outputs in %.1f ms",
+                self.engine.steps,
+                len(outputs),
+                self.last_step_s * 1000,
+            )
+        self.emit(outputs)
+        for rid, code, why in self.engine.take_failed():
+            self.send("FAIL", rid=rid, status=500, code=code, message=why)
+        for model_id, n in list(self.engine.step_faults.items()):
+            if n >= FAILING_STEPS:
+                self.fail_model(model_id, f"its last {n} steps on {self.name} failed")
+
+    def step(self) -> list[Output]:
+        """One engine step. A model's part that raises fails its own requests in the
+        step (engine.py); what escapes the engine fails every request the step
+        carried (their state may be half-updated: never a wrong token), and the
+        node goes on. A model whose steps fail FAILING_STEPS times in a row is
+        unloaded and its stages reported failed, with the reason."""
+        try:
+            return self.engine.step()
+        except Exception as e:
+            log.exception("engine step %d failed", self.engine.steps)
+            why = f"the engine's step failed on node {self.name}: {type(e).__name__}: {e}"
+            self.errors["step"] += 1
+            for rid, model_id in self.engine.fail_step():
+                self.send("FAIL", rid=rid, status=500, code="step_failed", message=why)
+                self.engine.step_faults[model_id] += 1
+            return []
+
+    def fail_model(self, model_id: str, why: str) -> None:
+        """Unload a model that keeps failing: its requests end with `why`, its
+        stages report failed (so the broker fails the instance, with the reason)."""
+        self.engine.step_faults.pop(model_id, None)
+        log.error("unloading %s: %s", model_id, why)
+        for rid in self.engine.fail_remote(model_id):
+            self.send("FAIL", rid=rid, status=503, code="model_failed", message=why)
+        for iid, entry in list(self.stages.items()):
+            if entry.get("model") == model_id:
+                self.unload_stage(iid)
+                self.stages[iid] = {**entry, "state": "failed", "error": why}
+        if model_id in self.engine.models:
+            self.engine.remove_model(model_id)
 
     def status(self) -> dict[str, Any]:
         s = self.engine.status()
@@ -201,6 +259,7 @@ class Node:
             "peer_bytes_sent": dict(self.peers.sent),
             "peer_bytes_received": self.peers.received,
             "peer_dropped": self.peers.dropped.snapshot(),
+            "errors": dict(self.errors),
         }
 
     def emit(self, outputs: list[Output]) -> None:
@@ -226,6 +285,11 @@ class Node:
             runner = self.runners.get(iid)
             if runner is None or h is None:
                 log.warning("a step for instance %s, which this node does not hold", iid)
+                return
+            problem = malformed(msg.fields, tuple(h.shape), runner.width)
+            if problem is not None:
+                self.peers.dropped["bad_act"] += 1
+                log.warning("instance %s: ACT dropped: %s", iid, problem)
                 return
             if msg["step"] <= runner.last_step:
                 # A step stage 0 gave up on, arriving late over a link that came back.
@@ -382,6 +446,11 @@ class Node:
     def download(self, model_id: str, revision: str, source: str | None = None) -> None:
         """Fetch a model in the background; the engine keeps serving meanwhile. With a
         `source` (a peer's weights server) the peer is tried first, then the hub."""
+        if not valid_model_id(model_id):
+            self.downloads[model_id[:256]] = Progress(
+                model_id[:256], state="failed", error="not a model id (ORG/NAME, as on the hub)"
+            )
+            return
         current = self.downloads.get(model_id)
         if (
             current and current.state in ("listing", "downloading")
@@ -455,3 +524,6 @@ class Node:
         except EngineError as e:
             log.info("rid=%s refused: %s", rid, e.message)
             self.send("FAIL", rid=rid, status=e.status, code=e.code, message=e.message)
+        except Exception as e:
+            log.exception("rid=%s could not be admitted", rid)
+            self.send("FAIL", rid=rid, status=500, code="admission_failed", message=repr(e))

@@ -28,6 +28,10 @@ class Faults:
     corrupt: dict[str, int] = field(default_factory=dict)  # file -> times to serve bad bytes
     rate: float | None = None  # bytes/s for every file body
     retry_after: int = 1
+    # A rogue hub: list a file under another name (a path out of the folder), or
+    # list a smaller size than it then sends.
+    listed_as: dict[str, str] = field(default_factory=dict)
+    listed_size: dict[str, int] = field(default_factory=dict)
 
 
 class Hub:
@@ -55,14 +59,16 @@ class Hub:
         for p in sorted(root.rglob("*")):
             if p.is_file():
                 data = p.read_bytes()
+                name = str(p.relative_to(root))
+                size = self.faults.listed_size.get(name, len(data))
                 siblings.append(
                     {
-                        "rfilename": str(p.relative_to(root)),
-                        "size": len(data),
+                        "rfilename": self.faults.listed_as.get(name, name),
+                        "size": size,
                         "blobId": hashlib.sha1(data).hexdigest(),
                         "lfs": {
                             "sha256": hashlib.sha256(data).hexdigest(),
-                            "size": len(data),
+                            "size": size,
                             "pointerSize": 134,
                         },
                     }

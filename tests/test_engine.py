@@ -631,7 +631,9 @@ def test_a_prompt_the_lane_fails_on_fails_alone(
     outs = engine.step()
     assert not select.select([engine.lane.wakeup], [], [], 0)[0]
     assert [o.rid for o in outs] == ["s0"]
-    assert engine.take_failed() == [("bad", "the prompt's prefill failed on this node")]
+    assert engine.take_failed() == [
+        ("bad", "prefill_error", "the prompt's prefill failed on this node")
+    ]
     assert engine.take_failed() == []
     assert "bad" not in engine.requests
 

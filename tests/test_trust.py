@@ -1,0 +1,302 @@
+"""Hostile input on every door: frames a peer sends the broker or a node, HTTP
+bodies, a rogue hub. Each attack fails, is counted, and the cluster keeps serving."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from exo.broker import protocol as P
+from exo.nodes.download import Downloader, DownloadError
+from exo.tools.cluster import LocalCluster
+from tests.helpers import wait_until
+from tests.hub import Hub
+
+TINY = "test/tiny-llama"
+
+
+def chat(url: str, **body: object) -> httpx.Response:
+    body.setdefault("model", TINY)
+    body.setdefault("messages", [{"role": "user", "content": "hi"}])
+    body.setdefault("max_tokens", 3)
+    return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+
+
+def dealer(c: LocalCluster) -> zmq.Socket:
+    d = zmq.Context.instance().socket(zmq.DEALER)
+    d.setsockopt(zmq.LINGER, 0)
+    d.connect(c.broker_addr)
+    return d
+
+
+def hello(d: zmq.Socket, role: str, peer_id: str, **fields: object) -> P.Message:
+    d.send(P.encode("HELLO", role=role, peer_id=peer_id, **fields))
+    assert d.poll(5000)
+    return P.decode(d.recv())
+
+
+def node0(c: LocalCluster) -> dict:
+    """The cluster's real node (a rogue one of an earlier test may not have expired yet)."""
+    (n,) = [n for n in c.cluster_state()["nodes"] if n["name"] == "node0"]
+    return n
+
+
+def alive(c: LocalCluster) -> None:
+    assert c.broker is not None and c.broker.poll() is None
+    assert all(p is not None and p.poll() is None for p in c.node_procs)
+    assert chat(c.url).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "info",
+    [
+        [1],
+        {"models": [[1]]},
+        {"models": ["m"], "model_meta": {"m": {"layers": "many"}}},
+        {"interfaces": [1]},
+        {"interfaces": [{"name": "x", "networks": [7]}]},
+        {"memory_available": -(1 << 40)},
+        {"memory_pressure": "high"},
+        {"peer_port": 1 << 20},
+        {"models": ["m"] * 10_000},
+        {"x": [[[[[[[[[[[1]]]]]]]]]]]},
+    ],
+)
+def test_a_node_hello_with_bad_facts_is_refused_and_the_broker_serves_on(
+    cluster: LocalCluster, info: object
+) -> None:
+    d = dealer(cluster)
+    try:
+        if isinstance(info, dict):
+            msg = hello(d, "node", "rogue", info=info)
+            assert msg.type == "REFUSED" and "bad info" in msg["reason"]
+        else:  # not even the map a HELLO's info is: a bad frame, dropped unanswered
+            d.send(P.encode("HELLO", role="node", peer_id="rogue", info=info))
+            assert not d.poll(1000)
+    finally:
+        d.close()
+    assert "rogue" not in str(cluster.cluster_state()["nodes"])
+    alive(cluster)
+
+
+def test_bad_reports_after_hello_are_dropped_and_the_node_keeps_its_last_good_ones(
+    cluster: LocalCluster,
+) -> None:
+    d = dealer(cluster)
+    try:
+        assert hello(d, "node", "flaky", info={"models": []}).type == "WELCOME"
+        d.send(P.encode("INFO", info={"models": [[1]]}))
+        d.send(P.encode("INFO", info={"interfaces": [1]}))
+        d.send(P.encode("HEARTBEAT", status={"running": -50}))
+        d.send(P.encode("HEARTBEAT", status={"downloads": [{"model": 3}]}))
+        d.send(P.encode("HEARTBEAT", status={"stages": {"i": "ready"}}))
+        d.send(P.encode("HEARTBEAT", status={"probes": {"k": {"at": "now"}}}))
+        d.send(P.encode("HEARTBEAT", status=[1]))  # not a map: a bad frame
+        time.sleep(0.5)
+        d.send(P.encode("HEARTBEAT"))  # still here
+        state = cluster.cluster_state()
+        (flaky,) = [n for n in state["nodes"] if n["id"] == "flaky"]
+        assert flaky["info"]["models"] == [] and flaky["status"] == {}
+        assert state["dropped"].get("bad_report", 0) >= 6
+        assert state["dropped"].get("bad_fields", 0) >= 1
+    finally:
+        d.close()
+    alive(cluster)
+
+
+def test_a_frontend_with_a_bad_instances_spec_or_params_cannot_stop_anything(
+    cluster: LocalCluster,
+) -> None:
+    d = dealer(cluster)
+    try:
+        assert hello(d, "frontend", "rogue-api").type == "WELCOME"
+        d.send(msgpack.packb({"v": 1, "t": "INSTANCES", "qid": "q1", "op": "place", "spec": [1]}))
+        d.send(P.encode("INSTANCES", qid="q2", op="place", spec={"model": TINY, "stages": 5}))
+        d.send(P.encode("INSTANCES", qid="q3", op="place", spec={"model": TINY, "nodes": [[]]}))
+        # Sampling parameters no API would send reach the node: it refuses the request.
+        bad_params = [
+            {"seed": -1, "temperature": 0, "max_tokens": 2},  # fine: any signed 64-bit seed
+            {"seed": 1.5},
+            {"temperature": "hot"},
+            {"max_tokens": -3},
+            {"top_p": 0},
+            {"stop": [1, 2]},
+        ]
+        for i, params in enumerate(bad_params):
+            d.send(
+                P.encode(
+                    "SUBMIT",
+                    rid=f"bad-{i}",
+                    model=TINY,
+                    kind="chat",
+                    payload=[{"role": "user", "content": "hi"}],
+                    params=params,
+                )
+            )
+        replies: dict[str, P.Message] = {}
+        ended: dict[str, P.Message] = {}
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and len(ended) < len(bad_params):
+            if not d.poll(500):
+                continue
+            msg = P.decode(d.recv())
+            if msg.type == "REPLY":
+                replies[msg["qid"]] = msg
+            elif msg.type == "FAIL" or (msg.type == "TOKENS" and msg.get("finish")):
+                ended[msg["rid"]] = msg
+        assert ended["bad-0"].type == "TOKENS"
+        for i in range(1, len(bad_params)):
+            assert ended[f"bad-{i}"].type == "FAIL", ended[f"bad-{i}"]
+            assert ended[f"bad-{i}"]["status"] == 400
+            assert ended[f"bad-{i}"]["code"] == "invalid_params"
+        assert "q1" not in replies  # a spec that is not a map is a bad frame
+        for q in ("q2", "q3"):
+            assert replies[q]["data"]["status"] == 400, replies[q]
+    finally:
+        d.close()
+    assert cluster.cluster_state()["dropped"].get("bad_fields", 0) >= 1
+    alive(cluster)
+
+
+def test_http_bounds_answer_4xx_in_openais_shape(cluster: LocalCluster) -> None:
+    url = cluster.url
+    for body, param in [
+        ({"seed": 1 << 64}, "seed"),
+        ({"seed": -(1 << 63) - 1}, "seed"),
+        ({"max_tokens": 10**30}, "max_tokens"),
+        ({"max_completion_tokens": 1 << 40}, "max_completion_tokens"),
+        ({"stop": ["x" * 5000]}, "stop"),
+    ]:
+        r = chat(url, **body)
+        assert r.status_code == 400, (body, r.text)
+        assert r.json()["error"]["param"] == param
+    # the whole signed 64-bit range is a seed, and a seed gives the same tokens
+    a = chat(url, seed=-1, temperature=1.0, max_tokens=8)
+    b = chat(url, seed=-1, temperature=1.0, max_tokens=8)
+    assert a.status_code == 200 and a.json()["choices"][0] == b.json()["choices"][0]
+    assert chat(url, seed=(1 << 63) - 1).status_code == 200
+    # a body over the limit is 413 whether it says its length or not
+    big = b'{"model": "x", "messages": [{"role": "user", "content": "' + b"a" * (5 << 20) + b'"}]}'
+    r = httpx.post(f"{url}/v1/chat/completions", content=big, timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+    def chunks():  # no Content-Length: chunked transfer encoding
+        for _ in range(6):
+            yield b"a" * (1 << 20)
+
+    r = httpx.post(f"{url}/v1/chat/completions", content=chunks(), timeout=60)
+    assert r.status_code == 413
+    deep = b'{"model": "a/b", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    for path in ("/v1/chat/completions", "/v1/models/pull", "/v1/instances"):
+        r = httpx.post(f"{url}{path}", content=deep, timeout=60)
+        assert r.status_code == 400, (path, r.status_code, r.text[:200])
+        assert r.headers["content-type"].startswith("application/json")
+    for model in ("../../etc", "a/../../b", "/abs/path", "a--b/c", "x/" + "y" * 200):
+        r = httpx.post(f"{url}/v1/models/pull", json={"model": model}, timeout=10)
+        assert r.status_code == 400, (model, r.text)
+    alive(cluster)
+
+
+def test_bad_act_frames_at_a_nodes_peer_port_are_dropped_and_counted(
+    cluster: LocalCluster,
+) -> None:
+    node = node0(cluster)
+    port = node["info"]["peer_port"]
+    d = zmq.Context.instance().socket(zmq.DEALER)
+    d.setsockopt(zmq.LINGER, 0)
+    d.connect(f"tcp://127.0.0.1:{port}")
+    good = np.zeros((2, 4), dtype=np.float32).tobytes()
+    header = {"instance": "nope", "step": 1, "decode": [], "chunks": []}
+    for shape, data in [
+        ([-1, -8], good),
+        (["2", "4"], good),
+        ([2, 4, 1], good),
+        ([True, 8], good),
+        ([1 << 40, 1 << 40], good),
+        ([2, 4], good[:-4]),
+    ]:
+        d.send_multipart([P.encode("ACT", shape=shape, **header), data])
+    d.send_multipart([P.encode("ACT", shape=[2, 4], **header), good])  # no such instance
+    d.send_multipart([b"\xc1", good])
+    # a frame far over any step's hidden states costs the sender its connection
+    d.send_multipart([P.encode("ACT", shape=[1, 1], **header), b"\0" * (200 << 20)])
+    d.close()
+
+    def counted() -> bool:
+        st = node0(cluster)["status"]
+        return st["peer_dropped"].get("bad_tensor", 0) >= 6
+
+    wait_until(counted, 15)
+    alive(cluster)
+
+
+def test_many_idle_connections_to_the_weights_and_probe_ports_do_not_hold_the_node(
+    cluster: LocalCluster,
+) -> None:
+    node = node0(cluster)
+    socks = []
+    try:
+        for port in (node["info"]["weights_port"], node["info"]["probe_port"]):
+            for _ in range(300):
+                s = socket.create_connection(("127.0.0.1", port), timeout=5)
+                socks.append(s)
+        time.sleep(1.0)
+        alive(cluster)
+        # the weights server still answers once a slot is free (the idle ones time out)
+    finally:
+        for s in socks:
+            s.close()
+    wport = node["info"]["weights_port"]
+
+    def lists() -> bool:
+        try:
+            r = httpx.get(f"http://127.0.0.1:{wport}/api/models/{TINY}", timeout=5)
+        except httpx.HTTPError:
+            return False
+        return r.status_code == 200
+
+    wait_until(lists, 30)
+
+
+def test_a_rogue_hub_cannot_write_outside_the_model_folder(
+    tiny_path: Path, tmp_path: Path
+) -> None:
+    outside = tmp_path / "evil.pth"
+    dest = tmp_path / "models" / "hubtest--m"
+    for listed in ("../../evil.pth", str(outside), "a/../../../evil.pth", "x.partial", ""):
+        with Hub({"hubtest/m": tiny_path}) as hub:
+            hub.faults.listed_as["config.json"] = listed
+            with pytest.raises(DownloadError, match="outside|listed"):
+                Downloader(hub=hub.url, stall_timeout=5).download("hubtest/m", dest)
+        assert not outside.exists()
+        assert not any(p.name == "evil.pth" for p in tmp_path.rglob("*"))
+    # a link in the folder pointing out is no way out either
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "sub").symlink_to(tmp_path)
+    with Hub({"hubtest/m": tiny_path}) as hub:
+        hub.faults.listed_as["config.json"] = "sub/evil.pth"
+        with pytest.raises(DownloadError, match="outside"):
+            Downloader(hub=hub.url, stall_timeout=5).download("hubtest/m", dest)
+    assert not outside.exists()
+    for bad in ("../x", "a/b/c", "..", "a--b"):
+        with pytest.raises(DownloadError, match="not a model id"):
+            Downloader(hub="http://127.0.0.1:9").download(bad, tmp_path / "z")
+
+
+def test_a_source_that_sends_more_than_it_listed_fails_without_filling_the_disk(
+    tiny_path: Path, tmp_path: Path
+) -> None:
+    weights = "model.safetensors"
+    with Hub({"hubtest/m": tiny_path}) as hub:
+        hub.faults.listed_size[weights] = 1024
+        with pytest.raises(DownloadError, match="more than the 1024 bytes"):
+            Downloader(hub=hub.url, stall_timeout=5).download("hubtest/m", tmp_path / "m")
+    part = tmp_path / "m" / f"{weights}.partial"
+    assert not part.exists() or part.stat().st_size <= 1024
