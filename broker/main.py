@@ -91,6 +91,7 @@ def main(
         with contextlib.suppress(KeyboardInterrupt):
             broker.run()
         return
+
     def run() -> None:
         try:
             broker.run()

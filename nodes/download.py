@@ -224,7 +224,7 @@ class Downloader:
             before = prog.done
             wait = 0.0
             try:
-                    self._stream(
+                self._stream(
                     url,
                     {**headers, **({"Range": f"bytes={have}-"} if have else {})},
                     part,

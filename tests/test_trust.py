@@ -265,9 +265,7 @@ def test_many_idle_connections_to_the_weights_and_probe_ports_do_not_hold_the_no
     wait_until(lists, 30)
 
 
-def test_a_rogue_hub_cannot_write_outside_the_model_folder(
-    tiny_path: Path, tmp_path: Path
-) -> None:
+def test_a_rogue_hub_cannot_write_outside_the_model_folder(tiny_path: Path, tmp_path: Path) -> None:
     outside = tmp_path / "evil.pth"
     dest = tmp_path / "models" / "hubtest--m"
     for listed in ("../../evil.pth", str(outside), "a/../../../evil.pth", "x.partial", ""):
