@@ -20,7 +20,7 @@ from typing import Any
 
 from exo.nodes.batch import Batch, sample_rows
 from exo.nodes.head import Head
-from exo.nodes.lane import Lane, lane_default
+from exo.nodes.lane import DEFAULT_MAX_TTFT_RATIO, YIELD_S, Lane, Watch, lane_default
 from exo.nodes.mlxenv import blas_max_threads, blas_threads, mx
 from exo.nodes.model import LoadedModel, kv_bytes_per_token
 from exo.nodes.pacing import DEFAULT_IDLE_BUDGET, DEFAULT_MAX_STALL, Pacer
@@ -77,11 +77,13 @@ class Engine:
         kv_budget: int | None = None,
         max_stall: float = DEFAULT_MAX_STALL,
         lane: bool | None = None,
+        max_ttft_ratio: float = DEFAULT_MAX_TTFT_RATIO,
     ) -> None:
         self.pace = Pacer(prefill_budget, idle_budget, max_stall)
         # Prompts arriving while streams decode prefill beside them on another core
         # (lane.py); None: where that pays (MLX's CPU backend, 2+ cores).
         self.lane = Lane() if (lane_default() if lane is None else lane) else None
+        self.watch = Watch(self.lane, max_ttft_ratio) if self.lane is not None else None
         # (rid, code, why): requests the engine gave up on, owed an error
         self._failed: list[tuple[str, str, str]] = []
         self.step_faults: Counter[str] = Counter()  # model -> its steps that raised, in a row
@@ -439,6 +441,9 @@ class Engine:
                 continue
             landed.append((req, logits))
         self.lane.release_blas()
+        assert self.watch is not None
+        if self.watch.check():
+            self.lane.wait_layer(YIELD_S)
         busy = self.head.busy()
         if any(b.rids for m, b in self.batches.items() if m not in busy):
             for req in self.requests.values():
@@ -601,4 +606,5 @@ class Engine:
             if self.threads
             else {},
             "prefill_cost": self.pace.cost.theta,
+            "lane": self.watch.status() if self.watch is not None else None,
         }

@@ -21,6 +21,17 @@ their length and the prompt prefills at about its speed on an idle machine
   at nice 19 1.06-1.10x, the prompt prefilling ~15% slower.
 Decodes and the lane's results meet in the engine's step, on its thread: the lane
 hands back each prompt's last logits (evaluated) and its KV cache, complete.
+
+The progress guarantee. Nice 19 is a gift only while nothing else wants the
+cores: beside any busy nice-0 process (a compile, a browser, a second service)
+CFS gives a nice-19 thread about 1.5% of a core, and a prompt waited minutes
+for its first token while the streams decoded on. So the engine watches the
+lane in its own steps: a lane that holds work and has finished no layer for
+FLOOR_STEPS of the engine's steps is behind its floor, and from the next layer
+on its pass runs on a second thread of the lane at the step loop's own priority
+(nice 0), until the lane runs dry. A pass is resumable at any layer boundary,
+so the hand-over loses nothing. (A thread cannot take back a lower nice
+without privilege; a second thread can simply start at the one it needs.)
 """
 
 from __future__ import annotations
@@ -30,7 +41,8 @@ import logging
 import os
 import sys
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from exo.nodes.forward import Chunk, fused_step
@@ -39,6 +51,15 @@ from exo.nodes.mlxenv import blas_threads, mx
 log = logging.getLogger(__name__)
 
 CHUNK = 256  # tokens per pass: the idle step's budget (pacing.DEFAULT_IDLE_BUDGET)
+# Engine steps the lane may hold work without finishing a layer before its pass
+# moves to the nice-0 thread. A layer of a CHUNK-token pass costs a fraction of a
+# decode step on a CPU (about 0.3 of a 4-stream step for a 30-layer model), so 4
+# steps without one is a lane getting a small part of its share.
+FLOOR_STEPS = 4
+# A prompt's first token beside streams may take this many times what it takes
+# alone; behind that pace the streams give (Watch.check).
+DEFAULT_MAX_TTFT_RATIO = 3.0
+YIELD_S = 0.5  # the longest a step waits for the lane's next layer
 # The lane's threads' nice (Linux; 0: the same as the step loop's): see above.
 NICE = int(os.environ.get("EXO_LANE_NICE", "19"))
 
@@ -60,26 +81,47 @@ def lane_default() -> bool:
 class Job:
     req: Any  # request.Request: its prompt, cache and progress
     cancelled: bool = False
+    since: float = field(default_factory=time.monotonic)  # when it came to the lane
+
+
+@dataclass
+class Pass:
+    """A pass in hand: its jobs and token counts, and how far through the model it
+    is (`layer`, and the hidden states there), so another thread can go on with it."""
+
+    batch: list[tuple[Job, int]]
+    layer: int = 0
+    hs: list[Any] = field(default_factory=list)
 
 
 class Lane:
-    """A thread that prefills prompts, chunk by chunk, first come first, several
-    prompts of one model per pass when they fit in CHUNK tokens."""
+    """Prefills prompts, chunk by chunk, first come first, several prompts of one
+    model per pass when they fit in CHUNK tokens; on the polite thread (nice NICE)
+    until the engine says the lane is behind its floor (`hurry`), then on the
+    nice-0 thread until it runs dry."""
 
     def __init__(self, chunk: int = CHUNK) -> None:
         self.chunk = chunk
         self._cv = threading.Condition()
         self._jobs: list[Job] = []
         self._landed: list[tuple[Any, mx.array | None]] = []
-        self._working = False
-        self._thread: threading.Thread | None = None
+        self._pass: Pass | None = None
+        self._busy = False  # a thread is running layers of the pass
+        self._threads: list[threading.Thread] = []
         # Readable once a prompt lands: the node's loop polls it with its sockets.
         self.wakeup, self._wake = os.pipe()
         os.set_blocking(self.wakeup, False)
         os.set_blocking(self._wake, False)
         self.passes = 0  # chunk passes run
         self.prompts = 0  # prompts prefilled
+        self.layers = 0  # layers run, every pass (the engine's measure of progress)
+        self.hurried = 0  # times the lane fell behind its floor
+        self.urgent = False  # passes run on the nice-0 thread
         self.single_blas = False  # whether OpenBLAS is held to one thread now
+        # token-layers per second: the best a layer has run at (about the lane's pace
+        # on an idle core), and the last layer's
+        self.best_rate = 0.0
+        self.rate = 0.0
         self._open = threading.Event()  # cleared: the lane holds before its next layer
         self._open.set()
 
@@ -90,9 +132,18 @@ class Lane:
             )
 
     def submit(self, req: Any) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="prefill-lane", daemon=True)
-            self._thread.start()
+        if not self._threads:
+            # Both start here, on the engine's thread (nice 0); the polite one lowers
+            # its own priority first thing.
+            for urgent in (False, True):
+                t = threading.Thread(
+                    target=self._run,
+                    args=(urgent,),
+                    name="prefill-lane" + ("-floor" if urgent else ""),
+                    daemon=True,
+                )
+                t.start()
+                self._threads.append(t)
         if not self.single_blas:
             # Safe now: the lane is idle (see release_blas) and the engine's own
             # step has been read back.
@@ -101,6 +152,15 @@ class Lane:
         with self._cv:
             self._jobs.append(Job(req))
             self._cv.notify_all()
+
+    def hurry(self) -> None:
+        """The lane is behind its floor: its pass goes on at the step loop's priority
+        from its next layer, until it runs dry."""
+        with self._cv:
+            if not self.urgent and (self._jobs or self._pass):
+                self.urgent = True
+                self.hurried += 1
+                self._cv.notify_all()
 
     def cancel(self, rid: str) -> None:
         """Drop `rid`: a pass that holds it finishes, and its result is thrown away."""
@@ -125,7 +185,23 @@ class Lane:
 
     def idle(self) -> bool:
         with self._cv:
-            return not (self._jobs or self._working)
+            return not (self._jobs or self._pass)
+
+    def progress(self) -> list[dict[str, Any]]:
+        """Per prompt in the lane: tokens prefilled of its prompt, and seconds waited."""
+        now = time.monotonic()
+        with self._cv:
+            return [
+                {
+                    "rid": j.req.rid,
+                    "done": j.req.prefilled,
+                    "total": len(j.req.prompt),
+                    "waited_s": round(now - j.since, 2),
+                    "layers": len(j.req.lm.model.model.layers),
+                }
+                for j in self._jobs
+                if not j.cancelled
+            ]
 
     def pause(self) -> None:
         """Hold the lane before its next layer, every other way as it was (its prompts,
@@ -137,7 +213,7 @@ class Lane:
         self._open.set()
 
     def close(self, timeout: float = 30.0) -> None:
-        """Drop every prompt and wait out the pass in hand: a process that exits while
+        """Drop every prompt and wait out the layer in hand: a process that exits while
         MLX evaluates on the lane's stream aborts ("terminate called without an
         active exception", status 134)."""
         with self._cv:
@@ -146,7 +222,7 @@ class Lane:
             self._landed = []
         self._open.set()
         with self._cv:
-            self._cv.wait_for(lambda: not self._working, timeout)
+            self._cv.wait_for(lambda: not self._busy, timeout)
 
     def release_blas(self) -> None:
         """Give OpenBLAS its threads back once the lane has nothing to do (called on
@@ -158,42 +234,77 @@ class Lane:
     def wait(self, timeout: float) -> None:
         """Until a prompt lands, the lane runs dry, or `timeout` seconds pass."""
         with self._cv:
-            self._cv.wait_for(lambda: self._landed or not (self._jobs or self._working), timeout)
+            self._cv.wait_for(lambda: self._landed or not (self._jobs or self._pass), timeout)
 
-    # -- the lane's thread ---------------------------------------------------------
+    def wait_layer(self, timeout: float) -> None:
+        """Until the lane finishes its next layer (or runs dry, or `timeout` passes)."""
+        with self._cv:
+            seen = self.layers
+            self._cv.wait_for(
+                lambda: self.layers != seen or not (self._jobs or self._pass), timeout
+            )
 
-    def _run(self) -> None:
-        lower_priority()  # first: the stream's worker thread inherits it
+    # -- the lane's threads --------------------------------------------------------
+
+    def _run(self, urgent: bool) -> None:
+        if not urgent:
+            lower_priority()  # first: the stream's worker thread inherits it
         stream = mx.new_stream(mx.cpu)  # this thread's own: MLX streams are per thread
         with mx.stream(stream):
             while True:
                 with self._cv:
-                    self._cv.wait_for(lambda: self._jobs)
-                    batch = self._next_pass()
-                    self._working = bool(batch)
-                if not batch:
-                    continue
-                failed = False
+                    self._cv.wait_for(
+                        lambda: (
+                            not self._busy
+                            and self.urgent == urgent
+                            and (self._pass is not None or bool(self._jobs))
+                        )
+                    )
+                    if self._pass is None:
+                        batch = self._next_pass()
+                        if not batch:
+                            continue
+                        self._pass = Pass(batch)
+                    p = self._pass
+                    self._busy = True
+                done, failed = False, False
                 try:
-                    results = self._pass(batch)
+                    done = self._layers(p, urgent)
                 except Exception:  # the engine fails these prompts, not the whole node
-                    log.exception("prefill lane failed on %s", [j.req.rid for j, _ in batch])
-                    results, failed = [(j, None) for j, _ in batch], True
+                    log.exception("prefill lane failed on %s", [j.req.rid for j, _ in p.batch])
+                    done = failed = True
                 with self._cv:
-                    self._working = False
-                    self.passes += 1
-                    landed = len(self._landed)
-                    for job, logits in results:
-                        if job.cancelled:
-                            self._jobs.remove(job)
-                        elif logits is not None or failed:
-                            self._jobs.remove(job)
-                            self._landed.append((job.req, logits))
-                            self.prompts += logits is not None
-                    if len(self._landed) > landed:
-                        with contextlib.suppress(BlockingIOError):  # full: it is readable
-                            os.write(self._wake, b"!")
+                    self._busy = False
+                    if done:
+                        self._finish(p, failed)
                     self._cv.notify_all()
+
+    def _finish(self, p: Pass, failed: bool) -> None:
+        """Account for a finished pass (under the lock): prompts done land."""
+        self._pass = None
+        self.passes += 1
+        landed = len(self._landed)
+        complete = not failed and p.layer == self._layer_count(p) and len(p.hs) == len(p.batch)
+        for (job, n), out in zip(p.batch, p.hs if complete else [None] * len(p.batch), strict=True):
+            if complete:
+                job.req.prefilled += n
+            logits = out if complete and job.req.to_prefill == 0 else None
+            if job.cancelled:
+                if job in self._jobs:
+                    self._jobs.remove(job)
+            elif logits is not None or failed:
+                self._jobs.remove(job)
+                self._landed.append((job.req, logits))
+                self.prompts += logits is not None
+        if len(self._landed) > landed:
+            with contextlib.suppress(BlockingIOError):  # full: it is readable
+                os.write(self._wake, b"!")
+        if not self._jobs:
+            self.urgent = False  # dry: the next prompt starts polite again
+
+    @staticmethod
+    def _layer_count(p: Pass) -> int:
+        return len(p.batch[0][0].req.lm.model.model.layers)
 
     def _next_pass(self) -> list[tuple[Job, int]]:
         """The jobs and token counts of the next pass: the first job's next chunk, and
@@ -216,31 +327,113 @@ class Lane:
         ]
         return batch
 
-    def _pass(self, batch: list[tuple[Job, int]]) -> list[tuple[Job, mx.array | None]]:
-        model = batch[0][0].req.lm.model
+    def _layers(self, p: Pass, urgent: bool) -> bool:
+        """Run p's layers, one at a time, while the lane's priority is this thread's.
+        True once the pass is through the model (or every job in it was cancelled)."""
+        model = p.batch[0][0].req.lm.model
         layers = len(model.model.layers)
-        reqs = [j.req for j, _ in batch]
+        reqs = [j.req for j, _ in p.batch]
         toks = [
-            r.prompt[r.prefilled : r.prefilled + n] for r, (_, n) in zip(reqs, batch, strict=True)
+            r.prompt[r.prefilled : r.prefilled + n] for r, (_, n) in zip(reqs, p.batch, strict=True)
         ]
         caches = [r.cache for r in reqs]
-        hs: list[mx.array | None] = [None] * len(batch)
-        outs: list[mx.array | None] = [None] * len(batch)
-        for li in range(layers):
+        if not p.hs:
+            p.hs = [None] * len(p.batch)
+        while p.layer < layers:
             self._open.wait()
-            if all(j.cancelled for j, _ in batch):
-                return [(j, None) for j, _ in batch]
+            if self.urgent != urgent:
+                return False  # the other thread goes on from here
+            if all(j.cancelled for j, _ in p.batch):
+                p.hs = []
+                return True
+            li = p.layer
+            t0 = time.perf_counter()
             end = None if li == layers - 1 else li + 1
             chunks = [
                 Chunk(t, c, logits=end is None and len(t) == r.to_prefill, first=li, end=end, h=h)
-                for t, c, r, h in zip(toks, caches, reqs, hs, strict=True)
+                for t, c, r, h in zip(toks, caches, reqs, p.hs, strict=True)
             ]
             _, outs = fused_step(model, [], [], chunks)
             # One layer at a time: see the module's docstring.
             mx.eval([o for o in outs if o is not None], [s for c in caches for s in c[li].state])
-            hs = outs
-        results: list[tuple[Job, mx.array | None]] = []
-        for (job, n), out in zip(batch, outs, strict=True):
-            job.req.prefilled += n
-            results.append((job, out if job.req.to_prefill == 0 else None))
-        return results
+            p.hs, p.layer = list(outs), li + 1
+            rate = sum(len(t) for t in toks) / max(time.perf_counter() - t0, 1e-9)
+            with self._cv:
+                self.layers += 1
+                self.rate, self.best_rate = rate, max(self.best_rate, rate)
+                self._cv.notify_all()
+        return True
+
+
+class Watch:
+    """The engine's eye on the lane, once a step: the floor (a layer within
+    FLOOR_STEPS steps, else `hurry`) and the TTFT bound (a prompt behind the pace
+    of `max_ttft_ratio` times its time alone makes the next step wait for the
+    lane's next layer: the streams' stall bound gives, said in the log and in
+    node status)."""
+
+    def __init__(self, lane: Lane, max_ttft_ratio: float = DEFAULT_MAX_TTFT_RATIO) -> None:
+        self.lane = lane
+        self.max_ttft_ratio = max_ttft_ratio
+        self.seen = 0  # lane.layers at the last step
+        self.steps = 0  # steps since the lane last finished a layer, while it held work
+        self.gives: str | None = None  # "max_stall" while the streams give for a prompt
+        self.behind: set[str] = set()  # prompts logged as behind their bound
+
+    def check(self) -> bool:
+        """Once a step, before it runs. True: the step should wait for the lane."""
+        lane = self.lane
+        if lane.idle():
+            self.steps, self.gives = 0, None
+            self.behind.clear()
+            return False
+        if lane.layers != self.seen:
+            self.seen, self.steps = lane.layers, 0
+        else:
+            self.steps += 1
+        if self.steps >= FLOOR_STEPS and not lane.urgent:
+            log.warning(
+                "prefill lane: no layer done in %d steps; its pass goes on at the step "
+                "loop's priority",
+                self.steps,
+            )
+            lane.hurry()
+        late = self.late()
+        self.gives = "max_stall" if late else None
+        for rid in late - self.behind:
+            log.warning(
+                "rid=%s: its prefill is behind %.1fx its time alone; the streams' steps "
+                "wait for the lane (max stall gives)",
+                rid,
+                self.max_ttft_ratio,
+            )
+        self.behind |= late
+        return bool(late)
+
+    def late(self) -> set[str]:
+        """Prompts whose wait is past the bound's pace: `max_ttft_ratio` times their
+        time alone (at the lane's best rate) for what they have done, plus a chunk."""
+        lane = self.lane
+        if lane.best_rate <= 0:
+            return set()
+        out = set()
+        for p in lane.progress():
+            alone = p["total"] / lane.best_rate * p["layers"]
+            due = min(p["total"], p["done"] + lane.chunk) / max(p["total"], 1)
+            if p["waited_s"] > self.max_ttft_ratio * alone * due:
+                out.add(p["rid"])
+        return out
+
+    def status(self) -> dict[str, Any]:
+        lane = self.lane
+        return {
+            "prompts": [
+                {**p, "rate_tok_s": round(lane.rate / p["layers"], 1)} for p in lane.progress()
+            ],
+            "passes": lane.passes,
+            "layers": lane.layers,
+            "urgent": lane.urgent,
+            "hurried": lane.hurried,
+            "steps_since_layer": self.steps,
+            "gives": self.gives,
+        }

@@ -73,6 +73,14 @@ from exo.nodes.store import default_models_dir
     help="Slowest step, relative to a decode-only step, while a prompt prefills (default 1.5).",
 )
 @click.option(
+    "--max-ttft-ratio",
+    type=float,
+    default=None,
+    help="Slowest first token of a prompt prefilled beside streams, relative to the "
+    "same prompt alone (default 3); where it and --max-stall cannot both hold, "
+    "--max-stall gives.",
+)
+@click.option(
     "--prefill-lane/--no-prefill-lane",
     default=None,
     help="Prefill prompts on a core of their own while streams decode "
@@ -122,6 +130,7 @@ def main(
     kv_budget_mb: int | None,
     idle_budget: int | None,
     max_stall: float | None,
+    max_ttft_ratio: float | None,
     prefill_lane: bool | None,
     peer_port: int,
     probe_port: int,
@@ -135,6 +144,7 @@ def main(
     hugepages.ensure()
     logs.setup(log_spec, log_file or logs.default_log_file("node"))
     from exo.nodes.engine import Engine
+    from exo.nodes.lane import DEFAULT_MAX_TTFT_RATIO
     from exo.nodes.pacing import DEFAULT_IDLE_BUDGET, DEFAULT_MAX_STALL
     from exo.nodes.worker import Node
 
@@ -144,6 +154,7 @@ def main(
         idle_budget=idle_budget or DEFAULT_IDLE_BUDGET,
         kv_budget=kv_budget_mb << 20 if kv_budget_mb else None,
         lane=prefill_lane,
+        max_ttft_ratio=max_ttft_ratio or DEFAULT_MAX_TTFT_RATIO,
     )
     from exo.nodes.download import Downloader
     from exo.nodes.interfaces import load_link_types

@@ -604,11 +604,12 @@ def test_the_lanes_threads_give_the_core_to_the_step_loops(tiny_path: Path) -> N
     engine.lane.wait(5.0)
     assert engine.lane.prompts == 1
     n = nices()
-    assert engine.lane._thread is not None
-    assert lane_mod.NICE > 0 and n[engine.lane._thread.native_id] == lane_mod.NICE
-    # its MLX stream's worker too; the step loop's threads keep theirs
+    polite, floor = engine.lane._threads
+    assert lane_mod.NICE > 0 and n[polite.native_id] == lane_mod.NICE
+    # its MLX stream's worker too; the step loop's threads keep theirs, and so does
+    # the thread the lane's pass moves to when it falls behind its floor
     assert sum(1 for v in n.values() if v == lane_mod.NICE) >= 2
-    assert n[threading.get_native_id()] == 0
+    assert n[threading.get_native_id()] == 0 and n[floor.native_id] == 0
 
 
 def test_a_prompt_the_lane_fails_on_fails_alone(
@@ -616,10 +617,10 @@ def test_a_prompt_the_lane_fails_on_fails_alone(
 ) -> None:
     from exo.nodes.lane import Lane
 
-    def broken(self: Lane, batch: list) -> list:
+    def broken(self: Lane, p: object, urgent: bool) -> bool:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(Lane, "_pass", broken)
+    monkeypatch.setattr(Lane, "_layers", broken)
     engine = tiny_lane_engine(tiny_path, 1)
     assert engine.lane is not None
     engine.submit("bad", "tiny", "completion", list(range(3, 40)), STREAM)

@@ -62,9 +62,10 @@ def test_bench_stall_report_shows_each_rounds_median_during_and_median_before(
             "long_ttft_s": 25.0,
             "long_ttft_alone_s": 14.0,
             "ttft_ratio": 25 / 14,
+            "p99_ratio": 1.4,
         }
 
-    rounds = [round_(0.2, 0.22), round_(0.16, 0.2)]
+    rounds = [round_(0.2, 0.22), {**round_(0.16, 0.2), "busy": True, "ttft_ratio": 2.5}]
     report(
         {
             "model": "m",
@@ -77,13 +78,16 @@ def test_bench_stall_report_shows_each_rounds_median_during_and_median_before(
             "exo_rounds": rounds,
             "batchgen": {"itl_median_before_s": 0.2, "itl_max_during_s": 40.0, "stall_ratio": 200},
             "throughput": [],
+            "worst_ttft_ratio": 2.5,
+            "median_p99_ratio": 1.4,
         }
     )
     out = capsys.readouterr().out
     assert "median ITL during, s" in out and "0.220" in out
     # per round: max / p99 / median during over the median before, and that median
-    assert "1: 1.50 / 1.40 / 1.10, 1.60, 1.30; 0.200s; 25.0s" in out, out
-    assert "2: 1.50 / 1.40 / 1.25, 1.60, 1.30; 0.160s; 25.0s" in out, out
+    assert "1: 1.50 / 1.40 / 1.10, 1.60, 1.30; 0.200s; 25.0s (x1.8)" in out, out
+    assert "2: 1.50 / 1.40 / 1.25, 1.60, 1.30; 0.160s; 25.0s (x2.5) busy" in out, out
+    assert "worst round's TTFT ratio 2.50; median round's p99 / median before 1.40" in out
     assert "fixed work, idle: max / median            1.42   (p99 1.31" in out, out
 
 

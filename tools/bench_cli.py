@@ -144,6 +144,18 @@ def bench_cancel(
     "--rounds", default=1, show_default=True, help="Rounds of the stall test (exo's side)."
 )
 @click.option(
+    "--busy-every",
+    default=0,
+    show_default=True,
+    help="Every Nth round runs with a busy nice-0 process beside the node (2: half of them).",
+)
+@click.option(
+    "--traffic/--no-traffic",
+    default=False,
+    show_default=True,
+    help="Before each round: chats, streamed chats, completions and a cancelled request.",
+)
+@click.option(
     "--prefill-budget", type=int, default=None, help="Node's budget, when starting a cluster here."
 )
 @click.option(
@@ -162,6 +174,8 @@ def bench_stall(
     concurrency: str,
     tokens: int,
     rounds: int,
+    busy_every: int,
+    traffic: bool,
     prefill_budget: int | None,
     max_stall: float | None,
     as_json: bool,
@@ -183,6 +197,8 @@ def bench_stall(
             [int(x) for x in concurrency.split(",") if x],
             tokens,
             rounds,
+            busy_every,
+            traffic,
         )
     stall.report(res)
     print(json.dumps(res) if as_json else "")

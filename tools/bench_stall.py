@@ -105,6 +105,42 @@ def wait_tokens(streams: list[Stream], n: int, timeout: float = 300) -> None:
 JOINED_TOKENS = 16
 
 
+def traffic(url: str, model: str) -> None:
+    """Ordinary requests of every kind, as a cluster serves before a round: a chat, a
+    streamed chat, a completion, a request cancelled mid-stream, an unknown model.
+    They leave the engine's learned state (thread choice, pacing) as real use does."""
+    chat = {"model": model, "messages": [{"role": "user", "content": "Hello there"}]}
+    with httpx.Client(timeout=120) as c:
+        c.post(f"{url}/v1/chat/completions", json={**chat, "max_tokens": 12})
+        with c.stream(
+            "POST", f"{url}/v1/chat/completions", json={**chat, "max_tokens": 24, "stream": True}
+        ) as r:
+            for _ in r.iter_lines():
+                pass
+        c.post(
+            f"{url}/v1/completions", json={"model": model, "prompt": "Once upon", "max_tokens": 16}
+        )
+        c.post(f"{url}/v1/chat/completions", json={**chat, "model": "nobody/none"})
+    cancelled = Stream(url, model, [1, 2, 3], 400).start()
+    wait_tokens([cancelled], 8)
+    cancelled.join()
+
+
+class Busy:
+    """One busy nice-0 process beside the node (a compile job, a browser tab)."""
+
+    def __enter__(self) -> Busy:
+        import subprocess
+        import sys
+
+        self.proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
 def exo_stall(
     url: str,
     model: str,
@@ -113,11 +149,36 @@ def exo_stall(
     long_n: int,
     before_s: float,
     control_s: float,
+    busy: bool = False,
+    varied: bool = False,
 ) -> dict[str, Any]:
     long_ids = long_prompt(tokenizer, long_n)
+    if varied:
+        traffic(url, model)
+    # alone: on an idle cluster and machine, whatever the round then adds
     alone = Stream(url, model, long_ids, 1).start()
     alone.wait()
     ttft_alone = alone.times[0] - alone.sent
+    if busy:
+        with Busy():
+            res = _beside_streams(url, model, tokenizer, streams, long_ids, before_s, control_s)
+    else:
+        res = _beside_streams(url, model, tokenizer, streams, long_ids, before_s, control_s)
+    res["long_ttft_alone_s"] = ttft_alone
+    res["ttft_ratio"] = res["long_ttft_s"] / ttft_alone
+    res["busy"] = busy
+    return res
+
+
+def _beside_streams(
+    url: str,
+    model: str,
+    tokenizer: Any,
+    streams: int,
+    long_ids: list[int],
+    before_s: float,
+    control_s: float,
+) -> dict[str, Any]:
     running = [
         Stream(url, model, tokenizer.encode(f"Story number {i}:"), 4000).start()
         for i in range(streams)
@@ -152,9 +213,8 @@ def exo_stall(
         "itl_median_control_s": statistics.median(after),
         "itl_max_control_s": max(after),
         "control_ratio": max(after) / med,
+        "p99_ratio": pct(during, 99) / med,
         "long_ttft_s": t_first - t_sent,
-        "long_ttft_alone_s": ttft_alone,
-        "ttft_ratio": (t_first - t_sent) / ttft_alone,
     }
 
 
@@ -263,6 +323,8 @@ def run(
     concurrency: list[int],
     tokens: int,
     rounds: int = 1,
+    busy_every: int = 0,
+    varied: bool = False,
 ) -> dict[str, Any]:
     from mlx_lm import load
 
@@ -283,11 +345,23 @@ def run(
     # One round's max is one moment of a shared machine: several rounds show the spread,
     # and the table shows the round with the median ratio.
     res["exo_rounds"] = [
-        exo_stall(url, model_id, tokenizer, streams, long_n, before_s=8.0, control_s=60)
-        for _ in range(rounds)
+        exo_stall(
+            url,
+            model_id,
+            tokenizer,
+            streams,
+            long_n,
+            before_s=8.0,
+            control_s=60,
+            busy=bool(busy_every) and i % busy_every == busy_every - 1,
+            varied=varied,
+        )
+        for i in range(rounds)
     ]
     by_ratio = sorted(res["exo_rounds"], key=lambda r: r["stall_ratio"])
     res["exo"] = by_ratio[(len(by_ratio) - 1) // 2]
+    res["worst_ttft_ratio"] = max(r["ttft_ratio"] for r in res["exo_rounds"])
+    res["median_p99_ratio"] = statistics.median(r["p99_ratio"] for r in res["exo_rounds"])
     res["batchgen"] = batchgen_stall(model, tokenizer, streams, long_n)
     res["throughput"] = []
     for n in concurrency:
@@ -341,9 +415,14 @@ def report(res: dict[str, Any]) -> None:
             print(
                 f"  {i}: {r['stall_ratio']:.2f} / {r['itl_p99_during_s'] / med:.2f} / "
                 f"{r['itl_median_during_s'] / med:.2f}, {r['joined_ratio']:.2f}, "
-                f"{r['control_ratio']:.2f}; {med:.3f}s; {r['long_ttft_s']:.1f}s"
+                f"{r['control_ratio']:.2f}; {med:.3f}s; {r['long_ttft_s']:.1f}s "
+                f"(x{r['ttft_ratio']:.1f}){' busy' if r.get('busy') else ''}"
             )
         print("  (the table above shows the round with the median max / median before)")
+        print(
+            f"worst round's TTFT ratio {res['worst_ttft_ratio']:.2f}; median round's p99 / median "
+            f"before {res['median_p99_ratio']:.2f}"
+        )
     print(f"{'streams':>8}{'exo tok/s':>12}{'BatchGenerator tok/s':>22}{'ratio':>8}")
     for row in res["throughput"]:
         print(
