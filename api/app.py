@@ -23,6 +23,7 @@ from exo.api.client import BrokerClient, BrokerUnavailable
 from exo.api.errors import error_body, error_response
 from exo.api.limits import BodyLimit
 from exo.api.schemas import ChatRequest, CompletionRequest, PlaceRequest, Sampling, first_error
+from exo.api.security import Guard, Policy, keys_from_env
 from exo.broker import protocol as P
 from exo.common.names import valid_model_id
 
@@ -103,12 +104,21 @@ class Job:
         return {**self.envelope(obj, choice), "usage": usage}
 
 
+def api_key(request: Request) -> str | None:
+    """The caller's API key, as the Guard checked it (None with keys off)."""
+    state = request.scope.get("state") or {}
+    return state.get("api_key")
+
+
 def sse(obj: dict[str, Any]) -> bytes:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode()
 
 
-def create_app(broker: str) -> FastAPI:
+def create_app(broker: str, policy: Policy | None = None) -> FastAPI:
     client = BrokerClient(broker)
+    policy = policy or Policy(keys=keys_from_env())
+    # request id -> the API key that submitted it: only its owner may cancel it
+    owners: dict[str, str | None] = {}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -119,6 +129,7 @@ def create_app(broker: str) -> FastAPI:
     app = FastAPI(title="exo", lifespan=lifespan)
     app.state.client = client
     app.add_middleware(BodyLimit)
+    app.add_middleware(Guard, policy=policy)  # outermost: before anything reads the body
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -185,9 +196,10 @@ def create_app(broker: str) -> FastAPI:
         return JSONResponse({"model": model, **data}, status_code=202)
 
     @app.post("/v1/cancel/{request_id}")
-    async def cancel(request_id: str) -> Any:
+    async def cancel(request_id: str, request: Request) -> Any:
         rid = request_id.removeprefix("chatcmpl-").removeprefix("cmpl-")
-        if not await client.cancel_explicit(rid):
+        mine = rid in owners and owners[rid] == api_key(request)
+        if not mine or not await client.cancel_explicit(rid):
             return error_response(404, f"no request {request_id} is in flight", "request_not_found")
         return {"id": rid, "object": "cancellation", "cancelled": True}
 
@@ -266,6 +278,21 @@ def create_app(broker: str) -> FastAPI:
                     param="X-Request-Timeout",
                 )
         rid = uuid.uuid4().hex[:24]
+        owners[rid] = api_key(request)
+        try:
+            return await submitted(request, rid, kind, body, payload, limit, timeout_s)
+        finally:
+            owners.pop(rid, None)
+
+    async def submitted(
+        request: Request,
+        rid: str,
+        kind: str,
+        body: Sampling,
+        payload: Any,
+        limit: int | None,
+        timeout_s: float | None,
+    ) -> Any:
         queue = await client.submit(rid, body.model, kind, payload, body.params(limit), timeout_s)
         job = Job(rid, kind, body.model, queue, token_ids=bool(body.return_token_ids))
         # The ASGI disconnect event, not polling: a client that leaves ends its request.

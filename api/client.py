@@ -13,7 +13,7 @@ import zmq
 import zmq.asyncio
 
 from exo.broker import protocol as P
-from exo.nodes.link import configure_dealer
+from exo.nodes.link import configure_dealer, routing_id
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,7 @@ class BrokerClient:
     def __init__(self, broker: str) -> None:
         self.broker = broker
         self.peer_id = f"api-{uuid.uuid4().hex[:8]}"
+        self.routing_id = routing_id(self.peer_id)
         self.ctx = zmq.asyncio.Context.instance()
         self.sock: zmq.asyncio.Socket | None = None
         self.streams: dict[str, asyncio.Queue[P.Message]] = {}
@@ -55,7 +56,7 @@ class BrokerClient:
         if self.sock is not None:
             self.sock.close(linger=0)
         self.sock = self.ctx.socket(zmq.DEALER)
-        configure_dealer(self.sock, self.peer_id)
+        configure_dealer(self.sock, self.routing_id)
         self.sock.connect(self.broker)
         self._hello()
 

@@ -454,8 +454,13 @@ class Broker:
     def on_cancel(self, fe: Peer, msg: P.Message, frame: zmq.Frame) -> None:
         rid, reason, qid = msg["rid"], str(msg.get("reason", "explicit")), msg.get("qid")
         # Parked (waiting for a download) or running on a node: either way it ends here.
-        parked = self.reg.parked.pop(rid, None)
-        running = None if parked else self.reg.requests.pop(rid, None)
+        held = self.reg.parked.get(rid) or self.reg.requests.get(rid)
+        if held is not None and held.frontend != fe.identity:
+            # Only the frontend that submitted a request may cancel it.
+            self.stats["cancel_not_owner"] += 1
+            held = None
+        parked = self.reg.parked.pop(rid, None) if held else None
+        running = None if parked or not held else self.reg.requests.pop(rid, None)
         owner = parked or running
         if qid is not None:
             self.send(fe.identity, "REPLY", qid=qid, data={"found": owner is not None})

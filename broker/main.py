@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import threading
+from typing import Any
 
 import click
 
@@ -16,13 +17,55 @@ from exo.common import logs
 log = logging.getLogger(__name__)
 
 
-def serve_api(broker: str, host: str, port: int) -> None:
+def api_options(f: Any) -> Any:
+    """The HTTP API's access options, shared by exo-broker and `exo-tools api`."""
+    f = click.option(
+        "--api-key",
+        "api_keys",
+        multiple=True,
+        help="A key clients must send (Bearer); repeat for several. Also EXO_API_KEY "
+        "(comma-separated). Default: none (keep the API on loopback).",
+    )(f)
+    f = click.option(
+        "--allowed-host",
+        "allowed_hosts",
+        multiple=True,
+        help="A Host name the API answers besides the loopback ones and the address it "
+        "is bound to ('*': any).",
+    )(f)
+    f = click.option(
+        "--allowed-origin",
+        "allowed_origins",
+        multiple=True,
+        help="A web origin (scheme://host:port) whose pages may call the API, besides "
+        "its own ('*': any).",
+    )(f)
+    return f
+
+
+def policy(
+    host: str, keys: tuple[str, ...], hosts: tuple[str, ...], origins: tuple[str, ...]
+) -> Any:
+    from exo.api.security import LOOPBACK_HOSTS, Policy, host_of, keys_from_env
+
+    all_keys = [*keys, *keys_from_env()]
+    bound = [] if host in ("0.0.0.0", "::", "*") else [host_of(host)]
+    if host_of(host) not in LOOPBACK_HOSTS and not all_keys:
+        log.warning(
+            "the API listens on %s with no API key: anyone who can reach it can use it "
+            "(--api-key or EXO_API_KEY)",
+            host,
+        )
+    return Policy(keys=all_keys, hosts=[*bound, *hosts], origins=list(origins))
+
+
+def serve_api(broker: str, host: str, port: int, access: Any = None) -> None:
     import uvicorn
 
     from exo.api.app import create_app
 
     config = uvicorn.Config(
-        create_app(broker),
+        create_app(broker, access),
         host=host,
         port=port,
         loop="asyncio",
@@ -60,6 +103,7 @@ def serve_api(broker: str, host: str, port: int) -> None:
     show_default=True,
     help="Seconds between two measurements of the same link (changed links sooner).",
 )
+@api_options
 @click.option("--log", "log_spec", default=None, help='e.g. "info" or "broker=info,api=debug".')
 @click.option(
     "--log-file", default=None, help="DEBUG log file (default ~/.exo/logs/broker-PID.log)."
@@ -73,6 +117,9 @@ def main(
     no_api: bool,
     request_timeout: float,
     probe_every: float,
+    api_keys: tuple[str, ...],
+    allowed_hosts: tuple[str, ...],
+    allowed_origins: tuple[str, ...],
     log_spec: str | None,
     log_file: str | None,
 ) -> None:
@@ -105,7 +152,9 @@ def main(
     thread.start()
     local = "127.0.0.1" if host in ("0.0.0.0", "*") else host
     try:
-        serve_api(f"tcp://{local}:{port}", api_host, api_port)  # uvicorn handles SIGINT/SIGTERM
+        access = policy(api_host, api_keys, allowed_hosts, allowed_origins)
+        # uvicorn handles SIGINT/SIGTERM
+        serve_api(f"tcp://{local}:{port}", api_host, api_port, access)
     finally:
         broker.stop_event.set()
         thread.join(timeout=2)

@@ -11,7 +11,6 @@ until every file is in place, so a folder mid-download is never a model.
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import os
 import re
@@ -25,6 +24,8 @@ from typing import Any
 import httpx
 
 from exo.common.names import valid_model_id
+from exo.nodes import manifest
+from exo.nodes.manifest import sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -120,14 +121,6 @@ def inside(dest: Path, name: str) -> Path:
     return dest / name
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 @dataclass
 class Downloader:
     hub: str = field(default_factory=endpoint)
@@ -158,7 +151,12 @@ class Downloader:
             raise DownloadError(f"{repo_id!r} is not a model id (ORG/NAME, as on the hub)")
         if not REVISION.fullmatch(revision) or ".." in revision:
             raise DownloadError(f"{revision!r} is not a revision")
-        files = list_files(repo_id, revision, self.token, self.hub)
+        # Dot files (a hub's .gitattributes) are never model files.
+        files = [
+            f
+            for f in list_files(repo_id, revision, self.token, self.hub)
+            if not any(part.startswith(".") for part in f.name.split("/"))
+        ]
         if not files:
             raise DownloadError(f"{repo_id} has no files")
         dest.mkdir(parents=True, exist_ok=True)
@@ -177,6 +175,9 @@ class Downloader:
             if target.is_file() and target.stat().st_size == f.size:
                 continue
             self._fetch(repo_id, revision, f, target, prog)
+        # What the bytes were checked against, kept: the model is verified again
+        # before it is loaded or served (manifest.py).
+        manifest.write(dest, known={f.name: f.sha256 for f in files if f.sha256})
         (dest / MARKER).unlink()
         log.info(
             "downloaded %s (%d files, %d MiB) into %s", repo_id, len(files), prog.total >> 20, dest

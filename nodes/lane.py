@@ -412,15 +412,18 @@ class Watch:
 
     def late(self) -> set[str]:
         """Prompts whose wait is past the bound's pace: `max_ttft_ratio` times their
-        time alone (at the lane's best rate) for what they have done, plus a chunk."""
+        time alone for the passes they have had, plus one. Alone, a pass of CHUNK
+        tokens runs at the lane's best rate; a short prompt's pass costs about as
+        much as a full one (per-op costs), so a prompt is never due sooner than
+        one full pass allows."""
         lane = self.lane
         if lane.best_rate <= 0:
             return set()
         out = set()
         for p in lane.progress():
-            alone = p["total"] / lane.best_rate * p["layers"]
-            due = min(p["total"], p["done"] + lane.chunk) / max(p["total"], 1)
-            if p["waited_s"] > self.max_ttft_ratio * alone * due:
+            full_pass = lane.chunk * p["layers"] / lane.best_rate
+            passes = -(-p["done"] // lane.chunk) + 1
+            if p["waited_s"] > self.max_ttft_ratio * full_pass * passes:
                 out.add(p["rid"])
         return out
 

@@ -10,6 +10,7 @@ computes).
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -24,8 +25,16 @@ log = logging.getLogger(__name__)
 ENGINE_TYPES = {"GENERATE", "CANCEL", "DOWNLOAD", "LOAD", "UNLOAD", "PROBE", "ROUTE"}
 
 
-def configure_dealer(sock: zmq.Socket, identity: str) -> None:
-    sock.setsockopt(zmq.IDENTITY, identity.encode())
+def routing_id(peer_id: str) -> bytes:
+    """A DEALER's routing identity at the broker: its public peer id and a secret.
+    The broker's ROUTER hands a connection over to a peer that claims an identity
+    it knows (so a reconnecting peer keeps its place); with a secret part no one
+    else can claim it, though the peer id is published."""
+    return f"{peer_id}.{secrets.token_hex(16)}".encode()
+
+
+def configure_dealer(sock: zmq.Socket, identity: bytes) -> None:
+    sock.setsockopt(zmq.IDENTITY, identity)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, 10000)
     sock.setsockopt(zmq.RCVHWM, 10000)
@@ -50,6 +59,7 @@ class BrokerLink(threading.Thread):
     ) -> None:
         super().__init__(name="broker-link", daemon=True)
         self.ctx, self.broker, self.peer_id, self.name_ = ctx, broker, peer_id, name
+        self.routing_id = routing_id(peer_id)
         self.pair_addr = pair_addr
         self.info, self.status, self.on_reset = info, status, on_reset
         self.stop_event = threading.Event()
@@ -66,7 +76,7 @@ class BrokerLink(threading.Thread):
         if self.dealer is not None:
             self.dealer.close(linger=0)
         self.dealer = self.ctx.socket(zmq.DEALER)
-        configure_dealer(self.dealer, self.peer_id)
+        configure_dealer(self.dealer, self.routing_id)
         self.dealer.connect(self.broker)
         self._hello()
 

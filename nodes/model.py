@@ -81,10 +81,11 @@ def load_model(model_id: str, path: Path, part: Part | None = None) -> LoadedMod
     from mlx_lm.utils import load_model as mlx_load_model
     from mlx_lm.utils import load_tokenizer
 
-    from exo.nodes import layout
+    from exo.nodes import layout, manifest
     from exo.nodes.forward import supports_fused
 
     t0 = time.perf_counter()
+    manifest.verify(path)  # a corrupted file is refused here, never loaded
     model, config = mlx_load_model(path, lazy=True)
     tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
     inner = model.model

@@ -19,7 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from exo.nodes.download import sha256_of
+from exo.nodes import manifest
 from exo.nodes.store import ModelStore
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,6 @@ def get_server(
 class WeightsServer:
     def __init__(self, store: ModelStore, host: str = "0.0.0.0", port: int = 0) -> None:
         self.store = store
-        self.hashes: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> sha256
         self.lock = threading.Lock()
         self.bytes_served = 0
         self.http = get_server(host, port, self.handle)
@@ -94,26 +93,17 @@ class WeightsServer:
         self.http.shutdown()
         self.http.server_close()
 
-    def sha256(self, path: Path) -> str:
-        st = path.stat()
-        key = (str(path), st.st_size, st.st_mtime_ns)
-        with self.lock:
-            known = self.hashes.get(key)
-        if known is None:
-            known = sha256_of(path)
-            with self.lock:
-                self.hashes[key] = known
-        return known
-
     def listing(self, repo: str, root: Path) -> dict[str, Any]:
+        """The hub's listing of a model, from its manifest, verified first (a file
+        corrupted on disk makes the whole model unservable: manifest.Corrupt)."""
+        doc = manifest.verify(root)
         siblings = [
             {
-                "rfilename": str(p.relative_to(root)),
-                "size": p.stat().st_size,
-                "lfs": {"sha256": self.sha256(p), "size": p.stat().st_size, "pointerSize": 0},
+                "rfilename": name,
+                "size": e["size"],
+                "lfs": {"sha256": e["sha256"], "size": e["size"], "pointerSize": 0},
             }
-            for p in sorted(root.rglob("*"))
-            if p.is_file() and not p.name.startswith(".")
+            for name, e in sorted(doc["files"].items())
         ]
         return {
             "id": repo,
@@ -130,7 +120,11 @@ class WeightsServer:
             root = models.get(m.group(1))
             if root is None:
                 return self.send(h, 404, b'{"error": "Repository not found"}', "RepoNotFound")
-            body = json.dumps(self.listing(m.group(1), root)).encode()
+            try:
+                body = json.dumps(self.listing(m.group(1), root)).encode()
+            except manifest.Corrupt as e:
+                log.error("not serving %s: %s", m.group(1), e)
+                return self.send(h, 409, json.dumps({"error": str(e)}).encode(), "Corrupt")
             return self.send(h, 200, body)
         m = RESOLVE.fullmatch(path)
         root = models.get(m.group(1)) if m else None
@@ -140,8 +134,14 @@ class WeightsServer:
             or root is None
             or not target.is_file()
             or root.resolve() not in target.parents
+            or target.name.startswith(".")
         ):
             return self.send(h, 404, b"not found")
+        try:
+            manifest.verify(root, str(target.relative_to(root.resolve())))
+        except manifest.Corrupt as e:
+            log.error("not serving %s: %s", target, e)
+            return self.send(h, 409, json.dumps({"error": str(e)}).encode(), "Corrupt")
         size = target.stat().st_size
         start = 0
         if (rng := h.headers.get("Range")) and (r := re.fullmatch(r"bytes=(\d+)-", rng)):

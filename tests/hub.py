@@ -57,7 +57,7 @@ class Hub:
         root = self.repos[repo]
         siblings = []
         for p in sorted(root.rglob("*")):
-            if p.is_file():
+            if p.is_file() and not p.name.startswith("."):
                 data = p.read_bytes()
                 name = str(p.relative_to(root))
                 size = self.faults.listed_size.get(name, len(data))

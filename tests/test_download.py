@@ -32,9 +32,11 @@ def hub(tiny_path: Path) -> Iterator[Hub]:
 
 
 def same_files(a: Path, b: Path) -> bool:
-    names = sorted(p.name for p in a.iterdir() if p.is_file())
-    return names == sorted(p.name for p in b.iterdir() if p.is_file()) and all(
-        (a / n).read_bytes() == (b / n).read_bytes() for n in names
+    def names(d: Path) -> list[str]:  # the model's files, not the node's own dot files
+        return sorted(p.name for p in d.iterdir() if p.is_file() and not p.name.startswith("."))
+
+    return names(a) == names(b) and all(
+        (a / n).read_bytes() == (b / n).read_bytes() for n in names(a)
     )
 
 

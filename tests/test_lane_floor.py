@@ -123,13 +123,16 @@ def test_a_prompt_behind_its_ttft_pace_makes_the_streams_give() -> None:
     lane = FakeLane()
     lane.best_rate = 30 * 1000.0  # token-layers/s: 1,000 tokens/s through 30 layers
     watch = Watch(lane, max_ttft_ratio=3.0)  # type: ignore[arg-type]
-    # 2,000 tokens alone: 2 s; bound 6 s; after 256 of them the pace allows 0.768 s
-    lane.prompts = [{"rid": "p", "done": 0, "total": 2000, "waited_s": 0.5, "layers": 30}]
+    # a full pass of 256 tokens alone: 0.256 s; x3 for each pass had, plus one
+    lane.prompts = [{"rid": "p", "done": 0, "total": 2000, "waited_s": 0.7, "layers": 30}]
     assert not watch.check() and watch.status()["gives"] is None
-    lane.prompts[0]["waited_s"] = 0.9
+    lane.prompts[0]["waited_s"] = 0.8
     assert watch.check() and watch.status()["gives"] == "max_stall"
-    lane.prompts[0].update(done=1024, waited_s=3.5)  # caught up: 3.84 s allowed
+    lane.prompts[0].update(done=1024, waited_s=3.5)  # 5 passes: 3.84 s allowed
     assert not watch.check() and watch.status()["gives"] is None
+    # a short prompt is held to a whole pass, not to its few tokens' share of one
+    lane.prompts = [{"rid": "s", "done": 0, "total": 5, "waited_s": 0.7, "layers": 30}]
+    assert not watch.check()
     lane.best_rate = 0.0  # nothing measured yet: no pace to hold it to
     lane.prompts[0]["waited_s"] = 100.0
     assert not watch.check()

@@ -298,3 +298,191 @@ def test_a_source_that_sends_more_than_it_listed_fails_without_filling_the_disk(
             Downloader(hub=hub.url, stall_timeout=5).download("hubtest/m", tmp_path / "m")
     part = tmp_path / "m" / f"{weights}.partial"
     assert not part.exists() or part.stat().st_size <= 1024
+
+
+@pytest.fixture(scope="module")
+def keyed(models_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A cluster whose API takes two keys."""
+    c = LocalCluster.on_free_ports(
+        models_dir,
+        log_dir=tmp_path_factory.mktemp("keyed-logs"),
+        broker_args=["--api-key", "key-one", "--api-key", "key-two"],
+    )
+    with c:
+        yield c
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}
+
+
+def test_api_keys_are_required_and_any_configured_one_works(keyed: LocalCluster) -> None:
+    import openai
+
+    url = keyed.url
+    for headers in ({}, bearer("wrong"), {"authorization": "Basic a2V5LW9uZQ=="}):
+        for method, path in (("GET", "/v1/models"), ("POST", "/v1/chat/completions")):
+            r = httpx.request(method, f"{url}{path}", headers=headers, json={}, timeout=10)
+            assert r.status_code == 401, (headers, path, r.text)
+            err = r.json()["error"]
+            assert err["code"] == "invalid_api_key" and set(err) == {
+                "message",
+                "type",
+                "param",
+                "code",
+            }
+    body = {"model": TINY, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    r = httpx.post(f"{url}/v1/chat/completions", json=body, headers=bearer("key-one"), timeout=60)
+    assert r.status_code == 200, r.text
+    r = httpx.post(
+        f"{url}/v1/chat/completions", json=body, headers={"x-api-key": "key-two"}, timeout=60
+    )
+    assert r.status_code == 200, r.text
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="key-two", max_retries=0)
+    assert client.chat.completions.create(**body).choices[0].message.content is not None
+    bad = openai.OpenAI(base_url=f"{url}/v1", api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.chat.completions.create(**body)
+
+
+def test_no_web_page_can_drive_the_api(keyed: LocalCluster) -> None:
+    url, key = keyed.url, bearer("key-one")
+    # DNS rebinding: a page at evil.example, its name now resolving to 127.0.0.1
+    r = httpx.get(f"{url}/v1/cluster", headers={**key, "host": "evil.example"}, timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "host_not_allowed"
+    # a cross-site "simple" POST: refused before any handler reads it
+    for origin in ("http://evil.example", "null", f"http://evil.example:{keyed.api_port}"):
+        r = httpx.post(
+            f"{url}/v1/models/pull",
+            content=b'{"model": "a/b"}',
+            headers={**key, "origin": origin, "content-type": "text/plain"},
+            timeout=10,
+        )
+        assert r.status_code == 403 and r.json()["error"]["code"] == "origin_not_allowed"
+    # the API's own origin (the dashboard) is welcome, with CORS headers
+    own = f"http://127.0.0.1:{keyed.api_port}"
+    r = httpx.get(f"{url}/v1/models", headers={**key, "origin": own}, timeout=10)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == own
+    r = httpx.options(
+        f"{url}/v1/chat/completions",
+        headers={"origin": own, "access-control-request-method": "POST"},
+        timeout=10,
+    )
+    assert r.status_code == 204 and "authorization" in r.headers["access-control-allow-headers"]
+
+
+def test_only_the_caller_that_submitted_a_request_can_cancel_it(keyed: LocalCluster) -> None:
+    import threading
+
+    url = keyed.url
+    body = {
+        "model": TINY,
+        "messages": [{"role": "user", "content": "go"}],
+        "max_tokens": 2000,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    rid: list[str] = []
+    lines: list[str] = []
+
+    def stream() -> None:
+        with httpx.stream(
+            "POST", f"{url}/v1/chat/completions", json=body, headers=bearer("key-one"), timeout=120
+        ) as r:
+            rid.append(r.headers["x-request-id"])
+            for line in r.iter_lines():
+                lines.append(line)
+
+    t = threading.Thread(target=stream)
+    t.start()
+    wait_until(lambda: rid and len(lines) > 5, 30)
+    r = httpx.post(f"{url}/v1/cancel/{rid[0]}", headers=bearer("key-two"), timeout=10)
+    assert r.status_code == 404
+    # nor a stranger at the broker, with the request's id in hand
+    d = dealer(keyed)
+    try:
+        assert hello(d, "frontend", "stranger").type == "WELCOME"
+        d.send(P.encode("CANCEL", rid=rid[0], reason="explicit", qid="c1"))
+        assert d.poll(5000)
+        reply = P.decode(d.recv())
+        assert reply.type == "REPLY" and reply["data"] == {"found": False}
+    finally:
+        d.close()
+    n = len(lines)
+    time.sleep(0.5)
+    assert t.is_alive() and len(lines) > n  # still streaming
+    r = httpx.post(f"{url}/v1/cancel/{rid[0]}", headers=bearer("key-one"), timeout=10)
+    assert r.status_code == 200
+    t.join(30)
+    assert not t.is_alive() and any("cancelled" in line for line in lines)
+
+
+def test_a_stranger_claiming_the_apis_published_id_takes_nothing_over(
+    keyed: LocalCluster,
+) -> None:
+    (api_id,) = httpx.get(f"{keyed.url}/v1/cluster", headers=bearer("key-one"), timeout=10).json()[
+        "frontends"
+    ]
+    d = zmq.Context.instance().socket(zmq.DEALER)
+    d.setsockopt(zmq.LINGER, 0)
+    d.setsockopt(zmq.IDENTITY, api_id.encode())
+    d.connect(keyed.broker_addr)
+    try:
+        assert hello(d, "frontend", api_id).type == "WELCOME"
+        body = {"model": TINY, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+        r = httpx.post(
+            f"{keyed.url}/v1/chat/completions", json=body, headers=bearer("key-one"), timeout=60
+        )
+        assert r.status_code == 200, r.text
+        for _ in range(10):  # the stranger got none of it
+            if d.poll(100):
+                assert P.decode(d.recv()).type == "HEARTBEAT"
+    finally:
+        d.close()
+
+
+def test_a_corrupted_weights_file_is_neither_loaded_nor_served(
+    tiny_path: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from exo.nodes import manifest
+    from exo.nodes.model import load_model
+    from exo.nodes.store import ModelStore
+    from exo.nodes.weights import WeightsServer
+
+    models = tmp_path / "models"
+    copy = models / "test--tiny-copy"
+    shutil.copytree(tiny_path, copy)
+    (copy / manifest.NAME).unlink(missing_ok=True)
+    load_model("test/tiny-copy", copy)  # a folder copied in by hand: hashed on first sight
+    assert set(manifest.read(copy)["files"]) >= {"config.json", "model.safetensors"}
+    # a download keeps the hashes its source listed
+    with Hub({"hubtest/m": copy}) as hub:
+        Downloader(hub=hub.url).download("hubtest/m", tmp_path / "dl")
+    got, want = manifest.read(tmp_path / "dl")["files"], manifest.read(copy)["files"]
+    assert {k: v["sha256"] for k, v in got.items()} == {k: v["sha256"] for k, v in want.items()}
+    # the same bytes touched are still good; other bytes of the same size are not
+    weights = copy / "model.safetensors"
+    weights.touch()
+    manifest.verify(copy)
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(manifest.Corrupt, match="model.safetensors"):
+        load_model("test/tiny-copy", copy)
+    server = WeightsServer(ModelStore(models), host="127.0.0.1")
+    server.start()
+    try:
+        base = f"http://127.0.0.1:{server.port}"
+        r = httpx.get(f"{base}/api/models/test/tiny-copy", timeout=10)
+        assert r.status_code == 409 and "sha256" in r.text
+        r = httpx.get(f"{base}/test/tiny-copy/resolve/main/model.safetensors", timeout=10)
+        assert r.status_code == 409
+        r = httpx.get(f"{base}/test/tiny-copy/resolve/main/{manifest.NAME}", timeout=10)
+        assert r.status_code == 404  # the node's own dot files are never served
+        with pytest.raises(DownloadError):
+            Downloader(hub=base, stall_timeout=5).download("test/tiny-copy", tmp_path / "peer")
+        assert server.bytes_served == 0
+    finally:
+        server.close()

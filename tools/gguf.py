@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from exo.nodes import manifest
 from exo.nodes.mlxenv import mx
 
 log = logging.getLogger(__name__)
@@ -201,6 +202,7 @@ def import_gguf(gguf: Path, out: Path) -> Path:
     build_tokenizer(md, tmp, cfg["max_position_embeddings"])
     if out.exists():
         shutil.rmtree(out)
+    manifest.write(tmp)
     tmp.rename(out)
     log.info("imported %s -> %s (%d tensors)", gguf.name, out, len(hf))
     return out

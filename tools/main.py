@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from exo.broker.main import api_options
 from exo.common import logs
 from exo.tools.bench_cli import bench
 from exo.tools.instances_cli import instances, ready_or_exit
@@ -320,11 +321,19 @@ def linkstat(broker: str, pub_port: int, once: bool, as_json: bool) -> None:
 )
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=52415, show_default=True)
-def api(broker: str, host: str, port: int) -> None:
+@api_options
+def api(
+    broker: str,
+    host: str,
+    port: int,
+    api_keys: tuple[str, ...],
+    allowed_hosts: tuple[str, ...],
+    allowed_origins: tuple[str, ...],
+) -> None:
     """Serve the OpenAI API in its own process, against a broker elsewhere."""
-    from exo.broker.main import serve_api
+    from exo.broker.main import policy, serve_api
 
-    serve_api(broker, host, port)
+    serve_api(broker, host, port, policy(host, api_keys, allowed_hosts, allowed_origins))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import json
 import shutil
 from pathlib import Path
 
+from exo.nodes import manifest
 from exo.nodes.mlxenv import mx
 
 CHATML = (
@@ -108,5 +109,6 @@ def make_tiny(
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     if out.exists():
         shutil.rmtree(out)
+    manifest.write(tmp)
     tmp.rename(out)
     return out
