@@ -25,6 +25,7 @@ from exo.api.limits import BodyLimit
 from exo.api.schemas import ChatRequest, CompletionRequest, PlaceRequest, Sampling, first_error
 from exo.api.security import Guard, Policy, keys_from_env
 from exo.broker import protocol as P
+from exo.common import keys
 from exo.common.names import valid_model_id
 
 log = logging.getLogger(__name__)
@@ -114,8 +115,10 @@ def sse(obj: dict[str, Any]) -> bytes:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode()
 
 
-def create_app(broker: str, policy: Policy | None = None) -> FastAPI:
-    client = BrokerClient(broker)
+def create_app(
+    broker: str, policy: Policy | None = None, cluster: keys.Cluster | None = None
+) -> FastAPI:
+    client = BrokerClient(broker, cluster)
     policy = policy or Policy(keys=keys_from_env())
     # request id -> the API key that submitted it: only its owner may cancel it
     owners: dict[str, str | None] = {}

@@ -13,6 +13,7 @@ import zmq
 import zmq.asyncio
 
 from exo.broker import protocol as P
+from exo.common import keys
 from exo.nodes.link import configure_dealer, routing_id
 
 log = logging.getLogger(__name__)
@@ -23,8 +24,9 @@ class BrokerUnavailable(Exception):
 
 
 class BrokerClient:
-    def __init__(self, broker: str) -> None:
+    def __init__(self, broker: str, cluster: keys.Cluster | None = None) -> None:
         self.broker = broker
+        self.cluster = cluster  # None: an insecure cluster
         self.peer_id = f"api-{uuid.uuid4().hex[:8]}"
         self.routing_id = routing_id(self.peer_id)
         self.ctx = zmq.asyncio.Context.instance()
@@ -35,6 +37,7 @@ class BrokerClient:
         self.last_heard = time.monotonic()
         self.tasks: list[asyncio.Task[None]] = []
         self.dropped = P.Counters()
+        self.closing = False
 
     async def start(self) -> None:
         self._connect()
@@ -44,6 +47,7 @@ class BrokerClient:
         ]
 
     async def close(self) -> None:
+        self.closing = True
         for t in self.tasks:
             t.cancel()
         for t in self.tasks:
@@ -57,6 +61,9 @@ class BrokerClient:
             self.sock.close(linger=0)
         self.sock = self.ctx.socket(zmq.DEALER)
         configure_dealer(self.sock, self.routing_id)
+        if self.cluster is not None:
+            assert self.cluster.frontend is not None
+            keys.connect_as(self.sock, self.cluster.frontend, self.cluster.broker)
         self.sock.connect(self.broker)
         self._hello()
 
@@ -74,29 +81,43 @@ class BrokerClient:
             except zmq.ZMQError:
                 await asyncio.sleep(0.05)  # the socket was replaced under us
                 continue
+            except asyncio.CancelledError:
+                # Closing a socket cancels the recv waiting on it: when _connect
+                # replaced it (the broker restarted), go on with the new one; only
+                # close() ends this loop.
+                if self.closing or sock is self.sock:
+                    raise
+                continue
             self.last_heard = time.monotonic()
             try:
                 msg = P.decode(frame)
             except P.ProtocolError as e:
                 self.dropped[e.reason] += 1
                 continue
-            rid = msg.get("rid")
-            if rid is not None:
-                q = self.streams.get(rid)
-                if q is not None:
-                    q.put_nowait(msg)
-            elif msg.type == "REPLY":
-                fut = self.queries.pop(msg["qid"], None)
-                if fut is not None and not fut.done():
-                    fut.set_result(msg["data"])
-            elif msg.type == "WELCOME":
-                self.registered.set()
-                log.info("API registered with broker %s as %s", self.broker, self.peer_id)
-            elif msg.type == "RECONNECT":
-                self._fail_all("the broker restarted; the request was lost")
-                self._hello()
-            elif msg.type == "REFUSED":
-                log.error("broker %s refused the API: %s", self.broker, msg["reason"])
+            try:
+                self._on_message(msg)
+            except Exception:
+                self.dropped["handler_error"] += 1
+                log.exception("a %s from the broker could not be handled", msg.type)
+
+    def _on_message(self, msg: P.Message) -> None:
+        rid = msg.get("rid")
+        if rid is not None:
+            q = self.streams.get(rid)
+            if q is not None:
+                q.put_nowait(msg)
+        elif msg.type == "REPLY":
+            fut = self.queries.pop(msg["qid"], None)
+            if fut is not None and not fut.done():
+                fut.set_result(msg["data"])
+        elif msg.type == "WELCOME":
+            self.registered.set()
+            log.info("API registered with broker %s as %s", self.broker, self.peer_id)
+        elif msg.type == "RECONNECT":
+            self._fail_all("the broker restarted; the request was lost")
+            self._hello()
+        elif msg.type == "REFUSED":
+            log.error("broker %s refused the API: %s", self.broker, msg["reason"])
 
     async def _beat_loop(self) -> None:
         while True:

@@ -22,10 +22,13 @@ from exo.broker.placement import (
 from exo.broker.registry import InFlight, Parked, Peer, Registry, downloading, failed_download
 from exo.broker.routing import Refusal, choose_instance
 from exo.broker.topology import links
+from exo.common import keys
 
 log = logging.getLogger(__name__)
 
+DOMAIN = "exo-broker"  # the ZAP domain of the broker's sockets
 PUBLISH_S = 1.0
+RECONNECT_EVERY_S = 1.0
 PARKED_S = 0.5
 PULL_GRACE_S = 5.0
 
@@ -38,11 +41,21 @@ class Broker:
         ctx: zmq.Context | None = None,
         request_timeout: float = P.DEFAULT_REQUEST_TIMEOUT_S,
         probe_every: float = probes.EVERY_S,
+        cluster: keys.Cluster | None = None,
     ) -> None:
         self.request_timeout = request_timeout
         self.probe_every = probe_every
         self.ctx = ctx or zmq.Context.instance()
+        # None: --insecure, anyone who reaches the ports may speak
+        self.cluster_keys = cluster
+        self.role_keys: dict[str, str] = {}
+        if cluster is not None:
+            assert cluster.frontend is not None, "the broker's machine holds every key"
+            self.role_keys = {"node": cluster.node.public, "frontend": cluster.frontend.public}
+            self.auth = keys.authenticator(self.ctx, {DOMAIN: set(self.role_keys.values())})
         self.router = self.ctx.socket(zmq.ROUTER)
+        if cluster is not None:
+            keys.serve(self.router, cluster.broker, DOMAIN)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.router.setsockopt(zmq.SNDHWM, 100_000)
@@ -55,6 +68,8 @@ class Broker:
         self.router.setsockopt(zmq.MAXMSGSIZE, 4 * P.MAX_FRAME)
         self.router.bind(router_addr)
         self.pub = self.ctx.socket(zmq.PUB)
+        if cluster is not None:
+            keys.serve(self.pub, cluster.broker, DOMAIN)
         self.pub.setsockopt(zmq.SNDHWM, 10_000)
         self.pub.setsockopt(zmq.LINGER, 0)
         self.pub.bind(pub_addr)
@@ -74,6 +89,7 @@ class Broker:
         self.stop_event = threading.Event()
         self.started = time.time()
         self.due: dict[str, float] = {}  # periodic work -> when it is next due
+        self.reconnects: dict[bytes, float] = {}  # identity -> when last told to RECONNECT
 
     # -- sending --------------------------------------------------------------------
 
@@ -164,12 +180,23 @@ class Broker:
             log.debug("dropped frame from %r: %s", ident[:32], e)
             return
         peer = self.reg.peers.get(ident)
+        key = parts[1].get("User-Id") if self.cluster_keys is not None else None
         if msg.type == "HELLO":
-            self.on_hello(ident, msg)
+            self.on_hello(ident, msg, key)
+            return
+        if peer is not None and key != peer.key:
+            self.dropped["wrong_key"] += 1  # a connection that took a known identity over
             return
         if peer is None:
             self.stats["unknown_peer"] += 1
-            self.send(ident, "RECONNECT", reason="unknown peer")
+            now = time.monotonic()
+            if now - self.reconnects.get(ident, 0.0) >= RECONNECT_EVERY_S:
+                # At most one a second per connection: a flood of frames from a peer
+                # the broker forgot gets one answer, not one each.
+                if len(self.reconnects) > 10_000:
+                    self.reconnects.clear()
+                self.reconnects[ident] = now
+                self.send(ident, "RECONNECT", reason="unknown peer")
             return
         peer.last_seen = time.monotonic()
         handler = self.HANDLERS.get((peer.role, msg.type))
@@ -189,8 +216,14 @@ class Broker:
 
     # -- registration and liveness --------------------------------------------------
 
-    def on_hello(self, ident: bytes, msg: P.Message) -> None:
+    def on_hello(self, ident: bytes, msg: P.Message, key: str | None = None) -> None:
         role, peer_id = msg["role"], msg["peer_id"]
+        if self.cluster_keys is not None and self.role_keys.get(role) != key:
+            # A peer's role is its key, never its claim.
+            self.dropped["wrong_key"] += 1
+            log.warning("refused %s %s: its key is not the cluster's %s key", role, peer_id, role)
+            self.send(ident, "REFUSED", reason=f"this connection's key is not a {role} key")
+            return
         if msg.version != P.VERSION:
             reason = f"protocol version {msg.version} is not the broker's {P.VERSION}"
             log.error("refused %s %s: %s", role, peer_id, reason)
@@ -210,7 +243,7 @@ class Broker:
                 return
         if ident in self.reg.peers:
             self.drop_peer(ident, "registered again")
-        peer = Peer(ident, peer_id, role, name=str(msg.get("name", "")), info=info)
+        peer = Peer(ident, peer_id, role, name=str(msg.get("name", "")), info=info, key=key)
         self.reg.peers[ident] = peer
         self.reg.seen_models.update(peer.models)
         self.send(

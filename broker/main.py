@@ -59,13 +59,13 @@ def policy(
     return Policy(keys=all_keys, hosts=[*bound, *hosts], origins=list(origins))
 
 
-def serve_api(broker: str, host: str, port: int, access: Any = None) -> None:
+def serve_api(broker: str, host: str, port: int, access: Any = None, cluster: Any = None) -> None:
     import uvicorn
 
     from exo.api.app import create_app
 
     config = uvicorn.Config(
-        create_app(broker, access),
+        create_app(broker, access, cluster),
         host=host,
         port=port,
         loop="asyncio",
@@ -104,6 +104,11 @@ def serve_api(broker: str, host: str, port: int, access: Any = None) -> None:
     help="Seconds between two measurements of the same link (changed links sooner).",
 )
 @api_options
+@click.option(
+    "--insecure",
+    is_flag=True,
+    help="No CURVE keys: anyone who reaches the broker's ports may join (a closed lab only).",
+)
 @click.option("--log", "log_spec", default=None, help='e.g. "info" or "broker=info,api=debug".')
 @click.option(
     "--log-file", default=None, help="DEBUG log file (default ~/.exo/logs/broker-PID.log)."
@@ -120,18 +125,28 @@ def main(
     api_keys: tuple[str, ...],
     allowed_hosts: tuple[str, ...],
     allowed_origins: tuple[str, ...],
+    insecure: bool,
     log_spec: str | None,
     log_file: str | None,
 ) -> None:
     """Route requests to the cluster's nodes and serve the OpenAI-compatible API."""
     logs.setup(log_spec, log_file or logs.default_log_file("broker"))
     from exo.broker.broker import Broker
+    from exo.common import keys
 
+    cluster = None if insecure else keys.Cluster.ensure()
+    if cluster is None:
+        log.warning(
+            "--insecure: no keys; anyone who reaches ports %d and %d may join", port, pub_port
+        )
+    else:
+        log.info("cluster keys in %s; a node joins with `exo-tools keys show`", keys.cluster_dir())
     broker = Broker(
         f"tcp://{host}:{port}",
         f"tcp://{host}:{pub_port}",
         request_timeout=request_timeout,
         probe_every=probe_every,
+        cluster=cluster,
     )
     if no_api:
         signal.signal(signal.SIGTERM, lambda *_: broker.stop_event.set())
@@ -154,7 +169,7 @@ def main(
     try:
         access = policy(api_host, api_keys, allowed_hosts, allowed_origins)
         # uvicorn handles SIGINT/SIGTERM
-        serve_api(f"tcp://{local}:{port}", api_host, api_port, access)
+        serve_api(f"tcp://{local}:{port}", api_host, api_port, access, cluster)
     finally:
         broker.stop_event.set()
         thread.join(timeout=2)

@@ -17,6 +17,7 @@ class Peer:
     status: dict[str, Any] = field(default_factory=dict)
     last_seen: float = field(default_factory=time.monotonic)
     joined: float = field(default_factory=time.time)
+    key: str | None = None  # its connection's CURVE key (None: an insecure cluster)
 
     @property
     def models(self) -> list[str]:

@@ -31,7 +31,11 @@ FLOOR_STEPS of the engine's steps is behind its floor, and from the next layer
 on its pass runs on a second thread of the lane at the step loop's own priority
 (nice 0), until the lane runs dry. A pass is resumable at any layer boundary,
 so the hand-over loses nothing. (A thread cannot take back a lower nice
-without privilege; a second thread can simply start at the one it needs.)
+without privilege; a second thread can simply start at the one it needs.) A
+prompt behind the pace of its TTFT bound (`--max-ttft-ratio` times its time
+alone, whole passes at the lane's best pass rate) is hurried the same way, and if
+it is still behind at that priority the engine's steps wait for the lane's next
+layer: the streams' stall bound gives (Watch).
 """
 
 from __future__ import annotations
@@ -92,6 +96,7 @@ class Pass:
     batch: list[tuple[Job, int]]
     layer: int = 0
     hs: list[Any] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
 
 
 class Lane:
@@ -118,8 +123,8 @@ class Lane:
         self.hurried = 0  # times the lane fell behind its floor
         self.urgent = False  # passes run on the nice-0 thread
         self.single_blas = False  # whether OpenBLAS is held to one thread now
-        # token-layers per second: the best a layer has run at (about the lane's pace
-        # on an idle core), and the last layer's
+        # token-layers per second of whole passes: the best (about the lane's pace on
+        # an idle core: a single layer's time varies too much to say) and the last
         self.best_rate = 0.0
         self.rate = 0.0
         self._open = threading.Event()  # cleared: the lane holds before its next layer
@@ -284,7 +289,12 @@ class Lane:
         self._pass = None
         self.passes += 1
         landed = len(self._landed)
-        complete = not failed and p.layer == self._layer_count(p) and len(p.hs) == len(p.batch)
+        layers = self._layer_count(p)
+        complete = not failed and p.layer == layers and len(p.hs) == len(p.batch)
+        if complete:
+            tokens = sum(n for _, n in p.batch)
+            self.rate = tokens * layers / max(time.perf_counter() - p.started, 1e-9)
+            self.best_rate = max(self.best_rate, self.rate)
         for (job, n), out in zip(p.batch, p.hs if complete else [None] * len(p.batch), strict=True):
             if complete:
                 job.req.prefilled += n
@@ -347,7 +357,6 @@ class Lane:
                 p.hs = []
                 return True
             li = p.layer
-            t0 = time.perf_counter()
             end = None if li == layers - 1 else li + 1
             chunks = [
                 Chunk(t, c, logits=end is None and len(t) == r.to_prefill, first=li, end=end, h=h)
@@ -357,10 +366,8 @@ class Lane:
             # One layer at a time: see the module's docstring.
             mx.eval([o for o in outs if o is not None], [s for c in caches for s in c[li].state])
             p.hs, p.layer = list(outs), li + 1
-            rate = sum(len(t) for t in toks) / max(time.perf_counter() - t0, 1e-9)
             with self._cv:
                 self.layers += 1
-                self.rate, self.best_rate = rate, max(self.best_rate, rate)
                 self._cv.notify_all()
         return True
 
@@ -368,9 +375,9 @@ class Lane:
 class Watch:
     """The engine's eye on the lane, once a step: the floor (a layer within
     FLOOR_STEPS steps, else `hurry`) and the TTFT bound (a prompt behind the pace
-    of `max_ttft_ratio` times its time alone makes the next step wait for the
-    lane's next layer: the streams' stall bound gives, said in the log and in
-    node status)."""
+    of `max_ttft_ratio` times its time alone hurries the lane; still behind once
+    hurried, each step waits for the lane's next layer: the streams' stall bound
+    gives, said in the log and in node status)."""
 
     def __init__(self, lane: Lane, max_ttft_ratio: float = DEFAULT_MAX_TTFT_RATIO) -> None:
         self.lane = lane
@@ -398,12 +405,24 @@ class Watch:
                 self.steps,
             )
             lane.hurry()
+        # A prompt behind its TTFT pace: first the lane goes to the step loop's
+        # priority; if it is still behind there, the streams give (each step waits
+        # for the lane's next layer).
         late = self.late()
+        if late and not lane.urgent:
+            log.warning(
+                "prefill lane: %d prompt(s) behind %.1fx their time alone; its pass goes on "
+                "at the step loop's priority",
+                len(late),
+                self.max_ttft_ratio,
+            )
+            lane.hurry()
+            late = set()  # this step: the lane's new priority first
         self.gives = "max_stall" if late else None
         for rid in late - self.behind:
             log.warning(
-                "rid=%s: its prefill is behind %.1fx its time alone; the streams' steps "
-                "wait for the lane (max stall gives)",
+                "rid=%s: its prefill is still behind %.1fx its time alone at the lane's "
+                "top priority; the streams' steps wait for the lane (max stall gives)",
                 rid,
                 self.max_ttft_ratio,
             )

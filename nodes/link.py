@@ -19,6 +19,7 @@ from typing import Any
 import zmq
 
 from exo.broker import protocol as P
+from exo.common import keys
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,10 @@ class BrokerLink(threading.Thread):
         info: Callable[[], dict[str, Any]],
         status: Callable[[], dict[str, Any]],
         on_reset: Callable[[], None],
+        cluster: keys.Cluster | None = None,
     ) -> None:
         super().__init__(name="broker-link", daemon=True)
+        self.cluster = cluster  # None: an insecure cluster
         self.ctx, self.broker, self.peer_id, self.name_ = ctx, broker, peer_id, name
         self.routing_id = routing_id(peer_id)
         self.pair_addr = pair_addr
@@ -77,6 +80,8 @@ class BrokerLink(threading.Thread):
             self.dealer.close(linger=0)
         self.dealer = self.ctx.socket(zmq.DEALER)
         configure_dealer(self.dealer, self.routing_id)
+        if self.cluster is not None:
+            keys.connect_as(self.dealer, self.cluster.node, self.cluster.broker)
         self.dealer.connect(self.broker)
         self._hello()
 
@@ -95,6 +100,8 @@ class BrokerLink(threading.Thread):
         self.sub = self.ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.LINGER, 0)
         self.sub.setsockopt(zmq.SUBSCRIBE, P.TOPIC_CANCEL)
+        if self.cluster is not None:
+            keys.connect_as(self.sub, self.cluster.node, self.cluster.broker)
         self.sub.connect(f"{self.broker.rsplit(':', 1)[0]}:{pub_port}")
         self.poller.register(self.sub, zmq.POLLIN)
 

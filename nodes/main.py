@@ -117,6 +117,18 @@ from exo.nodes.store import default_models_dir
     show_default=True,
     help="Let other nodes fetch this node's models from it instead of the hub.",
 )
+@click.option(
+    "--join",
+    "join_token",
+    default=None,
+    help="A join token from `exo-tools keys show` on the broker's machine: stored in "
+    "~/.exo/cluster, then used on every start.",
+)
+@click.option(
+    "--insecure",
+    is_flag=True,
+    help="No CURVE keys (the broker runs with --insecure too): a closed lab only.",
+)
 @click.option("--log", "log_spec", default=None, help='e.g. "info" or "nodes.engine=debug".')
 @click.option("--log-file", default=None, help="DEBUG log file (default ~/.exo/logs/node-PID.log).")
 def main(
@@ -137,6 +149,8 @@ def main(
     stage_timeout: float,
     weights_port: int,
     serve_weights: bool,
+    join_token: str | None,
+    insecure: bool,
     log_spec: str | None,
     log_file: str | None,
 ) -> None:
@@ -156,8 +170,16 @@ def main(
         lane=prefill_lane,
         max_ttft_ratio=max_ttft_ratio or DEFAULT_MAX_TTFT_RATIO,
     )
+    from exo.common import keys
     from exo.nodes.download import Downloader
     from exo.nodes.interfaces import load_link_types
+
+    cluster = None
+    if not insecure:
+        try:
+            cluster = keys.Cluster.join(join_token) if join_token else keys.Cluster.load()
+        except (keys.KeysMissing, ValueError) as e:
+            raise click.ClickException(str(e)) from None
 
     try:
         types = load_link_types(link_types)
@@ -175,6 +197,7 @@ def main(
         probe_port=probe_port,
         stage_timeout=stage_timeout,
         weights_port=weights_port if serve_weights else None,
+        cluster=cluster,
     )
     signal.signal(signal.SIGTERM, lambda *_: node.stopping.set())
     try:

@@ -18,6 +18,7 @@ import numpy as np
 import zmq
 
 from exo.broker import protocol as P
+from exo.common import keys
 from exo.nodes.mlxenv import mx
 
 log = logging.getLogger(__name__)
@@ -26,14 +27,27 @@ log = logging.getLogger(__name__)
 # most a prefill budget of pacing.MAX_CHUNK plus the batch) x width x 4 bytes.
 # 2,304 rows of a 16,384-wide model (the largest open models) is 151 MB.
 MAX_ACT = 160 * 1024 * 1024
+DOMAIN = "exo-peers"  # the ZAP domain of the peer ROUTER
 
 
 class PeerSockets:
     def __init__(
-        self, ctx: zmq.Context, peer_id: str, host: str = "0.0.0.0", port: int = 0
+        self,
+        ctx: zmq.Context,
+        peer_id: str,
+        host: str = "0.0.0.0",
+        port: int = 0,
+        cluster: keys.Cluster | None = None,
     ) -> None:
         self.ctx, self.peer_id = ctx, peer_id
+        # Stage traffic is the cluster's nodes' only: every node serves and connects
+        # with the node key (None: an insecure cluster).
+        self.cluster = cluster
+        if cluster is not None:
+            self.auth = keys.authenticator(ctx, {DOMAIN: {cluster.node.public}})
         self.router = ctx.socket(zmq.ROUTER)
+        if cluster is not None:
+            keys.serve(self.router, cluster.node, DOMAIN)
         self.router.setsockopt(zmq.LINGER, 0)
         # Steps go one at a time per instance: a few frames in flight is all a
         # stage ever has. A larger frame than MAX_ACT is no step (and costs its
@@ -62,6 +76,8 @@ class PeerSockets:
             # is exactly that. Replies never go back through the ROUTER anyway.
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDHWM, 1000)
+            if self.cluster is not None:
+                keys.connect_as(sock, self.cluster.node, self.cluster.node)
             sock.connect(endpoint)
             self.dealers[endpoint] = sock
         return sock
@@ -133,3 +149,5 @@ class PeerSockets:
         for s in self.dealers.values():
             s.close(linger=0)
         self.router.close(linger=0)
+        if self.cluster is not None:
+            self.auth.stop()  # type: ignore[attr-defined]

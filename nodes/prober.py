@@ -16,6 +16,7 @@ that joins those two addresses, on a raw socket: no ZeroMQ in the figures.
 from __future__ import annotations
 
 import contextlib
+import hmac
 import socket
 import struct
 import threading
@@ -49,13 +50,16 @@ IDLE_S = 10.0  # a probe connection silent this long is closed
 class ProbeServer(threading.Thread):
     """Answers other nodes' probes; counts the CPU time it spends doing so."""
 
-    def __init__(self, host: str = "0.0.0.0", port: int = 0) -> None:
+    def __init__(self, host: str = "0.0.0.0", port: int = 0, token: str | None = None) -> None:
         super().__init__(name="probe-server", daemon=True)
         self.sock = socket.create_server((host, port), reuse_port=False)
         self.port = int(self.sock.getsockname()[1])
         self.cpu_s = 0.0
         self.lock = threading.Lock()
         self.slots = threading.BoundedSemaphore(MAX_PROBES)
+        # A prober first sends this (the cluster's probe token); None: anyone may probe.
+        self.token = token.encode() if token else None
+        self.refused = 0
 
     def run(self) -> None:
         while True:
@@ -76,6 +80,11 @@ class ProbeServer(threading.Thread):
             with conn, contextlib.suppress(OSError, ConnectionError):
                 conn.settimeout(IDLE_S)
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if self.token is not None and not hmac.compare_digest(
+                    _recv_exact(conn, len(self.token)), self.token
+                ):
+                    self.refused += 1
+                    return
                 while (op := conn.recv(1)) == PING:
                     conn.sendall(PING)
                 if op == BULK:
@@ -106,12 +115,17 @@ class ProbeServer(threading.Thread):
         self.sock.close()
 
 
-def probe(src: str, dst: str, port: int, timeout: float = 5.0) -> dict[str, Any]:
-    """Measure the link from local address `src` to the peer's `dst`."""
+def probe(
+    src: str, dst: str, port: int, timeout: float = 5.0, token: str | None = None
+) -> dict[str, Any]:
+    """Measure the link from local address `src` to the peer's `dst` (whose probe
+    server wants `token` first, in a secure cluster)."""
     t_cpu = time.thread_time()
     started = time.time()
     with socket.create_connection((dst, port), timeout, source_address=(src, 0)) as s:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if token:
+            s.sendall(token.encode())
         rtts = []
         for _ in range(PINGS):
             t0 = time.perf_counter()

@@ -10,6 +10,7 @@ served (never a `.partial` file), read-only, streamed from disk.
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import re
@@ -78,8 +79,12 @@ def get_server(
 
 
 class WeightsServer:
-    def __init__(self, store: ModelStore, host: str = "0.0.0.0", port: int = 0) -> None:
+    def __init__(
+        self, store: ModelStore, host: str = "0.0.0.0", port: int = 0, token: str | None = None
+    ) -> None:
         self.store = store
+        # Only the cluster's nodes may fetch (None: anyone, an insecure cluster).
+        self.token = token
         self.lock = threading.Lock()
         self.bytes_served = 0
         self.http = get_server(host, port, self.handle)
@@ -114,6 +119,10 @@ class WeightsServer:
         }
 
     def handle(self, h: BaseHTTPRequestHandler) -> None:
+        if self.token is not None:
+            given = h.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+            if not hmac.compare_digest(given.encode(), self.token.encode()):
+                return self.send(h, 401, b'{"error": "not a node of this cluster"}')
         path = h.path.split("?", 1)[0]
         models = self.store.scan()  # complete folders only
         if m := LISTING.fullmatch(path):

@@ -14,6 +14,7 @@ from typing import Any
 import zmq
 
 from exo.broker import protocol as P
+from exo.common import keys
 from exo.common.names import valid_model_id
 from exo.nodes import info as node_info
 from exo.nodes import memory
@@ -52,7 +53,9 @@ class Node:
         probe_port: int = 0,
         stage_timeout: float = 30.0,
         weights_port: int | None = 0,
+        cluster: keys.Cluster | None = None,
     ) -> None:
+        self.cluster = cluster  # None: an insecure cluster
         self.stage_timeout = stage_timeout
         self.link_types = link_types or {}
         self.rdma = [d.public() for d in rdma_devices()]
@@ -66,11 +69,16 @@ class Node:
         self.pair_addr = f"inproc://engine-{self.peer_id}"
         self.pair = self.ctx.socket(zmq.PAIR)
         self.pair.bind(self.pair_addr)
-        self.peers = PeerSockets(self.ctx, self.peer_id, port=peer_port)
-        self.prober = ProbeServer(port=probe_port)
+        self.peers = PeerSockets(self.ctx, self.peer_id, port=peer_port, cluster=cluster)
+        # the plain-TCP servers' token: derived from the node key (None: insecure)
+        self.weights_token = cluster.secret("weights") if cluster else None
+        self.probe_token = cluster.secret("probe") if cluster else None
+        self.prober = ProbeServer(port=probe_port, token=self.probe_token)
         # None: this node does not serve its models to others
         self.weights = (
-            None if weights_port is None else WeightsServer(self.store, port=weights_port)
+            None
+            if weights_port is None
+            else WeightsServer(self.store, port=weights_port, token=self.weights_token)
         )
         self.probes: dict[str, dict[str, Any]] = {}  # link key -> the last result
         self.probing: threading.Thread | None = None
@@ -95,6 +103,7 @@ class Node:
             info=self.info,
             status=lambda: self._status,
             on_reset=self._reset.set,
+            cluster=cluster,
         )
         self.stopping = threading.Event()
         self.loading: str | None = None
@@ -330,7 +339,7 @@ class Node:
 
         def run() -> None:
             try:
-                result = probe(src, dst, port)
+                result = probe(src, dst, port, token=self.probe_token)
                 self.probe_cpu_s += result["cpu_s"]
             except OSError as e:
                 result = {"error": f"{type(e).__name__}: {e}", "at": time.time()}
@@ -465,9 +474,12 @@ class Node:
             try:
                 if source:
                     try:
-                        replace(self.downloader, hub=source, on_progress=progress).download(
-                            model_id, dest, revision
-                        )
+                        replace(
+                            self.downloader,
+                            hub=source,
+                            token=self.weights_token,
+                            on_progress=progress,
+                        ).download(model_id, dest, revision)
                         return
                     except DownloadError as e:
                         log.warning(

@@ -259,7 +259,7 @@ def test_the_broker_resends_a_cancel_until_the_node_acknowledges(
 ) -> None:
     """A fake node on a real socket: it ignores the first CANCEL, and gets it again."""
     c = slow_cluster
-    fake = zmq.Context.instance().socket(zmq.DEALER)
+    fake = c.as_member(zmq.Context.instance().socket(zmq.DEALER))
     fake.setsockopt(zmq.LINGER, 0)
     fake.connect(c.broker_addr)
     fake.send(

@@ -88,7 +88,7 @@ def test_no_node_for_a_known_model_is_503_with_retry_after(
 
 def test_garbage_on_the_broker_sockets_is_dropped_and_counted(cluster: LocalCluster) -> None:
     ctx = zmq.Context.instance()
-    d = ctx.socket(zmq.DEALER)
+    d = cluster.as_member(ctx.socket(zmq.DEALER), "frontend")
     d.setsockopt(zmq.LINGER, 0)
     d.connect(cluster.broker_addr)
     d.send(b"\xc1\xc1 not msgpack")
@@ -113,7 +113,7 @@ def test_garbage_on_the_broker_sockets_is_dropped_and_counted(cluster: LocalClus
 
 
 def test_a_peer_of_another_protocol_version_is_refused(cluster: LocalCluster) -> None:
-    d = zmq.Context.instance().socket(zmq.DEALER)
+    d = cluster.as_member(zmq.Context.instance().socket(zmq.DEALER))
     d.setsockopt(zmq.LINGER, 0)
     d.connect(cluster.broker_addr)
     d.send(
@@ -226,3 +226,47 @@ def test_nodes_reregister_with_a_restarted_broker(models_dir: Path, tmp_path: Pa
         c.start_broker()
         c.wait_nodes(1, timeout=30)
         assert chat(c.url).status_code == 200
+
+
+def test_a_separate_api_survives_a_broker_restart(models_dir: Path, tmp_path: Path) -> None:
+    """The split deployment (exo-broker --no-api, exo-tools api): the broker dies and
+    comes back on the same port; the API process serves again without a restart."""
+    c = LocalCluster.on_free_ports(models_dir, log_dir=tmp_path, broker_args=["--no-api"])
+    c.start_broker()
+    api = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "exo.tools.main",
+            "api",
+            "--broker",
+            c.broker_addr,
+            "--port",
+            str(c.api_port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    def serves() -> bool:
+        try:
+            return chat(c.url).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        c.start_node(0)
+        c.wait_nodes(1)
+        assert serves()
+        assert c.broker is not None
+        c.broker.kill()
+        c.broker.wait()
+        c.start_broker()
+        deadline = time.monotonic() + 60
+        while not serves():
+            assert time.monotonic() < deadline and api.poll() is None, "the API never recovered"
+            time.sleep(0.3)
+    finally:
+        api.terminate()
+        api.wait(10)
+        c.stop()

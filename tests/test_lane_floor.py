@@ -127,7 +127,8 @@ def test_a_prompt_behind_its_ttft_pace_makes_the_streams_give() -> None:
     lane.prompts = [{"rid": "p", "done": 0, "total": 2000, "waited_s": 0.7, "layers": 30}]
     assert not watch.check() and watch.status()["gives"] is None
     lane.prompts[0]["waited_s"] = 0.8
-    assert watch.check() and watch.status()["gives"] == "max_stall"
+    assert not watch.check() and lane.urgent  # behind: first the lane is hurried
+    assert watch.check() and watch.status()["gives"] == "max_stall"  # still: streams give
     lane.prompts[0].update(done=1024, waited_s=3.5)  # 5 passes: 3.84 s allowed
     assert not watch.check() and watch.status()["gives"] is None
     # a short prompt is held to a whole pass, not to its few tokens' share of one

@@ -293,7 +293,7 @@ def test_garbage_on_the_peer_socket_is_dropped_and_counted(three: LocalCluster) 
     c = three
     n0 = node(c, "node0")
     port = n0["info"]["peer_port"]
-    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock = c.as_member(zmq.Context.instance().socket(zmq.DEALER), peer=True)
     sock.setsockopt(zmq.LINGER, 2000)  # deliver before closing
     sock.connect(f"tcp://127.0.0.1:{port}")
     sock.send(b"\xc1 not msgpack")
@@ -383,7 +383,7 @@ def test_a_middle_stage_that_cannot_run_a_step_fails_the_requests_at_once(
 
     def forge() -> None:
         # A step for a request the middle stage never saw: it cannot run it.
-        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock = c.as_member(zmq.Context.instance().socket(zmq.DEALER), peer=True)
         sock.setsockopt(zmq.LINGER, 2000)
         sock.connect(f"tcp://127.0.0.1:{middle['info']['peer_port']}")
         header = P.encode(

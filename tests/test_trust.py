@@ -29,8 +29,9 @@ def chat(url: str, **body: object) -> httpx.Response:
     return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
 
 
-def dealer(c: LocalCluster) -> zmq.Socket:
-    d = zmq.Context.instance().socket(zmq.DEALER)
+def dealer(c: LocalCluster, role: str = "node") -> zmq.Socket:
+    """A buggy or hostile member of the cluster: it holds the `role` key."""
+    d = c.as_member(zmq.Context.instance().socket(zmq.DEALER), role)
     d.setsockopt(zmq.LINGER, 0)
     d.connect(c.broker_addr)
     return d
@@ -114,7 +115,7 @@ def test_bad_reports_after_hello_are_dropped_and_the_node_keeps_its_last_good_on
 def test_a_frontend_with_a_bad_instances_spec_or_params_cannot_stop_anything(
     cluster: LocalCluster,
 ) -> None:
-    d = dealer(cluster)
+    d = dealer(cluster, "frontend")
     try:
         assert hello(d, "frontend", "rogue-api").type == "WELCOME"
         d.send(msgpack.packb({"v": 1, "t": "INSTANCES", "qid": "q1", "op": "place", "spec": [1]}))
@@ -209,7 +210,7 @@ def test_bad_act_frames_at_a_nodes_peer_port_are_dropped_and_counted(
 ) -> None:
     node = node0(cluster)
     port = node["info"]["peer_port"]
-    d = zmq.Context.instance().socket(zmq.DEALER)
+    d = cluster.as_member(zmq.Context.instance().socket(zmq.DEALER), peer=True)
     d.setsockopt(zmq.LINGER, 0)
     d.connect(f"tcp://127.0.0.1:{port}")
     good = np.zeros((2, 4), dtype=np.float32).tobytes()
@@ -255,9 +256,11 @@ def test_many_idle_connections_to_the_weights_and_probe_ports_do_not_hold_the_no
             s.close()
     wport = node["info"]["weights_port"]
 
+    token = {"authorization": f"Bearer {cluster.keys().secret('weights')}"}
+
     def lists() -> bool:
         try:
-            r = httpx.get(f"http://127.0.0.1:{wport}/api/models/{TINY}", timeout=5)
+            r = httpx.get(f"http://127.0.0.1:{wport}/api/models/{TINY}", headers=token, timeout=5)
         except httpx.HTTPError:
             return False
         return r.status_code == 200
@@ -398,8 +401,8 @@ def test_only_the_caller_that_submitted_a_request_can_cancel_it(keyed: LocalClus
     wait_until(lambda: rid and len(lines) > 5, 30)
     r = httpx.post(f"{url}/v1/cancel/{rid[0]}", headers=bearer("key-two"), timeout=10)
     assert r.status_code == 404
-    # nor a stranger at the broker, with the request's id in hand
-    d = dealer(keyed)
+    # nor another frontend at the broker, with the request's id in hand
+    d = dealer(keyed, "frontend")
     try:
         assert hello(d, "frontend", "stranger").type == "WELCOME"
         d.send(P.encode("CANCEL", rid=rid[0], reason="explicit", qid="c1"))
@@ -423,7 +426,7 @@ def test_a_stranger_claiming_the_apis_published_id_takes_nothing_over(
     (api_id,) = httpx.get(f"{keyed.url}/v1/cluster", headers=bearer("key-one"), timeout=10).json()[
         "frontends"
     ]
-    d = zmq.Context.instance().socket(zmq.DEALER)
+    d = keyed.as_member(zmq.Context.instance().socket(zmq.DEALER), "frontend")
     d.setsockopt(zmq.LINGER, 0)
     d.setsockopt(zmq.IDENTITY, api_id.encode())
     d.connect(keyed.broker_addr)
@@ -486,3 +489,59 @@ def test_a_corrupted_weights_file_is_neither_loaded_nor_served(
         assert server.bytes_served == 0
     finally:
         server.close()
+
+
+def test_a_stranger_without_the_clusters_keys_can_neither_join_nor_listen(
+    cluster: LocalCluster,
+) -> None:
+    from exo.common import keys
+    from exo.nodes.prober import probe
+
+    ctx = zmq.Context.instance()
+    info = {"models": [TINY], "model_meta": {TINY: {"layers": 4, "bytes": 1}}}
+    plain = ctx.socket(zmq.DEALER)  # no CURVE at all
+    own = ctx.socket(zmq.DEALER)  # keys of its own, and the broker's public key (no secret)
+    keys.connect_as(own, keys.Pair.new(), cluster.keys().broker)
+    sub = ctx.socket(zmq.SUB)  # the PUB publishes the cluster's state every second
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    try:
+        for s in (plain, own, sub):
+            s.setsockopt(zmq.LINGER, 0)
+        for s in (plain, own):
+            s.connect(cluster.broker_addr)
+            s.send(P.encode("HELLO", role="node", peer_id="stranger", info=info))
+        sub.connect(f"tcp://127.0.0.1:{cluster.pub_port}")
+        assert not plain.poll(1500) and not own.poll(100) and not sub.poll(1500)
+    finally:
+        for s in (plain, own, sub):
+            s.close()
+    assert "stranger" not in str(cluster.cluster_state()["nodes"])
+    # the node key does not make a frontend: a role is its key, not a claim
+    d = dealer(cluster, "node")
+    try:
+        msg = hello(d, "frontend", "sneaky")
+        assert msg.type == "REFUSED" and "key" in msg["reason"]
+    finally:
+        d.close()
+    # the nodes' plain-TCP servers want the cluster's token
+    node = node0(cluster)
+    r = httpx.get(f"http://127.0.0.1:{node['info']['weights_port']}/api/models/{TINY}", timeout=5)
+    assert r.status_code == 401
+    with pytest.raises((ConnectionError, OSError)):
+        probe("127.0.0.1", "127.0.0.1", node["info"]["probe_port"], timeout=2.0)
+    alive(cluster)
+
+
+def test_a_flood_from_a_peer_the_broker_does_not_know_gets_one_reconnect(
+    cluster: LocalCluster,
+) -> None:
+    d = dealer(cluster, "frontend")
+    try:
+        for i in range(200):  # never said HELLO
+            d.send(P.encode("QUERY", qid=f"q{i}", what="cluster"))
+        got = []
+        while d.poll(500):
+            got.append(P.decode(d.recv()).type)
+        assert got == ["RECONNECT"], got
+    finally:
+        d.close()

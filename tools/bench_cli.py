@@ -46,8 +46,10 @@ def _target(
     if url is not None:
         yield url, model, d
         return
+    ctx = click.get_current_context(silent=True)
+    insecure = bool(ctx and ctx.find_root().meta.get("bench_insecure"))
     cluster = LocalCluster.on_free_ports(
-        d, nodes=nodes, log_spec="warning", node_args=node_args or []
+        d, nodes=nodes, log_spec="warning", node_args=node_args or [], insecure=insecure
     ).start()
     try:
         yield cluster.url, model, d
@@ -64,8 +66,14 @@ def target_options(f: Any) -> Any:
 
 
 @click.group()
-def bench() -> None:
+@click.option(
+    "--insecure",
+    is_flag=True,
+    help="The cluster started here runs without CURVE keys (what they cost: run both).",
+)
+def bench(insecure: bool) -> None:
     """Benchmarks that print figures beside a baseline."""
+    click.get_current_context().find_root().meta["bench_insecure"] = insecure
 
 
 @bench.command("overhead")

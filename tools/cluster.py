@@ -58,6 +58,11 @@ class LocalCluster:
     node_broker: dict[int, str] = field(default_factory=dict)
     broker: subprocess.Popen[bytes] | None = None
     node_procs: list[subprocess.Popen[bytes] | None] = field(default_factory=list)
+    # The cluster's CURVE keys: made here before any process starts (so no node
+    # races the broker's first start), in `cluster_dir` (None: the user's
+    # ~/.exo/cluster, as `exo-tools up` wants). insecure: no keys at all.
+    insecure: bool = False
+    cluster_dir: Path | None = None
 
     @classmethod
     def on_free_ports(cls, models_dir: Path, **kw: Any) -> LocalCluster:
@@ -75,7 +80,27 @@ class LocalCluster:
     def _env(self) -> dict[str, str]:
         env = {**os.environ, **self.env}
         env.pop("EXO_LOG", None)
+        if self.cluster_dir is not None:
+            env["EXO_CLUSTER_DIR"] = str(self.cluster_dir)
         return env
+
+    def keys(self) -> Any:
+        """The cluster's keys (common.keys.Cluster), or None when insecure."""
+        from exo.common import keys
+
+        return None if self.insecure else keys.Cluster.ensure(self.cluster_dir)
+
+    def as_member(self, sock: Any, role: str = "node", peer: bool = False) -> Any:
+        """Give a socket the keys of a `role` ("node" or "frontend") before it
+        connects: to the broker, or with `peer` to a node's peer port. Tests that
+        play a buggy member of the cluster use it; strangers do not."""
+        from exo.common import keys
+
+        cluster = self.keys()
+        if cluster is not None:
+            me = cluster.node if role == "node" else cluster.frontend
+            keys.connect_as(sock, me, cluster.node if peer else cluster.broker)
+        return sock
 
     def _log(self, name: str) -> list[str]:
         if self.log_dir is None:
@@ -89,6 +114,7 @@ class LocalCluster:
         return (self.log_dir / f"{name}.out").open("ab")
 
     def start_broker(self) -> None:
+        self.keys()  # made before any process looks for them
         cmd = [
             sys.executable,
             "-m",
@@ -104,6 +130,7 @@ class LocalCluster:
             "--log",
             self.log_spec,
             *self._log("broker"),
+            *(["--insecure"] if self.insecure else []),
             *self.broker_args,
         ]
         out = self._out("broker")
@@ -126,6 +153,7 @@ class LocalCluster:
             "--log",
             self.log_spec,
             *self._log(f"node{i}"),
+            *(["--insecure"] if self.insecure else []),
             *self.node_args,
             *self.node_extra.get(i, []),
         ]
@@ -188,6 +216,14 @@ class LocalCluster:
         self.stop()
 
 
+def api_headers() -> dict[str, str]:
+    """The tools' own calls to an API that takes keys: the first of EXO_API_KEY."""
+    from exo.api.security import keys_from_env
+
+    found = keys_from_env()
+    return {"Authorization": f"Bearer {found[0]}"} if found else {}
+
+
 class InstanceFailed(RuntimeError):
     pass
 
@@ -197,7 +233,9 @@ def wait_ready(url: str, iid: str, timeout: float = 600.0) -> dict[str, Any]:
     fails or is not ready within `timeout`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for inst in httpx.get(f"{url}/v1/instances", timeout=10).json()["data"]:
+        for inst in httpx.get(f"{url}/v1/instances", headers=api_headers(), timeout=10).json()[
+            "data"
+        ]:
             if inst["id"] == iid and inst["state"] == "ready":
                 return dict(inst)
             if inst["id"] == iid and inst["state"] == "failed":

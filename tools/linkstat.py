@@ -12,6 +12,7 @@ from typing import Any
 import zmq
 
 from exo.broker import protocol as P
+from exo.common import keys
 
 
 class NoBroker(Exception):
@@ -23,6 +24,13 @@ def snapshots(pub: str, timeout_s: float = 5.0) -> Iterator[dict[str, Any]]:
     sub = zmq.Context.instance().socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
     sub.setsockopt(zmq.SUBSCRIBE, P.TOPIC_CLUSTER)
+    try:
+        # The operator's tools speak with the frontend key (the broker's machine).
+        cluster = keys.Cluster.load()
+        if cluster.frontend is not None:
+            keys.connect_as(sub, cluster.frontend, cluster.broker)
+    except keys.KeysMissing:
+        pass  # an insecure cluster
     sub.connect(pub)
     try:
         while True:

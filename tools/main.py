@@ -231,9 +231,13 @@ def up(
         cluster.start()
         # One instance across every node (a pipeline stage each), loaded now so the
         # first real request does not wait for it.
+        from exo.tools.cluster import api_headers
+
+        auth = api_headers()  # the broker honours EXO_API_KEY: so do we
         r = httpx.post(
             f"{cluster.url}/v1/instances",
             timeout=60,
+            headers=auth,
             json={"model": model, "min_nodes": nodes, "max_nodes": nodes},
         )
         if r.status_code != 201:
@@ -253,6 +257,7 @@ def up(
         click.echo(
             f"curl {cluster.url}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'\n"
         )
+        click.echo("A second machine joins with the line `exo-tools keys show` prints.")
         click.echo("Ctrl-C stops every process this started.")
         while not stop:
             time.sleep(0.5)
@@ -321,19 +326,51 @@ def linkstat(broker: str, pub_port: int, once: bool, as_json: bool) -> None:
 )
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=52415, show_default=True)
+@click.option("--insecure", is_flag=True, help="The broker runs without keys (--insecure).")
 @api_options
 def api(
     broker: str,
     host: str,
     port: int,
+    insecure: bool,
     api_keys: tuple[str, ...],
     allowed_hosts: tuple[str, ...],
     allowed_origins: tuple[str, ...],
 ) -> None:
-    """Serve the OpenAI API in its own process, against a broker elsewhere."""
+    """Serve the OpenAI API in its own process, against a broker elsewhere (with the
+    cluster's keys from the broker's machine: its frontend key)."""
     from exo.broker.main import policy, serve_api
 
-    serve_api(broker, host, port, policy(host, api_keys, allowed_hosts, allowed_origins))
+    cluster = None if insecure else member_keys(frontend=True)
+    access = policy(host, api_keys, allowed_hosts, allowed_origins)
+    serve_api(broker, host, port, access, cluster)
+
+
+def member_keys(frontend: bool = False) -> object:
+    """This machine's cluster keys, or a clear error saying how to get them."""
+    from exo.common import keys
+
+    try:
+        cluster = keys.Cluster.load()
+    except keys.KeysMissing as e:
+        raise click.ClickException(str(e)) from e
+    if frontend and cluster.frontend is None:
+        raise click.ClickException(
+            f"{keys.cluster_dir()} holds a node's keys only: run this on the broker's machine"
+        )
+    return cluster
+
+
+@main.group()
+def keys() -> None:
+    """The cluster's CURVE keys (made by exo-broker's first start)."""
+
+
+@keys.command("show")
+def keys_show() -> None:
+    """Print the join token a second machine's node starts with."""
+    cluster = member_keys()
+    print(f"exo-node --broker tcp://THIS_HOST:52416 --join {cluster.token()}")  # type: ignore[attr-defined]
 
 
 if __name__ == "__main__":
