@@ -120,8 +120,6 @@ def create_app(
 ) -> FastAPI:
     client = BrokerClient(broker, cluster)
     policy = policy or Policy(keys=keys_from_env())
-    # request id -> the API key that submitted it: only its owner may cancel it
-    owners: dict[str, str | None] = {}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -201,7 +199,8 @@ def create_app(
     @app.post("/v1/cancel/{request_id}")
     async def cancel(request_id: str, request: Request) -> Any:
         rid = request_id.removeprefix("chatcmpl-").removeprefix("cmpl-")
-        mine = rid in owners and owners[rid] == api_key(request)
+        # Only whoever submitted it may cancel it (its API key, when keys are on).
+        mine = rid in client.owners and client.owners[rid] == api_key(request)
         if not mine or not await client.cancel_explicit(rid):
             return error_response(404, f"no request {request_id} is in flight", "request_not_found")
         return {"id": rid, "object": "cancellation", "cancelled": True}
@@ -281,22 +280,9 @@ def create_app(
                     param="X-Request-Timeout",
                 )
         rid = uuid.uuid4().hex[:24]
-        owners[rid] = api_key(request)
-        try:
-            return await submitted(request, rid, kind, body, payload, limit, timeout_s)
-        finally:
-            owners.pop(rid, None)
-
-    async def submitted(
-        request: Request,
-        rid: str,
-        kind: str,
-        body: Sampling,
-        payload: Any,
-        limit: int | None,
-        timeout_s: float | None,
-    ) -> Any:
-        queue = await client.submit(rid, body.model, kind, payload, body.params(limit), timeout_s)
+        queue = await client.submit(
+            rid, body.model, kind, payload, body.params(limit), timeout_s, api_key(request)
+        )
         job = Job(rid, kind, body.model, queue, token_ids=bool(body.return_token_ids))
         # The ASGI disconnect event, not polling: a client that leaves ends its request.
         watcher = asyncio.create_task(watch_disconnect(request, job))

@@ -32,6 +32,8 @@ class BrokerClient:
         self.ctx = zmq.asyncio.Context.instance()
         self.sock: zmq.asyncio.Socket | None = None
         self.streams: dict[str, asyncio.Queue[P.Message]] = {}
+        # rid -> the API key that submitted it (None: keys off), while it runs
+        self.owners: dict[str, str | None] = {}
         self.queries: dict[str, asyncio.Future[Any]] = {}
         self.registered = asyncio.Event()
         self.last_heard = time.monotonic()
@@ -154,10 +156,12 @@ class BrokerClient:
         payload: Any,
         params: dict[str, Any],
         timeout_s: float | None = None,
+        owner: str | None = None,
     ) -> asyncio.Queue[P.Message]:
         await self._ready()
         q: asyncio.Queue[P.Message] = asyncio.Queue()
         self.streams[rid] = q
+        self.owners[rid] = owner
         assert self.sock is not None
         extra = {"timeout_s": timeout_s} if timeout_s is not None else {}
         await self.sock.send(
@@ -169,10 +173,12 @@ class BrokerClient:
 
     def done(self, rid: str) -> None:
         self.streams.pop(rid, None)
+        self.owners.pop(rid, None)
 
     async def cancel(self, rid: str, reason: str) -> None:
         """Fire and forget: this frontend no longer wants the request."""
         self.streams.pop(rid, None)
+        self.owners.pop(rid, None)
         if self.sock is not None:
             with contextlib.suppress(zmq.ZMQError):
                 await self.sock.send(P.encode("CANCEL", rid=rid, reason=reason), flags=zmq.NOBLOCK)

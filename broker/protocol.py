@@ -73,7 +73,7 @@ Instances (a model placed on an ordered list of nodes, each holding a layer rang
 Link probes
     broker -> node  PROBE {key, src, dst, port}   measure the link from local address src
                     to the peer's dst (its INFO's probe_port) on a raw TCP socket: RTT
-                    and receiver-timed bandwidth (nodes/prober.py); the result travels
+                    and receiver-timed bandwidth (nodes/machine/prober.py); the result travels
                     in the node's HEARTBEAT status ("probes": {key: {rtt_s,
                     bandwidth_Bps, at, error?}}). One probe at a time (broker/probes.py).
 

@@ -53,7 +53,7 @@ class Pressure(Struct, forbid_unknown_fields=False):
 
 
 class NodeInfo(Struct, forbid_unknown_fields=False):
-    """HELLO's and INFO's `info`: the node's facts (nodes/info.py and worker.info)."""
+    """HELLO's and INFO's `info`: the node's facts (nodes/machine/info.py and worker.info)."""
 
     models: Annotated[list[Text], Items] = []
     model_meta: Annotated[dict[Text, ModelMeta], Items] = {}

@@ -11,7 +11,7 @@ import click
 
 from exo.broker.protocol import DEFAULT_ROUTER_PORT
 from exo.common import hugepages, logs
-from exo.nodes.store import default_models_dir
+from exo.nodes.store.store import default_models_dir
 
 
 @click.command()
@@ -157,9 +157,9 @@ def main(
     """Serve this machine's models to an exo cluster."""
     hugepages.ensure()
     logs.setup(log_spec, log_file or logs.default_log_file("node"))
-    from exo.nodes.engine import Engine
-    from exo.nodes.lane import DEFAULT_MAX_TTFT_RATIO
-    from exo.nodes.pacing import DEFAULT_IDLE_BUDGET, DEFAULT_MAX_STALL
+    from exo.nodes.engine.engine import Engine
+    from exo.nodes.engine.lane import DEFAULT_MAX_TTFT_RATIO
+    from exo.nodes.engine.pacing import DEFAULT_IDLE_BUDGET, DEFAULT_MAX_STALL
     from exo.nodes.worker import Node
 
     engine = Engine(
@@ -171,8 +171,8 @@ def main(
         max_ttft_ratio=max_ttft_ratio or DEFAULT_MAX_TTFT_RATIO,
     )
     from exo.common import keys
-    from exo.nodes.download import Downloader
-    from exo.nodes.interfaces import load_link_types
+    from exo.nodes.machine.interfaces import load_link_types
+    from exo.nodes.store.download import Downloader
 
     cluster = None
     if not insecure:

@@ -16,22 +16,22 @@ import zmq
 from exo.broker import protocol as P
 from exo.common import keys
 from exo.common.names import valid_model_id
-from exo.nodes import info as node_info
-from exo.nodes import memory
-from exo.nodes.download import Downloader, DownloadError, Progress
-from exo.nodes.engine import Engine
-from exo.nodes.interfaces import Usage, interfaces
+from exo.nodes.engine.engine import Engine
+from exo.nodes.engine.mlxenv import blas, mx
+from exo.nodes.engine.model import LoadedModel, Part, load_model, model_meta
+from exo.nodes.engine.request import EngineError, Output
 from exo.nodes.link import BrokerLink
-from exo.nodes.mlxenv import blas, mx
-from exo.nodes.model import LoadedModel, Part, load_model, model_meta
-from exo.nodes.peers import PeerSockets
-from exo.nodes.pressure import read_pressure
-from exo.nodes.prober import ProbeServer, probe
-from exo.nodes.rdma import rdma_devices
-from exo.nodes.request import EngineError, Output
-from exo.nodes.stage import StageRunner, malformed
-from exo.nodes.store import ModelStore
-from exo.nodes.weights import WeightsServer
+from exo.nodes.machine import info as node_info
+from exo.nodes.machine import memory
+from exo.nodes.machine.interfaces import Usage, interfaces
+from exo.nodes.machine.pressure import read_pressure
+from exo.nodes.machine.prober import ProbeServer, probe
+from exo.nodes.machine.rdma import rdma_devices
+from exo.nodes.pipeline.peers import PeerSockets
+from exo.nodes.pipeline.stage import StageRunner, malformed
+from exo.nodes.store.download import Downloader, DownloadError, Progress
+from exo.nodes.store.store import ModelStore
+from exo.nodes.store.weights import WeightsServer
 
 log = logging.getLogger(__name__)
 

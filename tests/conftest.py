@@ -18,7 +18,7 @@ def test_models_dir() -> Path:
 @pytest.fixture(scope="session")
 def models_dir() -> Path:
     """A models directory holding the tiny model and SmolLM2 (built once, kept between runs)."""
-    from exo.nodes.store import ModelStore, incomplete_reason
+    from exo.nodes.store.store import ModelStore, incomplete_reason
     from exo.tools.default_model import pull_default
     from exo.tools.tiny import make_tiny
 
@@ -32,14 +32,14 @@ def models_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_path(models_dir: Path) -> Path:
-    from exo.nodes.store import ModelStore
+    from exo.nodes.store.store import ModelStore
 
     return ModelStore(models_dir).path(TINY)
 
 
 @pytest.fixture(scope="session")
 def smollm_path(models_dir: Path) -> Path:
-    from exo.nodes.store import ModelStore
+    from exo.nodes.store.store import ModelStore
     from exo.tools.default_model import DEFAULT_MODEL
 
     return ModelStore(models_dir).path(DEFAULT_MODEL)

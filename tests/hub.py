@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
-from exo.nodes.weights import LISTING, RESOLVE, get_server
+from exo.nodes.store.weights import LISTING, RESOLVE, get_server
 
 
 @dataclass

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from exo.nodes import attention
-from exo.nodes.mlxenv import mx
+from exo.nodes.engine import attention
+from exo.nodes.engine.mlxenv import mx
 
 
 def test_fast_exp_is_exact_to_float32_rounding_over_the_softmax_range() -> None:

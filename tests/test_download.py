@@ -15,8 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from exo.nodes.download import MARKER, Downloader, DownloadError
-from exo.nodes.store import ModelStore, incomplete_reason
+from exo.nodes.store.download import MARKER, Downloader, DownloadError
+from exo.nodes.store.store import ModelStore, incomplete_reason
 from exo.tools.cluster import LocalCluster, free_port
 from tests.helpers import stream_while
 from tests.hub import Hub

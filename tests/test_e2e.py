@@ -23,7 +23,7 @@ def reference_ids(path: Path, prompt: list[int], n: int) -> list[int]:
     from mlx_lm.generate import generate_step
     from mlx_lm.sample_utils import make_sampler
 
-    from exo.nodes.mlxenv import mx
+    from exo.nodes.engine.mlxenv import mx
 
     model, tok = load(str(path))
     out = []

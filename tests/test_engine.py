@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from exo.nodes.engine import Engine
-from exo.nodes.mlxenv import mx
-from exo.nodes.model import LoadedModel, load_model
-from exo.nodes.request import EngineError
+from exo.nodes.engine.engine import Engine
+from exo.nodes.engine.mlxenv import mx
+from exo.nodes.engine.model import LoadedModel, load_model
+from exo.nodes.engine.request import EngineError
 
 PROMPTS = [
     "What is the capital of France?",
@@ -88,7 +88,7 @@ def test_staggered_concurrent_requests_equal_each_run_alone(
     lm: LoadedModel, path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if path == "plain":  # mlx-lm's own forward, as for architectures the fused step lacks
-        monkeypatch.setattr("exo.nodes.forward.supports_fused", lambda model: False)
+        monkeypatch.setattr("exo.nodes.engine.forward.supports_fused", lambda model: False)
     lane = path == "lane"
     engine = Engine(prefill_budget=16, lane=lane)
     engine.add_model(lm)
@@ -156,7 +156,7 @@ def test_a_seeded_request_is_reproducible_inside_a_batch(tiny_path: Path) -> Non
 
 def test_requests_beyond_the_kv_budget_wait_in_a_queue(tiny_path: Path) -> None:
     lm = load_model("tiny", tiny_path)
-    from exo.nodes.model import kv_bytes_per_token
+    from exo.nodes.engine.model import kv_bytes_per_token
 
     per_request = (3 + 20) * kv_bytes_per_token(lm.model)
     engine = Engine(kv_budget=int(per_request * 1.5))
@@ -198,7 +198,7 @@ def test_cancel_frees_the_kv_cache_at_any_stage(tiny_path: Path) -> None:
 @pytest.fixture
 def queue_ahead(monkeypatch: pytest.MonkeyPatch) -> None:
     """Decode steps queued one ahead, as on a GPU (off on MLX's CPU backend)."""
-    monkeypatch.setattr("exo.nodes.engine.QUEUE_AHEAD", True)
+    monkeypatch.setattr("exo.nodes.engine.engine.QUEUE_AHEAD", True)
 
 
 def test_a_cancel_between_steps_leaves_the_queued_next_step_right_for_the_others(
@@ -235,7 +235,7 @@ def test_measured_budget_keeps_streams_stepping_and_remeasures_them(tiny_path: P
     stream still gets a token each step, and while the prompt prefills a
     decode-only step comes at least every DECODE_EVERY + 1 steps, so the
     baseline the allowance is a share of stays measured."""
-    from exo.nodes.pacing import DECODE_EVERY
+    from exo.nodes.engine.pacing import DECODE_EVERY
 
     lm = load_model("tiny", tiny_path)
     engine = Engine(max_stall=1.1, lane=False)  # small chunks: many steps of prefill
@@ -284,7 +284,7 @@ def test_a_prompt_cache_is_allocated_once_for_the_whole_prompt(tiny_path: Path) 
 def test_a_chunk_split_across_layers_gives_the_logits_of_one_pass(smollm_path: Path) -> None:
     from mlx_lm.models.cache import make_prompt_cache
 
-    from exo.nodes.forward import Chunk, fused_step
+    from exo.nodes.engine.forward import Chunk, fused_step
 
     lm = load_model("smollm", smollm_path)
     prompt = list(range(100, 190))
@@ -428,7 +428,7 @@ def test_rows_of_very_different_lengths_decode_in_separate_groups(tiny_path: Pat
 def test_a_row_joins_the_group_nearest_its_length() -> None:
     from mlx_lm.models.cache import KVCache
 
-    from exo.nodes.batch import MAX_GROUPS, Batch
+    from exo.nodes.engine.batch import MAX_GROUPS, Batch
 
     def cache(n: int) -> list[KVCache]:
         c = KVCache()
@@ -485,7 +485,7 @@ def test_a_prompt_arriving_while_decodes_are_queued_ahead_starts_a_step_later(
 
 
 def test_no_step_is_queued_ahead_on_the_cpu_backend(tiny_path: Path) -> None:
-    from exo.nodes import engine as eng
+    from exo.nodes.engine import engine as eng
 
     assert (mx.default_device() != mx.cpu) == eng.QUEUE_AHEAD
     lm = load_model("tiny", tiny_path)
@@ -588,7 +588,7 @@ def test_a_paused_lane_holds_its_prompt_and_the_streams_go_on(tiny_path: Path) -
 def test_the_lanes_threads_give_the_core_to_the_step_loops(tiny_path: Path) -> None:
     import threading
 
-    from exo.nodes import lane as lane_mod
+    from exo.nodes.engine import lane as lane_mod
 
     def nices() -> dict[int, int]:
         out = {}
@@ -615,7 +615,7 @@ def test_the_lanes_threads_give_the_core_to_the_step_loops(tiny_path: Path) -> N
 def test_a_prompt_the_lane_fails_on_fails_alone(
     tiny_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from exo.nodes.lane import Lane
+    from exo.nodes.engine.lane import Lane
 
     def broken(self: Lane, p: object, urgent: bool) -> bool:
         raise RuntimeError("boom")
@@ -645,7 +645,7 @@ def test_a_long_prompts_chunks_through_numpy_equal_mlx_lm_alone_and_in_the_lane(
     """Chunks past attention.CHUNK_MIN go through numpy (attend_chunk): prefilled in
     the step when alone and in the lane beside streams, the prompt's tokens are
     mlx-lm's own (one unchunked prefill, MLX's attention)."""
-    from exo.nodes import attention
+    from exo.nodes.engine import attention
     from exo.tools.bench_stall import long_prompt
 
     calls = []
@@ -674,7 +674,7 @@ def test_a_long_prompts_chunks_through_numpy_equal_mlx_lm_alone_and_in_the_lane(
 def test_prompts_joining_in_one_step_grow_the_batch_once(
     tiny_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from exo.nodes.rowcache import RowCache
+    from exo.nodes.engine.rowcache import RowCache
 
     grew: list[int] = []
     orig = RowCache.grow_rows

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from exo.nodes.mlxenv import mx
+from exo.nodes.engine.mlxenv import mx
 
 PROSE = (
     "The history of the city goes back more than two thousand years. It began as a small "

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from exo.nodes.interfaces import (
+from exo.nodes.machine.interfaces import (
     alias_type,
     detect_linux,
     interfaces,
@@ -18,7 +18,7 @@ from exo.nodes.interfaces import (
     parse_networksetup,
     thunderbolt_generation,
 )
-from exo.nodes.rdma import parse_ibv_devinfo
+from exo.nodes.machine.rdma import parse_ibv_devinfo
 
 DATA = Path(__file__).parent / "data"
 
@@ -142,7 +142,7 @@ def test_usage_sees_a_transfer_on_loopback() -> None:
     import threading
     import time
 
-    from exo.nodes.interfaces import Usage
+    from exo.nodes.machine.interfaces import Usage
 
     u = Usage()
     t0 = time.monotonic()

@@ -1,4 +1,4 @@
-"""Input-major weights (nodes/layout.py): the same products as mlx-lm's layers."""
+"""Input-major weights (nodes/engine/layout.py): the same products as mlx-lm's layers."""
 
 from __future__ import annotations
 
@@ -8,9 +8,14 @@ import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten
 
-from exo.nodes.layout import InputMajorEmbedding, InputMajorLinear, embedding_dims, input_major
-from exo.nodes.mlxenv import mx
-from exo.nodes.model import Part, load_model
+from exo.nodes.engine.layout import (
+    InputMajorEmbedding,
+    InputMajorLinear,
+    embedding_dims,
+    input_major,
+)
+from exo.nodes.engine.mlxenv import mx
+from exo.nodes.engine.model import Part, load_model
 
 
 @pytest.mark.parametrize("bias", [False, True])

@@ -128,7 +128,7 @@ def test_a_failed_probe_marks_the_link_and_raises_nothing_further() -> None:
     import socket
 
     from exo.broker import probes
-    from exo.nodes.prober import probe
+    from exo.nodes.machine.prober import probe
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

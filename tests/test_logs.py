@@ -14,7 +14,7 @@ def test_per_module_levels() -> None:
     def rec(name: str, level: int) -> logging.LogRecord:
         return logging.LogRecord(name, level, "", 0, "m", None, None)
 
-    assert f.filter(rec("exo.nodes.engine", logging.DEBUG))
+    assert f.filter(rec("exo.nodes.engine.engine", logging.DEBUG))
     assert not f.filter(rec("exo.nodes.link", logging.INFO))
     assert f.filter(rec("exo.broker.broker", logging.INFO))
     assert not f.filter(rec("exo.broker.broker", logging.DEBUG))

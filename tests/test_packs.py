@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from exo.nodes.mlxenv import mx  # before mlx_lm: it loads OpenBLAS for MLX (mlxenv.py)
+from exo.nodes.engine.mlxenv import mx  # before mlx_lm: it loads OpenBLAS for MLX (mlxenv.py)
 
 # isort: split
 from mlx_lm.models.cache import KVCache
 
-from exo.nodes.forward import PACK_MAX, Chunk, fused_step, packs
-from exo.nodes.model import load_model
+from exo.nodes.engine.forward import PACK_MAX, Chunk, fused_step, packs
+from exo.nodes.engine.model import load_model
 
 LAYERS = 4
 

@@ -15,8 +15,8 @@ from exo.broker.placement import (
     place,
     split_layers,
 )
-from exo.nodes import memory
-from exo.nodes.pressure import level_from_psi, parse_psi, read_pressure
+from exo.nodes.machine import memory
+from exo.nodes.machine.pressure import level_from_psi, parse_psi, read_pressure
 
 DATA = Path(__file__).parent / "data" / "pressure"
 GiB = 1 << 30

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from exo.nodes.mlxenv import mx  # before mlx_lm: it loads OpenBLAS for MLX (mlxenv.py)
+from exo.nodes.engine.mlxenv import mx  # before mlx_lm: it loads OpenBLAS for MLX (mlxenv.py)
 
 # isort: split
 from mlx_lm.models.cache import KVCache
 
-from exo.nodes.rowcache import RowCache
+from exo.nodes.engine.rowcache import RowCache
 
 HEADS, DIM = 2, 4
 
@@ -82,7 +82,7 @@ def test_a_group_with_no_masked_keys_takes_no_mask() -> None:
 
 
 def test_columns_no_row_sees_any_more_are_dropped_when_their_rows_leave() -> None:
-    from exo.nodes.batch import Batch
+    from exo.nodes.engine.batch import Batch
 
     kvs = {"a": prompt(300, 0), "b": prompt(20, 1), "c": prompt(10, 2)}
     batch = Batch()
@@ -100,7 +100,7 @@ def test_columns_no_row_sees_any_more_are_dropped_when_their_rows_leave() -> Non
 
 
 def test_a_group_gives_memory_back_once_most_of_its_rows_are_gone() -> None:
-    from exo.nodes.batch import Batch
+    from exo.nodes.engine.batch import Batch
 
     kvs = {f"r{i}": prompt(50 + i, i) for i in range(12)}
     batch = Batch()

@@ -1,5 +1,5 @@
-from exo.nodes.mlxenv import mx
-from exo.nodes.sampling import Sampler, SamplingParams, StopMatcher
+from exo.nodes.engine.mlxenv import mx
+from exo.nodes.engine.sampling import Sampler, SamplingParams, StopMatcher
 
 
 def test_stop_string_split_across_tokens_is_never_emitted() -> None:

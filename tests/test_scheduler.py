@@ -1,6 +1,6 @@
 import pytest
 
-from exo.nodes.scheduler import Pending, plan
+from exo.nodes.engine.scheduler import Pending, plan
 
 
 def test_decodes_come_first_and_prefill_fills_the_rest_of_the_budget() -> None:
@@ -34,7 +34,7 @@ def test_nothing_to_do_is_an_empty_plan() -> None:
 
 
 def test_nnls_recovers_non_negative_costs_and_never_goes_negative() -> None:
-    from exo.nodes.scheduler import nnls
+    from exo.nodes.engine.scheduler import nnls
 
     x = [[1.0, n, n * c / 1000] for n, c in [(2, 0), (8, 100), (4, 900), (16, 1500), (3, 2000)]]
     y = [0.01 + 0.002 * r[1] + 0.004 * r[2] for r in x]
@@ -47,7 +47,7 @@ def test_nnls_recovers_non_negative_costs_and_never_goes_negative() -> None:
 def test_the_chunk_lands_on_a_cheap_row_count() -> None:
     """With OpenBLAS here 16 rows of matmuls cost less than 8: beside 4 decodes
     the chunk is sized to 12 tokens, not the 4 a smooth model would allow."""
-    from exo.nodes.scheduler import PrefillCost
+    from exo.nodes.engine.scheduler import PrefillCost
 
     rows = [0.0] + [0.080] * 8 + [0.125] * 7 + [0.074] + [0.110] * 16 + [0.113]
     cost = PrefillCost()
@@ -62,7 +62,7 @@ def test_the_chunk_lands_on_a_cheap_row_count() -> None:
 
 
 def test_the_learnt_part_shrinks_chunks_as_the_prompt_fills_its_cache() -> None:
-    from exo.nodes.scheduler import PrefillCost
+    from exo.nodes.engine.scheduler import PrefillCost
 
     cost = PrefillCost()
     truth = [0.01, 0.001, 0.02]  # per chunk, per token, per token per 1000 keys
@@ -80,7 +80,7 @@ def test_the_learnt_part_shrinks_chunks_as_the_prompt_fills_its_cache() -> None:
 
 
 def test_the_chunk_grows_at_most_twofold_past_the_start() -> None:
-    from exo.nodes.scheduler import PrefillCost
+    from exo.nodes.engine.scheduler import PrefillCost
 
     cost = PrefillCost(start=16)
     assert cost.largest([], 4, 0, 2000, allowance=1.0, cap=1024) == 16  # nothing learnt yet
@@ -91,7 +91,7 @@ def test_the_chunk_grows_at_most_twofold_past_the_start() -> None:
 def test_a_long_prompt_goes_a_few_layers_per_step_in_larger_chunks() -> None:
     """Each chunk pays fixed costs at every layer: beside decodes, a 32-token chunk
     through 5 of 30 layers does 2.7x the work of a whole pass of 2 tokens per step."""
-    from exo.nodes.scheduler import PrefillCost
+    from exo.nodes.engine.scheduler import PrefillCost
 
     cost = PrefillCost(last_tokens=10_000)  # trusted everywhere
     cost.theta = [0.03, 0.003, 0.004]  # per chunk, per token, per token per 1000 keys
@@ -110,7 +110,7 @@ def test_a_long_prompt_goes_a_few_layers_per_step_in_larger_chunks() -> None:
 
 
 def test_the_layer_split_grows_at_most_twofold_past_the_start() -> None:
-    from exo.nodes.scheduler import PrefillCost
+    from exo.nodes.engine.scheduler import PrefillCost
 
     cost = PrefillCost(start=16)
     n, k = cost.split([], 4, 0, 2000, allowance=1.0, layers=30)
@@ -121,7 +121,7 @@ def test_the_layer_split_grows_at_most_twofold_past_the_start() -> None:
 
 
 def test_the_margin_is_how_far_steps_lately_ran_past_the_prediction() -> None:
-    from exo.nodes.scheduler import PrefillCost
+    from exo.nodes.engine.scheduler import PrefillCost
 
     cost = PrefillCost()
     for i in range(4):  # fitted exactly on 0.01 per token: no miss

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from exo.nodes.engine import Engine
-from exo.nodes.mlxenv import mx
-from exo.nodes.model import LoadedModel, Part, load_model, model_meta
-from exo.nodes.stage import StageRunner
+from exo.nodes.engine.engine import Engine
+from exo.nodes.engine.mlxenv import mx
+from exo.nodes.engine.model import LoadedModel, Part, load_model, model_meta
+from exo.nodes.pipeline.stage import StageRunner
 
 PROMPTS = [
     "What is the capital of France?",
@@ -106,8 +106,8 @@ def test_a_stage_holds_only_its_layers(tiny_path: Path) -> None:
 
 
 def test_stage_zero_admits_only_what_every_later_stage_can_hold(tiny_path: Path) -> None:
-    from exo.nodes.model import kv_bytes_per_token
-    from exo.nodes.request import EngineError
+    from exo.nodes.engine.model import kv_bytes_per_token
+    from exo.nodes.engine.request import EngineError
 
     p = pipeline(tiny_path, [0, 2, 4])
     head = p.engine.models["m"]

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from exo.nodes import forward
-from exo.nodes.engine import Engine
-from exo.nodes.model import load_model
+from exo.nodes.engine import forward
+from exo.nodes.engine.engine import Engine
+from exo.nodes.engine.model import load_model
 from exo.nodes.worker import FAILING_STEPS, Node
 
 MARK = 77  # a prompt holding this token makes the "bad" model's step raise

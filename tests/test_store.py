@@ -1,7 +1,7 @@
 import json
 from pathlib import Path
 
-from exo.nodes.store import ModelStore, incomplete_reason
+from exo.nodes.store.store import ModelStore, incomplete_reason
 
 
 def make(path: Path, files: dict[str, str]) -> Path:

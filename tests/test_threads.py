@@ -1,4 +1,4 @@
-"""OpenBLAS's threads for decode-only steps (nodes/threads.py), and the engine using them."""
+"""OpenBLAS's threads for decode-only steps (nodes/engine/threads.py), and the engine using them."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from exo.nodes.engine import Engine
-from exo.nodes.mlxenv import blas_max_threads, blas_threads_now, mx
-from exo.nodes.model import load_model
-from exo.nodes.threads import (
+from exo.nodes.engine.engine import Engine
+from exo.nodes.engine.mlxenv import blas_max_threads, blas_threads_now, mx
+from exo.nodes.engine.model import load_model
+from exo.nodes.engine.threads import (
     EARLY,
     OPTIONS,
     PAD_ROWS,
@@ -163,7 +163,7 @@ def test_the_engine_runs_decode_steps_with_the_chosen_threads(tiny_path: Path) -
 def test_padded_decode_rows_give_the_same_logits(rows: int, smollm_path: Path) -> None:
     from mlx_lm.models.cache import KVCache
 
-    from exo.nodes.forward import fused_step
+    from exo.nodes.engine.forward import fused_step
 
     lm = load_model("smollm", smollm_path)
     out = {}
@@ -183,7 +183,7 @@ def test_padded_decode_rows_give_the_same_logits(rows: int, smollm_path: Path) -
 def test_a_decode_step_on_one_thread_pads_its_rows_to_four(
     tiny_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import exo.nodes.forward as fw
+    import exo.nodes.engine.forward as fw
 
     seen: list[int] = []
     orig = fw.step_forward

@@ -14,7 +14,7 @@ import pytest
 import zmq
 
 from exo.broker import protocol as P
-from exo.nodes.download import Downloader, DownloadError
+from exo.nodes.store.download import Downloader, DownloadError
 from exo.tools.cluster import LocalCluster
 from tests.helpers import wait_until
 from tests.hub import Hub
@@ -449,10 +449,10 @@ def test_a_corrupted_weights_file_is_neither_loaded_nor_served(
 ) -> None:
     import shutil
 
-    from exo.nodes import manifest
-    from exo.nodes.model import load_model
-    from exo.nodes.store import ModelStore
-    from exo.nodes.weights import WeightsServer
+    from exo.nodes.engine.model import load_model
+    from exo.nodes.store import manifest
+    from exo.nodes.store.store import ModelStore
+    from exo.nodes.store.weights import WeightsServer
 
     models = tmp_path / "models"
     copy = models / "test--tiny-copy"
@@ -495,7 +495,7 @@ def test_a_stranger_without_the_clusters_keys_can_neither_join_nor_listen(
     cluster: LocalCluster,
 ) -> None:
     from exo.common import keys
-    from exo.nodes.prober import probe
+    from exo.nodes.machine.prober import probe
 
     ctx = zmq.Context.instance()
     info = {"models": [TINY], "model_meta": {TINY: {"layers": 4, "bytes": 1}}}

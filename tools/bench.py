@@ -74,8 +74,8 @@ def stream_bare(model: Any, tokenizer: Any, prompt: str, max_tokens: int) -> dic
 def machine() -> str:
     import os
 
-    from exo.nodes.info import chip
-    from exo.nodes.mlxenv import blas
+    from exo.nodes.engine.mlxenv import blas
+    from exo.nodes.machine.info import chip
 
     return f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, {chip()}, MLX BLAS: {blas}"
 

@@ -2,7 +2,7 @@
 
 A chat server's batch changes all the time: requests join when their prompt is
 done and leave when they finish. Each change touches the running rows' caches
-(nodes/rowcache.py); this measures, from the client side, what the streams see:
+(nodes/engine/rowcache.py); this measures, from the client side, what the streams see:
 their inter-token latency while short requests join and leave beside them,
 against the same streams with nothing arriving (this machine's own jitter).
 """

@@ -91,7 +91,7 @@ def bench_overhead(
     models_dir: Path | None,
 ) -> None:
     """Single-stream decode tokens/s and TTFT through the whole stack vs bare mlx-lm."""
-    from exo.nodes.store import ModelStore
+    from exo.nodes.store.store import ModelStore
     from exo.tools.bench import overhead, print_overhead
 
     with _target(url, model, models_dir) as (base, model_id, d):
@@ -190,7 +190,7 @@ def bench_stall(
     models_dir: Path | None,
 ) -> None:
     """Inter-token latency of running streams while a long prompt prefills, and batch throughput."""
-    from exo.nodes.store import ModelStore
+    from exo.nodes.store.store import ModelStore
     from exo.tools import bench_stall as stall
 
     args = ["--prefill-budget", str(prefill_budget)] if prefill_budget else []
@@ -262,7 +262,7 @@ def bench_lane(
 ) -> None:
     """The streams' decode steps with the prefill lane working beside them and held, in
     turn (the node's engine, run in this process)."""
-    from exo.nodes.store import ModelStore
+    from exo.nodes.store.store import ModelStore
     from exo.tools import bench_lane as bl
 
     model, d = _model(model, models_dir)

@@ -37,9 +37,9 @@ def run(
 ) -> dict[str, Any]:
     import psutil
 
-    from exo.nodes import memory
-    from exo.nodes.engine import Engine
-    from exo.nodes.model import load_model
+    from exo.nodes.engine.engine import Engine
+    from exo.nodes.engine.model import load_model
+    from exo.nodes.machine import memory
     from exo.tools.bench_stall import long_prompt
 
     lm = load_model(model_id, model_path)

@@ -223,7 +223,7 @@ def machine_floor(seconds: float, step_s: float = 0.12) -> dict[str, float]:
     `seconds` on one thread while the cluster idles: how far this machine's own
     jitter (a shared host's other tenants, its hypervisor) takes the longest of
     them over their median in that time. No engine's steps can stay under it."""
-    from exo.nodes.mlxenv import blas_threads, mx
+    from exo.nodes.engine.mlxenv import blas_threads, mx
 
     blas_threads(1)
     w = mx.random.normal((576, 1536)) * 0.01

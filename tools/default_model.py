@@ -16,7 +16,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from exo.nodes.store import ModelStore, incomplete_reason
+from exo.nodes.store.store import ModelStore, incomplete_reason
 
 log = logging.getLogger(__name__)
 

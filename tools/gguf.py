@@ -14,8 +14,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from exo.nodes import manifest
-from exo.nodes.mlxenv import mx
+from exo.nodes.engine.mlxenv import mx
+from exo.nodes.store import manifest
 
 log = logging.getLogger(__name__)
 

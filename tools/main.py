@@ -43,7 +43,7 @@ def models() -> None:
 @models_dir_option
 def models_list(models_dir: Path | None) -> None:
     """Models in the models directory, and why a folder is not (yet) a model."""
-    from exo.nodes.store import incomplete_reason, model_id_of
+    from exo.nodes.store.store import incomplete_reason, model_id_of
 
     d = resolve_models_dir(models_dir)
     if not d.is_dir():
@@ -71,8 +71,8 @@ def models_pull(
     model_id: str, revision: str, stall_timeout: float, models_dir: Path | None
 ) -> None:
     """Download ORG/NAME from the hub (HF_ENDPOINT, HF_TOKEN) into the models directory."""
-    from exo.nodes.download import Downloader, DownloadError, Progress
-    from exo.nodes.store import ModelStore
+    from exo.nodes.store.download import Downloader, DownloadError, Progress
+    from exo.nodes.store.store import ModelStore
 
     dest = ModelStore(resolve_models_dir(models_dir)).path(model_id)
     if sys.stderr.isatty():
@@ -130,7 +130,7 @@ def models_rm(model_id: str, models_dir: Path | None) -> None:
     """Delete a model (complete or not) from the writable models directory."""
     import shutil
 
-    from exo.nodes.store import ModelStore
+    from exo.nodes.store.store import ModelStore
 
     path = ModelStore(resolve_models_dir(models_dir)).path(model_id)
     if not path.exists():
@@ -145,7 +145,7 @@ def models_rm(model_id: str, models_dir: Path | None) -> None:
 @models_dir_option
 def models_import_gguf(file: Path, model_id: str, models_dir: Path | None) -> None:
     """Turn a llama-architecture GGUF into an mlx-lm model folder (float32)."""
-    from exo.nodes.store import ModelStore
+    from exo.nodes.store.store import ModelStore
     from exo.tools.gguf import GGUFError, import_gguf
 
     try:
@@ -174,7 +174,7 @@ def models_make_tiny(
     model_id: str, seed: int, layers: int, hidden: int, models_dir: Path | None
 ) -> None:
     """Build a tiny random-weight llama for fast tests."""
-    from exo.nodes.store import ModelStore
+    from exo.nodes.store.store import ModelStore
     from exo.tools.tiny import make_tiny
 
     click.echo(

@@ -8,7 +8,7 @@ import click
 
 
 def resolve_models_dir(value: Path | None) -> Path:
-    from exo.nodes.store import default_models_dir
+    from exo.nodes.store.store import default_models_dir
 
     return value or default_models_dir()
 

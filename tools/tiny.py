@@ -10,8 +10,8 @@ import json
 import shutil
 from pathlib import Path
 
-from exo.nodes import manifest
-from exo.nodes.mlxenv import mx
+from exo.nodes.engine.mlxenv import mx
+from exo.nodes.store import manifest
 
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content']"

@@ -18,10 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from exo.nodes.batch import Batch, sample_rows
-from exo.nodes.mlxenv import mx
-from exo.nodes.model import LoadedModel
-from exo.nodes.sampling import Sampler, SamplingParams
+from exo.nodes.engine.batch import Batch, sample_rows
+from exo.nodes.engine.mlxenv import mx
+from exo.nodes.engine.model import LoadedModel
+from exo.nodes.engine.sampling import Sampler, SamplingParams
 
 
 class StageError(Exception):
@@ -46,7 +46,7 @@ class StageRunner:
     @property
     def width(self) -> int:
         """The hidden states' width, which every ACT to this stage carries."""
-        from exo.nodes.layout import embedding_dims
+        from exo.nodes.engine.layout import embedding_dims
 
         return int(embedding_dims(self.lm.model.model.embed_tokens))
 
@@ -79,7 +79,7 @@ class StageRunner:
         """One step: the next stage's input, or on the last stage the tokens."""
         from mlx_lm.models.cache import make_prompt_cache
 
-        from exo.nodes.forward import Chunk, groups_of, head, run_layers, sampled_rows
+        from exo.nodes.engine.forward import Chunk, groups_of, head, run_layers, sampled_rows
 
         self.steps += 1
         self.last_step = int(header["step"])

@@ -49,8 +49,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from exo.nodes.forward import Chunk, fused_step
-from exo.nodes.mlxenv import blas_threads, mx
+from exo.nodes.engine.forward import Chunk, fused_step
+from exo.nodes.engine.mlxenv import blas_threads, mx
 
 log = logging.getLogger(__name__)
 

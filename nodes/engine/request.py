@@ -8,8 +8,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from exo.nodes.model import LoadedModel
-from exo.nodes.sampling import Sampler, SamplingParams, StopMatcher
+from exo.nodes.engine.model import LoadedModel
+from exo.nodes.engine.sampling import Sampler, SamplingParams, StopMatcher
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from exo.nodes.mlxenv import mx, numpy_blas_single
+from exo.nodes.engine.mlxenv import mx, numpy_blas_single
 
 LOG2E = 1.4426950408889634
 ROUND = 12582912.0  # 1.5 * 2**23: adding and subtracting it rounds a float32 to an integer

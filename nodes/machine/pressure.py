@@ -54,7 +54,7 @@ def macos_level() -> int | None:
         return int(forced)
     if platform.system() != "Darwin":
         return None
-    from exo.nodes.info import sysctl
+    from exo.nodes.machine.info import sysctl
 
     value = sysctl("kern.memorystatus_vm_pressure_level")
     return int(value) if value and value.isdigit() else None

@@ -7,9 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from exo.nodes.mlxenv import mx
-from exo.nodes.rowcache import STEP, RowCache, spare_rows
-from exo.nodes.sampling import Sampler
+from exo.nodes.engine.mlxenv import mx
+from exo.nodes.engine.rowcache import STEP, RowCache, spare_rows
+from exo.nodes.engine.sampling import Sampler
 
 GROW_MARGIN = 8  # tokens
 # A batch may keep rows of very different lengths in separate attention groups

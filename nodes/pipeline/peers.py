@@ -19,7 +19,7 @@ import zmq
 
 from exo.broker import protocol as P
 from exo.common import keys
-from exo.nodes.mlxenv import mx
+from exo.nodes.engine.mlxenv import mx
 
 log = logging.getLogger(__name__)
 

@@ -14,13 +14,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from exo.nodes.mlxenv import mx  # before mlx_lm: it loads OpenBLAS for MLX (mlxenv.py)
+from exo.nodes.engine.mlxenv import mx  # before mlx_lm: it loads OpenBLAS for MLX (mlxenv.py)
 
 # isort: split
 from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
 
-from exo.nodes import attention
-from exo.nodes.layout import embedding_dims
+from exo.nodes.engine import attention
+from exo.nodes.engine.layout import embedding_dims
 
 FUSED_TYPES = {"llama", "mistral", "qwen2"}
 # MLX's own attention kernel is the fast one everywhere but on its CPU backend.

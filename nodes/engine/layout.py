@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from exo.nodes.mlxenv import mx  # before mlx.nn: it loads OpenBLAS for MLX (mlxenv.py)
+from exo.nodes.engine.mlxenv import mx  # before mlx.nn: it loads OpenBLAS for MLX (mlxenv.py)
 
 # isort: split
 import mlx.nn as nn

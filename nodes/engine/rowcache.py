@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from exo.nodes.mlxenv import mx
+from exo.nodes.engine.mlxenv import mx
 
 STEP = 256  # columns added at a time, as BatchKVCache
 

@@ -15,7 +15,7 @@ import statistics
 from collections import deque
 from typing import Any, Protocol
 
-from exo.nodes.scheduler import Pending, PrefillCost, StepPlan, Work, plan
+from exo.nodes.engine.scheduler import Pending, PrefillCost, StepPlan, Work, plan
 
 # While streams decode, the prefill work in a step is sized from measurement so
 # the step takes at most max_stall times a decode-only step: the streams' inter-

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from exo.nodes.mlxenv import mx
+from exo.nodes.engine.mlxenv import mx
 
 WIRED_SHARE = 0.75
 

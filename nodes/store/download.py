@@ -24,8 +24,8 @@ from typing import Any
 import httpx
 
 from exo.common.names import valid_model_id
-from exo.nodes import manifest
-from exo.nodes.manifest import sha256_of
+from exo.nodes.store import manifest
+from exo.nodes.store.manifest import sha256_of
 
 log = logging.getLogger(__name__)
 

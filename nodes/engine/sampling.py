@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from exo.nodes.mlxenv import mx
+from exo.nodes.engine.mlxenv import mx
 
 
 @dataclass(slots=True)

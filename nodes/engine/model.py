@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from exo.nodes.mlxenv import mx
+from exo.nodes.engine.mlxenv import mx
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +81,9 @@ def load_model(model_id: str, path: Path, part: Part | None = None) -> LoadedMod
     from mlx_lm.utils import load_model as mlx_load_model
     from mlx_lm.utils import load_tokenizer
 
-    from exo.nodes import layout, manifest
-    from exo.nodes.forward import supports_fused
+    from exo.nodes.engine import layout
+    from exo.nodes.engine.forward import supports_fused
+    from exo.nodes.store import manifest
 
     t0 = time.perf_counter()
     manifest.verify(path)  # a corrupted file is refused here, never loaded

@@ -18,16 +18,16 @@ from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any
 
-from exo.nodes.batch import Batch, sample_rows
-from exo.nodes.head import Head
-from exo.nodes.lane import DEFAULT_MAX_TTFT_RATIO, YIELD_S, Lane, Watch, lane_default
-from exo.nodes.mlxenv import blas_max_threads, blas_threads, mx
-from exo.nodes.model import LoadedModel, kv_bytes_per_token
-from exo.nodes.pacing import DEFAULT_IDLE_BUDGET, DEFAULT_MAX_STALL, Pacer
-from exo.nodes.request import EngineError, Output, Request, encode_prompt
-from exo.nodes.sampling import Sampler, SamplingParams, StopMatcher
-from exo.nodes.scheduler import StepPlan, Work
-from exo.nodes.threads import ThreadChoice, for_step
+from exo.nodes.engine.batch import Batch, sample_rows
+from exo.nodes.engine.lane import DEFAULT_MAX_TTFT_RATIO, YIELD_S, Lane, Watch, lane_default
+from exo.nodes.engine.mlxenv import blas_max_threads, blas_threads, mx
+from exo.nodes.engine.model import LoadedModel, kv_bytes_per_token
+from exo.nodes.engine.pacing import DEFAULT_IDLE_BUDGET, DEFAULT_MAX_STALL, Pacer
+from exo.nodes.engine.request import EngineError, Output, Request, encode_prompt
+from exo.nodes.engine.sampling import Sampler, SamplingParams, StopMatcher
+from exo.nodes.engine.scheduler import StepPlan, Work
+from exo.nodes.engine.threads import ThreadChoice, for_step
+from exo.nodes.pipeline.head import Head
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class Engine:
     # -- membership -----------------------------------------------------------------
 
     def add_model(self, lm: LoadedModel) -> None:
-        from exo.nodes.forward import matmul_table, supports_fused
+        from exo.nodes.engine.forward import matmul_table, supports_fused
 
         self.models[lm.model_id] = lm
         self.fused[lm.model_id] = supports_fused(lm.model)
@@ -241,7 +241,7 @@ class Engine:
         return self.pace.plan(decoding, waiting, {m: len(b.rids) for m, b in self.batches.items()})
 
     def step(self) -> list[Output]:
-        from exo.nodes.forward import Chunk
+        from exo.nodes.engine.forward import Chunk
 
         landed = self._to_lane()
         step = self.plan()
@@ -365,7 +365,7 @@ class Engine:
         the requests that finished their prompts, its chunks' work for the cost model,
         and whether its time says nothing of the step's cost (its decodes came
         computed from the last step)."""
-        from exo.nodes.forward import step_forward
+        from exo.nodes.engine.forward import step_forward
 
         batch, lm = self.batches[model_id], self.models[model_id]
         rows = [self.requests[r] for r in batch.rids]
@@ -510,7 +510,7 @@ class Engine:
         """Queue the next decode step before this one is read back (as mlx-lm's
         generate_step does), so building its graph overlaps this step's compute.
         Only for pure decode: a step with prefill work is planned afresh."""
-        from exo.nodes.forward import fused_step
+        from exo.nodes.engine.forward import fused_step
 
         have = {r.rid for reqs, _ in sampled for r in reqs}
         for model_id, batch in self.batches.items():

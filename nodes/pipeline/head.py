@@ -15,10 +15,10 @@ from collections.abc import Callable, KeysView
 from dataclasses import dataclass
 from typing import Any
 
-from exo.nodes.batch import Batch
-from exo.nodes.mlxenv import mx
-from exo.nodes.model import LoadedModel
-from exo.nodes.scheduler import StepPlan, Work
+from exo.nodes.engine.batch import Batch
+from exo.nodes.engine.mlxenv import mx
+from exo.nodes.engine.model import LoadedModel
+from exo.nodes.engine.scheduler import StepPlan, Work
 
 Hop = Callable[[LoadedModel, dict[str, Any], mx.array], None]
 
@@ -65,7 +65,7 @@ class Head:
     ) -> None:
         """Embed, run this node's layers, hand the hidden states on. `chunks`:
         (request, forward.Chunk) pairs; the requests' progress counts them sent."""
-        from exo.nodes.forward import groups_of, no_rows, run_layers
+        from exo.nodes.engine.forward import groups_of, no_rows, run_layers
 
         assert self.hop is not None, "a pipeline stage needs the node's peer sockets"
         inner = lm.model.model

@@ -20,8 +20,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from exo.nodes import manifest
-from exo.nodes.store import ModelStore
+from exo.nodes.store import manifest
+from exo.nodes.store.store import ModelStore
 
 log = logging.getLogger(__name__)
 
