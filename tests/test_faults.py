@@ -143,6 +143,7 @@ def test_a_refused_node_says_why_and_exits(tmp_path: Path) -> None:
             str(tmp_path),
             "--log-file",
             str(tmp_path / "n.log"),
+            "--insecure",  # the fake broker below speaks no CURVE
         ],
         stderr=subprocess.PIPE,
         text=True,

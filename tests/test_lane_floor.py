@@ -137,3 +137,42 @@ def test_a_prompt_behind_its_ttft_pace_makes_the_streams_give() -> None:
     lane.best_rate = 0.0  # nothing measured yet: no pace to hold it to
     lane.prompts[0]["waited_s"] = 100.0
     assert not watch.check()
+
+
+def test_a_pass_hurried_mid_way_after_a_cancel_lands_its_other_prompts_right(
+    tiny_path: Path,
+) -> None:
+    """Two prompts share a pass; one is cancelled while the lane is held between
+    layers, then the pass moves to the nice-0 thread: the other lands with the
+    tokens it gets alone."""
+    stream = {"max_tokens": 400, "temperature": 0, "ignore_eos": True}
+    engine = Engine(lane=True)
+    engine.add_model(load_model("tiny", tiny_path))
+    lane = engine.lane
+    assert lane is not None
+    alone = Engine(lane=False)
+    alone.add_model(load_model("tiny", tiny_path))
+    alone.submit("ref", "tiny", "completion", list(range(3, 40)), {**stream, "max_tokens": 4})
+    want: list[int] = []
+    while alone.requests or not want:
+        want += [i for o in alone.step() for i in o.ids]
+    engine.submit("s0", "tiny", "completion", [5, 6], stream)
+    engine.step()
+    lane.pause()  # held before its next layer
+    engine.submit("a", "tiny", "completion", list(range(3, 40)), {**stream, "max_tokens": 4})
+    engine.submit("b", "tiny", "completion", list(range(50, 90)), {**stream, "max_tokens": 4})
+    engine.step()  # both go to the lane, in one pass
+    assert engine.cancel("b")
+    lane.hurry()
+    lane.resume()
+    got: list[int] = []
+    for _ in range(500):
+        outs = engine.step()
+        got += [i for o in outs if o.rid == "a" for i in o.ids]
+        if "a" not in engine.requests and got:
+            break
+        if not outs:
+            lane.wait(1.0)
+    assert got == want and lane.hurried == 1
+    engine.cancel("s0")
+    engine.close()

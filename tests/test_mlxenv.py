@@ -15,10 +15,10 @@ NODES = Path(__file__).resolve().parent.parent / "nodes"
 def _mlx_modules() -> list[str]:
     """The node's modules that bring in MLX, directly or through mlx-lm."""
     out = []
-    for f in sorted(NODES.glob("*.py")):
+    for f in sorted(NODES.rglob("*.py")):
         text = f.read_text()
-        if f.stem != "mlxenv" and ("mlx" in text and "import" in text):
-            out.append(f"exo.nodes.{f.stem}")
+        if f.stem not in ("mlxenv", "__init__") and ("mlx" in text and "import" in text):
+            out.append("exo.nodes." + ".".join(f.relative_to(NODES).with_suffix("").parts))
     return out
 
 
@@ -34,7 +34,7 @@ def _openblas_here() -> bool:
 )
 @pytest.mark.parametrize("module", _mlx_modules())
 def test_mlx_resolves_blas_in_openblas_whatever_is_imported_first(module: str) -> None:
-    code = f"import {module}\nfrom exo.nodes import mlxenv\nprint(mlxenv.blas)"
+    code = f"import {module}\nfrom exo.nodes.engine import mlxenv\nprint(mlxenv.blas)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     # "reference" is MLX's bundled BLAS: ~15x slower prefill (mlxenv.py)
     assert out.stdout.strip().startswith("openblas"), (module, out.stdout, out.stderr)

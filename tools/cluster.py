@@ -171,8 +171,15 @@ class LocalCluster:
         self.wait_nodes(self.nodes, timeout)
         return self
 
+    def api_headers(self) -> dict[str, str]:
+        """What this cluster's own calls to its API send: the first API key its broker
+        was given (--api-key or EXO_API_KEY), if any."""
+        args = self.broker_args
+        given = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--api-key"]
+        return {"Authorization": f"Bearer {given[0]}"} if given else api_headers()
+
     def cluster_state(self) -> dict[str, Any]:
-        return httpx.get(f"{self.url}/v1/cluster", timeout=5).json()
+        return httpx.get(f"{self.url}/v1/cluster", headers=self.api_headers(), timeout=5).json()
 
     def wait_nodes(self, n: int, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout

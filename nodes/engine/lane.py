@@ -97,6 +97,14 @@ class Pass:
     layer: int = 0
     hs: list[Any] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
+    # Taken when the pass begins: a cancel drops a request's cache on the engine's
+    # thread, but the pass goes on writing the one it holds (then throws it away).
+    toks: list[list[int]] = field(default_factory=list)
+    caches: list[Any] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.toks = [j.req.prompt[j.req.prefilled : j.req.prefilled + n] for j, n in self.batch]
+        self.caches = [j.req.cache for j, _ in self.batch]
 
 
 class Lane:
@@ -343,10 +351,7 @@ class Lane:
         model = p.batch[0][0].req.lm.model
         layers = len(model.model.layers)
         reqs = [j.req for j, _ in p.batch]
-        toks = [
-            r.prompt[r.prefilled : r.prefilled + n] for r, (_, n) in zip(reqs, p.batch, strict=True)
-        ]
-        caches = [r.cache for r in reqs]
+        toks, caches = p.toks, p.caches
         if not p.hs:
             p.hs = [None] * len(p.batch)
         while p.layer < layers:
