@@ -116,9 +116,11 @@ def sse(obj: dict[str, Any]) -> bytes:
 
 
 def create_app(
-    broker: str, policy: Policy | None = None, cluster: keys.Cluster | None = None
+    broker: str, policy: Policy | None = None, members: keys.Cluster | None = None
 ) -> FastAPI:
-    client = BrokerClient(broker, cluster)
+    """The API against `broker`, with `policy` (keys, hosts, origins) and the
+    cluster's keys (`members`; None: an insecure cluster)."""
+    client = BrokerClient(broker, members)
     policy = policy or Policy(keys=keys_from_env())
 
     @asynccontextmanager

@@ -189,8 +189,9 @@ class BrokerClient:
         return bool(data.get("found"))
 
     async def pull(self, model: str, node: str | None) -> dict[str, Any]:
-        fields = {"model": model, **({"node": node} if node else {})}
-        return dict(await self.ask("PULL", **fields))
+        if node:
+            return dict(await self.ask("PULL", model=model, node=node))
+        return dict(await self.ask("PULL", model=model))
 
     async def ask(self, type_: str, timeout: float = 5.0, **fields: Any) -> Any:
         """Send a message carrying a fresh qid and wait for the broker's REPLY."""

@@ -106,7 +106,7 @@ class Broker:
             return True
         except zmq.ZMQError as e:
             # EHOSTUNREACH: the peer is gone (ROUTER_MANDATORY); EAGAIN: it is not reading.
-            self.stats[f"send_failed_{zmq.strerror(e.errno)}"] += 1
+            self.stats[f"send_failed_{zmq.strerror(e.errno or 0)}"] += 1
             return False
 
     # -- the loop -------------------------------------------------------------------
@@ -180,7 +180,7 @@ class Broker:
             log.debug("dropped frame from %r: %s", ident[:32], e)
             return
         peer = self.reg.peers.get(ident)
-        key = parts[1].get("User-Id") if self.cluster_keys is not None else None
+        key = str(parts[1].get("User-Id")) if self.cluster_keys is not None else None
         if msg.type == "HELLO":
             self.on_hello(ident, msg, key)
             return

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
 
 log = logging.getLogger(__name__)
 
@@ -167,10 +168,8 @@ class Allowed:
         return ok
 
 
-def authenticator(ctx: zmq.Context, by_domain: dict[str, set[str]]) -> object:
+def authenticator(ctx: zmq.Context, by_domain: dict[str, set[str]]) -> ThreadAuthenticator:
     """Start the context's ZAP handler (before any server socket binds)."""
-    from zmq.auth.thread import ThreadAuthenticator
-
     auth = ThreadAuthenticator(ctx)
     auth.start()
     provider = Allowed(by_domain)

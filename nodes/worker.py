@@ -65,7 +65,7 @@ class Node:
         self.downloader = downloader or Downloader()
         self.downloads: dict[str, Progress] = {}
         self.engine = engine or Engine()
-        self.ctx = zmq.Context.instance()
+        self.ctx: zmq.Context = zmq.Context.instance()
         self.pair_addr = f"inproc://engine-{self.peer_id}"
         self.pair = self.ctx.socket(zmq.PAIR)
         self.pair.bind(self.pair_addr)

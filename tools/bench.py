@@ -85,7 +85,7 @@ def overhead(
 ) -> dict[str, Any]:
     from mlx_lm import load
 
-    model, tokenizer = load(str(model_path))
+    model, tokenizer = load(str(model_path))[:2]
     stream_http(url, model_id, "Hi", 4)  # load the model on the node; not timed
     stream_bare(model, tokenizer, "Hi", 4)
     bare, exo = [], []
@@ -96,7 +96,7 @@ def overhead(
     def med(rows: list[dict[str, float]], k: str) -> float:
         return statistics.median(r[k] for r in rows)
 
-    res = {
+    res: dict[str, Any] = {
         "bench": "overhead",
         "model": model_id,
         "max_tokens": max_tokens,

@@ -330,7 +330,7 @@ def run(
 
     from exo.tools.bench import machine
 
-    model, tokenizer = load(str(model_path))
+    model, tokenizer = load(str(model_path))[:2]
     Stream(url, model_id, [1, 2, 3], 2).start().join()  # the node loads the model
     # As long as the long prompt's prefill with streams running (~20 s here).
     floor = machine_floor(20.0)

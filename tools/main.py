@@ -9,6 +9,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -346,7 +347,7 @@ def api(
     serve_api(broker, host, port, access, cluster)
 
 
-def member_keys(frontend: bool = False) -> object:
+def member_keys(frontend: bool = False) -> Any:
     """This machine's cluster keys, or a clear error saying how to get them."""
     from exo.common import keys
 
@@ -370,7 +371,7 @@ def keys() -> None:
 def keys_show() -> None:
     """Print the join token a second machine's node starts with."""
     cluster = member_keys()
-    print(f"exo-node --broker tcp://THIS_HOST:52416 --join {cluster.token()}")  # type: ignore[attr-defined]
+    print(f"exo-node --broker tcp://THIS_HOST:52416 --join {cluster.token()}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any, cast
 
 from exo.nodes.engine.mlxenv import mx
 from exo.nodes.store import manifest
@@ -103,7 +104,7 @@ def make_tiny(
     # Larger than default init so greedy output varies from token to token.
     params = {
         k: mx.random.normal(v.shape) * (0.08 if v.ndim > 1 else 0.0) + (1.0 if v.ndim == 1 else 0.0)
-        for k, v in tree_flatten(model.parameters())
+        for k, v in cast(list[tuple[str, Any]], tree_flatten(model.parameters()))
     }
     mx.save_safetensors(str(tmp / "model.safetensors"), params, metadata={"format": "mlx"})
     (tmp / "config.json").write_text(json.dumps(config, indent=2))

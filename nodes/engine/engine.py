@@ -429,17 +429,18 @@ class Engine:
         if self.lane is None:
             return []
         landed = []
-        for req, logits in self.lane.take():
-            req.in_lane = False
-            if self.requests.get(req.rid) is not req:
+        for got, logits in self.lane.take():
+            got.in_lane = False
+            if self.requests.get(got.rid) is not got:
                 continue  # cancelled meanwhile
+            assert got is not None
             if logits is None:
-                self.requests.pop(req.rid)
-                self._release(req)
+                self.requests.pop(got.rid)
+                self._release(got)
                 why = "the prompt's prefill failed on this node"
-                self._failed.append((req.rid, "prefill_error", why))
+                self._failed.append((got.rid, "prefill_error", why))
                 continue
-            landed.append((req, logits))
+            landed.append((got, logits))
         self.lane.release_blas()
         assert self.watch is not None
         if self.watch.check():

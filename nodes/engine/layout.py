@@ -15,7 +15,7 @@ column per token instead of a row, a few thousand scattered reads a step.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, cast
 
 from exo.nodes.engine.mlxenv import mx  # before mlx.nn: it loads OpenBLAS for MLX (mlxenv.py)
 
@@ -96,7 +96,11 @@ def _swap(m: nn.Module) -> nn.Module | None:
     kind = type(m)
     if kind not in (nn.Linear, nn.Embedding) or m.weight.dtype not in FLOATS:
         return None
-    new: Any = InputMajorLinear(m) if kind is nn.Linear else InputMajorEmbedding(m)
+    new: Any = (
+        InputMajorLinear(cast(nn.Linear, m))
+        if kind is nn.Linear
+        else InputMajorEmbedding(cast(nn.Embedding, m))
+    )
     mx.eval(new.parameters())
     return new
 

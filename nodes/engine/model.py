@@ -15,7 +15,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from exo.nodes.engine.mlxenv import mx
 
@@ -106,7 +106,9 @@ def load_model(model_id: str, path: Path, part: Part | None = None) -> LoadedMod
             if not tied:
                 keep.append(model.lm_head)
     # Only this stage's weights are read; the rest stay unloaded, lazy arrays.
-    params = [v for m in keep for _, v in tree_flatten(m.parameters())]
+    params: list[Any] = [
+        v for m in keep for _, v in cast(list[tuple[str, Any]], tree_flatten(m.parameters()))
+    ]
     mx.eval(params)
     nbytes = sum(v.nbytes for v in params)
     del params
@@ -130,7 +132,7 @@ def load_model(model_id: str, path: Path, part: Part | None = None) -> LoadedMod
 
 
 def kv_bytes_per_token(model: Any) -> int:
-    args = getattr(model, "args", None)
+    args: Any = getattr(model, "args", None)
     try:
         heads = args.num_key_value_heads or args.num_attention_heads
         head_dim = getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads

@@ -150,4 +150,4 @@ class PeerSockets:
             s.close(linger=0)
         self.router.close(linger=0)
         if self.cluster is not None:
-            self.auth.stop()  # type: ignore[attr-defined]
+            self.auth.stop()
