@@ -158,8 +158,8 @@ def main(
     hugepages.ensure()
     logs.setup(log_spec, log_file or logs.default_log_file("node"))
     from exo.nodes.engine.engine import Engine
-    from exo.nodes.engine.lane import DEFAULT_MAX_TTFT_RATIO
     from exo.nodes.engine.pacing import DEFAULT_IDLE_BUDGET, DEFAULT_MAX_STALL
+    from exo.nodes.engine.watch import DEFAULT_MAX_TTFT_RATIO
     from exo.nodes.worker import Node
 
     engine = Engine(

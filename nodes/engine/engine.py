@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from exo.nodes.engine.batch import Batch, sample_rows
-from exo.nodes.engine.lane import DEFAULT_MAX_TTFT_RATIO, YIELD_S, Lane, Watch, lane_default
+from exo.nodes.engine.lane import Lane, lane_default
 from exo.nodes.engine.mlxenv import blas_max_threads, blas_threads, mx
 from exo.nodes.engine.model import LoadedModel, kv_bytes_per_token
 from exo.nodes.engine.pacing import DEFAULT_IDLE_BUDGET, DEFAULT_MAX_STALL, Pacer
@@ -27,6 +27,7 @@ from exo.nodes.engine.request import EngineError, Output, Request, encode_prompt
 from exo.nodes.engine.sampling import Sampler, SamplingParams, StopMatcher
 from exo.nodes.engine.scheduler import StepPlan, Work
 from exo.nodes.engine.threads import ThreadChoice, for_step
+from exo.nodes.engine.watch import DEFAULT_MAX_TTFT_RATIO, YIELD_S, Watch
 from exo.nodes.pipeline.head import Head
 
 log = logging.getLogger(__name__)
