@@ -11,6 +11,8 @@ from typing import Any
 
 import httpx
 
+from exo.tools.cluster import api_headers
+
 PROMPT = "Write a long story about a dragon who learns to read."
 
 
@@ -36,7 +38,9 @@ def stream_http(url: str, model: str, prompt: str, max_tokens: int) -> dict[str,
     t0 = time.perf_counter()
     first = last = 0.0
     tokens = 0
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as r:
+    with httpx.stream(
+        "POST", f"{url}/v1/chat/completions", json=body, headers=api_headers(), timeout=600
+    ) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":

@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 
 from exo.tools.bench_stall import Stream, pct
+from exo.tools.cluster import api_headers
 
 
 def lone_tps(url: str, model: str, tokens: int) -> float:
@@ -21,24 +22,24 @@ def lone_tps(url: str, model: str, tokens: int) -> float:
 
 
 def node_cancels(url: str) -> dict[str, float]:
-    nodes = httpx.get(f"{url}/v1/cluster", timeout=10).json()["nodes"]
+    nodes = httpx.get(f"{url}/v1/cluster", headers=api_headers(), timeout=10).json()["nodes"]
     return {c[0]: c[1] for n in nodes for c in n["status"].get("recent_cancels", [])}
 
 
 def node_cancel_steps(url: str) -> dict[str, float]:
     """rid -> length of the engine step the cancel waited behind."""
-    nodes = httpx.get(f"{url}/v1/cluster", timeout=10).json()["nodes"]
+    nodes = httpx.get(f"{url}/v1/cluster", headers=api_headers(), timeout=10).json()["nodes"]
     return {c[0]: c[2] for n in nodes for c in n["status"].get("recent_cancels", [])}
 
 
 def step_s(url: str) -> float:
-    nodes = httpx.get(f"{url}/v1/cluster", timeout=10).json()["nodes"]
+    nodes = httpx.get(f"{url}/v1/cluster", headers=api_headers(), timeout=10).json()["nodes"]
     return max((n["status"].get("step_s") or 0.0) for n in nodes)
 
 
 def one_cancel(url: str, model: str, how: str) -> tuple[float, float]:
     """Seconds from the client's disconnect (or cancel call) to the node dropping the request."""
-    client = httpx.Client(timeout=60)
+    client = httpx.Client(timeout=60, headers=api_headers())
     req = client.build_request(
         "POST",
         f"{url}/v1/completions",
@@ -61,7 +62,7 @@ def one_cancel(url: str, model: str, how: str) -> tuple[float, float]:
             break
     t0 = time.time()
     if how == "explicit":
-        httpx.post(f"{url}/v1/cancel/{rid}", timeout=10)
+        httpx.post(f"{url}/v1/cancel/{rid}", headers=api_headers(), timeout=10)
     r.close()
     client.close()
     deadline = time.monotonic() + 10
@@ -96,7 +97,7 @@ def wait_idle(url: str, timeout: float = 30.0) -> dict[str, Any]:
     """The cluster state once nothing is in flight anywhere (status lags a heartbeat)."""
     deadline = time.monotonic() + timeout
     while True:
-        state = httpx.get(f"{url}/v1/cluster", timeout=10).json()
+        state = httpx.get(f"{url}/v1/cluster", headers=api_headers(), timeout=10).json()
         busy = state["requests_active"] or any(
             n["status"].get("running")
             or n["status"].get("prefilling")

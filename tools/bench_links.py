@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 
 from exo.tools.bench import machine
-from exo.tools.cluster import LocalCluster
+from exo.tools.cluster import LocalCluster, api_headers
 from exo.tools.netbed import Bed, iperf3, ping
 
 
@@ -43,7 +43,7 @@ def _measure(
     ref_rtt: dict[str, float] = {}
     deadline = time.monotonic() + 60 + 15 * rounds
     while min(len(v) for v in seen.values()) < rounds and time.monotonic() < deadline:
-        state = httpx.get(f"{c.url}/v1/cluster", timeout=10).json()
+        state = httpx.get(f"{c.url}/v1/cluster", headers=api_headers(), timeout=10).json()
         for name, (a_ip, b_ip) in subnets.items():
             for link in state["links"]:
                 if {link["a"]["address"], link["b"]["address"]} != {a_ip, b_ip}:
@@ -62,7 +62,7 @@ def _measure(
         time.sleep(0.5)
     cpu = {
         n["name"]: n["status"].get("probe_cpu_s", 0.0)
-        for n in httpx.get(f"{c.url}/v1/cluster", timeout=10).json()["nodes"]
+        for n in httpx.get(f"{c.url}/v1/cluster", headers=api_headers(), timeout=10).json()["nodes"]
     }
     probes_run = sum(len(v) for v in seen.values())
     out: dict[str, Any] = {"bench": "links", "machine": machine(), "rounds": rounds, "links": {}}

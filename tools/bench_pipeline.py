@@ -14,21 +14,24 @@ from typing import Any
 import httpx
 
 from exo.tools.bench import PROMPT, machine, stream_http
-from exo.tools.cluster import wait_ready
+from exo.tools.cluster import api_headers, wait_ready
 
 
 def _peer_bytes(url: str) -> int:
-    nodes = httpx.get(f"{url}/v1/cluster", timeout=10).json()["nodes"]
+    nodes = httpx.get(f"{url}/v1/cluster", headers=api_headers(), timeout=10).json()["nodes"]
     return sum(sum(n["status"].get("peer_bytes_sent", {}).values()) for n in nodes)
 
 
 def _clear(url: str) -> None:
-    for i in httpx.get(f"{url}/v1/instances", timeout=10).json()["data"]:
-        httpx.delete(f"{url}/v1/instances/{i['id']}", timeout=10)
+    for i in httpx.get(f"{url}/v1/instances", headers=api_headers(), timeout=10).json()["data"]:
+        httpx.delete(f"{url}/v1/instances/{i['id']}", headers=api_headers(), timeout=10)
 
 
 def run(url: str, model: str, stages: list[int], tokens: int, rounds: int) -> dict[str, Any]:
-    nodes = [n["id"] for n in httpx.get(f"{url}/v1/cluster", timeout=10).json()["nodes"]]
+    nodes = [
+        n["id"]
+        for n in httpx.get(f"{url}/v1/cluster", headers=api_headers(), timeout=10).json()["nodes"]
+    ]
     stages = [k for k in stages if k <= len(nodes)]
     rows: dict[int, list[dict[str, float]]] = {k: [] for k in stages}
     per_token: dict[int, list[float]] = {k: [] for k in stages}
@@ -37,7 +40,10 @@ def run(url: str, model: str, stages: list[int], tokens: int, rounds: int) -> di
     for _ in range(rounds):
         for k in stages:
             r = httpx.post(
-                f"{url}/v1/instances", json={"model": model, "nodes": nodes[:k]}, timeout=60
+                f"{url}/v1/instances",
+                json={"model": model, "nodes": nodes[:k]},
+                headers=api_headers(),
+                timeout=60,
             )
             r.raise_for_status()
             inst = wait_ready(url, r.json()["id"])

@@ -16,6 +16,8 @@ from typing import Any
 
 import httpx
 
+from exo.tools.cluster import api_headers
+
 
 @dataclass
 class Stream:
@@ -48,7 +50,9 @@ class Stream:
         }
         self.sent = time.perf_counter()
         try:
-            with httpx.stream("POST", f"{self.url}/v1/completions", json=body, timeout=600) as r:
+            with httpx.stream(
+                "POST", f"{self.url}/v1/completions", json=body, headers=api_headers(), timeout=600
+            ) as r:
                 r.raise_for_status()
                 for line in r.iter_lines():
                     if self.stop.is_set():
@@ -110,7 +114,7 @@ def traffic(url: str, model: str) -> None:
     streamed chat, a completion, a request cancelled mid-stream, an unknown model.
     They leave the engine's learned state (thread choice, pacing) as real use does."""
     chat = {"model": model, "messages": [{"role": "user", "content": "Hello there"}]}
-    with httpx.Client(timeout=120) as c:
+    with httpx.Client(timeout=120, headers=api_headers()) as c:
         c.post(f"{url}/v1/chat/completions", json={**chat, "max_tokens": 12})
         with c.stream(
             "POST", f"{url}/v1/chat/completions", json={**chat, "max_tokens": 24, "stream": True}

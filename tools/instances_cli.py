@@ -8,6 +8,8 @@ from typing import Any
 
 import click
 
+from exo.tools.cluster import api_headers
+
 
 def ready_or_exit(url: str, iid: str) -> dict[str, Any]:
     from exo.tools.cluster import InstanceFailed, wait_ready
@@ -32,7 +34,7 @@ def _instances_call(method: str, url: str, body: dict[str, Any] | None = None) -
     import httpx
 
     try:
-        r = httpx.request(method, url, json=body, timeout=30)
+        r = httpx.request(method, url, json=body, headers=api_headers(), timeout=30)
     except httpx.HTTPError as e:
         raise click.ClickException(f"cannot reach the API at {url}: {e}") from e
     if r.status_code >= 400:
