@@ -14,7 +14,7 @@ import zmq.asyncio
 
 from exo.broker import protocol as P
 from exo.common import keys
-from exo.nodes.link import configure_dealer, routing_id
+from exo.common.dealer import configure_dealer, routing_id
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,6 @@ computes).
 from __future__ import annotations
 
 import logging
-import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -20,30 +19,11 @@ import zmq
 
 from exo.broker import protocol as P
 from exo.common import keys
+from exo.common.dealer import configure_dealer, routing_id
 
 log = logging.getLogger(__name__)
 
 ENGINE_TYPES = {"GENERATE", "CANCEL", "DOWNLOAD", "LOAD", "UNLOAD", "PROBE", "ROUTE"}
-
-
-def routing_id(peer_id: str) -> bytes:
-    """A DEALER's routing identity at the broker: its public peer id and a secret.
-    The broker's ROUTER hands a connection over to a peer that claims an identity
-    it knows (so a reconnecting peer keeps its place); with a secret part no one
-    else can claim it, though the peer id is published."""
-    return f"{peer_id}.{secrets.token_hex(16)}".encode()
-
-
-def configure_dealer(sock: zmq.Socket, identity: bytes) -> None:
-    sock.setsockopt(zmq.IDENTITY, identity)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.SNDHWM, 10000)
-    sock.setsockopt(zmq.RCVHWM, 10000)
-    sock.setsockopt(zmq.HEARTBEAT_IVL, int(P.HEARTBEAT_S * 1000))
-    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(P.EXPIRY_S * 1000))
-    sock.setsockopt(zmq.RECONNECT_IVL, 100)
-    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-    sock.setsockopt(zmq.MAXMSGSIZE, 4 * P.MAX_FRAME)
 
 
 class BrokerLink(threading.Thread):
