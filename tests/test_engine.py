@@ -603,6 +603,8 @@ def test_the_lanes_threads_give_the_core_to_the_step_loops(tiny_path: Path) -> N
     engine.step()
     engine.lane.wait(5.0)
     assert engine.lane.prompts == 1
+    engine.lane.hurry()  # the floor thread starts at its first hurry
+    engine.lane.wait(1.0)
     n = nices()
     polite, floor = engine.lane._threads
     assert lane_mod.NICE > 0 and n[polite.native_id] == lane_mod.NICE

@@ -100,6 +100,9 @@ class Pass:
         self.caches = [j.req.cache for j, _ in self.batch]
 
 
+_NEW_STREAM = threading.Lock()
+
+
 class Lane:
     """Prefills prompts, chunk by chunk, first come first, several prompts of one
     model per pass when they fit in CHUNK tokens; on the polite thread (nice NICE)
@@ -138,18 +141,7 @@ class Lane:
             )
 
     def submit(self, req: Any) -> None:
-        if not self._threads:
-            # Both start here, on the engine's thread (nice 0); the polite one lowers
-            # its own priority first thing.
-            for urgent in (False, True):
-                t = threading.Thread(
-                    target=self._run,
-                    args=(urgent,),
-                    name="prefill-lane" + ("-floor" if urgent else ""),
-                    daemon=True,
-                )
-                t.start()
-                self._threads.append(t)
+        self._start(urgent=False)
         if not self.single_blas:
             # Safe now: the lane is idle (see release_blas) and the engine's own
             # step has been read back.
@@ -159,9 +151,31 @@ class Lane:
             self._jobs.append(Job(req))
             self._cv.notify_all()
 
+    def _start(self, urgent: bool) -> None:
+        """Start the polite thread (the first prompt) or the floor thread (the first
+        hurry), on the engine's thread (nice 0); the polite one lowers its own
+        priority first thing. The floor thread only where it is needed: a thread
+        holding an MLX stream is one more that must be idle when the process ends."""
+        if any(getattr(t, "urgent", None) == urgent for t in self._threads):
+            return
+        t = threading.Thread(
+            target=self._run,
+            args=(urgent,),
+            name="prefill-lane" + ("-floor" if urgent else ""),
+            daemon=True,
+        )
+        t.urgent = urgent  # type: ignore[attr-defined]
+        t.start()
+        self._threads.append(t)
+
+    @property
+    def paused(self) -> bool:
+        return not self._open.is_set()
+
     def hurry(self) -> None:
         """The lane is behind its floor: its pass goes on at the step loop's priority
         from its next layer, until it runs dry."""
+        self._start(urgent=True)
         with self._cv:
             if not self.urgent and (self._jobs or self._pass):
                 self.urgent = True
@@ -255,7 +269,10 @@ class Lane:
     def _run(self, urgent: bool) -> None:
         if not urgent:
             lower_priority()  # first: the stream's worker thread inherits it
-        stream = mx.new_stream(mx.cpu)  # this thread's own: MLX streams are per thread
+        with _NEW_STREAM:
+            # One at a time: MLX's stream table is not made for two threads adding
+            # to it at once.
+            stream = mx.new_stream(mx.cpu)  # this thread's own: MLX streams are per thread
         with mx.stream(stream):
             while True:
                 with self._cv:
