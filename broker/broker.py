@@ -49,12 +49,11 @@ class Broker:
         # None: --insecure, anyone who reaches the ports may speak
         self.cluster_keys = cluster
         self.role_keys: dict[str, str] = {}
-        if cluster is not None:
+        self.router = self.ctx.socket(zmq.ROUTER)
+        if cluster is not None:  # (the ZAP handler must run before the sockets bind)
             assert cluster.frontend is not None, "the broker's machine holds every key"
             self.role_keys = {"node": cluster.node.public, "frontend": cluster.frontend.public}
             self.auth = keys.authenticator(self.ctx, {DOMAIN: set(self.role_keys.values())})
-        self.router = self.ctx.socket(zmq.ROUTER)
-        if cluster is not None:
             keys.serve(self.router, cluster.broker, DOMAIN)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
@@ -88,7 +87,8 @@ class Broker:
         self.stats = P.Counters()
         self.stop_event = threading.Event()
         self.started = time.time()
-        self.due: dict[str, float] = {}  # periodic work -> when it is next due
+        # periodic work -> when it is next due
+        self.due: dict[str, float] = {"beat": 0.0, "pub": 0.0, "tend": 0.0}
         self.reconnects: dict[bytes, float] = {}  # identity -> when last told to RECONNECT
 
     # -- sending --------------------------------------------------------------------
@@ -117,7 +117,6 @@ class Broker:
             self.router.getsockopt(zmq.LAST_ENDPOINT).decode(),
             self.pub.getsockopt(zmq.LAST_ENDPOINT).decode(),
         )
-        self.due = {"beat": 0.0, "pub": 0.0, "tend": 0.0}
         while not self.stop_event.is_set():
             if self.router.poll(int(P.HEARTBEAT_S * 1000 / 2)):
                 for _ in range(1000):  # bounded, so liveness work is never starved
@@ -487,18 +486,17 @@ class Broker:
     def on_cancel(self, fe: Peer, msg: P.Message, frame: zmq.Frame) -> None:
         rid, reason, qid = msg["rid"], str(msg.get("reason", "explicit")), msg.get("qid")
         # Parked (waiting for a download) or running on a node: either way it ends here.
-        held = self.reg.parked.get(rid) or self.reg.requests.get(rid)
-        if held is not None and held.frontend != fe.identity:
+        owner = self.reg.parked.get(rid) or self.reg.requests.get(rid)
+        if owner is not None and owner.frontend != fe.identity:
             # Only the frontend that submitted a request may cancel it.
             self.stats["cancel_not_owner"] += 1
-            held = None
-        parked = self.reg.parked.pop(rid, None) if held else None
-        running = None if parked or not held else self.reg.requests.pop(rid, None)
-        owner = parked or running
+            owner = None
         if qid is not None:
             self.send(fe.identity, "REPLY", qid=qid, data={"found": owner is not None})
         if owner is None:
             return
+        parked = self.reg.parked.pop(rid, None)
+        running = None if parked else self.reg.requests.pop(rid, None)
         if running is not None:
             self.cancel_stages(running)
         self.stats[f"cancelled_{reason}"] += 1

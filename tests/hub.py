@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
-from exo.nodes.store.weights import LISTING, RESOLVE, get_server
+from exo.nodes.store.weights import LISTING, RESOLVE, get_server, hub_listing
 
 
 @dataclass
@@ -73,13 +73,7 @@ class Hub:
                         },
                     }
                 )
-        return {
-            "id": repo,
-            "modelId": repo,
-            "sha": "0" * 40,
-            "private": False,
-            "siblings": siblings,
-        }
+        return hub_listing(repo, siblings)
 
     def handle(self, h: BaseHTTPRequestHandler) -> None:
         path = h.path.split("?", 1)[0]

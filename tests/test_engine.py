@@ -606,7 +606,7 @@ def test_the_lanes_threads_give_the_core_to_the_step_loops(tiny_path: Path) -> N
     engine.lane.hurry()  # the floor thread starts at its first hurry
     engine.lane.wait(1.0)
     n = nices()
-    polite, floor = engine.lane._threads
+    polite, floor = engine.lane._threads[False], engine.lane._threads[True]
     assert lane_mod.NICE > 0 and n[polite.native_id] == lane_mod.NICE
     # its MLX stream's worker too; the step loop's threads keep theirs, and so does
     # the thread the lane's pass moves to when it falls behind its floor

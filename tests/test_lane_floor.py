@@ -90,6 +90,7 @@ class FakeLane:
         self.rate = 0.0
         self.chunk = 256
         self.passes = 0
+        self.paused = False
         self.prompts: list[dict[str, Any]] = []
 
     def idle(self) -> bool:

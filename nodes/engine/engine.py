@@ -434,7 +434,7 @@ class Engine:
             got.in_lane = False
             if self.requests.get(got.rid) is not got:
                 continue  # cancelled meanwhile
-            assert got is not None
+            assert got is not None  # (mypy narrows `got` by the identity test above)
             if logits is None:
                 self.requests.pop(got.rid)
                 self._release(got)
@@ -554,8 +554,8 @@ class Engine:
         return [(r.rid, r.lm.model_id) for r in carried]
 
     def take_failed(self) -> list[tuple[str, str, str]]:
-        """(rid, error code, why) of the requests the engine gave up on since the last call: they
-        are gone from it, and their clients are owed an error."""
+        """(rid, error code, why) of the requests the engine gave up on since the last
+        call: they are gone from it, and their clients are owed an error."""
         out, self._failed = self._failed, []
         return out
 

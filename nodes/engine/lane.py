@@ -92,8 +92,8 @@ class Pass:
     started: float = field(default_factory=time.perf_counter)
     # Taken when the pass begins: a cancel drops a request's cache on the engine's
     # thread, but the pass goes on writing the one it holds (then throws it away).
-    toks: list[list[int]] = field(default_factory=list)
-    caches: list[Any] = field(default_factory=list)
+    toks: list[list[int]] = field(init=False)
+    caches: list[Any] = field(init=False)
 
     def __post_init__(self) -> None:
         self.toks = [j.req.prompt[j.req.prefilled : j.req.prefilled + n] for j, n in self.batch]
@@ -116,7 +116,7 @@ class Lane:
         self._landed: list[tuple[Any, mx.array | None]] = []
         self._pass: Pass | None = None
         self._busy = False  # a thread is running layers of the pass
-        self._threads: list[threading.Thread] = []
+        self._threads: dict[bool, threading.Thread] = {}  # urgent? -> its thread
         # Readable once a prompt lands: the node's loop polls it with its sockets.
         self.wakeup, self._wake = os.pipe()
         os.set_blocking(self.wakeup, False)
@@ -156,7 +156,7 @@ class Lane:
         hurry), on the engine's thread (nice 0); the polite one lowers its own
         priority first thing. The floor thread only where it is needed: a thread
         holding an MLX stream is one more that must be idle when the process ends."""
-        if any(getattr(t, "urgent", None) == urgent for t in self._threads):
+        if urgent in self._threads:
             return
         t = threading.Thread(
             target=self._run,
@@ -164,9 +164,8 @@ class Lane:
             name="prefill-lane" + ("-floor" if urgent else ""),
             daemon=True,
         )
-        t.urgent = urgent  # type: ignore[attr-defined]
         t.start()
-        self._threads.append(t)
+        self._threads[urgent] = t
 
     @property
     def paused(self) -> bool:

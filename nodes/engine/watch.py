@@ -49,7 +49,7 @@ class Watch:
     def check(self) -> bool:
         """Once a step, before it runs. True: the step should wait for the lane."""
         lane = self.lane
-        if lane.idle() or getattr(lane, "paused", False):
+        if lane.idle() or lane.paused:
             # (a lane held on purpose, as `bench lane` does, is not falling behind)
             self.steps, self.gives = 0, None
             self.behind.clear()

@@ -43,10 +43,9 @@ class PeerSockets:
         # Stage traffic is the cluster's nodes' only: every node serves and connects
         # with the node key (None: an insecure cluster).
         self.cluster = cluster
-        if cluster is not None:
-            self.auth = keys.authenticator(ctx, {DOMAIN: {cluster.node.public}})
         self.router = ctx.socket(zmq.ROUTER)
-        if cluster is not None:
+        if cluster is not None:  # (the ZAP handler must run before the ROUTER binds)
+            self.auth = keys.authenticator(ctx, {DOMAIN: {cluster.node.public}})
             keys.serve(self.router, cluster.node, DOMAIN)
         self.router.setsockopt(zmq.LINGER, 0)
         # Steps go one at a time per instance: a few frames in flight is all a

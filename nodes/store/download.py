@@ -30,7 +30,6 @@ from exo.nodes.store.manifest import sha256_of
 log = logging.getLogger(__name__)
 
 MARKER = ".exo-download.partial"
-CHUNK = 1 << 20
 
 
 class DownloadError(Exception):

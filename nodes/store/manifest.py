@@ -102,8 +102,12 @@ def verify(folder: Path, name: str | None = None) -> dict[str, Any]:
     is missing, unlisted, or hashes to something else. -> the manifest."""
     doc = ensure(folder)
     listed: dict[str, dict[str, Any]] = doc["files"]
-    on_disk = {str(p.relative_to(folder)): p for p in files(folder)}
-    names = [name] if name is not None else sorted(set(listed) | set(on_disk))
+    if name is None:
+        on_disk = {str(p.relative_to(folder)): p for p in files(folder)}
+        names = sorted(set(listed) | set(on_disk))
+    else:  # one file (each request of the weights server): no walk of the folder
+        on_disk = {name: folder / name} if (folder / name).is_file() else {}
+        names = [name]
     changed = False
     for n in names:
         entry, p = listed.get(n), on_disk.get(n)

@@ -37,6 +37,12 @@ MAX_CONNECTIONS = 16
 IDLE_S = 15.0
 
 
+def hub_listing(repo: str, siblings: list[dict[str, Any]]) -> dict[str, Any]:
+    """The hub's model-info document (`/api/models/{repo}`) for these files, as
+    huggingface_hub's model_info reads it."""
+    return {"id": repo, "modelId": repo, "sha": "0" * 40, "private": False, "siblings": siblings}
+
+
 class BoundedServer(ThreadingHTTPServer):
     daemon_threads = True
 
@@ -110,13 +116,7 @@ class WeightsServer:
             }
             for name, e in sorted(doc["files"].items())
         ]
-        return {
-            "id": repo,
-            "modelId": repo,
-            "sha": "0" * 40,
-            "private": False,
-            "siblings": siblings,
-        }
+        return hub_listing(repo, siblings)
 
     def handle(self, h: BaseHTTPRequestHandler) -> None:
         if self.token is not None:
