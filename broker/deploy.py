@@ -65,7 +65,13 @@ class Deployer:
         for n in self.b.reg.nodes():
             m = n.info.get("model_meta", {}).get(model)
             if model in n.models and m and m.get("layers"):
-                return ModelMeta(model, int(m["layers"]), int(m.get("bytes", 0)))
+                return ModelMeta(
+                    model,
+                    int(m["layers"]),
+                    int(m.get("bytes", 0)),
+                    str(m.get("type", "")),
+                    bool(m.get("split", True)),
+                )
         return None
 
     def views(self, meta: ModelMeta) -> list[NodeView]:

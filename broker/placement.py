@@ -45,6 +45,8 @@ class ModelMeta:
     model: str
     layers: int
     bytes: int
+    kind: str = ""  # its model_type
+    split: bool = True  # whether its nodes can run it in pipeline stages
 
     def stage_bytes(self, start: int, end: int) -> int:
         return int(self.bytes * (end - start) / max(1, self.layers) * HEADROOM)
@@ -176,6 +178,14 @@ def explicit_stages(meta: ModelMeta, nodes: list[NodeView], ask: Ask) -> Candida
 
 def candidates(meta: ModelMeta, nodes: list[NodeView], ask: Ask) -> list[Candidate]:
     """Every placement worth considering, best first; impossible ones say why."""
+    if not meta.split and (len(ask.stages) > 1 or len(ask.nodes) > 1 or ask.min_nodes > 1):
+        raise PlacementError(
+            400,
+            "model_not_splittable",
+            f"{meta.model} ({meta.kind or 'unknown architecture'}) cannot be split into "
+            "pipeline stages: its architecture's stages are not verified against mlx-lm; "
+            "place it on one node",
+        )
     if ask.stages:
         return [explicit_stages(meta, nodes, ask)]
     if ask.nodes:
@@ -187,7 +197,7 @@ def candidates(meta: ModelMeta, nodes: list[NodeView], ask: Ask) -> list[Candida
         return [check(meta, views, split_layers(meta.layers, [v.usable for v in views]))]
     if not nodes:
         raise PlacementError(503, "no_nodes", "no node is connected to the broker")
-    hi = min(ask.max_nodes or len(nodes), len(nodes), meta.layers)
+    hi = min(ask.max_nodes or len(nodes), len(nodes), meta.layers if meta.split else 1)
     if ask.min_nodes > hi:
         raise PlacementError(
             400,

@@ -46,6 +46,7 @@ class ModelMeta(Struct, forbid_unknown_fields=False):
     layers: Annotated[int, Meta(ge=0, le=100_000)] = 0
     bytes: Count = 0
     type: Text = ""
+    split: bool = True  # whether the node runs stages of it (nodes/engine/span.py)
 
 
 class Pressure(Struct, forbid_unknown_fields=False):

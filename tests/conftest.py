@@ -7,6 +7,9 @@ from pathlib import Path
 import pytest
 
 TINY = "test/tiny-llama"
+# A non-llama architecture for the tests over real processes: sliding windows, a
+# head tied by its absence from the checkpoint, a scaled embedding.
+TINY_GEMMA3 = "test/tiny-gemma3_text"
 
 
 def test_models_dir() -> Path:
@@ -26,6 +29,9 @@ def models_dir() -> Path:
     tiny = ModelStore(d).path(TINY)
     if incomplete_reason(tiny) is not None:
         make_tiny(tiny)
+    gemma = ModelStore(d).path(TINY_GEMMA3)
+    if incomplete_reason(gemma) is not None:
+        make_tiny(gemma, arch="gemma3_text", hidden=128, layers=6)
     pull_default(d)
     return d
 

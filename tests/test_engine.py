@@ -88,7 +88,7 @@ def test_staggered_concurrent_requests_equal_each_run_alone(
     lm: LoadedModel, path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if path == "plain":  # mlx-lm's own forward, as for architectures the fused step lacks
-        monkeypatch.setattr("exo.nodes.engine.forward.supports_fused", lambda model: False)
+        monkeypatch.setattr(lm, "fused", False)
     lane = path == "lane"
     engine = Engine(prefill_budget=16, lane=lane)
     engine.add_model(lm)

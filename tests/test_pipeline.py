@@ -136,10 +136,10 @@ def concurrent(c: LocalCluster, model: str) -> list[list[int]]:
     return out
 
 
-@pytest.mark.parametrize("model", ["test/tiny-llama", DEFAULT_MODEL])
+@pytest.mark.parametrize("model", ["test/tiny-llama", "test/tiny-gemma3_text", DEFAULT_MODEL])
 def test_one_two_three_stages_give_the_same_tokens(three: LocalCluster, model: str) -> None:
     c = three
-    layers = 4 if model == "test/tiny-llama" else 30
+    layers = {"test/tiny-llama": 4, "test/tiny-gemma3_text": 6}.get(model, 30)
     plans = [
         [("node0", 0, layers)],
         [("node1", 0, layers // 2), ("node2", layers // 2, layers)],

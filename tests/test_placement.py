@@ -124,3 +124,20 @@ def test_mlx_limits_follow_everything_held_not_the_last_model() -> None:
     assert after_both.cache == 2 * GiB
     # capped below the machine's memory
     assert memory.limits([60 * GiB], 2 * GiB, 64 * GiB).wired == 48 * GiB
+
+
+def test_a_model_its_nodes_cannot_split_is_placed_whole_or_refused_with_the_reason() -> None:
+    whole_only = ModelMeta("m", 30, 6 * GiB, "mamba", split=False)
+    c = place(whole_only, [n("a", 16), n("b", 12)], Ask())
+    assert len(c.stages) == 1
+    for ask in (Ask(nodes=("a", "b")), Ask(min_nodes=2), Ask(stages=(("a", 0, 9), ("b", 9, 30)))):
+        with pytest.raises(PlacementError) as e:
+            place(whole_only, [n("a", 16), n("b", 12)], ask)
+        assert e.value.status == 400 and e.value.code == "model_not_splittable"
+        assert "mamba" in e.value.message
+    # Too big for any one node: no split is tried.
+    with pytest.raises(PlacementError) as e:
+        place(whole_only, [n("a", 5), n("b", 5)], Ask())
+    assert e.value.status == 409 and all(
+        len(c.stages) == 1 for c in candidates(whole_only, [n("a", 5), n("b", 5)], Ask())
+    )

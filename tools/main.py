@@ -166,24 +166,40 @@ def models_pull_default(models_dir: Path | None) -> None:
 
 
 @models.command("make-tiny")
-@click.option("--id", "model_id", default="test/tiny-llama", show_default=True)
+@click.option("--id", "model_id", default=None, help="Default: test/tiny-ARCH[-Nbit].")
+@click.option("--arch", default="llama", show_default=True, help="An mlx-lm model_type.")
+@click.option("--bits", type=click.Choice(["4", "8"]), default=None, help="Quantize.")
+@click.option("--group-size", type=click.Choice(["32", "64"]), default="32", show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--layers", default=4, show_default=True)
 @click.option("--hidden", default=256, show_default=True)
 @models_dir_option
 def models_make_tiny(
-    model_id: str, seed: int, layers: int, hidden: int, models_dir: Path | None
+    model_id: str | None,
+    arch: str,
+    bits: str | None,
+    group_size: str,
+    seed: int,
+    layers: int,
+    hidden: int,
+    models_dir: Path | None,
 ) -> None:
-    """Build a tiny random-weight llama for fast tests."""
+    """Build a tiny random-weight model of an mlx-lm architecture, for tests."""
     from exo.nodes.store.store import ModelStore
-    from exo.tools.tiny import make_tiny
+    from exo.tools.tiny import ARCHS, make_tiny
 
+    if arch not in ARCHS:
+        raise click.BadParameter(f"one of {', '.join(sorted(ARCHS))}", param_hint="--arch")
+    model_id = model_id or f"test/tiny-{arch}" + (f"-{bits}bit" if bits else "")
     click.echo(
         make_tiny(
             ModelStore(resolve_models_dir(models_dir)).path(model_id),
             seed=seed,
             layers=layers,
             hidden=hidden,
+            arch=arch,
+            bits=int(bits) if bits else None,
+            group_size=int(group_size),
         )
     )
 

@@ -64,6 +64,61 @@ def build_tokenizer(out: Path, vocab_size: int) -> int:
     return tok.get_vocab_size()
 
 
+# Per architecture, what its config adds to the common one (make_tiny): small
+# enough that every architecture builds in a second, big enough that 3 stages
+# and sliding windows shorter than a test prompt are exercised.
+ARCHS: dict[str, dict[str, Any]] = {
+    "llama": {},
+    "mistral": {  # a sliding window on 2 layers of 3: llama.py's hybrid
+        "sliding_window": 8,
+        "layer_types": ["sliding_attention", "sliding_attention", "full_attention"] * 2,
+    },
+    "qwen2": {"tie_word_embeddings": True},
+    "qwen3": {},
+    "qwen3_moe": {
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "moe_intermediate_size": 64,
+        "norm_topk_prob": True,
+    },
+    "gemma2": {"query_pre_attn_scalar": 32, "final_logit_softcapping": 30.0},
+    "gemma3_text": {  # tied by leaving lm_head out of the checkpoint
+        "sliding_window": 8,
+        "sliding_window_pattern": 3,
+        "query_pre_attn_scalar": 32,
+        "rope_local_base_freq": 10000.0,
+    },
+    "phi3": {},
+    "olmo2": {},
+    "granite": {
+        "logits_scaling": 4.0,
+        "attention_multiplier": 0.2,
+        "embedding_multiplier": 4.0,
+        "residual_multiplier": 0.5,
+        "attention_bias": False,
+        "mlp_bias": False,
+    },
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "deepseek_v3": {
+        "kv_lora_rank": 32,
+        "q_lora_rank": 48,
+        "qk_rope_head_dim": 16,
+        "v_head_dim": 32,
+        "qk_nope_head_dim": 16,
+        "n_routed_experts": 4,
+        "n_shared_experts": 1,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 64,
+        "first_k_dense_replace": 1,
+        "n_group": 1,
+        "topk_group": 1,
+        "num_key_value_heads": 4,
+    },
+}
+
+
 def make_tiny(
     out: Path,
     seed: int = 0,
@@ -73,22 +128,29 @@ def make_tiny(
     kv_heads: int = 2,
     context: int = 1024,
     vocab: int = 1024,
+    arch: str = "llama",
+    bits: int | None = None,
+    group_size: int = 32,
 ) -> Path:
+    """A random-weight model of mlx-lm's `arch` class, quantized to `bits` (with
+    its embedding, as mlx-community ships them) when given."""
     from mlx.utils import tree_flatten
-    from mlx_lm.models.llama import Model, ModelArgs
+    from mlx_lm.utils import _get_classes, quantize_model
 
+    if arch not in ARCHS:
+        raise ValueError(f"no tiny {arch}: one of {', '.join(sorted(ARCHS))}")
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     vocab_size = build_tokenizer(tmp, vocab)
-    config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+    config: dict[str, Any] = {
+        "model_type": arch,
         "hidden_size": hidden,
         "num_hidden_layers": layers,
         "intermediate_size": hidden * 2,
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
+        "head_dim": hidden // heads,
         "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0,
         "max_position_embeddings": context,
@@ -97,16 +159,32 @@ def make_tiny(
         "bos_token_id": 1,
         "eos_token_id": 2,
         "torch_dtype": "float32",
+        **ARCHS[arch],
     }
+    if "layer_types" in config:
+        config["layer_types"] = (config["layer_types"] * layers)[:layers]
     mx.random.seed(seed)
-    args = ModelArgs.from_dict(config)
-    model = Model(args)
-    # Larger than default init so greedy output varies from token to token.
+    model_class, args_class = _get_classes(config)
+    model = model_class(args_class.from_dict(config))
+    # Larger than default init so greedy output varies from token to token; norm
+    # weights 1 (gemma's norms add 1 themselves), biases small.
     params = {
-        k: mx.random.normal(v.shape) * (0.08 if v.ndim > 1 else 0.0) + (1.0 if v.ndim == 1 else 0.0)
+        k: (
+            mx.random.normal(v.shape) * 0.08
+            if v.ndim > 1
+            else mx.random.normal(v.shape) * 0.02
+            if k.endswith("bias")
+            else mx.ones(v.shape)
+        )
         for k, v in cast(list[tuple[str, Any]], tree_flatten(model.parameters()))
     }
-    mx.save_safetensors(str(tmp / "model.safetensors"), params, metadata={"format": "mlx"})
+    model.load_weights(list(params.items()))
+    if bits is not None:
+        model, config = quantize_model(model, config, group_size, bits)
+    weights = dict(cast(list[tuple[str, Any]], tree_flatten(model.parameters())))
+    if arch == "gemma3_text":
+        weights = {k: v for k, v in weights.items() if not k.startswith("lm_head.")}
+    mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     if out.exists():
         shutil.rmtree(out)

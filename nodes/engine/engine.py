@@ -105,10 +105,10 @@ class Engine:
     # -- membership -----------------------------------------------------------------
 
     def add_model(self, lm: LoadedModel) -> None:
-        from exo.nodes.engine.forward import matmul_table, supports_fused
+        from exo.nodes.engine.forward import matmul_table
 
         self.models[lm.model_id] = lm
-        self.fused[lm.model_id] = supports_fused(lm.model)
+        self.fused[lm.model_id] = lm.fused
         self.pace.add_model(lm.model_id, self.fused[lm.model_id], matmul_table(lm.model))
         # Rows of very different lengths attend in separate groups, which only the
         # fused step runs (and a pipeline's later stages follow one group).
@@ -172,7 +172,9 @@ class Engine:
         return req
 
     def _admit(self) -> None:
-        from mlx_lm.models.cache import KVCache, make_prompt_cache
+        from mlx_lm.models.cache import KVCache
+
+        from exo.nodes.engine.span import new_cache
 
         reserved = sum(r.kv_reserved for r in self.requests.values())
         while self.queue and reserved + self.queue[0].kv_reserved <= self.kv_budget:
@@ -182,7 +184,7 @@ class Engine:
                 if mine + head.kv_reserved > head.lm.kv_cap:
                     break  # a later stage of its instance would run out first
             req = self.queue.popleft()
-            req.cache = make_prompt_cache(req.lm.model)
+            req.cache = new_cache(req.lm.layers)
             for c in req.cache:
                 # One buffer for the whole prompt: a cache that grows 256 keys at a
                 # time copies itself each time, a spike in the step that does it.
@@ -387,7 +389,7 @@ class Engine:
             # says nothing about what its chunks add to a decode step.
             untimed = bool(chunks)
             _, chunk_logits = step_forward(
-                lm.model, [], [], [c for _, c in chunks], self.fused[model_id]
+                lm.model, [], [], [c for _, c in chunks], self.fused[model_id], 1, lm.span
             )
             sampled.append((rows, ready.toks))
         else:
@@ -398,6 +400,7 @@ class Engine:
                 [c for _, c in chunks],
                 self.fused[model_id],
                 pad_to,
+                lm.span,
             )
             if rows:
                 assert dec_logits is not None

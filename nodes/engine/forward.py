@@ -6,7 +6,8 @@ llama-family models (llama, mistral, qwen2: the same attention block) the step i
 go through the weight matmuls as one packed matrix, so weights are read once
 per step and a prefill chunk rides along with the decodes almost for free;
 only attention runs per group, each against its own cache. Other architectures
-take the plain path: one batched decode call, then one call per chunk.
+take the plain path: mlx-lm's own forward (span.py), one call for the decode
+rows, then one per chunk.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attenti
 
 from exo.nodes.engine import attention
 from exo.nodes.engine.layout import embedding_dims
+from exo.nodes.engine.span import Span
 
 FUSED_TYPES = {"llama", "mistral", "qwen2"}
 # MLX's own attention kernel is the fast one everywhere but on its CPU backend.
@@ -54,7 +56,7 @@ def supports_fused(model: Any) -> bool:
 
 
 def lm_head(model: Any, h: mx.array) -> mx.array:
-    if getattr(model, "args", None) is not None and model.args.tie_word_embeddings:
+    if getattr(model, "lm_head", None) is None:  # tied: what the checkpoint holds says
         return model.model.embed_tokens.as_linear(h)
     return model.lm_head(h)
 
@@ -63,17 +65,42 @@ DecGroups = list[tuple[int, list[Any]]]  # decode rows and their per-layer cache
 
 
 def plain_step(
-    model: Any, dec: list[int], dec_groups: DecGroups, chunks: list[Chunk]
+    model: Any, span: Span, dec: list[int], dec_groups: DecGroups, chunks: list[Chunk]
 ) -> tuple[mx.array | None, list[mx.array | None]]:
+    """mlx-lm's own forward (span.py): one call for the decode rows, one per chunk;
+    the head runs only on the rows whose logits are wanted."""
     dec_logits = None
     if dec:
         assert len(dec_groups) == 1, "mlx-lm's forward takes one decode cache"
-        dec_logits = model(mx.array(dec)[:, None], cache=dec_groups[0][1])[:, -1, :]
+        h = span.forward(model, mx.array(dec)[:, None], None, dec_groups[0][1])
+        dec_logits = span.logits(model, h[:, -1, :])
     outs: list[mx.array | None] = []
     for c in chunks:
-        logits = model(mx.array([c.tokens]), cache=c.cache)
-        outs.append(logits[0, -1] if c.logits else None)
+        whole = c.first == 0 and c.h is None and (c.end or span.end) - span.start == len(c.cache)
+        assert whole, "a chunk through part of the layers: the fused step's"
+        h = span.forward(model, mx.array([c.tokens]), None, c.cache)
+        outs.append(span.logits(model, h[0, -1:])[0] if c.logits else None)
     return dec_logits, outs
+
+
+def through(model: Any, span: Span, fused: bool, x: mx.array, groups: list[Group]) -> mx.array:
+    """A pipeline stage's layers over the step's groups (each running all of
+    them): `x` packed in group order, token ids [T] on the first stage, hidden
+    states [T, D] on a later one -> hidden states [T, D] after its last layer."""
+    if fused:
+        h = model.model.embed_tokens(x) if span.start == 0 else x
+        return run_layers(model.model.layers, h, groups)
+    first = span.start == 0
+    outs, at = [], 0
+    for g in groups:
+        rows = x[at : at + g.rows * g.n]
+        at += g.rows * g.n
+        if first:
+            out = span.forward(model, rows.reshape(g.rows, g.n), None, g.caches)
+        else:
+            out = span.forward(model, None, rows.reshape(g.rows, g.n, -1), g.caches)
+        outs.append(out.reshape(g.rows * g.n, -1))
+    return _pack(outs)
 
 
 def _attend(
@@ -207,7 +234,11 @@ def no_rows(model: Any) -> mx.array:
     return mx.zeros((0, embedding_dims(model.model.embed_tokens)), dtype=mx.float32)
 
 
-def head(model: Any, h: mx.array, rows: list[int]) -> mx.array:
+def head(model: Any, h: mx.array, rows: list[int], span: Span | None = None) -> mx.array:
+    """The logits of rows `rows` of the last layer's output `h`: the llama head, or
+    with `span` the model's own (span.py)."""
+    if span is not None:
+        return span.logits(model, h[mx.array(rows)])
     return lm_head(model, model.model.norm(h[mx.array(rows)]))
 
 
@@ -323,10 +354,12 @@ def step_forward(
     chunks: list[Chunk],
     fused: bool,
     pad_to: int = 1,
+    span: Span | None = None,
 ) -> tuple[mx.array | None, list[mx.array | None]]:
     if fused:
         return fused_step(model, dec, dec_groups, chunks, pad_to)
-    return plain_step(model, dec, dec_groups, chunks)
+    assert span is not None, "the plain step runs the model's own forward"
+    return plain_step(model, span, dec, dec_groups, chunks)
 
 
 def matmul_table(model: Any, max_rows: int = 64, reps: int = 3) -> list[float]:

@@ -106,7 +106,10 @@ def _swap(m: nn.Module) -> nn.Module | None:
 
 
 def embedding_dims(embedding: Any) -> int:
-    """The width of an embedding layer, either layout."""
-    return (
-        embedding.dims if isinstance(embedding, InputMajorEmbedding) else embedding.weight.shape[1]
-    )
+    """The width of an embedding layer: either layout, or quantized (its weight
+    packs 32 // bits values into each uint32)."""
+    if isinstance(embedding, InputMajorEmbedding):
+        return embedding.dims
+    if isinstance(embedding, nn.QuantizedEmbedding):
+        return int(embedding.weight.shape[1]) * 32 // int(embedding.bits)
+    return int(embedding.weight.shape[1])

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from exo.nodes.engine.mlxenv import mx
+from exo.nodes.engine.span import SPLITTABLE, Span, UnsupportedModel
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,9 @@ class LoadedModel:
     # Stage 0 of a split model: the KV bytes (of its own layers) that its requests may
     # hold together so that no later stage exceeds its node's KV budget.
     kv_cap: int | None = None
+    # The layers it runs, by mlx-lm's own forward when not `fused` (span.py).
+    span: Span | None = None
+    fused: bool = False  # the llama block's fused step (forward.py) runs it
 
     @property
     def layers(self) -> int:
@@ -73,7 +77,8 @@ def model_meta(path: Path) -> dict[str, Any]:
     text = config.get("text_config", {})
     layers = config.get("num_hidden_layers") or text.get("num_hidden_layers") or 0
     size = sum(p.stat().st_size for p in path.glob("*.safetensors"))
-    return {"layers": int(layers), "bytes": size, "type": str(config.get("model_type", ""))}
+    kind = str(config.get("model_type", ""))
+    return {"layers": int(layers), "bytes": size, "type": kind, "split": kind in SPLITTABLE}
 
 
 def load_model(model_id: str, path: Path, part: Part | None = None) -> LoadedModel:
@@ -93,12 +98,18 @@ def load_model(model_id: str, path: Path, part: Part | None = None) -> LoadedMod
     keep: list[Any] = [model]
     if part is None or part.whole:
         part = None
+        span = Span.of(model)
     else:
         if len(inner.layers) != part.total:
             raise ValueError(f"{model_id} has {len(inner.layers)} layers, not {part.total}")
+        kind = str(getattr(model, "model_type", ""))
+        if kind not in SPLITTABLE:
+            raise UnsupportedModel(f"{model_id} ({kind}) cannot be split into pipeline stages")
+        span = Span.of(model, part.start, part.end)
         inner.layers = inner.layers[part.start : part.end]
         keep = list(inner.layers)
-        tied = bool(getattr(model.args, "tie_word_embeddings", False))
+        # Tied heads by what the checkpoint holds (gemma leaves lm_head out of it).
+        tied = getattr(model, "lm_head", None) is None
         if part.first or (part.last and tied):
             keep.append(inner.embed_tokens)
         if part.last:
@@ -112,7 +123,8 @@ def load_model(model_id: str, path: Path, part: Part | None = None) -> LoadedMod
     mx.eval(params)
     nbytes = sum(v.nbytes for v in params)
     del params
-    if layout.wanted() and supports_fused(model):
+    fused = supports_fused(model)
+    if layout.wanted() and fused:
         # mlx-lm's forward and ours both call the layers, so only architectures
         # whose code we know never reads a Linear's `.weight` itself.
         layout.input_major(model, keep)
@@ -128,7 +140,9 @@ def load_model(model_id: str, path: Path, part: Part | None = None) -> LoadedMod
         time.perf_counter() - t0,
         context,
     )
-    return LoadedModel(model_id, model, tokenizer, context, eos, part, nbytes=nbytes)
+    return LoadedModel(
+        model_id, model, tokenizer, context, eos, part, nbytes=nbytes, span=span, fused=fused
+    )
 
 
 def kv_bytes_per_token(model: Any) -> int:

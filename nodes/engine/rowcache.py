@@ -84,17 +84,27 @@ class RowCache:
 
     def make_mask(self, N: int, return_array: bool = False, window_size: Any = None) -> Any:
         """Which keys each of N new queries sees: [rows, 1, N, idx + N], or as
-        mlx-lm's plain caches when no row has masked columns."""
-        assert window_size is None, "sliding-window attention keeps its own caches"
+        mlx-lm's plain caches when no row has masked columns and no window limits
+        them. `window_size`: a query sees only the keys less than that many
+        positions before it (a sliding-window layer)."""
         if (
-            not any(s or g for s, g in zip(self.starts, self.gaps, strict=True))
+            window_size is None
+            and not any(s or g for s, g in zip(self.starts, self.gaps, strict=True))
             and not return_array
         ):
             return None if N == 1 else "causal"
-        past = mx.broadcast_to(
-            self.valid[: self.rows, None, None, : self._idx], (self.rows, 1, N, self._idx)
-        )
-        new = mx.broadcast_to(mx.tril(mx.ones((N, N), dtype=mx.bool_)), (self.rows, 1, N, N))
+        valid = self.valid[: self.rows, : self._idx]
+        past = mx.broadcast_to(valid[:, None, None, :], (self.rows, 1, N, self._idx))
+        new = mx.tril(mx.ones((N, N), dtype=mx.bool_))
+        if window_size is not None:
+            # A row's keys are its valid columns, in order: a key's distance back
+            # from the row's next position is 1 + the row's keys after it.
+            ones = valid.astype(mx.int32)
+            after = mx.cumsum(ones[:, ::-1], axis=1)[:, ::-1] - ones
+            j = mx.arange(N)[:, None]
+            past = past & (after[:, None, None, :] < (window_size - 1 - j)[None, None])
+            new = new & (j - mx.arange(N)[None, :] < window_size)
+        new = mx.broadcast_to(new, (self.rows, 1, N, N))
         return mx.concatenate([past, new], axis=-1)
 
     @property

@@ -65,14 +65,14 @@ class Head:
     ) -> None:
         """Embed, run this node's layers, hand the hidden states on. `chunks`:
         (request, forward.Chunk) pairs; the requests' progress counts them sent."""
-        from exo.nodes.engine.forward import groups_of, no_rows, run_layers
+        from exo.nodes.engine.forward import groups_of, no_rows, through
 
         assert self.hop is not None, "a pipeline stage needs the node's peer sockets"
-        inner = lm.model.model
+        assert lm.span is not None
         tokens = [r.last for r in rows] + [t for _, c in chunks for t in c.tokens]
         groups = groups_of(batch.dec_groups(), [c for _, c in chunks])
         if groups:
-            h = run_layers(inner.layers, inner.embed_tokens(mx.array(tokens)), groups)
+            h = through(lm.model, lm.span, lm.fused, mx.array(tokens), groups)
             mx.eval(h, [c.state for _, ch in chunks for c in ch.cache])
         else:
             h = no_rows(lm.model)

@@ -77,9 +77,11 @@ class StageRunner:
 
     def run(self, header: dict[str, Any], h: mx.array) -> mx.array | list[int]:
         """One step: the next stage's input, or on the last stage the tokens."""
-        from mlx_lm.models.cache import make_prompt_cache
+        from exo.nodes.engine.forward import Chunk, groups_of, head, sampled_rows, through
+        from exo.nodes.engine.span import new_cache
 
-        from exo.nodes.engine.forward import Chunk, groups_of, head, run_layers, sampled_rows
+        lm = self.lm
+        assert lm.span is not None
 
         self.steps += 1
         self.last_step = int(header["step"])
@@ -89,7 +91,7 @@ class StageRunner:
         to_mine, back = self.follow(decode)
         self.batch.grow_ahead()
         for rid, params in header.get("new", {}).items():
-            self.caches[rid] = make_prompt_cache(self.lm.model)
+            self.caches[rid] = new_cache(lm.layers)
             if self.last:
                 self.samplers[rid] = Sampler(SamplingParams.from_wire(params))
         chunks = []
@@ -101,7 +103,7 @@ class StageRunner:
         if not groups:  # a step that only carries drops
             return h if not self.last else []
         h = _rows(h, to_mine)
-        h = _rows(run_layers(self.lm.model.model.layers, h, groups), back)
+        h = _rows(through(lm.model, lm.span, lm.fused, h, groups), back)
         states = [c.state for _, ch in chunks for c in ch.cache]
         if not self.last:
             mx.eval(h, states)
@@ -110,7 +112,7 @@ class StageRunner:
         if not rows:
             mx.eval(states)
             return []
-        logits = head(self.lm.model, h, rows)
+        logits = head(lm.model, h, rows, None if lm.fused else lm.span)
         names = decode + [rid for (rid, _), w in zip(chunks, wanted, strict=True) if w is not None]
         sampled = sample_rows([SamplerRow(r, self.samplers[r]) for r in names], logits)
         mx.eval([t for _, t in sampled], states)
