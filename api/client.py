@@ -12,6 +12,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from exo.api.jobs import Event
 from exo.broker import protocol as P
 from exo.common import keys
 from exo.common.dealer import configure_dealer, routing_id
@@ -31,7 +32,7 @@ class BrokerClient:
         self.routing_id = routing_id(self.peer_id)
         self.ctx = zmq.asyncio.Context.instance()
         self.sock: zmq.asyncio.Socket | None = None
-        self.streams: dict[str, asyncio.Queue[P.Message]] = {}
+        self.streams: dict[str, asyncio.Queue[Event]] = {}
         # rid -> the API key that submitted it (None: keys off), while it runs
         self.owners: dict[str, str | None] = {}
         self.queries: dict[str, asyncio.Future[Any]] = {}
@@ -72,7 +73,7 @@ class BrokerClient:
     def _hello(self) -> None:
         assert self.sock is not None
         self.registered.clear()
-        self.sock.send(P.encode("HELLO", role="frontend", peer_id=self.peer_id, name="api"))
+        self.sock.send(P.encode(P.Hello(role="frontend", peer_id=self.peer_id, name="api")))
 
     async def _recv_loop(self) -> None:
         while True:
@@ -102,24 +103,23 @@ class BrokerClient:
                 self.dropped["handler_error"] += 1
                 log.exception("a %s from the broker could not be handled", msg.type)
 
-    def _on_message(self, msg: P.Message) -> None:
-        rid = msg.get("rid")
-        if rid is not None:
-            q = self.streams.get(rid)
+    def _on_message(self, msg: P.Msg) -> None:
+        if isinstance(msg, P.Tokens | P.Fail | P.State | P.Accepted):
+            q = self.streams.get(msg.rid)
             if q is not None:
                 q.put_nowait(msg)
-        elif msg.type == "REPLY":
-            fut = self.queries.pop(msg["qid"], None)
+        elif isinstance(msg, P.Reply):
+            fut = self.queries.pop(msg.qid, None)
             if fut is not None and not fut.done():
-                fut.set_result(msg["data"])
-        elif msg.type == "WELCOME":
+                fut.set_result(msg.data)
+        elif isinstance(msg, P.Welcome):
             self.registered.set()
             log.info("API registered with broker %s as %s", self.broker, self.peer_id)
-        elif msg.type == "RECONNECT":
+        elif isinstance(msg, P.Reconnect):
             self._fail_all("the broker restarted; the request was lost")
             self._hello()
-        elif msg.type == "REFUSED":
-            log.error("broker %s refused the API: %s", self.broker, msg["reason"])
+        elif isinstance(msg, P.Refused):
+            log.error("broker %s refused the API: %s", self.broker, msg.reason)
 
     async def _beat_loop(self) -> None:
         while True:
@@ -132,15 +132,11 @@ class BrokerClient:
                 self._connect()
                 self.last_heard = time.monotonic()
             with contextlib.suppress(zmq.Again):
-                await self.sock.send(P.encode("HEARTBEAT"), flags=zmq.NOBLOCK)
+                await self.sock.send(P.encode(P.Heartbeat()), flags=zmq.NOBLOCK)
 
     def _fail_all(self, why: str) -> None:
         for rid, q in self.streams.items():
-            q.put_nowait(
-                P.Message(
-                    "FAIL", {"rid": rid, "status": 503, "code": "broker_lost", "message": why}
-                )
-            )
+            q.put_nowait(P.Fail(rid=rid, status=503, code="broker_lost", message=why))
 
     async def _ready(self, timeout: float = 5.0) -> None:
         try:
@@ -157,18 +153,16 @@ class BrokerClient:
         params: dict[str, Any],
         timeout_s: float | None = None,
         owner: str | None = None,
-    ) -> asyncio.Queue[P.Message]:
+    ) -> asyncio.Queue[Event]:
         await self._ready()
-        q: asyncio.Queue[P.Message] = asyncio.Queue()
+        q: asyncio.Queue[Event] = asyncio.Queue()
         self.streams[rid] = q
         self.owners[rid] = owner
         assert self.sock is not None
-        extra = {"timeout_s": timeout_s} if timeout_s is not None else {}
-        await self.sock.send(
-            P.encode(
-                "SUBMIT", rid=rid, model=model, kind=kind, payload=payload, params=params, **extra
-            )
+        submit = P.Submit(
+            rid=rid, model=model, kind=kind, payload=payload, params=params, timeout_s=timeout_s
         )
+        await self.sock.send(P.encode(submit))
         return q
 
     def done(self, rid: str) -> None:
@@ -181,7 +175,7 @@ class BrokerClient:
         self.owners.pop(rid, None)
         if self.sock is not None:
             with contextlib.suppress(zmq.ZMQError):
-                await self.sock.send(P.encode("CANCEL", rid=rid, reason=reason), flags=zmq.NOBLOCK)
+                await self.sock.send(P.encode(P.Cancel(rid=rid, reason=reason)), flags=zmq.NOBLOCK)
 
     async def cancel_explicit(self, rid: str) -> bool:
         """Cancel any request by id; True if the broker knew it."""

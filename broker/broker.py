@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -93,12 +94,12 @@ class Broker:
 
     # -- sending --------------------------------------------------------------------
 
-    def send(self, identity: bytes, type_: str, **fields: Any) -> bool:
-        return self.send_raw(identity, P.encode(type_, **fields))
+    def send(self, identity: bytes, msg: P.Msg) -> bool:
+        return self.send_raw(identity, P.encode(msg))
 
     def fail(self, identity: bytes, rid: str, status: int, code: str, message: str) -> None:
         """End a request at its frontend with the status the API answers."""
-        self.send(identity, "FAIL", rid=rid, status=status, code=code, message=message)
+        self.send(identity, P.Fail(rid=rid, status=status, code=code, message=message))
 
     def send_raw(self, identity: bytes, frame: bytes | zmq.Frame) -> bool:
         try:
@@ -156,7 +157,7 @@ class Broker:
         view = self.topology()  # once for the tick: instances and probes share it
         self.deploy.tend(view)
         self.tend_probes(now, view)
-        beat = P.encode("HEARTBEAT")
+        beat = P.encode(P.Heartbeat())
         for ident in list(self.reg.peers):
             self.send_raw(ident, beat)
 
@@ -164,7 +165,7 @@ class Broker:
         if now >= self.due["pub"]:
             self.due["pub"] = now + PUBLISH_S
             self.pub.send_multipart(
-                [P.TOPIC_CLUSTER, P.encode("REPLY", qid="cluster", data=self.cluster())]
+                [P.TOPIC_CLUSTER, P.encode(P.Reply(qid="cluster", data=self.cluster()))]
             )
 
     def on_frames(self, parts: list[zmq.Frame]) -> None:
@@ -180,7 +181,7 @@ class Broker:
             return
         peer = self.reg.peers.get(ident)
         key = str(parts[1].get("User-Id")) if self.cluster_keys is not None else None
-        if msg.type == "HELLO":
+        if isinstance(msg, P.Hello):
             self.on_hello(ident, msg, key)
             return
         if peer is not None and key != peer.key:
@@ -195,7 +196,7 @@ class Broker:
                 if len(self.reconnects) > 10_000:
                     self.reconnects.clear()
                 self.reconnects[ident] = now
-                self.send(ident, "RECONNECT", reason="unknown peer")
+                self.send(ident, P.Reconnect(reason="unknown peer"))
             return
         peer.last_seen = time.monotonic()
         handler = self.HANDLERS.get((peer.role, msg.type))
@@ -215,43 +216,44 @@ class Broker:
 
     # -- registration and liveness --------------------------------------------------
 
-    def on_hello(self, ident: bytes, msg: P.Message, key: str | None = None) -> None:
-        role, peer_id = msg["role"], msg["peer_id"]
+    def on_hello(self, ident: bytes, msg: P.Hello, key: str | None = None) -> None:
+        role, peer_id = msg.role, msg.peer_id
         if self.cluster_keys is not None and self.role_keys.get(role) != key:
             # A peer's role is its key, never its claim.
             self.dropped["wrong_key"] += 1
             log.warning("refused %s %s: its key is not the cluster's %s key", role, peer_id, role)
-            self.send(ident, "REFUSED", reason=f"this connection's key is not a {role} key")
+            self.send(ident, P.Refused(reason=f"this connection's key is not a {role} key"))
             return
         if msg.version != P.VERSION:
             reason = f"protocol version {msg.version} is not the broker's {P.VERSION}"
             log.error("refused %s %s: %s", role, peer_id, reason)
-            self.send(ident, "REFUSED", reason=reason)
+            self.send(ident, P.Refused(reason=reason))
             return
         if role not in P.ROLES:
-            self.send(ident, "REFUSED", reason=f"unknown role {role!r}")
+            self.send(ident, P.Refused(reason=f"unknown role {role!r}"))
             return
         info: dict[str, Any] = {}
         if role == "node":
             try:
-                info = reports.node_info(msg.get("info") or {})
+                info = reports.node_info(msg.info or {})
             except reports.BadReport as e:
                 self.dropped["bad_report"] += 1
                 log.warning("refused node %s: %s", peer_id, e)
-                self.send(ident, "REFUSED", reason=f"bad info: {e}")
+                self.send(ident, P.Refused(reason=f"bad info: {e}"))
                 return
         if ident in self.reg.peers:
             self.drop_peer(ident, "registered again")
-        peer = Peer(ident, peer_id, role, name=str(msg.get("name", "")), info=info, key=key)
+        peer = Peer(ident, peer_id, role, name=msg.name, info=info, key=key)
         self.reg.peers[ident] = peer
         self.reg.seen_models.update(peer.models)
         self.send(
             ident,
-            "WELCOME",
-            peer_id=peer_id,
-            heartbeat_s=P.HEARTBEAT_S,
-            expiry_s=P.EXPIRY_S,
-            pub_port=self.pub_port,
+            P.Welcome(
+                peer_id=peer_id,
+                heartbeat_s=P.HEARTBEAT_S,
+                expiry_s=P.EXPIRY_S,
+                pub_port=self.pub_port,
+            ),
         )
         log.info("%s %s (%s) registered; models: %s", role, peer_id, peer.name, peer.models or "-")
 
@@ -285,35 +287,34 @@ class Broker:
         if peer.role == "node":
             self.deploy.tend()
 
-    def on_heartbeat(self, peer: Peer, msg: P.Message, frame: zmq.Frame) -> None:
-        status = msg.get("status")
+    def on_heartbeat(self, peer: Peer, msg: P.Heartbeat, frame: zmq.Frame) -> None:
+        status = msg.status
         if status is not None and peer.role == "node":
             peer.status = reports.node_status(status)
 
-    def on_info(self, peer: Peer, msg: P.Message, frame: zmq.Frame) -> None:
-        peer.info = reports.node_info(msg["info"])
+    def on_info(self, peer: Peer, msg: P.Info, frame: zmq.Frame) -> None:
+        peer.info = reports.node_info(msg.info)
         self.reg.seen_models.update(peer.models)
 
     # -- requests -------------------------------------------------------------------
 
-    def on_submit(self, fe: Peer, msg: P.Message, frame: zmq.Frame) -> None:
-        rid = msg["rid"]
+    def on_submit(self, fe: Peer, msg: P.Submit, frame: zmq.Frame) -> None:
+        rid = msg.rid
         if rid in self.reg.requests or rid in self.reg.parked:
             self.fail(
                 fe.identity, rid, 409, "duplicate_request", f"request id {rid} is already in flight"
             )
             return
         timeout = self.request_timeout
-        asked = msg.get("timeout_s")
-        if isinstance(asked, int | float) and asked > 0:
-            timeout = min(timeout, float(asked))
-        self.dispatch(Parked(rid, fe.identity, msg.fields, time.monotonic() + timeout), first=True)
+        if msg.timeout_s is not None and msg.timeout_s > 0:
+            timeout = min(timeout, msg.timeout_s)
+        self.dispatch(Parked(rid, fe.identity, msg, time.monotonic() + timeout), first=True)
 
     def dispatch(self, job: Parked, first: bool = False) -> bool:
         """Send a job to the first stage of a ready instance of its model, or park it
         while an instance is on its way (placed, downloading, loading). True when
         the job left the parking lot (sent, or failed)."""
-        rid, model, nodes = job.rid, job.submit["model"], self.reg.by_id()
+        rid, model, nodes = job.rid, job.submit.model, self.reg.by_id()
         inst = choose_instance(list(self.deploy.instances.values()), nodes, model)
         if inst is None:
             refusal = self.deploy.provide(model)
@@ -322,7 +323,7 @@ class Broker:
                 if first:
                     self.reg.parked[rid] = job
                     where = pending[0][0].peer_id if pending else ""
-                    self.send(job.frontend, "ACCEPTED", rid=rid, node=where)
+                    self.send(job.frontend, P.Accepted(rid=rid, node=where))
                     log.info("rid=%s waits for an instance of %s", rid, model)
                 return False
             failed = failed_download(list(nodes.values()), model)
@@ -338,13 +339,14 @@ class Broker:
         s = job.submit
         head = nodes[inst.head]
         frame = P.encode(
-            "GENERATE",
-            rid=rid,
-            model=model,
-            kind=s["kind"],
-            payload=s["payload"],
-            params=s["params"],
-            instance=inst.id,
+            P.Generate(
+                rid=rid,
+                model=model,
+                kind=s.kind,
+                payload=s.payload,
+                params=s.params,
+                instance=inst.id,
+            )
         )
         if not self.send_raw(head.identity, frame):
             self.drop_peer(head.identity, "unreachable")
@@ -364,7 +366,7 @@ class Broker:
         # Count it now so a burst spreads over instances before their next heartbeat.
         head.status["prefilling"] = int(head.status.get("prefilling", 0)) + 1
         if first:
-            self.send(job.frontend, "ACCEPTED", rid=rid, node=head.peer_id)
+            self.send(job.frontend, P.Accepted(rid=rid, node=head.peer_id))
         log.info("rid=%s model=%s -> instance %s on %s", rid, model, inst.id, head.peer_id)
         return True
 
@@ -390,23 +392,24 @@ class Broker:
         k = probes.key(link)
         self.send(
             a.identity,
-            "PROBE",
-            key=k,
-            src=link["a"]["address"],
-            dst=link["b"]["address"],
-            port=int(b.info["probe_port"]),
+            P.Probe(
+                key=k,
+                src=link["a"]["address"],
+                dst=link["b"]["address"],
+                port=int(b.info["probe_port"]),
+            ),
         )
         self.probing = (k, a.peer_id, now, time.time())
         self.probed[k] = probes.Probed(now, probes.signature(link))
         self.stats["probes_sent"] += 1
 
-    def on_instances(self, fe: Peer, msg: P.Message, frame: zmq.Frame) -> None:
-        status, body = 200, self.deploy.op(msg["op"], msg.get("spec") or {}, msg.get("id"))
+    def on_instances(self, fe: Peer, msg: P.Instances, frame: zmq.Frame) -> None:
+        status, body = 200, self.deploy.op(msg.op, msg.spec or {}, msg.id)
         if isinstance(body, PlacementError):
             status, body = body.status, {"code": body.code, "message": body.message}
-        elif msg["op"] == "place":
+        elif msg.op == "place":
             status = 201
-        self.send(fe.identity, "REPLY", qid=msg["qid"], data={"status": status, "body": body})
+        self.send(fe.identity, P.Reply(qid=msg.qid, data={"status": status, "body": body}))
 
     def recently_pulled(self, model: str) -> list[tuple[Peer, dict[str, Any]]]:
         """A node just asked to download `model`, whose status does not show it yet."""
@@ -429,28 +432,29 @@ class Broker:
                     rid,
                     504,
                     "deadline_exceeded",
-                    f"request {rid} passed its deadline waiting for {job.submit['model']}",
+                    f"request {rid} passed its deadline waiting for {job.submit.model}",
                 )
                 continue
             if self.dispatch(job):
                 del self.reg.parked[rid]
                 continue
-            for node, d in downloading(self.reg.nodes(), job.submit["model"])[:1]:
+            for node, d in downloading(self.reg.nodes(), job.submit.model)[:1]:
                 self.send(
                     job.frontend,
-                    "STATE",
-                    rid=rid,
-                    state="downloading",
-                    node=node.peer_id,
-                    done=int(d.get("done", 0)),
-                    total=int(d.get("total", 0)),
+                    P.State(
+                        rid=rid,
+                        state="downloading",
+                        node=node.peer_id,
+                        done=int(d.get("done", 0)),
+                        total=int(d.get("total", 0)),
+                    ),
                 )
 
-    def on_pull(self, fe: Peer, msg: P.Message, frame: zmq.Frame) -> None:
-        model, wanted = msg["model"], msg.get("node")
+    def on_pull(self, fe: Peer, msg: P.Pull, frame: zmq.Frame) -> None:
+        model, wanted = msg.model, msg.node
         nodes = [n for n in self.reg.nodes() if wanted in (None, n.peer_id, n.name)]
         if not nodes:
-            self.send(fe.identity, "REPLY", qid=msg["qid"], data={"error": f"no node {wanted!r}"})
+            self.send(fe.identity, P.Reply(qid=msg.qid, data={"error": f"no node {wanted!r}"}))
             return
         have = [n for n in nodes if model in n.models]
         busy = downloading(nodes, model)
@@ -469,22 +473,24 @@ class Broker:
         if not have and not busy:
             self.send(
                 node.identity,
-                "DOWNLOAD",
-                model=model,
-                revision=str(msg.get("revision") or "main"),
-                **self.deploy.weights_source(model, node, self.topology()),
+                P.Download(
+                    model=model,
+                    revision=msg.revision or "main",
+                    **self.deploy.weights_source(model, node, self.topology()),
+                ),
             )
             self.pulls[model] = (node.identity, time.monotonic())
             log.info("asked node %s to download %s", node.peer_id, model)
         self.send(
             fe.identity,
-            "REPLY",
-            qid=msg["qid"],
-            data={"node": node.peer_id, "state": "present" if have else "downloading"},
+            P.Reply(
+                qid=msg.qid,
+                data={"node": node.peer_id, "state": "present" if have else "downloading"},
+            ),
         )
 
-    def on_cancel(self, fe: Peer, msg: P.Message, frame: zmq.Frame) -> None:
-        rid, reason, qid = msg["rid"], str(msg.get("reason", "explicit")), msg.get("qid")
+    def on_cancel(self, fe: Peer, msg: P.Cancel, frame: zmq.Frame) -> None:
+        rid, reason, qid = msg.rid, msg.reason or "explicit", msg.qid
         # Parked (waiting for a download) or running on a node: either way it ends here.
         owner = self.reg.parked.get(rid) or self.reg.requests.get(rid)
         if owner is not None and owner.frontend != fe.identity:
@@ -492,7 +498,7 @@ class Broker:
             self.stats["cancel_not_owner"] += 1
             owner = None
         if qid is not None:
-            self.send(fe.identity, "REPLY", qid=qid, data={"found": owner is not None})
+            self.send(fe.identity, P.Reply(qid=qid, data={"found": owner is not None}))
         if owner is None:
             return
         parked = self.reg.parked.pop(rid, None)
@@ -513,19 +519,19 @@ class Broker:
 
     def cancel_on_node(self, rid: str, node: bytes) -> None:
         """Point to point until acknowledged, and on PUB for fan-out."""
-        frame = P.encode("CANCEL", rid=rid)
+        frame = P.encode(P.Cancel(rid=rid))
         self.send_raw(node, frame)
         self.pub.send_multipart([P.TOPIC_CANCEL, frame])
         self.pending_cancels[(rid, node)] = time.monotonic() + P.CANCEL_RESEND_S
 
-    def on_cancel_ack(self, node: Peer, msg: P.Message, frame: zmq.Frame) -> None:
-        self.pending_cancels.pop((msg["rid"], node.identity), None)
+    def on_cancel_ack(self, node: Peer, msg: P.CancelAck, frame: zmq.Frame) -> None:
+        self.pending_cancels.pop((msg.rid, node.identity), None)
 
     def resend_cancels(self, now: float) -> None:
         for (rid, node), due in list(self.pending_cancels.items()):
             if now >= due:
                 self.stats["cancel_resent"] += 1
-                self.send(node, "CANCEL", rid=rid)
+                self.send(node, P.Cancel(rid=rid))
                 self.pending_cancels[(rid, node)] = now + P.CANCEL_RESEND_S
 
     def expire_deadlines(self, now: float) -> None:
@@ -543,16 +549,16 @@ class Broker:
             )
             log.info("rid=%s deadline passed after %.1fs", r.rid, timeout)
 
-    def on_node_reply(self, node: Peer, msg: P.Message, frame: zmq.Frame) -> None:
-        r = self.reg.requests.get(msg["rid"])
+    def on_node_reply(self, node: Peer, msg: P.Tokens | P.Fail | P.State, frame: zmq.Frame) -> None:
+        r = self.reg.requests.get(msg.rid)
         if r is None or r.node != node.identity:
-            if msg.type == "TOKENS" and not msg.get("finish"):
+            if isinstance(msg, P.Tokens) and not msg.finish:
                 # Nobody wants these tokens any more: make sure the node stops.
-                self.cancel_on_node(msg["rid"], node.identity)
+                self.cancel_on_node(msg.rid, node.identity)
             return
-        if msg.type == "TOKENS":
-            r.tokens += len(msg["ids"])
-        ended = msg.type == "FAIL" or (msg.type == "TOKENS" and msg.get("finish"))
+        if isinstance(msg, P.Tokens):
+            r.tokens += len(msg.ids)
+        ended = isinstance(msg, P.Fail) or (isinstance(msg, P.Tokens) and msg.finish)
         if ended:
             del self.reg.requests[r.rid]
         if not self.send_raw(r.frontend, frame) and r.rid in self.reg.requests:
@@ -560,8 +566,8 @@ class Broker:
             self.cancel_stages(r)
             self.stats["cancelled_disconnect"] += 1
 
-    def on_query(self, fe: Peer, msg: P.Message, frame: zmq.Frame) -> None:
-        what = msg["what"]
+    def on_query(self, fe: Peer, msg: P.Query, frame: zmq.Frame) -> None:
+        what = msg.what
         data: dict[str, Any] | list[Any]
         if what == "models":
             data = list(self.reg.models().values())
@@ -569,7 +575,7 @@ class Broker:
             data = self.cluster()
         else:
             data = {"error": f"unknown query {what!r}"}
-        self.send(fe.identity, "REPLY", qid=msg["qid"], data=data)
+        self.send(fe.identity, P.Reply(qid=msg.qid, data=data))
 
     def topology(self) -> Topology:
         """Every node's public view, by id, and the links between them, measured."""
@@ -592,7 +598,8 @@ class Broker:
             "stats": self.stats.snapshot(),
         }
 
-    HANDLERS = {
+    # Each handler is called with the message type of its key (protocol.TYPES).
+    HANDLERS: dict[tuple[str, str], Callable[[Broker, Peer, Any, zmq.Frame], None]] = {
         ("node", "HEARTBEAT"): on_heartbeat,
         ("frontend", "HEARTBEAT"): on_heartbeat,
         ("node", "INFO"): on_info,

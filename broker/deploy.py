@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import msgspec
 from msgspec import Meta
 
+from exo.broker import protocol as P
 from exo.broker.instances import Instance, advance
 from exo.broker.placement import (
     Ask,
@@ -143,10 +144,11 @@ class Deployer:
             for n in nxt.download:
                 self.b.send(
                     nodes[n].identity,
-                    "DOWNLOAD",
-                    model=inst.model,
-                    revision="main",
-                    **self.weights_source(inst.model, nodes[n], view),
+                    P.Download(
+                        model=inst.model,
+                        revision="main",
+                        **self.weights_source(inst.model, nodes[n], view),
+                    ),
                 )
                 inst.downloads_asked.add(n)
                 log.info("instance %s: node %s downloads %s", inst.id, n, inst.model)
@@ -212,15 +214,16 @@ class Deployer:
             extra = {"kv_budgets": later} if k == 0 and later else {}
             self.b.send(
                 nodes[spec.node].identity,
-                "LOAD",
-                instance=inst.id,
-                model=inst.model,
-                start=spec.start,
-                end=spec.end,
-                total=inst.total,
-                stage=k,
-                **route,
-                **extra,
+                P.Load(
+                    instance=inst.id,
+                    model=inst.model,
+                    start=spec.start,
+                    end=spec.end,
+                    total=inst.total,
+                    stage=k,
+                    **route,
+                    **extra,
+                ),
             )
         inst.loads_sent = True
 
@@ -235,7 +238,7 @@ class Deployer:
         for spec, old, route in zip(inst.stages, inst.routes, new, strict=True):
             if route != old:
                 log.info("instance %s: stage on %s now sends to %s", inst.id, spec.node, route)
-                self.b.send(nodes[spec.node].identity, "ROUTE", instance=inst.id, **route)
+                self.b.send(nodes[spec.node].identity, P.Route(instance=inst.id, **route))
         inst.routes = new
 
     def end(self, inst: Instance, status: int, code: str, message: str) -> None:
@@ -247,13 +250,13 @@ class Deployer:
         if inst.state == "failed":
             # Requests waiting for it learn why now, rather than wait for their deadline.
             for rid, job in list(self.b.reg.parked.items()):
-                if job.submit["model"] == inst.model:
+                if job.submit.model == inst.model:
                     del self.b.reg.parked[rid]
                     self.b.fail(job.frontend, rid, status, code, f"instance {inst.id}: {message}")
         nodes = self.b.reg.by_id()
         for n in inst.nodes:
             if n in nodes:
-                self.b.send(nodes[n].identity, "UNLOAD", instance=inst.id)
+                self.b.send(nodes[n].identity, P.Unload(instance=inst.id))
         if inst.auto or inst.state != "failed":
             self.instances.pop(inst.id, None)
 

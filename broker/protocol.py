@@ -100,10 +100,11 @@ Robustness
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Union
 
 import msgpack
+import msgspec
+from msgspec import Meta, Struct
 
 VERSION = 1
 MAX_FRAME = 8 * 1024 * 1024
@@ -121,62 +122,11 @@ DEFAULT_ROUTER_PORT = 52416
 DEFAULT_PUB_PORT = 52417
 DEFAULT_API_PORT = 52415
 
-# Required fields per type, with their Python types.
-TYPES: dict[str, dict[str, type | tuple[type, ...]]] = {
-    "HELLO": {"role": str, "peer_id": str},
-    "WELCOME": {"peer_id": str},
-    "REFUSED": {"reason": str},
-    "HEARTBEAT": {},
-    "RECONNECT": {"reason": str},
-    "INFO": {"info": dict},
-    "SUBMIT": {"rid": str, "model": str, "kind": str, "payload": (dict, list, str), "params": dict},
-    "ACCEPTED": {"rid": str, "node": str},
-    "GENERATE": {
-        "rid": str,
-        "model": str,
-        "kind": str,
-        "payload": (dict, list, str),
-        "params": dict,
-    },
-    "TOKENS": {"rid": str, "ids": list, "text": str},
-    "FAIL": {"rid": str, "status": int, "code": str, "message": str},
-    "CANCEL": {"rid": str},
-    "CANCEL_ACK": {"rid": str},
-    "DOWNLOAD": {"model": str},
-    "PULL": {"qid": str, "model": str},
-    "STATE": {"rid": str, "state": str},
-    "QUERY": {"qid": str, "what": str},
-    "INSTANCES": {"qid": str, "op": str},
-    "LOAD": {"instance": str, "model": str, "start": int, "end": int, "total": int},
-    "UNLOAD": {"instance": str},
-    "ROUTE": {"instance": str},
-    "PROBE": {"key": str, "src": str, "dst": str, "port": int},
-    "ACT": {"instance": str, "step": int, "decode": list, "chunks": list, "shape": list},
-    "RESULT": {"instance": str, "step": int, "ids": list},
-    "STAGE_ERROR": {"instance": str, "message": str},
-    "REPLY": {"qid": str, "data": (dict, list)},
-}
-
-# Optional fields: checked when present (a wrong type drops the frame like a
-# missing required field would).
-OPTIONAL: dict[str, dict[str, type | tuple[type, ...]]] = {
-    "HELLO": {"name": str, "info": dict},
-    "HEARTBEAT": {"status": dict},
-    "SUBMIT": {"timeout_s": (int, float)},
-    "TOKENS": {"finish": str, "usage": dict},
-    "CANCEL": {"reason": str, "qid": str},
-    "STATE": {"done": int, "total": int, "node": str},
-    "PULL": {"node": str, "revision": str},
-    "INSTANCES": {"spec": dict, "id": str},
-    "DOWNLOAD": {"revision": str, "source": str},
-    "LOAD": {"stage": int, "next": str, "head": str, "kv_budgets": list},
-    "ROUTE": {"next": str, "head": str},
-    "ACT": {"new": dict, "drops": list},
-}
-
 # Ids a peer names (request, query, instance, peer): bounded like every other field.
 MAX_ID = 256
-IDS = ("rid", "qid", "peer_id", "instance", "model")
+Id = Annotated[str, Meta(max_length=MAX_ID)]
+Payload = dict[str, Any] | list[Any] | str
+Map = dict[str, Any]
 
 ROLES = ("node", "frontend")
 
@@ -189,54 +139,285 @@ class ProtocolError(ValueError):
         self.reason = reason
 
 
-@dataclass(slots=True)
-class Message:
-    type: str
-    fields: dict[str, Any]
-    version: int = VERSION
+class Msg(Struct, tag_field="t", kw_only=True):
+    """The envelope: `v`, the protocol version, and `t`, the type (each subclass's
+    tag). Fields a peer does not know are ignored; a field of the wrong type drops
+    the frame."""
 
+    v: int = VERSION
+
+    @property
+    def type(self) -> str:
+        return str(self.__struct_config__.tag)
+
+    @property
+    def version(self) -> int:
+        return self.v
+
+    # For tests and tools reading a message by name.
     def __getitem__(self, key: str) -> Any:
-        return self.fields[key]
+        return getattr(self, key)
 
     def get(self, key: str, default: Any = None) -> Any:
-        return self.fields.get(key, default)
+        value = getattr(self, key, None)
+        return default if value is None else value
 
 
-def encode(type_: str, **fields: Any) -> bytes:
-    if type_ not in TYPES:
-        raise ValueError(f"unknown message type {type_}")
-    fields["v"] = VERSION
-    fields["t"] = type_
-    return msgpack.packb(fields, use_bin_type=True)
+# -- peers and the broker --------------------------------------------------------------
 
 
-def decode(frame: bytes | memoryview, max_frame: int = MAX_FRAME) -> Message:
-    """Parse one frame or raise ProtocolError. The version is returned, not enforced:
-    HELLO decides what to do with a peer of another version."""
+class Hello(Msg, tag="HELLO"):
+    role: str
+    peer_id: Id
+    name: str = ""
+    info: Map | None = None  # a node's facts (broker/reports.py checks them)
+
+
+class Welcome(Msg, tag="WELCOME"):
+    peer_id: Id
+    heartbeat_s: float = HEARTBEAT_S
+    expiry_s: float = EXPIRY_S
+    pub_port: int = 0
+
+
+class Refused(Msg, tag="REFUSED"):
+    reason: str
+
+
+class Heartbeat(Msg, tag="HEARTBEAT"):
+    status: Map | None = None  # a node's live status (broker/reports.py)
+
+
+class Reconnect(Msg, tag="RECONNECT"):
+    reason: str
+
+
+class Info(Msg, tag="INFO"):
+    info: Map
+
+
+# -- requests ---------------------------------------------------------------------------
+
+
+class Submit(Msg, tag="SUBMIT"):
+    rid: Id
+    model: Id
+    kind: str
+    payload: Payload
+    params: Map
+    timeout_s: float | None = None
+
+
+class Accepted(Msg, tag="ACCEPTED"):
+    rid: Id
+    node: str
+
+
+class Generate(Msg, tag="GENERATE"):
+    rid: Id
+    model: Id
+    kind: str
+    payload: Payload
+    params: Map
+    instance: Id | None = None
+
+
+class Tokens(Msg, tag="TOKENS"):
+    rid: Id
+    ids: list[int]
+    text: str
+    finish: str | None = None
+    usage: Map | None = None
+
+
+class Fail(Msg, tag="FAIL"):
+    rid: Id
+    status: int
+    code: str
+    message: str
+
+
+class Cancel(Msg, tag="CANCEL"):
+    rid: Id
+    reason: str | None = None
+    qid: Id | None = None
+
+
+class CancelAck(Msg, tag="CANCEL_ACK"):
+    rid: Id
+
+
+class State(Msg, tag="STATE"):
+    rid: Id
+    state: str
+    done: int | None = None
+    total: int | None = None
+    node: Id | None = None
+
+
+class Query(Msg, tag="QUERY"):
+    qid: Id
+    what: str
+
+
+class Reply(Msg, tag="REPLY"):
+    qid: Id
+    data: Map | list[Any]
+
+
+# -- models and instances ----------------------------------------------------------------
+
+
+class Download(Msg, tag="DOWNLOAD"):
+    model: Id
+    revision: str | None = None
+    source: str | None = None
+
+
+class Pull(Msg, tag="PULL"):
+    qid: Id
+    model: Id
+    node: Id | None = None
+    revision: str | None = None
+
+
+class Instances(Msg, tag="INSTANCES"):
+    qid: Id
+    op: str
+    spec: Map | None = None
+    id: Id | None = None
+
+
+class Load(Msg, tag="LOAD"):
+    instance: Id
+    model: Id
+    start: int
+    end: int
+    total: int
+    stage: int = 0
+    next: str | None = None
+    head: str | None = None
+    kv_budgets: list[tuple[int, int]] | None = None
+
+
+class Unload(Msg, tag="UNLOAD"):
+    instance: Id
+
+
+class Route(Msg, tag="ROUTE"):
+    instance: Id
+    next: str | None = None
+    head: str | None = None
+
+
+class Probe(Msg, tag="PROBE"):
+    key: str
+    src: str
+    dst: str
+    port: int
+
+
+# -- node to node (the peer sockets) ---------------------------------------------------
+
+MAX_CHUNK_TOKENS = 1 << 16
+ChunkTokens = Annotated[int, Meta(gt=0, le=MAX_CHUNK_TOKENS)]
+
+
+class Act(Msg, tag="ACT"):
+    """One step's header, stage k -> k+1; the hidden states follow in a frame."""
+
+    instance: Id
+    step: int
+    decode: list[Id]  # requests decoding this step, in stage 0's row order
+    chunks: list[tuple[Id, ChunkTokens, bool]]  # prompt chunks: rid, tokens, wants logits
+    shape: list[int]  # of the hidden states: [rows, width]
+    new: dict[Id, Map] = {}  # sampling parameters of requests whose first chunk this is
+    drops: list[Id] = []  # requests ended since the last step
+
+
+class Result(Msg, tag="RESULT"):
+    instance: Id
+    step: int
+    ids: list[int]
+
+
+class StageError(Msg, tag="STAGE_ERROR"):
+    instance: Id
+    message: str
+
+
+TYPES: dict[str, type[Msg]] = {
+    str(c.__struct_config__.tag): c
+    for c in (
+        Hello,
+        Welcome,
+        Refused,
+        Heartbeat,
+        Reconnect,
+        Info,
+        Submit,
+        Accepted,
+        Generate,
+        Tokens,
+        Fail,
+        Cancel,
+        CancelAck,
+        State,
+        Query,
+        Reply,
+        Download,
+        Pull,
+        Instances,
+        Load,
+        Unload,
+        Route,
+        Probe,
+        Act,
+        Result,
+        StageError,
+    )
+}
+Message = Msg
+_decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(Union[tuple(TYPES.values())])  # noqa: UP007
+_encoder = msgspec.msgpack.Encoder()
+
+
+def encode(msg: Msg | str, **fields: Any) -> bytes:
+    """A message as one frame: a typed message, or a type's name and its fields
+    (not checked here: tests send wrong types on purpose)."""
+    if isinstance(msg, str):
+        kind = TYPES.get(msg)
+        if kind is None:
+            raise ValueError(f"unknown message type {msg}")
+        msg = kind(**fields)
+    return _encoder.encode(msg)
+
+
+def decode(frame: bytes | memoryview, max_frame: int = MAX_FRAME) -> Msg:
+    """Parse one frame into its typed message or raise ProtocolError. The version
+    is returned, not enforced: HELLO decides what to do with a peer of another
+    version."""
     if len(frame) > max_frame:
         raise ProtocolError("oversize", f"{len(frame)} bytes > {max_frame}")
     try:
+        return _decoder.decode(frame)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise ProtocolError(_why(frame), str(e)[:120]) from None
+
+
+def _why(frame: bytes | memoryview) -> str:
+    """The counter a frame that did not decode goes to."""
+    try:
         obj = msgpack.unpackb(frame, raw=False, strict_map_key=True)
-    except Exception as e:  # msgpack raises several unrelated types
-        raise ProtocolError("undecodable", type(e).__name__) from None
+    except Exception:  # msgpack raises several unrelated types
+        return "undecodable"
     if not isinstance(obj, dict):
-        raise ProtocolError("undecodable", "not a map")
-    version, type_ = obj.pop("v", None), obj.pop("t", None)
-    if not isinstance(version, int) or not isinstance(type_, str):
-        raise ProtocolError("no_envelope")
-    spec = TYPES.get(type_)
-    if spec is None:
-        raise ProtocolError("unknown_type", type_[:40])
-    for name, kind in spec.items():
-        if not isinstance(obj.get(name), kind):
-            raise ProtocolError("bad_fields", f"{type_}.{name}")
-    for name, kind in OPTIONAL.get(type_, {}).items():
-        if name in obj and obj[name] is not None and not isinstance(obj[name], kind):
-            raise ProtocolError("bad_fields", f"{type_}.{name}")
-    for name in IDS:
-        if isinstance(v := obj.get(name), str) and len(v) > MAX_ID:
-            raise ProtocolError("bad_fields", f"{type_}.{name} longer than {MAX_ID}")
-    return Message(type_, obj, version)
+        return "undecodable"
+    if not isinstance(obj.get("v"), int) or not isinstance(obj.get("t"), str):
+        return "no_envelope"
+    if obj["t"] not in TYPES:
+        return "unknown_type"
+    return "bad_fields"
 
 
 class Counters(Counter[str]):

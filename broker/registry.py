@@ -6,6 +6,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from exo.broker import protocol as P
+
 
 @dataclass
 class Peer:
@@ -59,7 +61,7 @@ class Parked:
 
     rid: str
     frontend: bytes
-    submit: dict[str, Any]
+    submit: P.Submit
     deadline: float
     started: float = field(default_factory=time.monotonic)
 

@@ -23,7 +23,8 @@ from exo.common.dealer import configure_dealer, routing_id
 
 log = logging.getLogger(__name__)
 
-ENGINE_TYPES = {"GENERATE", "CANCEL", "DOWNLOAD", "LOAD", "UNLOAD", "PROBE", "ROUTE"}
+# What the broker sends the node's main loop (worker.py), passed on as it came.
+ENGINE_TYPES = (P.Generate, P.Cancel, P.Download, P.Load, P.Unload, P.Probe, P.Route)
 
 
 class BrokerLink(threading.Thread):
@@ -69,7 +70,7 @@ class BrokerLink(threading.Thread):
         assert self.dealer is not None
         self.registered.clear()
         self.dealer.send(
-            P.encode("HELLO", role="node", peer_id=self.peer_id, name=self.name_, info=self.info())
+            P.encode(P.Hello(role="node", peer_id=self.peer_id, name=self.name_, info=self.info()))
         )
 
     def _subscribe(self, pub_port: int) -> None:
@@ -108,7 +109,7 @@ class BrokerLink(threading.Thread):
                 while self.sub.poll(0):
                     parts = self.sub.recv_multipart()
                     try:
-                        if len(parts) == 2 and P.decode(parts[1]).type == "CANCEL":
+                        if len(parts) == 2 and isinstance(P.decode(parts[1]), P.Cancel):
                             pair.send(parts[1])
                     except P.ProtocolError as e:
                         self.dropped[e.reason] += 1
@@ -123,25 +124,25 @@ class BrokerLink(threading.Thread):
                         self.dropped[e.reason] += 1
                         log.warning("dropped a frame from the broker: %s", e)
                         continue
-                    if msg.type in ENGINE_TYPES:
+                    if isinstance(msg, ENGINE_TYPES):
                         pair.send(frame)
-                        log.debug("rid=%s %s from the broker", msg.get("rid"), msg.type)
-                    elif msg.type == "WELCOME":
+                        log.debug("%s from the broker", msg.type)
+                    elif isinstance(msg, P.Welcome):
                         self.welcomes += 1
                         if self.welcomes > 1:
                             # A new registration means the broker forgot us: whatever
                             # we were computing has no one to go to.
                             self.on_reset()
                         self.registered.set()
-                        if isinstance(msg.get("pub_port"), int):
-                            self._subscribe(msg["pub_port"])
+                        if msg.pub_port:
+                            self._subscribe(msg.pub_port)
                         log.info("registered with %s as %s", self.broker, self.peer_id)
-                    elif msg.type == "REFUSED":
-                        self.refused = msg["reason"]
-                        log.error("broker %s refused this node: %s", self.broker, msg["reason"])
+                    elif isinstance(msg, P.Refused):
+                        self.refused = msg.reason
+                        log.error("broker %s refused this node: %s", self.broker, msg.reason)
                         self.stop_event.set()
-                    elif msg.type == "RECONNECT":
-                        log.info("broker asks to register again (%s)", msg["reason"])
+                    elif isinstance(msg, P.Reconnect):
+                        log.info("broker asks to register again (%s)", msg.reason)
                         self._hello()
             if pair in events:
                 while pair.poll(0):
@@ -153,13 +154,13 @@ class BrokerLink(threading.Thread):
                 poller.register(self.dealer, zmq.POLLIN)
                 last_heard = now
             if now >= next_beat:
-                self.dealer.send(P.encode("HEARTBEAT", status=self.status()))
+                self.dealer.send(P.encode(P.Heartbeat(status=self.status())))
                 next_beat = now + P.HEARTBEAT_S
             if self.info_now.is_set():
                 self.info_now.clear()
                 next_info = 0.0
             if now >= next_info and self.registered.is_set():
-                self.dealer.send(P.encode("INFO", info=self.info()))
+                self.dealer.send(P.encode(P.Info(info=self.info())))
                 next_info = now + 5.0
         self.dealer.close(linger=0)
         if self.sub is not None:

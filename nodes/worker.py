@@ -18,7 +18,7 @@ from exo.common import keys
 from exo.common.names import valid_model_id
 from exo.nodes.engine.engine import Engine
 from exo.nodes.engine.mlxenv import blas, mx
-from exo.nodes.engine.model import LoadedModel, Part, load_model, model_meta
+from exo.nodes.engine.model import model_meta
 from exo.nodes.engine.request import EngineError, Output
 from exo.nodes.link import BrokerLink
 from exo.nodes.machine import info as node_info
@@ -27,8 +27,8 @@ from exo.nodes.machine.interfaces import Usage, interfaces
 from exo.nodes.machine.pressure import read_pressure
 from exo.nodes.machine.prober import ProbeServer, probe
 from exo.nodes.machine.rdma import rdma_devices
+from exo.nodes.pipeline.hosting import Hosting
 from exo.nodes.pipeline.peers import PeerSockets
-from exo.nodes.pipeline.stage import StageRunner, malformed
 from exo.nodes.store.download import Downloader, DownloadError, Progress
 from exo.nodes.store.store import ModelStore
 from exo.nodes.store.weights import WeightsServer
@@ -84,13 +84,16 @@ class Node:
         self.probing: threading.Thread | None = None
         self.probe_cpu_s = 0.0
         self.interfaces_up: dict[str, bool] = {}
-        self.engine.head.hop = self.hop
-        # instance -> {state, model, layers, error?}: what the broker reads to tell an
-        # instance loading from ready
-        self.stages: dict[str, dict[str, Any]] = {}
-        self.runners: dict[str, StageRunner] = {}  # later stages this node holds
-        self.next_hop: dict[str, str] = {}  # instance -> the next stage's endpoint
-        self.head_of: dict[str, str] = {}  # instance -> stage 0's endpoint (last stage)
+        self.hosting = Hosting(
+            name,
+            self.engine,
+            self.peers,
+            self.store,
+            lambda msg: self.send(msg),  # (as the node's, whoever replaces it)
+            self.emit,
+            stage_timeout,
+            self.stages_changed,
+        )
         self.limits = memory.limits([], self.engine.kv_budget, 1)
         self._status: dict[str, Any] = self.engine.status()
         self._reset = threading.Event()
@@ -106,7 +109,6 @@ class Node:
             cluster=cluster,
         )
         self.stopping = threading.Event()
-        self.loading: str | None = None
         self.progress_sent: dict[str, float] = {}
         self.last_step_s = 0.0
         self.usage = Usage()
@@ -120,7 +122,7 @@ class Node:
         d = node_info.gather(sorted(models), blas, self.store.models_dir)
         d["interfaces"] = [i.public() for i in interfaces(self.link_types)]
         d["rdma"] = self.rdma
-        d["loading"] = self.loading
+        d["loading"] = self.hosting.loading
         d["peer_port"] = self.peers.port
         d["probe_port"] = self.prober.port
         d["weights_port"] = self.weights.port if self.weights else None
@@ -128,8 +130,8 @@ class Node:
         d["model_meta"] = {m: model_meta(p) for m, p in models.items()}
         return d
 
-    def send(self, type_: str, **fields: Any) -> None:
-        self.pair.send(P.encode(type_, **fields))
+    def send(self, msg: P.Msg) -> None:
+        self.pair.send(P.encode(msg))
 
     def run(self) -> int:
         log.info(
@@ -152,8 +154,7 @@ class Node:
                 self._reset.clear()
                 for rid in list(self.engine.requests):
                     self.engine.cancel(rid)
-                for iid in list(self.stages):
-                    self.unload_stage(iid)
+                self.hosting.unload_all()
             busy = bool(self.engine.requests)
             if was_busy and not busy:
                 # Give back the buffers MLX cached while serving (requests of every
@@ -168,9 +169,9 @@ class Node:
                     self.guarded("broker message", self.on_broker, self.pair.recv())
             if self.peers.router in events:
                 while self.peers.router.poll(0):
-                    self.guarded("peer message", self.on_peer)
+                    self.guarded("peer message", self.hosting.on_peer)
             self.tick()
-            self.check_stalled_steps()
+            self.hosting.check_stalled()
             self.report_progress()
             self._status = self.status()
         self.link.stop_event.set()
@@ -213,7 +214,7 @@ class Node:
             )
         self.emit(outputs)
         for rid, code, why in self.engine.take_failed():
-            self.send("FAIL", rid=rid, status=500, code=code, message=why)
+            self.send(P.Fail(rid=rid, status=500, code=code, message=why))
         for model_id, n in list(self.engine.step_faults.items()):
             if n >= FAILING_STEPS:
                 self.fail_model(model_id, f"its last {n} steps on {self.name} failed")
@@ -231,7 +232,7 @@ class Node:
             why = f"the engine's step failed on node {self.name}: {type(e).__name__}: {e}"
             self.errors["step"] += 1
             for rid, model_id in self.engine.fail_step():
-                self.send("FAIL", rid=rid, status=500, code="step_failed", message=why)
+                self.send(P.Fail(rid=rid, status=500, code="step_failed", message=why))
                 self.engine.step_faults[model_id] += 1
             return []
 
@@ -241,21 +242,18 @@ class Node:
         self.engine.step_faults.pop(model_id, None)
         log.error("unloading %s: %s", model_id, why)
         for rid in self.engine.fail_remote(model_id):
-            self.send("FAIL", rid=rid, status=503, code="model_failed", message=why)
-        for iid, entry in list(self.stages.items()):
-            if entry.get("model") == model_id:
-                self.unload_stage(iid)
-                self.stages[iid] = {**entry, "state": "failed", "error": why}
+            self.send(P.Fail(rid=rid, status=503, code="model_failed", message=why))
+        self.hosting.fail_model(model_id, why)
         if model_id in self.engine.models:
             self.engine.remove_model(model_id)
 
     def status(self) -> dict[str, Any]:
         s = self.engine.status()
-        s["kv_bytes"] += sum(r.kv_bytes() for r in self.runners.values())
-        s["running"] += sum(len(r.batch.rids) for r in self.runners.values())
+        s["kv_bytes"] += sum(r.kv_bytes() for r in self.hosting.runners())
+        s["running"] += sum(len(r.batch.rids) for r in self.hosting.runners())
         return {
             **s,
-            "stages": {k: dict(v) for k, v in self.stages.items()},
+            "stages": self.hosting.public(),
             "mlx_limits": self.limits.public(),
             "recent_cancels": list(self.recent_cancels),
             "downloads": [p.public() for p in list(self.downloads.values())],
@@ -273,64 +271,10 @@ class Node:
 
     def emit(self, outputs: list[Output]) -> None:
         for out in outputs:
-            fields: dict[str, Any] = {"rid": out.rid, "ids": out.ids, "text": out.text}
-            if out.finish:
-                fields["finish"] = out.finish
-                fields["usage"] = out.usage
-            self.send("TOKENS", **fields)
-
-    # -- pipeline stages --------------------------------------------------------------
-
-    def hop(self, lm: LoadedModel, header: dict[str, Any], h: mx.array) -> None:
-        self.peers.send(self.next_hop[lm.instance], "ACT", h, shape=list(h.shape), **header)
-
-    def on_peer(self) -> None:
-        got = self.peers.recv()
-        if got is None:
-            return
-        msg, h = got
-        iid = msg["instance"]
-        if msg.type == "ACT":
-            runner = self.runners.get(iid)
-            if runner is None or h is None:
-                log.warning("a step for instance %s, which this node does not hold", iid)
-                return
-            problem = malformed(msg.fields, tuple(h.shape), runner.width)
-            if problem is not None:
-                self.peers.dropped["bad_act"] += 1
-                log.warning("instance %s: ACT dropped: %s", iid, problem)
-                return
-            if msg["step"] <= runner.last_step:
-                # A step stage 0 gave up on, arriving late over a link that came back.
-                log.warning("instance %s: stale step %s dropped", iid, msg["step"])
-                return
-            header = {k: v for k, v in msg.fields.items() if k != "shape"}
-            try:
-                out = runner.run(header, h)
-            except Exception as e:  # a stage that cannot run its step fails the instance's requests
-                log.exception("instance %s: step %s failed", iid, msg["step"])
-                if iid in self.head_of:
-                    self.peers.send(
-                        self.head_of[iid], "STAGE_ERROR", instance=iid, message=f"{self.name}: {e}"
-                    )
-                return
-            if isinstance(out, list):
-                self.peers.send(
-                    self.head_of[iid], "RESULT", instance=iid, step=msg["step"], ids=out
-                )
-            else:
-                self.peers.send(self.next_hop[iid], "ACT", out, shape=list(out.shape), **header)
-            return
-        model_id = self.stages.get(iid, {}).get("model")
-        if model_id is None or self.engine.models.get(model_id) is None:
-            return
-        if msg.type == "RESULT":
-            try:
-                self.emit(self.engine.finish_remote(model_id, msg["step"], msg["ids"]))
-            except EngineError as e:
-                self.fail_instance_requests(model_id, e.message)
-        elif msg.type == "STAGE_ERROR":
-            self.fail_instance_requests(model_id, msg["message"])
+            usage = out.usage if out.finish else None
+            self.send(
+                P.Tokens(rid=out.rid, ids=out.ids, text=out.text, finish=out.finish, usage=usage)
+            )
 
     def start_probe(self, key: str, src: str, dst: str, port: int) -> None:
         """Measure a link in the background; a failure marks the link, nothing more."""
@@ -349,82 +293,15 @@ class Node:
         self.probing = threading.Thread(target=run, name="probe", daemon=True)
         self.probing.start()
 
-    def check_stalled_steps(self) -> None:
-        """A step the later stages never answer (a link that died under it) fails its
-        requests instead of leaving them hanging until their deadline."""
-        for model_id, w in self.engine.head.stalled(self.stage_timeout):
-            lm = self.engine.models[model_id]
-            why = (
-                f"stage after {self.name} did not answer step {w.step} within "
-                f"{self.stage_timeout:.0f}s (next hop {self.next_hop.get(lm.instance)})"
-            )
-            log.error("instance %s: %s", lm.instance, why)
-            self.fail_instance_requests(model_id, why, 504, "stage_timeout")
-
-    def fail_instance_requests(
-        self, model_id: str, why: str, status: int = 500, code: str = "stage_error"
-    ) -> None:
-        for rid in self.engine.fail_remote(model_id):
-            self.send("FAIL", rid=rid, status=status, code=code, message=why)
-
-    def load_stage(self, msg: P.Message) -> None:
-        iid, model_id = msg["instance"], msg["model"]
-        part = Part(msg["start"], msg["end"], msg["total"])
-        entry: dict[str, Any] = {"state": "loading", "model": model_id, "layers": part.public()}
-        self.stages[iid] = entry
-        self._status = self.status()  # the broker sees "loading" while we load
-        path = self.store.scan().get(model_id)
-        if path is None:
-            entry.update(state="failed", error=f"{model_id} is not on node {self.name}")
-            return
-        self.loading = model_id
-        try:
-            lm = load_model(model_id, path, part)
-        except Exception as e:
-            log.exception("loading %s %s failed", model_id, part)
-            entry.update(state="failed", error=f"loading {model_id} failed: {e}")
-            return
-        finally:
-            self.loading = None
-        lm.instance = iid
-        if msg.get("next"):
-            self.next_hop[iid] = str(msg["next"])
-        if msg.get("head"):
-            self.head_of[iid] = str(msg["head"])
-        if part.first:
-            # Later stages hold KV for every request this stage admits: keep each
-            # within its node's budget, in this stage's units (bytes scale with layers).
-            caps = [
-                int(budget * part.end / max(1, layers))
-                for layers, budget in msg.get("kv_budgets") or []
-                if budget
-            ]
-            lm.kv_cap = min(caps) if caps else None
-            self.engine.add_model(lm)
-        else:
-            self.runners[iid] = StageRunner(lm)
+    def stages_changed(self) -> None:
         self.apply_limits()
-        entry["state"] = "ready"
-        log.info("instance %s: stage %s of %s ready", iid, part.public(), model_id)
-
-    def unload_stage(self, iid: str) -> None:
-        entry = self.stages.pop(iid, None)
-        self.runners.pop(iid, None)
-        self.next_hop.pop(iid, None)
-        self.head_of.pop(iid, None)
-        model_id = (entry or {}).get("model")
-        lm = self.engine.models.get(model_id or "")
-        if lm is not None and lm.instance == iid:
-            gone = self.engine.remove_model(lm.model_id)
-            log.info("instance %s unloaded; %d requests ended with it", iid, len(gone))
-        self.apply_limits()
-        mx.clear_cache()
+        self._status = self.status()
 
     def apply_limits(self) -> None:
         import psutil
 
         held = [lm.nbytes for lm in self.engine.models.values()]
-        held += [r.lm.nbytes for r in self.runners.values()]
+        held += [r.lm.nbytes for r in self.hosting.runners()]
         self.limits = memory.limits(held, self.engine.kv_budget, psutil.virtual_memory().total)
         memory.apply(self.limits)
 
@@ -447,7 +324,7 @@ class Node:
         for rid, done, total in self.engine.prefilling():
             if now - self.progress_sent.get(rid, 0.0) >= PROGRESS_S:
                 self.progress_sent[rid] = now
-                self.send("STATE", rid=rid, state="prefill", done=done, total=total)
+                self.send(P.State(rid=rid, state="prefill", done=done, total=total))
         if len(self.progress_sent) > 1000:
             live = set(self.engine.requests)
             self.progress_sent = {r: t for r, t in self.progress_sent.items() if r in live}
@@ -494,48 +371,36 @@ class Node:
         self.downloads[model_id] = Progress(model_id)
         threading.Thread(target=run, name=f"download-{model_id}", daemon=True).start()
 
-    def handle(self, msg: P.Message) -> None:
-        if msg.type == "DOWNLOAD":
-            source = msg.get("source")
-            self.download(
-                msg["model"],
-                str(msg.get("revision") or "main"),
-                source if isinstance(source, str) else None,
-            )
-            return
-        if msg.type == "PROBE":
-            self.start_probe(msg["key"], msg["src"], msg["dst"], msg["port"])
-            return
-        if msg.type == "LOAD":
-            self.load_stage(msg)
-            return
-        if msg.type == "UNLOAD":
-            self.unload_stage(msg["instance"])
-            return
-        if msg.type == "ROUTE":
-            # Steps go out one at a time (stage 0 waits for each step's tokens), so
-            # switching between two of them reorders nothing.
-            iid = msg["instance"]
-            if msg.get("next") and iid in self.next_hop:
-                self.next_hop[iid] = str(msg["next"])
-            if msg.get("head") and iid in self.head_of:
-                self.head_of[iid] = str(msg["head"])
-            return
-        if msg.type == "CANCEL":
-            rid = msg["rid"]
-            log.debug("rid=%s cancel received", rid)
-            if self.engine.cancel(rid):
+    def handle(self, msg: P.Msg) -> None:
+        if isinstance(msg, P.Generate):
+            self.admit(msg)
+        elif isinstance(msg, P.Cancel):
+            log.debug("rid=%s cancel received", msg.rid)
+            if self.engine.cancel(msg.rid):
                 # with the length of the step it waited behind, for bench cancel
-                self.recent_cancels.append((rid, time.time(), self.last_step_s))
-            self.send("CANCEL_ACK", rid=rid)
-            return
-        rid, model_id = msg["rid"], msg["model"]
+                self.recent_cancels.append((msg.rid, time.time(), self.last_step_s))
+            self.send(P.CancelAck(rid=msg.rid))
+        elif isinstance(msg, P.Download):
+            self.download(msg.model, msg.revision or "main", msg.source)
+        elif isinstance(msg, P.Probe):
+            self.start_probe(msg.key, msg.src, msg.dst, msg.port)
+        elif isinstance(msg, P.Load):
+            self.hosting.load(msg)
+        elif isinstance(msg, P.Unload):
+            self.hosting.unload(msg.instance)
+        elif isinstance(msg, P.Route):
+            self.hosting.route(msg)
+        else:
+            self.errors[f"broker_{msg.type}"] += 1
+
+    def admit(self, msg: P.Generate) -> None:
+        rid = msg.rid
         try:
-            self.engine.submit(rid, model_id, msg["kind"], msg["payload"], msg["params"])
-            self.send("STATE", rid=rid, state="admitted")
+            self.engine.submit(rid, msg.model, msg.kind, msg.payload, msg.params)
+            self.send(P.State(rid=rid, state="admitted"))
         except EngineError as e:
             log.info("rid=%s refused: %s", rid, e.message)
-            self.send("FAIL", rid=rid, status=e.status, code=e.code, message=e.message)
+            self.send(P.Fail(rid=rid, status=e.status, code=e.code, message=e.message))
         except Exception as e:
             log.exception("rid=%s could not be admitted", rid)
-            self.send("FAIL", rid=rid, status=500, code="admission_failed", message=repr(e))
+            self.send(P.Fail(rid=rid, status=500, code="admission_failed", message=repr(e)))

@@ -5,12 +5,15 @@ makes. No process dies, and the cluster serves a real request afterwards."""
 from __future__ import annotations
 
 import time
+import types
+import typing
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import msgpack
+import msgspec
 import pytest
 import zmq
 from hypothesis import HealthCheck, given, settings
@@ -40,24 +43,30 @@ values = st.recursive(
 
 def typed(kind: Any) -> st.SearchStrategy[Any]:
     """Mostly a value of the field's declared type, sometimes anything at all."""
-    kinds = kind if isinstance(kind, tuple) else (kind,)
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is typing.Annotated:
+        return typed(args[0])
+    if origin in (typing.Union, types.UnionType):
+        return st.one_of(*[typed(a) for a in args], values)
     right = {
         str: st.text(max_size=40) | st.sampled_from([TINY, "chat", "completion", "place", "list"]),
         int: st.integers(min_value=-(1 << 63), max_value=(1 << 63) - 1),
+        float: st.floats(allow_nan=True, allow_infinity=True),
         dict: st.dictionaries(st.text(max_size=12), values, max_size=6),
         list: st.lists(values, max_size=6),
     }
-    return st.one_of(*[right.get(k, values) for k in kinds], values)
+    return st.one_of(right.get(origin or kind, values), values)
 
 
 @st.composite
 def messages(draw: st.DrawFn) -> tuple[str, bytes]:
     role = draw(st.sampled_from(["node", "frontend"]))
     type_ = draw(st.sampled_from(sorted(P.TYPES)))
-    fields = {name: draw(typed(kind)) for name, kind in P.TYPES[type_].items()}
-    for name, kind in P.OPTIONAL.get(type_, {}).items():
-        if draw(st.booleans()):
-            fields[name] = draw(typed(kind))
+    fields = {
+        f.name: draw(typed(f.type))
+        for f in msgspec.structs.fields(P.TYPES[type_])
+        if f.name != "v" and (f.required or draw(st.booleans()))
+    }
     fields.update(draw(st.dictionaries(st.text(max_size=8), values, max_size=2)))
     fields["v"], fields["t"] = P.VERSION, type_
     return role, msgpack.packb(fields, use_bin_type=True)

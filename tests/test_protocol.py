@@ -42,4 +42,4 @@ def test_other_versions_decode_so_hello_can_refuse_them() -> None:
 
 def test_every_request_message_carries_a_request_id() -> None:
     for t in ("SUBMIT", "GENERATE", "TOKENS", "FAIL", "CANCEL", "ACCEPTED", "STATE"):
-        assert "rid" in P.TYPES[t], t
+        assert "rid" in P.TYPES[t].__struct_fields__, t

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from exo.broker import protocol as P
 from exo.nodes.engine.engine import Engine
 from exo.nodes.engine.mlxenv import mx
 from exo.nodes.engine.model import LoadedModel, Part, load_model, model_meta
@@ -28,13 +29,13 @@ class Pipeline:
     runners: list[StageRunner]
     results: list[tuple[int, list[int]]] = field(default_factory=list)
 
-    def hop(self, lm: LoadedModel, header: dict, h: mx.array) -> None:
+    def hop(self, lm: LoadedModel, header: P.Act, h: mx.array) -> None:
         x: mx.array | list[int] = h
         for r in self.runners:
             assert isinstance(x, mx.array)
             x = r.run(header, x)
         assert isinstance(x, list)
-        self.results.append((header["step"], x))
+        self.results.append((header.step, x))
 
 
 def pipeline(path: Path, bounds: list[int]) -> Pipeline:
@@ -151,7 +152,7 @@ def test_a_stage_whose_rows_sit_in_another_order_gives_each_row_its_own_tokens(
     dec = {rid: mx.random.normal((2, wide)) for rid in "abcdx"}
 
     def tokens(runner: StageRunner, i: int, decode: list[str], drops: list[str]) -> dict:
-        header = {"step": 5 + i, "decode": decode, "chunks": [], "new": {}, "drops": drops}
+        header = P.Act(instance="i", step=5 + i, decode=decode, chunks=[], shape=[], drops=drops)
         out = runner.run(header, mx.concatenate([dec[r][i : i + 1] for r in decode]))
         assert isinstance(out, list)
         return dict(zip(decode, out, strict=True))
@@ -160,13 +161,14 @@ def test_a_stage_whose_rows_sit_in_another_order_gives_each_row_its_own_tokens(
     for told in (["d", "x", "c"], ["d", "c", "x"]):  # stage 0's order; this stage's own
         runner = StageRunner(load_model("m", tiny_path, part))
         for step, rid in enumerate("abcdx"):
-            header = {
-                "step": step,
-                "decode": [],
-                "chunks": [[rid, prompt[rid].shape[0], True]],
-                "new": {rid: {"temperature": 0}},
-                "drops": [],
-            }
+            header = P.Act(
+                instance="i",
+                step=step,
+                decode=[],
+                chunks=[(rid, prompt[rid].shape[0], True)],
+                shape=[],
+                new={rid: {"temperature": 0}},
+            )
             runner.run(header, prompt[rid])
         first = tokens(runner, 0, ["a", "b", "c", "d"], [])
         assert runner.batch.rids == ["a", "b", "c", "d"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from exo.nodes.engine import forward
@@ -26,7 +27,7 @@ class Harness:
         self.engine = Engine(lane=False)
         self.node = Node("tcp://127.0.0.1:9", "t", tmp_path, engine=self.engine, weights_port=None)
         self.sent: list[tuple[str, dict[str, Any]]] = []
-        self.node.send = lambda type_, **f: self.sent.append((type_, f))  # type: ignore[method-assign]
+        self.node.send = lambda m: self.sent.append((m.type, msgspec.structs.asdict(m)))  # type: ignore[method-assign]
         self.good = load_model("good", tiny_path)
         self.bad = load_model("bad", tiny_path)
         self.engine.add_model(self.good)

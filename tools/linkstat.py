@@ -43,8 +43,8 @@ def snapshots(pub: str, timeout_s: float = 5.0) -> Iterator[dict[str, Any]]:
                 msg = P.decode(frame)
             except P.ProtocolError:
                 continue
-            if msg.type == "REPLY" and isinstance(msg["data"], dict):
-                yield msg["data"]
+            if isinstance(msg, P.Reply) and isinstance(msg.data, dict):
+                yield msg.data
     finally:
         sub.close(linger=0)
 

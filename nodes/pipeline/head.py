@@ -15,12 +15,13 @@ from collections.abc import Callable, KeysView
 from dataclasses import dataclass
 from typing import Any
 
+from exo.broker import protocol as P
 from exo.nodes.engine.batch import Batch
 from exo.nodes.engine.mlxenv import mx
 from exo.nodes.engine.model import LoadedModel
 from exo.nodes.engine.scheduler import StepPlan, Work
 
-Hop = Callable[[LoadedModel, dict[str, Any], mx.array], None]
+Hop = Callable[[LoadedModel, P.Act, mx.array], None]
 
 
 @dataclass
@@ -77,14 +78,15 @@ class Head:
         else:
             h = no_rows(lm.model)
         work = [(len(c.tokens), r.prefilled, 1.0) for r, c in chunks]
-        header = {
-            "instance": lm.instance,
-            "step": step,
-            "decode": list(batch.rids),
-            "chunks": [[r.rid, len(c.tokens), c.logits] for r, c in chunks],
-            "new": {r.rid: r.wire for r, _ in chunks if r.prefilled == 0},
-            "drops": self.drops.pop(lm.model_id, []),
-        }
+        header = P.Act(
+            instance=lm.instance,
+            step=step,
+            decode=list(batch.rids),
+            chunks=[(r.rid, len(c.tokens), bool(c.logits)) for r, c in chunks],
+            shape=list(h.shape),
+            new={r.rid: r.wire for r, _ in chunks if r.prefilled == 0},
+            drops=self.drops.pop(lm.model_id, []),
+        )
         self.hop(lm, header, h)
         for req, chunk in chunks:
             req.prefilled += len(chunk.tokens)

@@ -81,21 +81,19 @@ class PeerSockets:
             self.dealers[endpoint] = sock
         return sock
 
-    def send(
-        self, endpoint: str, type_: str, tensor: mx.array | None = None, **fields: Any
-    ) -> None:
-        frames: list[Any] = [P.encode(type_, **fields)]
+    def send(self, endpoint: str, msg: P.Msg, tensor: mx.array | None = None) -> None:
+        frames: list[Any] = [P.encode(msg)]
         if tensor is not None:
             frames.append(memoryview(tensor))
         try:
             self._dealer(endpoint).send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
             self.dropped["peer_not_reading"] += 1
-            log.warning("peer %s is not reading; %s dropped", endpoint, type_)
+            log.warning("peer %s is not reading; %s dropped", endpoint, msg.type)
             return
         self.sent[endpoint] += sum(len(f) if isinstance(f, bytes) else f.nbytes for f in frames)
 
-    def recv(self) -> tuple[P.Message, mx.array | None] | None:
+    def recv(self) -> tuple[P.Msg, mx.array | None] | None:
         """One message, or None for a frame that had to be dropped."""
         parts = self.router.recv_multipart(copy=False)
         size = sum(len(p.buffer) for p in parts[1:])
@@ -110,15 +108,11 @@ class PeerSockets:
         if msg is None or len(parts) > 3:
             self.dropped["bad_framing"] += 1
             return None
-        if msg.type != "ACT":
+        if not isinstance(msg, P.Act):
             return msg, None
-        shape = msg["shape"]
+        shape = msg.shape
         buf = parts[2].buffer if len(parts) == 3 else b""
-        if (
-            len(shape) != 2
-            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
-            or len(buf) != 4 * shape[0] * shape[1]
-        ):
+        if len(shape) != 2 or min(shape) < 0 or len(buf) != 4 * shape[0] * shape[1]:
             self.dropped["bad_tensor"] += 1
             return None
         return msg, mx.array(np.frombuffer(buf, dtype=np.float32).reshape(shape))

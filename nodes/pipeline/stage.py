@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from exo.broker import protocol as P
 from exo.nodes.engine.batch import Batch, sample_rows
 from exo.nodes.engine.mlxenv import mx
 from exo.nodes.engine.model import LoadedModel
@@ -75,7 +76,7 @@ class StageRunner:
         at = {r: i for i, r in enumerate(decode)}
         return [at[r] for r in self.batch.rids], [here[r] for r in decode]
 
-    def run(self, header: dict[str, Any], h: mx.array) -> mx.array | list[int]:
+    def run(self, header: P.Act, h: mx.array) -> mx.array | list[int]:
         """One step: the next stage's input, or on the last stage the tokens."""
         from exo.nodes.engine.forward import Chunk, groups_of, head, sampled_rows, through
         from exo.nodes.engine.span import new_cache
@@ -84,18 +85,18 @@ class StageRunner:
         assert lm.span is not None
 
         self.steps += 1
-        self.last_step = int(header["step"])
-        for rid in header.get("drops", []):
+        self.last_step = header.step
+        for rid in header.drops:
             self.drop(rid)
-        decode: list[str] = list(header["decode"])
+        decode = list(header.decode)
         to_mine, back = self.follow(decode)
         self.batch.grow_ahead()
-        for rid, params in header.get("new", {}).items():
+        for rid, params in header.new.items():
             self.caches[rid] = new_cache(lm.layers)
             if self.last:
                 self.samplers[rid] = Sampler(SamplingParams.from_wire(params))
         chunks = []
-        for rid, n, logits in header["chunks"]:
+        for rid, n, logits in header.chunks:
             if rid not in self.caches:
                 raise StageError(f"a prompt chunk of {rid}, which this stage does not hold")
             chunks.append((rid, Chunk([0] * n, self.caches[rid], bool(logits))))
@@ -125,36 +126,15 @@ class StageRunner:
         )
 
 
-def malformed(header: dict[str, Any], shape: tuple[int, ...], width: int) -> str | None:
-    """Why an ACT header and its hidden states cannot be a step stage 0 sent (None:
-    they can). Checked before anything runs: such a frame is dropped and counted,
-    and fails no one's request."""
-    decode, chunks = header.get("decode"), header.get("chunks")
-    new, drops = header.get("new") or {}, header.get("drops") or []
-    if not (isinstance(decode, list) and all(isinstance(r, str) for r in decode)):
-        return "decode is not a list of request ids"
-    if not isinstance(chunks, list) or not all(
-        isinstance(c, list)
-        and len(c) == 3
-        and isinstance(c[0], str)
-        and isinstance(c[1], int)
-        and not isinstance(c[1], bool)
-        and 0 < c[1] <= MAX_CHUNK_TOKENS
-        and isinstance(c[2], bool | int)
-        for c in chunks
-    ):
-        return "chunks are not [rid, tokens, wants_logits] triples"
-    if not (isinstance(new, dict) and all(isinstance(p, dict) for p in new.values())):
-        return "new is not a map of sampling parameters"
-    if not (isinstance(drops, list) and all(isinstance(r, str) for r in drops)):
-        return "drops is not a list of request ids"
-    rows = len(decode) + sum(c[1] for c in chunks)
+def malformed(header: P.Act, shape: tuple[int, ...], width: int) -> str | None:
+    """Why an ACT's hidden states cannot be the step its header describes (None:
+    they can; the header's own fields are typed where it is decoded). Checked
+    before anything runs: such a frame is dropped and counted, and fails no one's
+    request."""
+    rows = len(header.decode) + sum(n for _, n, _ in header.chunks)
     if tuple(shape) != (rows, width):
         return f"hidden states {tuple(shape)} for {rows} rows of width {width}"
     return None
-
-
-MAX_CHUNK_TOKENS = 1 << 16
 
 
 def _rows(h: mx.array, order: list[int]) -> mx.array:

@@ -1,0 +1,95 @@
+"""One request on its way through the cluster, as the API sees it, and the
+OpenAI shapes its answer takes (whole, or as stream chunks)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, TypeAlias
+
+from exo.broker import protocol as P
+
+
+class Disconnected:
+    """Put on a job's queue when its HTTP client goes away (never on the wire)."""
+
+
+Event: TypeAlias = P.Msg | Disconnected
+
+
+@dataclass
+class Job:
+    """One request on its way through the cluster, as the API sees it."""
+
+    rid: str
+    kind: str  # "chat" | "completion"
+    model: str
+    queue: asyncio.Queue[Event]
+    created: int = field(default_factory=lambda: int(time.time()))
+    peeked: list[Event] = field(default_factory=list)
+    token_ids: bool = False
+
+    @property
+    def id(self) -> str:
+        return f"chatcmpl-{self.rid}" if self.kind == "chat" else f"cmpl-{self.rid}"
+
+    def chunk(
+        self,
+        text: str | None,
+        finish: str | None = None,
+        first: bool = False,
+        ids: list[int] | None = None,
+    ) -> dict[str, Any]:
+        if self.kind == "chat":
+            delta: dict[str, Any] = {}
+            if first:
+                delta["role"] = "assistant"
+            if text is not None:
+                delta["content"] = text
+            choice: dict[str, Any] = {
+                "index": 0,
+                "delta": delta,
+                "logprobs": None,
+                "finish_reason": finish,
+            }
+            obj = "chat.completion.chunk"
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            obj = "text_completion"
+        if self.token_ids and ids is not None:
+            choice["token_ids"] = ids
+        return self.envelope(obj, choice)
+
+    def envelope(self, obj: str, choice: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": "exo",
+            "choices": [choice],
+        }
+
+    def whole(
+        self, text: str, finish: str | None, usage: dict[str, int] | None, ids: list[int]
+    ) -> dict[str, Any]:
+        if self.kind == "chat":
+            choice: dict[str, Any] = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": finish,
+            }
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            obj = "text_completion"
+        if self.token_ids:
+            choice["token_ids"] = ids
+        return {**self.envelope(obj, choice), "usage": usage}
+
+
+def sse(obj: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode()
