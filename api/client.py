@@ -15,7 +15,7 @@ import zmq.asyncio
 from exo.api.jobs import Event
 from exo.broker import protocol as P
 from exo.common import keys
-from exo.common.dealer import configure_dealer, routing_id
+from exo.common.dealer import Session
 
 log = logging.getLogger(__name__)
 
@@ -28,16 +28,21 @@ class BrokerClient:
     def __init__(self, broker: str, cluster: keys.Cluster | None = None) -> None:
         self.broker = broker
         self.cluster = cluster  # None: an insecure cluster
-        self.peer_id = f"api-{uuid.uuid4().hex[:8]}"
-        self.routing_id = routing_id(self.peer_id)
+        self.peer_id = peer_id = f"api-{uuid.uuid4().hex[:8]}"
+        self.session = Session(
+            broker,
+            peer_id,
+            lambda: P.Hello(role="frontend", peer_id=peer_id, name="api"),
+            cluster,
+            cluster.frontend if cluster else None,
+        )
         self.ctx = zmq.asyncio.Context.instance()
         self.sock: zmq.asyncio.Socket | None = None
         self.streams: dict[str, asyncio.Queue[Event]] = {}
         # rid -> the API key that submitted it (None: keys off), while it runs
         self.owners: dict[str, str | None] = {}
         self.queries: dict[str, asyncio.Future[Any]] = {}
-        self.registered = asyncio.Event()
-        self.last_heard = time.monotonic()
+        self.registered = asyncio.Event()  # the session's, to wait on
         self.tasks: list[asyncio.Task[None]] = []
         self.dropped = P.Counters()
         self.closing = False
@@ -62,18 +67,13 @@ class BrokerClient:
     def _connect(self) -> None:
         if self.sock is not None:
             self.sock.close(linger=0)
-        self.sock = self.ctx.socket(zmq.DEALER)
-        configure_dealer(self.sock, self.routing_id)
-        if self.cluster is not None:
-            assert self.cluster.frontend is not None
-            keys.connect_as(self.sock, self.cluster.frontend, self.cluster.broker)
-        self.sock.connect(self.broker)
+        self.sock = self.session.dial(self.ctx)
         self._hello()
 
     def _hello(self) -> None:
         assert self.sock is not None
         self.registered.clear()
-        self.sock.send(P.encode(P.Hello(role="frontend", peer_id=self.peer_id, name="api")))
+        self.sock.send(self.session.hello())
 
     async def _recv_loop(self) -> None:
         while True:
@@ -91,7 +91,7 @@ class BrokerClient:
                 if self.closing or sock is self.sock:
                     raise
                 continue
-            self.last_heard = time.monotonic()
+            self.session.heard()
             try:
                 msg = P.decode(frame)
             except P.ProtocolError as e:
@@ -112,25 +112,23 @@ class BrokerClient:
             fut = self.queries.pop(msg.qid, None)
             if fut is not None and not fut.done():
                 fut.set_result(msg.data)
-        elif isinstance(msg, P.Welcome):
-            self.registered.set()
-            log.info("API registered with broker %s as %s", self.broker, self.peer_id)
-        elif isinstance(msg, P.Reconnect):
-            self._fail_all("the broker restarted; the request was lost")
-            self._hello()
-        elif isinstance(msg, P.Refused):
-            log.error("broker %s refused the API: %s", self.broker, msg.reason)
+        else:
+            what = self.session.on(msg)
+            if what in ("welcome", "again"):
+                self.registered.set()
+            elif what == "reconnect":
+                self._fail_all("the broker restarted; the request was lost")
+                self._hello()
 
     async def _beat_loop(self) -> None:
         while True:
             await asyncio.sleep(P.HEARTBEAT_S)
             assert self.sock is not None
-            if time.monotonic() - self.last_heard > 2 * P.EXPIRY_S:
+            if self.session.silent(time.monotonic()):
                 if self.registered.is_set() or self.streams:
                     log.warning("broker %s silent; reconnecting", self.broker)
                 self._fail_all("lost contact with the broker")
                 self._connect()
-                self.last_heard = time.monotonic()
             with contextlib.suppress(zmq.Again):
                 await self.sock.send(P.encode(P.Heartbeat()), flags=zmq.NOBLOCK)
 

@@ -6,6 +6,8 @@ from typing import Annotated, Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from exo.common.sampling import SamplingParams
+
 NonNegFloat = Annotated[float, Field(ge=0.0)]
 # Beyond any model's context; a node refuses what its model cannot hold.
 MAX_TOKENS = (1 << 31) - 1
@@ -45,19 +47,17 @@ class Sampling(BaseModel):
         return v
 
     def params(self, max_tokens: int | None) -> dict[str, Any]:
-        p: dict[str, Any] = {
-            "temperature": 1.0 if self.temperature is None else self.temperature,
-            "top_p": 1.0 if self.top_p is None else self.top_p,
-        }
+        """The request's sampling, as it travels to the node (common/sampling.py)."""
+        sp = SamplingParams(
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            seed=self.seed,
+            ignore_eos=bool(self.ignore_eos),
+            stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
+        )
         if max_tokens is not None:
-            p["max_tokens"] = max_tokens
-        if self.seed is not None:
-            p["seed"] = self.seed
-        if self.ignore_eos:
-            p["ignore_eos"] = True
-        if self.stop:
-            p["stop"] = [self.stop] if isinstance(self.stop, str) else list(self.stop)
-        return p
+            sp.max_tokens = max_tokens
+        return sp.wire()
 
 
 class ContentPart(BaseModel):

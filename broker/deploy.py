@@ -7,9 +7,9 @@ functions (placement.py, instances.py, topology.py); this is where they act.
 from __future__ import annotations
 
 import logging
-import time
 import uuid
-from typing import TYPE_CHECKING, Annotated, Any
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import msgspec
 from msgspec import Meta
@@ -25,12 +25,9 @@ from exo.broker.placement import (
     candidates,
     place,
 )
-from exo.broker.registry import Peer
+from exo.broker.registry import Peer, Registry
 from exo.broker.routing import Refusal, no_holder
 from exo.broker.topology import peer_host
-
-if TYPE_CHECKING:
-    from exo.broker.broker import Broker
 
 # Every node's public view by id, and the links between them with their measurements.
 Topology = tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]
@@ -58,12 +55,26 @@ class PlaceSpec(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class Deployer:
-    def __init__(self, broker: Broker) -> None:
-        self.b = broker
+    """Instances: placing, loading, rerouting and ending them. Built from the
+    registry it reads, a function that sends a node or frontend a message, and
+    one that gives the cluster's topology."""
+
+    def __init__(
+        self,
+        reg: Registry,
+        send: Callable[[bytes, P.Msg], bool],
+        topology: Callable[[], Topology],
+    ) -> None:
+        self.reg, self.send, self.topology = reg, send, topology
         self.instances: dict[str, Instance] = {}
+        # called when an instance becomes ready: requests waiting for it go
+        self.on_ready: Callable[[], None] = lambda: None
+
+    def fail(self, identity: bytes, rid: str, status: int, code: str, message: str) -> None:
+        self.send(identity, P.Fail(rid=rid, status=status, code=code, message=message))
 
     def meta(self, model: str) -> ModelMeta | None:
-        for n in self.b.reg.nodes():
+        for n in self.reg.nodes():
             m = n.info.get("model_meta", {}).get(model)
             if model in n.models and m and m.get("layers"):
                 return ModelMeta(
@@ -79,7 +90,7 @@ class Deployer:
         """What each node can give a new stage of `meta.model`."""
         out = []
         live = [i for i in self.instances.values() if i.state != "failed"]
-        for n in self.b.reg.nodes():
+        for n in self.reg.nodes():
             # Stages placed here but not loaded yet are not in its available memory.
             promised = sum(
                 (self.meta(i.model) or ModelMeta(i.model, i.total, 0)).stage_bytes(s.start, s.end)
@@ -109,9 +120,9 @@ class Deployer:
             for i in self.instances.values()
         ):
             return None
-        nodes = self.b.reg.nodes()
+        nodes = self.reg.nodes()
         if not any(model in n.models for n in nodes):
-            return no_holder(nodes, model, self.b.reg.seen_models)
+            return no_holder(nodes, model, self.reg.seen_models)
         meta = self.meta(model)
         if meta is None:
             return Refusal(503, "model_unreadable", f"no node could read the config of {model}")
@@ -137,12 +148,12 @@ class Deployer:
         return inst
 
     def tend(self, view: Topology | None = None) -> None:
-        nodes = self.b.reg.by_id()
-        view = view or self.b.topology()
+        nodes = self.reg.by_id()
+        view = view or self.topology()
         for inst in list(self.instances.values()):
             nxt = advance(inst, nodes)
             for n in nxt.download:
-                self.b.send(
+                self.send(
                     nodes[n].identity,
                     P.Download(
                         model=inst.model,
@@ -162,7 +173,7 @@ class Deployer:
                 "instance %s: %s%s", inst.id, nxt.state, f" ({nxt.error})" if nxt.error else ""
             )
             if nxt.state == "ready":
-                self.b.tend_parked(time.monotonic())
+                self.on_ready()
             elif nxt.state == "failed":
                 self.end(inst, 503, "instance_failed", nxt.error or "instance failed")
 
@@ -172,7 +183,7 @@ class Deployer:
         once per machine."""
         holders = [
             p
-            for p in self.b.reg.nodes()
+            for p in self.reg.nodes()
             if p is not node and model in p.models and p.info.get("weights_port")
         ]
         if not holders:
@@ -186,7 +197,7 @@ class Deployer:
         self, inst: Instance, nodes: dict[str, Peer], view: Topology
     ) -> list[dict[str, str]]:
         """Per stage, the peer endpoints it sends to: `next` (the next stage) and, on
-        every later stage, `head` (stage 0), each over the best link up now."""
+        every later stage, `stage0`, each over the best link up now."""
         publics, found = view
 
         def endpoint(src: str, dst: str) -> str:
@@ -199,7 +210,7 @@ class Deployer:
             if k + 1 < len(inst.nodes):
                 route["next"] = endpoint(node, inst.nodes[k + 1])
             if k > 0:  # tokens (last stage) and errors (any later stage) go to stage 0
-                route["head"] = endpoint(node, inst.nodes[0])
+                route["stage0"] = endpoint(node, inst.nodes[0])
             out.append(route)
         return out
 
@@ -212,7 +223,7 @@ class Deployer:
         ]
         for k, (spec, route) in enumerate(zip(inst.stages, inst.routes, strict=True)):
             extra = {"kv_budgets": later} if k == 0 and later else {}
-            self.b.send(
+            self.send(
                 nodes[spec.node].identity,
                 P.Load(
                     instance=inst.id,
@@ -238,30 +249,30 @@ class Deployer:
         for spec, old, route in zip(inst.stages, inst.routes, new, strict=True):
             if route != old:
                 log.info("instance %s: stage on %s now sends to %s", inst.id, spec.node, route)
-                self.b.send(nodes[spec.node].identity, P.Route(instance=inst.id, **route))
+                self.send(nodes[spec.node].identity, P.Route(instance=inst.id, **route))
         inst.routes = new
 
     def end(self, inst: Instance, status: int, code: str, message: str) -> None:
         """Its requests end with a clear error, its nodes drop it; an instance placed
         on demand is forgotten (the next request places a new one)."""
-        for r in [r for r in self.b.reg.requests.values() if r.instance == inst.id]:
-            del self.b.reg.requests[r.rid]
-            self.b.fail(r.frontend, r.rid, status, code, f"instance {inst.id}: {message}")
+        for r in [r for r in self.reg.requests.values() if r.instance == inst.id]:
+            del self.reg.requests[r.rid]
+            self.fail(r.frontend, r.rid, status, code, f"instance {inst.id}: {message}")
         if inst.state == "failed":
             # Requests waiting for it learn why now, rather than wait for their deadline.
-            for rid, job in list(self.b.reg.parked.items()):
+            for rid, job in list(self.reg.parked.items()):
                 if job.submit.model == inst.model:
-                    del self.b.reg.parked[rid]
-                    self.b.fail(job.frontend, rid, status, code, f"instance {inst.id}: {message}")
-        nodes = self.b.reg.by_id()
+                    del self.reg.parked[rid]
+                    self.fail(job.frontend, rid, status, code, f"instance {inst.id}: {message}")
+        nodes = self.reg.by_id()
         for n in inst.nodes:
             if n in nodes:
-                self.b.send(nodes[n].identity, P.Unload(instance=inst.id))
+                self.send(nodes[n].identity, P.Unload(instance=inst.id))
         if inst.auto or inst.state != "failed":
             self.instances.pop(inst.id, None)
 
     def op(self, op: str, spec: dict[str, Any], iid: Any) -> Any:
-        nodes = self.b.reg.by_id()
+        nodes = self.reg.by_id()
         if op == "list":
             return [i.public(nodes) for i in self.instances.values()]
         if op == "delete":

@@ -32,14 +32,14 @@ class Instance:
     downloads_asked: set[str] = field(default_factory=set)
     created: float = field(default_factory=time.time)
     history: list[str] = field(default_factory=list)  # states in the order they were entered
-    routes: list[dict[str, str]] = field(default_factory=list)  # per stage: next / head endpoint
+    routes: list[dict[str, str]] = field(default_factory=list)  # per stage: next / stage0 endpoint
 
     @property
     def nodes(self) -> list[str]:
         return [s.node for s in self.stages]
 
     @property
-    def head(self) -> str:
+    def first_node(self) -> str:
         return self.stages[0].node
 
     def enter(self, state: str, error: str | None = None) -> bool:

@@ -1,100 +1,78 @@
-"""The exo wire protocol: every message, in one place.
+"""The exo wire protocol: every message, in one place (the Structs below give
+each one's fields and types; a frame that does not decode into its type is
+dropped and counted by reason, never fatal).
 
 Transport
     Nodes and API frontends each hold a DEALER connected to the broker's ROUTER
-    (default port 52416). A message is ONE ZeroMQ frame: a msgpack map. On the
-    ROUTER side the frame is preceded by the peer's routing identity. The broker
-    also binds a PUB (default 52417) for cluster state; nothing that must arrive
-    travels on PUB alone.
-
-Envelope (every message)
-    v    int   protocol version, VERSION below. Checked at HELLO: a peer of
-               another version is refused (REFUSED) and both sides log why.
-    t    str   message type, one of TYPES.
-    rid  str   request id: present on all request traffic (SUBMIT, GENERATE,
-               TOKENS, FAIL, CANCEL, ACCEPTED).
+    (default port 52416). A message is ONE ZeroMQ frame: a msgpack map with `v`,
+    the protocol version (checked at HELLO: a peer of another version is REFUSED),
+    and `t`, its type. On the ROUTER side the frame is preceded by the peer's
+    routing identity. The broker also binds a PUB (default 52417) for cluster
+    state; nothing that must arrive travels on PUB alone. Request traffic carries
+    `rid`, the request id.
 
 Conversation
-    peer -> broker  HELLO {role: "node"|"frontend", peer_id, name, info?}
-    broker -> peer  WELCOME {peer_id, heartbeat_s, expiry_s, pub_port} | REFUSED {reason}
-    peer -> broker  HEARTBEAT {status?}      every heartbeat_s, both directions
-    broker -> peer  HEARTBEAT {}
-    broker -> peer  RECONNECT {reason}       the broker does not know this peer
-                                             (it restarted or expired it): send HELLO again
-    node -> broker  INFO {info}              the node's facts changed (models on disk...)
+    peer -> broker  HELLO; broker -> peer WELCOME or REFUSED
+    both ways       HEARTBEAT every heartbeat_s (a node's carries its status)
+    broker -> peer  RECONNECT: the broker does not know this peer (it restarted or
+                    expired it): send HELLO again
+    node -> broker  INFO: the node's facts changed (models on disk...)
 
-    frontend -> broker  SUBMIT {rid, model, kind, payload, params, timeout_s?}
-                        timeout_s: the client's deadline; the broker applies the
-                        smaller of it and its own --request-timeout.
-    broker -> frontend  ACCEPTED {rid, node}  or FAIL {rid, status, code, message}
-    broker -> node      GENERATE {rid, model, kind, payload, params}
-    node -> broker      TOKENS {rid, ids, text, finish?, usage?}   one per engine step
-    broker -> frontend  TOKENS (relayed unchanged)
-    node -> broker      FAIL {rid, status, code, message}          relayed to the frontend
-    frontend -> broker  CANCEL {rid, reason, qid?}   reason: disconnect | deadline | explicit.
-                        Any frontend may cancel any rid; with a qid the broker
-                        answers REPLY {qid, data: {found}} (POST /v1/cancel).
-    broker -> node      CANCEL {rid}         point to point, resent every CANCEL_RESEND_S
-                                             until the node answers CANCEL_ACK {rid} or is
-                                             declared dead; also fanned out on PUB (topic
-                                             "cancel"), which may drop it: never relied on.
-    broker -> frontend  FAIL {rid, status: 504, code: "deadline_exceeded"} past the deadline;
-                        FAIL {rid, status: 499, code: "cancelled"} to the owner of an
-                        explicitly cancelled request.
-    frontend -> broker  QUERY {qid, what}    broker answers REPLY {qid, data}
-    node -> broker      STATE {rid, state, done?, total?}   loading / admitted / prefill progress
-    broker -> frontend  STATE {rid, state: "downloading", done, total, node}  while a request
-                                             waits for a model some node is downloading
-    frontend -> broker  PULL {qid, model, node?}   POST /v1/models/pull: the broker picks a
-                                             node (or takes the one named), sends it DOWNLOAD
-                                             and answers REPLY {qid, data: {node} | {error}}
-    broker -> node      DOWNLOAD {model, revision?, source?}   fetch a model: from `source`
-                                             (a peer node's weights server, hub layout) when
-                                             a node holds it, falling back to the hub; progress
-                                             travels in the node's HEARTBEAT status
-                                             ("downloads"), completion in its INFO
+    frontend -> broker  SUBMIT; timeout_s: the client's deadline (the broker applies
+                        the smaller of it and its own --request-timeout)
+    broker -> frontend  ACCEPTED {rid, node} or FAIL {rid, status, code, message}
+    broker -> node      GENERATE, to stage 0 of a ready instance
+    node -> broker      TOKENS, one per engine step; FAIL; both relayed unchanged
+    node -> broker      STATE: loading / admitted / prefill progress
+    broker -> frontend  STATE downloading {done, total, node} while a request waits
+                        for a model some node is downloading
+    frontend -> broker  CANCEL {reason: disconnect | deadline | explicit}: only the
+                        frontend that submitted a request may cancel it; with a qid
+                        the broker answers REPLY {found} (POST /v1/cancel)
+    broker -> node      CANCEL, point to point, resent every CANCEL_RESEND_S until the
+                        node answers CANCEL_ACK or is declared dead; also fanned out on
+                        PUB (topic "cancel"), which may drop it: never relied on
+    broker -> frontend  FAIL 504 deadline_exceeded past the deadline; FAIL 499
+                        cancelled to the owner of an explicitly cancelled request
+    frontend -> broker  QUERY {qid, what}, answered REPLY {qid, data}
+    frontend -> broker  PULL (POST /v1/models/pull): the broker picks a node (or takes
+                        the one named), sends it DOWNLOAD and answers REPLY {node} or
+                        {error}
+    broker -> node      DOWNLOAD: from `source` (a peer node's weights server, hub
+                        layout) when a node holds it, falling back to the hub; progress
+                        travels in the node's HEARTBEAT status, completion in its INFO
 
 Instances (a model placed on an ordered list of nodes, each holding a layer range)
-    frontend -> broker  INSTANCES {qid, op, spec?, id?}  op: place | preview | list | delete;
-                        answered REPLY {qid, data: {status, body}}, status the HTTP one
-    broker -> node      LOAD {instance, model, start, end, total, stage, next?, head?}
-                        load layers [start, end) of `total`, once every stage's node holds
-                        the weights. next: the next stage's peer endpoint (absent on the
-                        last stage); head (every later stage): stage 0's endpoint, where the
-                        last stage sends tokens and any stage its STAGE_ERROR. kv_budgets (stage 0 only): [[layers, KV bytes], ...] of the
-                        later stages, so stage 0 admits no more than any of them can hold.
-                        Progress travels in the node's HEARTBEAT status
-                        ("stages": {instance: {state: loading|ready|failed, error?}}).
-    broker -> node      UNLOAD {instance}   drop the stage and every request through it
-    broker -> node      ROUTE {instance, next? | head?}  send the following steps to this
-                        endpoint instead: the best link between two stages changed
-    broker -> node      GENERATE {..., instance}  to stage 0 of a ready instance
+    frontend -> broker  INSTANCES {op: place | preview | list | delete}, answered
+                        REPLY {status, body}, status the HTTP one
+    broker -> node      LOAD layers [start, end) of `total`, once every stage's node
+                        holds the weights. next: the next stage's peer endpoint (not on
+                        the last); stage0 (every later stage): stage 0's, where the last
+                        stage sends tokens and any stage its STAGE_ERROR; kv_budgets
+                        (stage 0): [layers, KV bytes] of each later stage, so stage 0
+                        admits no more than any can hold. Progress in the node's status
+                        ("stages": {instance: {state, error?}})
+    broker -> node      UNLOAD: drop the stage and every request through it
+    broker -> node      ROUTE: send the following steps to this endpoint instead (the
+                        best link between two stages changed)
 
 Link probes
-    broker -> node  PROBE {key, src, dst, port}   measure the link from local address src
-                    to the peer's dst (its INFO's probe_port) on a raw TCP socket: RTT
-                    and receiver-timed bandwidth (nodes/machine/prober.py); the result travels
-                    in the node's HEARTBEAT status ("probes": {key: {rtt_s,
-                    bandwidth_Bps, at, error?}}). One probe at a time (broker/probes.py).
+    broker -> node  PROBE: measure the link from local address src to the peer's dst
+                    (its probe_port) on a raw TCP socket (nodes/machine/prober.py); the
+                    result travels in the node's HEARTBEAT status ("probes"). One
+                    probe at a time (broker/probes.py).
 
 Peer sockets (node to node, never through the broker)
     Each node binds a ROUTER (its INFO's peer_port) and connects one DEALER per
-    peer endpoint it sends to. Messages are two frames: the msgpack header
-    below, then the raw float32 hidden states [T, D] (none for RESULT/STAGE_ERROR).
-    stage k -> k+1   ACT {instance, step, decode, chunks, new, drops, shape}
-                     decode: rids decoding this step, in batch-row order; chunks:
-                     [rid, tokens, wants_logits] prompt chunks, packed after the
-                     decode rows; new: {rid: sampling params} for requests whose
-                     first chunk this is; drops: rids that ended since the last step
-    last -> stage 0  RESULT {instance, step, ids}   one token per decode row, then one
-                     per chunk that finished its prompt
-    any -> stage 0   STAGE_ERROR {instance, message}  a stage could not run the step
+    peer endpoint it sends to. Messages are two frames: the header below, then
+    the raw float32 hidden states [T, D] (none for RESULT and STAGE_ERROR).
+    stage k -> k+1   ACT: one step (its fields below)
+    last -> stage 0  RESULT: one token per decode row, then one per chunk that
+                     finished its prompt
+    any -> stage 0   STAGE_ERROR: a stage could not run the step
 
-Robustness
-    Frames that are not msgpack maps, lack v/t, carry an unknown type, miss a
-    required field, or exceed MAX_FRAME bytes are dropped and counted by reason
-    (Counters); none is fatal. Liveness: a peer silent for expiry_s is dead;
-    ZeroMQ's own heartbeats (ZMQ_HEARTBEAT_*) also drop dead TCP connections.
+Liveness: a peer silent for expiry_s is dead; ZeroMQ's own heartbeats
+(ZMQ_HEARTBEAT_*) also drop dead TCP connections.
 """
 
 from __future__ import annotations
@@ -153,14 +131,6 @@ class Msg(Struct, tag_field="t", kw_only=True):
     @property
     def version(self) -> int:
         return self.v
-
-    # For tests and tools reading a message by name.
-    def __getitem__(self, key: str) -> Any:
-        return getattr(self, key)
-
-    def get(self, key: str, default: Any = None) -> Any:
-        value = getattr(self, key, None)
-        return default if value is None else value
 
 
 # -- peers and the broker --------------------------------------------------------------
@@ -296,7 +266,7 @@ class Load(Msg, tag="LOAD"):
     total: int
     stage: int = 0
     next: str | None = None
-    head: str | None = None
+    stage0: str | None = None
     kv_budgets: list[tuple[int, int]] | None = None
 
 
@@ -307,7 +277,7 @@ class Unload(Msg, tag="UNLOAD"):
 class Route(Msg, tag="ROUTE"):
     instance: Id
     next: str | None = None
-    head: str | None = None
+    stage0: str | None = None
 
 
 class Probe(Msg, tag="PROBE"):

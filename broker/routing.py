@@ -19,10 +19,12 @@ def choose_instance(
     instances: list[Instance], nodes: dict[str, Peer], model: str
 ) -> Instance | None:
     """The least loaded ready instance of `model` (load: its first stage's requests)."""
-    ready = [i for i in instances if i.model == model and i.state == "ready" and i.head in nodes]
+    ready = [
+        i for i in instances if i.model == model and i.state == "ready" and i.first_node in nodes
+    ]
     if not ready:
         return None
-    return min(ready, key=lambda i: (nodes[i.head].load(), len(i.stages), i.id))
+    return min(ready, key=lambda i: (nodes[i.first_node].load(), len(i.stages), i.id))
 
 
 def no_holder(nodes: list[Peer], model: str, seen: set[str]) -> Refusal:

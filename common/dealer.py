@@ -1,14 +1,26 @@
-"""A DEALER to the broker, as the node and the API frontend both hold one: its
-socket options (heartbeats, high-water marks, reconnects, the frame cap) and its
-routing identity."""
+"""A peer's side of the broker conversation, as the node and the API frontend
+both hold it (the ZeroMQ guide's client and worker agents): its DEALER (socket
+options, routing identity, CURVE key) and the session over it, apart from any
+I/O loop: HELLO, WELCOME, REFUSED, RECONNECT, heartbeats and a silent broker.
+
+The node runs it on a thread (nodes/link.py), the API on asyncio (api/client.py);
+both ask the session what to do and do it with their own socket.
+"""
 
 from __future__ import annotations
 
+import logging
 import secrets
+import time
+from collections.abc import Callable
+from typing import Any
 
 import zmq
 
 from exo.broker import protocol as P
+from exo.common import keys
+
+log = logging.getLogger(__name__)
 
 
 def routing_id(peer_id: str) -> bytes:
@@ -29,3 +41,69 @@ def configure_dealer(sock: zmq.Socket, identity: bytes) -> None:
     sock.setsockopt(zmq.RECONNECT_IVL, 100)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
     sock.setsockopt(zmq.MAXMSGSIZE, 4 * P.MAX_FRAME)
+
+
+class Session:
+    """`hello` makes this peer's HELLO (a node's carries its facts, made fresh
+    each time). `key`: this peer's CURVE keypair in `cluster` (None: insecure)."""
+
+    def __init__(
+        self,
+        broker: str,
+        peer_id: str,
+        hello: Callable[[], P.Hello],
+        cluster: keys.Cluster | None = None,
+        key: keys.Pair | None = None,
+    ) -> None:
+        self.broker, self.peer_id, self.make_hello = broker, peer_id, hello
+        self.cluster, self.key = cluster, key
+        self.routing_id = routing_id(peer_id)
+        self.registered = False
+        self.welcomes = 0
+        self.refused: str | None = None
+        self.pub_port = 0
+        self.last_heard = time.monotonic()
+
+    def dial(self, ctx: Any) -> Any:
+        """A new DEALER to the broker (a zmq or zmq.asyncio context's), connected:
+        send `hello()` on it next."""
+        sock = ctx.socket(zmq.DEALER)
+        configure_dealer(sock, self.routing_id)
+        if self.cluster is not None and self.key is not None:
+            keys.connect_as(sock, self.key, self.cluster.broker)
+        sock.connect(self.broker)
+        self.last_heard = time.monotonic()
+        return sock
+
+    def hello(self) -> bytes:
+        self.registered = False
+        return P.encode(self.make_hello())
+
+    def heard(self) -> None:
+        self.last_heard = time.monotonic()
+
+    def silent(self, now: float) -> bool:
+        """The broker said nothing for two expiries: dial again."""
+        return now - self.last_heard > 2 * P.EXPIRY_S
+
+    def on(self, msg: P.Msg) -> str | None:
+        """The session's own messages -> what happened: "welcome", "again" (a
+        WELCOME after the first: the broker forgot this peer and all it was
+        doing), "refused" (stop: `refused` says why), "reconnect" (send HELLO
+        again); None for everything else."""
+        if isinstance(msg, P.Welcome):
+            self.registered = True
+            self.welcomes += 1
+            self.pub_port = msg.pub_port
+            log.info("registered with %s as %s", self.broker, self.peer_id)
+            return "again" if self.welcomes > 1 else "welcome"
+        if isinstance(msg, P.Refused):
+            self.refused = msg.reason
+            log.error("broker %s refused %s: %s", self.broker, self.peer_id, msg.reason)
+            return "refused"
+        if isinstance(msg, P.Reconnect):
+            log.info(
+                "broker %s asks %s to register again (%s)", self.broker, self.peer_id, msg.reason
+            )
+            return "reconnect"
+        return None

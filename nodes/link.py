@@ -19,7 +19,7 @@ import zmq
 
 from exo.broker import protocol as P
 from exo.common import keys
-from exo.common.dealer import configure_dealer, routing_id
+from exo.common.dealer import Session
 
 log = logging.getLogger(__name__)
 
@@ -42,36 +42,36 @@ class BrokerLink(threading.Thread):
     ) -> None:
         super().__init__(name="broker-link", daemon=True)
         self.cluster = cluster  # None: an insecure cluster
-        self.ctx, self.broker, self.peer_id, self.name_ = ctx, broker, peer_id, name
-        self.routing_id = routing_id(peer_id)
+        self.ctx, self.broker, self.peer_id = ctx, broker, peer_id
+        self.session = Session(
+            broker,
+            peer_id,
+            lambda: P.Hello(role="node", peer_id=peer_id, name=name, info=info()),
+            cluster,
+            cluster.node if cluster else None,
+        )
         self.pair_addr = pair_addr
         self.info, self.status, self.on_reset = info, status, on_reset
         self.stop_event = threading.Event()
-        self.registered = threading.Event()
         self.info_now = threading.Event()  # send INFO at once (a download just finished)
-        self.refused: str | None = None
         self.dropped = P.Counters()
-        self.welcomes = 0
         self.dealer: zmq.Socket | None = None
         self.sub: zmq.Socket | None = None
         self.poller = zmq.Poller()
 
+    @property
+    def refused(self) -> str | None:
+        return self.session.refused
+
+    @property
+    def registered(self) -> bool:
+        return self.session.registered
+
     def _connect(self) -> None:
         if self.dealer is not None:
             self.dealer.close(linger=0)
-        self.dealer = self.ctx.socket(zmq.DEALER)
-        configure_dealer(self.dealer, self.routing_id)
-        if self.cluster is not None:
-            keys.connect_as(self.dealer, self.cluster.node, self.cluster.broker)
-        self.dealer.connect(self.broker)
-        self._hello()
-
-    def _hello(self) -> None:
-        assert self.dealer is not None
-        self.registered.clear()
-        self.dealer.send(
-            P.encode(P.Hello(role="node", peer_id=self.peer_id, name=self.name_, info=self.info()))
-        )
+        self.dealer = self.session.dial(self.ctx)
+        self.dealer.send(self.session.hello())
 
     def _subscribe(self, pub_port: int) -> None:
         """Cancels also come on the broker's PUB: a second path, never the only one."""
@@ -86,12 +86,25 @@ class BrokerLink(threading.Thread):
         self.sub.connect(f"{self.broker.rsplit(':', 1)[0]}:{pub_port}")
         self.poller.register(self.sub, zmq.POLLIN)
 
+    def on_session(self, msg: P.Msg) -> None:
+        what = self.session.on(msg)
+        if what == "again":
+            # A new registration means the broker forgot us: whatever we were
+            # computing has no one to go to.
+            self.on_reset()
+        if what in ("welcome", "again") and self.session.pub_port:
+            self._subscribe(self.session.pub_port)
+        elif what == "refused":
+            self.stop_event.set()
+        elif what == "reconnect":
+            assert self.dealer is not None
+            self.dealer.send(self.session.hello())
+
     def run(self) -> None:
         pair = self.ctx.socket(zmq.PAIR)
         pair.connect(self.pair_addr)
         self._connect()
         assert self.dealer is not None
-        last_heard = time.monotonic()
         next_beat = next_info = 0.0
         poller = self.poller
         poller.register(pair, zmq.POLLIN)
@@ -101,8 +114,7 @@ class BrokerLink(threading.Thread):
             # CPU from the engine on small machines.
             wait = max(
                 0.0,
-                min(next_beat, next_info if self.registered.is_set() else next_beat)
-                - time.monotonic(),
+                min(next_beat, next_info if self.registered else next_beat) - time.monotonic(),
             )
             events = dict(poller.poll(max(1, int(wait * 1000))))
             if self.sub is not None and self.sub in events:
@@ -117,7 +129,7 @@ class BrokerLink(threading.Thread):
             if self.dealer in events:
                 while self.dealer.poll(0):
                     frame = self.dealer.recv(copy=False).buffer
-                    last_heard = now
+                    self.session.heard()
                     try:
                         msg = P.decode(frame)
                     except P.ProtocolError as e:
@@ -127,39 +139,23 @@ class BrokerLink(threading.Thread):
                     if isinstance(msg, ENGINE_TYPES):
                         pair.send(frame)
                         log.debug("%s from the broker", msg.type)
-                    elif isinstance(msg, P.Welcome):
-                        self.welcomes += 1
-                        if self.welcomes > 1:
-                            # A new registration means the broker forgot us: whatever
-                            # we were computing has no one to go to.
-                            self.on_reset()
-                        self.registered.set()
-                        if msg.pub_port:
-                            self._subscribe(msg.pub_port)
-                        log.info("registered with %s as %s", self.broker, self.peer_id)
-                    elif isinstance(msg, P.Refused):
-                        self.refused = msg.reason
-                        log.error("broker %s refused this node: %s", self.broker, msg.reason)
-                        self.stop_event.set()
-                    elif isinstance(msg, P.Reconnect):
-                        log.info("broker asks to register again (%s)", msg.reason)
-                        self._hello()
+                    else:
+                        self.on_session(msg)
             if pair in events:
                 while pair.poll(0):
                     self.dealer.send(pair.recv(copy=False), copy=False)
-            if now - last_heard > 2 * P.EXPIRY_S:
-                log.warning("broker silent for %.1fs, reconnecting", now - last_heard)
+            if self.session.silent(now):
+                log.warning("broker silent for %.1fs, reconnecting", now - self.session.last_heard)
                 poller.unregister(self.dealer)
                 self._connect()
                 poller.register(self.dealer, zmq.POLLIN)
-                last_heard = now
             if now >= next_beat:
                 self.dealer.send(P.encode(P.Heartbeat(status=self.status())))
                 next_beat = now + P.HEARTBEAT_S
             if self.info_now.is_set():
                 self.info_now.clear()
                 next_info = 0.0
-            if now >= next_info and self.registered.is_set():
+            if now >= next_info and self.registered:
                 self.dealer.send(P.encode(P.Info(info=self.info())))
                 next_info = now + 5.0
         self.dealer.close(linger=0)

@@ -7,7 +7,6 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,6 @@ import zmq
 
 from exo.broker import protocol as P
 from exo.common import keys
-from exo.common.names import valid_model_id
 from exo.nodes.engine.engine import Engine
 from exo.nodes.engine.mlxenv import blas, mx
 from exo.nodes.engine.model import model_meta
@@ -25,11 +23,11 @@ from exo.nodes.machine import info as node_info
 from exo.nodes.machine import memory
 from exo.nodes.machine.interfaces import Usage, interfaces
 from exo.nodes.machine.pressure import read_pressure
-from exo.nodes.machine.prober import ProbeServer, probe
+from exo.nodes.machine.prober import Probes, ProbeServer
 from exo.nodes.machine.rdma import rdma_devices
 from exo.nodes.pipeline.hosting import Hosting
 from exo.nodes.pipeline.peers import PeerSockets
-from exo.nodes.store.download import Downloader, DownloadError, Progress
+from exo.nodes.store.download import Downloader, Downloads
 from exo.nodes.store.store import ModelStore
 from exo.nodes.store.weights import WeightsServer
 
@@ -62,8 +60,6 @@ class Node:
         self.name = name
         self.peer_id = f"{name}-{uuid.uuid4().hex[:8]}"
         self.store = ModelStore(models_dir, extra_dirs)
-        self.downloader = downloader or Downloader()
-        self.downloads: dict[str, Progress] = {}
         self.engine = engine or Engine()
         self.ctx: zmq.Context = zmq.Context.instance()
         self.pair_addr = f"inproc://engine-{self.peer_id}"
@@ -80,9 +76,7 @@ class Node:
             if weights_port is None
             else WeightsServer(self.store, port=weights_port, token=self.weights_token)
         )
-        self.probes: dict[str, dict[str, Any]] = {}  # link key -> the last result
-        self.probing: threading.Thread | None = None
-        self.probe_cpu_s = 0.0
+        self.probes = Probes(self.probe_token)  # the ones the broker asks this node to run
         self.interfaces_up: dict[str, bool] = {}
         self.hosting = Hosting(
             name,
@@ -109,6 +103,10 @@ class Node:
             cluster=cluster,
         )
         self.stopping = threading.Event()
+        # A download that ends: the next INFO lists what arrived.
+        self.downloads = Downloads(
+            self.store, downloader or Downloader(), self.weights_token, self.link.info_now.set
+        )
         self.progress_sent: dict[str, float] = {}
         self.last_step_s = 0.0
         self.usage = Usage()
@@ -256,11 +254,11 @@ class Node:
             "stages": self.hosting.public(),
             "mlx_limits": self.limits.public(),
             "recent_cancels": list(self.recent_cancels),
-            "downloads": [p.public() for p in list(self.downloads.values())],
+            "downloads": self.downloads.public(),
             "interface_usage": self.interface_usage(),
             "interfaces_up": self.interfaces_up,
-            "probes": dict(self.probes),
-            "probe_cpu_s": self.probe_cpu_s + self.prober.cpu_s,
+            "probes": dict(self.probes.results),
+            "probe_cpu_s": self.probes.cpu_s + self.prober.cpu_s,
             "peer_usage": self.peers.rates,
             "weights_bytes_served": self.weights.bytes_served if self.weights else 0,
             "peer_bytes_sent": dict(self.peers.sent),
@@ -275,23 +273,6 @@ class Node:
             self.send(
                 P.Tokens(rid=out.rid, ids=out.ids, text=out.text, finish=out.finish, usage=usage)
             )
-
-    def start_probe(self, key: str, src: str, dst: str, port: int) -> None:
-        """Measure a link in the background; a failure marks the link, nothing more."""
-        if self.probing is not None and self.probing.is_alive():
-            return
-
-        def run() -> None:
-            try:
-                result = probe(src, dst, port, token=self.probe_token)
-                self.probe_cpu_s += result["cpu_s"]
-            except OSError as e:
-                result = {"error": f"{type(e).__name__}: {e}", "at": time.time()}
-                log.info("probe %s failed: %s", key, result["error"])
-            self.probes[key] = result
-
-        self.probing = threading.Thread(target=run, name="probe", daemon=True)
-        self.probing.start()
 
     def stages_changed(self) -> None:
         self.apply_limits()
@@ -329,48 +310,6 @@ class Node:
             live = set(self.engine.requests)
             self.progress_sent = {r: t for r, t in self.progress_sent.items() if r in live}
 
-    def download(self, model_id: str, revision: str, source: str | None = None) -> None:
-        """Fetch a model in the background; the engine keeps serving meanwhile. With a
-        `source` (a peer's weights server) the peer is tried first, then the hub."""
-        if not valid_model_id(model_id):
-            self.downloads[model_id[:256]] = Progress(
-                model_id[:256], state="failed", error="not a model id (ORG/NAME, as on the hub)"
-            )
-            return
-        current = self.downloads.get(model_id)
-        if (
-            current and current.state in ("listing", "downloading")
-        ) or model_id in self.store.scan():
-            return
-
-        def progress(p: Progress) -> None:
-            self.downloads[model_id] = p
-
-        def run() -> None:
-            dest = self.store.path(model_id)
-            try:
-                if source:
-                    try:
-                        replace(
-                            self.downloader,
-                            hub=source,
-                            token=self.weights_token,
-                            on_progress=progress,
-                        ).download(model_id, dest, revision)
-                        return
-                    except DownloadError as e:
-                        log.warning(
-                            "peer %s could not give %s (%s); trying the hub", source, model_id, e
-                        )
-                replace(self.downloader, on_progress=progress).download(model_id, dest, revision)
-            except Exception as e:
-                log.error("download of %s failed: %s", model_id, e)
-            finally:
-                self.link.info_now.set()
-
-        self.downloads[model_id] = Progress(model_id)
-        threading.Thread(target=run, name=f"download-{model_id}", daemon=True).start()
-
     def handle(self, msg: P.Msg) -> None:
         if isinstance(msg, P.Generate):
             self.admit(msg)
@@ -381,9 +320,9 @@ class Node:
                 self.recent_cancels.append((msg.rid, time.time(), self.last_step_s))
             self.send(P.CancelAck(rid=msg.rid))
         elif isinstance(msg, P.Download):
-            self.download(msg.model, msg.revision or "main", msg.source)
+            self.downloads.start(msg.model, msg.revision or "main", msg.source)
         elif isinstance(msg, P.Probe):
-            self.start_probe(msg.key, msg.src, msg.dst, msg.port)
+            self.probes.start(msg.key, msg.src, msg.dst, msg.port)
         elif isinstance(msg, P.Load):
             self.hosting.load(msg)
         elif isinstance(msg, P.Unload):

@@ -285,7 +285,7 @@ def test_the_broker_resends_a_cancel_until_the_node_acknowledges(
             if msg.type == kind:
                 return msg
             if msg.type == "LOAD":  # the broker places an instance on it first
-                status["stages"][msg["instance"]] = {"state": "ready"}
+                status["stages"][msg.instance] = {"state": "ready"}
             if msg.type in ("HEARTBEAT", "LOAD"):
                 fake.send(P.encode("HEARTBEAT", status=status))
         raise AssertionError(f"no {kind}")

@@ -648,7 +648,7 @@ def test_a_long_prompts_chunks_through_numpy_equal_mlx_lm_alone_and_in_the_lane(
     the step when alone and in the lane beside streams, the prompt's tokens are
     mlx-lm's own (one unchunked prefill, MLX's attention)."""
     from exo.nodes.engine import attention
-    from exo.tools.bench_stall import long_prompt
+    from exo.tools.streams import long_prompt
 
     calls = []
     numpy_chunk = attention.attend_chunk

@@ -122,7 +122,7 @@ def test_a_peer_of_another_protocol_version_is_refused(cluster: LocalCluster) ->
     assert d.poll(5000)
     msg = P.decode(d.recv())
     d.close()
-    assert msg.type == "REFUSED" and "version" in msg["reason"]
+    assert msg.type == "REFUSED" and "version" in msg.reason
     assert "future-node" not in str(cluster.cluster_state()["nodes"])
 
 
@@ -197,8 +197,8 @@ def test_a_node_stopped_while_a_prompt_prefills_in_its_lane_exits_cleanly(
 ) -> None:
     import signal
 
-    from exo.tools.bench_stall import Stream, wait_tokens
     from exo.tools.default_model import DEFAULT_MODEL
+    from exo.tools.streams import Stream, wait_tokens
 
     with LocalCluster.on_free_ports(models_dir, log_dir=tmp_path) as c:
         running = Stream(c.url, DEFAULT_MODEL, [1, 2, 3], 1000).start()

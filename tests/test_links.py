@@ -165,7 +165,7 @@ def test_stage_traffic_takes_the_best_link_and_moves_when_it_goes_down(bed: dict
         (inst,) = [i for i in c.cluster_state()["instances"] if i["id"] == iid]
         if inst["state"] != "ready":
             return []
-        return [inst["routes"][0]["next"], inst["routes"][1]["head"]]
+        return [inst["routes"][0]["next"], inst["routes"][1]["stage0"]]
 
     def serve() -> None:
         r = httpx.post(

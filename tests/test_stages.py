@@ -46,7 +46,7 @@ def pipeline(path: Path, bounds: list[int]) -> Pipeline:
     parts = [Part(a, b, bounds[-1]) for a, b in zip(bounds, bounds[1:], strict=False)]
     engine.add_model(load_model("m", path, parts[0]))
     p = Pipeline(engine, [StageRunner(load_model("m", path, part)) for part in parts[1:]])
-    engine.head.hop = p.hop
+    engine.stage0.hop = p.hop
     return p
 
 
@@ -72,7 +72,7 @@ def drive(p: Pipeline, arrivals: dict[int, list[str]], cancel: dict[int, str] | 
             # A prompt in the lane (one stage: it arrived beside decoding rows) lands
             # at the lane's pace, not the loop's: spinning here starved it (nice 19).
             e.lane.wait(5.0)
-        if step > max(arrivals) and not (e.requests or e.queue or any(e.head.drops.values())):
+        if step > max(arrivals) and not (e.requests or e.queue or any(e.stage0.drops.values())):
             return ids
     raise AssertionError("requests did not finish")
 

@@ -92,7 +92,7 @@ def test_bench_stall_report_shows_each_rounds_median_during_and_median_before(
 
 
 def test_bench_stall_machine_floor_times_one_fixed_computation() -> None:
-    from exo.tools.bench_stall import machine_floor
+    from exo.tools.streams import machine_floor
 
     r = machine_floor(1.0, step_s=0.02)
     assert r["floor_max_ratio"] >= r["floor_p99_ratio"] >= 1.0

@@ -77,7 +77,7 @@ def test_a_node_hello_with_bad_facts_is_refused_and_the_broker_serves_on(
     try:
         if isinstance(info, dict):
             msg = hello(d, "node", "rogue", info=info)
-            assert msg.type == "REFUSED" and "bad info" in msg["reason"]
+            assert msg.type == "REFUSED" and "bad info" in msg.reason
         else:  # not even the map a HELLO's info is: a bad frame, dropped unanswered
             d.send(P.encode("HELLO", role="node", peer_id="rogue", info=info))
             assert not d.poll(1000)
@@ -149,17 +149,17 @@ def test_a_frontend_with_a_bad_instances_spec_or_params_cannot_stop_anything(
                 continue
             msg = P.decode(d.recv())
             if msg.type == "REPLY":
-                replies[msg["qid"]] = msg
-            elif msg.type == "FAIL" or (msg.type == "TOKENS" and msg.get("finish")):
-                ended[msg["rid"]] = msg
+                replies[msg.qid] = msg
+            elif msg.type == "FAIL" or (msg.type == "TOKENS" and msg.finish):
+                ended[msg.rid] = msg
         assert ended["bad-0"].type == "TOKENS"
         for i in range(1, len(bad_params)):
             assert ended[f"bad-{i}"].type == "FAIL", ended[f"bad-{i}"]
-            assert ended[f"bad-{i}"]["status"] == 400
-            assert ended[f"bad-{i}"]["code"] == "invalid_params"
+            assert ended[f"bad-{i}"].status == 400
+            assert ended[f"bad-{i}"].code == "invalid_params"
         assert "q1" not in replies  # a spec that is not a map is a bad frame
         for q in ("q2", "q3"):
-            assert replies[q]["data"]["status"] == 400, replies[q]
+            assert replies[q].data["status"] == 400, replies[q]
     finally:
         d.close()
     assert cluster.cluster_state()["dropped"].get("bad_fields", 0) >= 1
@@ -410,7 +410,7 @@ def test_only_the_caller_that_submitted_a_request_can_cancel_it(keyed: LocalClus
         d.send(P.encode("CANCEL", rid=rid[0], reason="explicit", qid="c1"))
         assert d.poll(5000)
         reply = P.decode(d.recv())
-        assert reply.type == "REPLY" and reply["data"] == {"found": False}
+        assert reply.type == "REPLY" and reply.data == {"found": False}
     finally:
         d.close()
     n = len(lines)
@@ -523,7 +523,7 @@ def test_a_stranger_without_the_clusters_keys_can_neither_join_nor_listen(
     d = dealer(cluster, "node")
     try:
         msg = hello(d, "frontend", "sneaky")
-        assert msg.type == "REFUSED" and "key" in msg["reason"]
+        assert msg.type == "REFUSED" and "key" in msg.reason
     finally:
         d.close()
     # the nodes' plain-TCP servers want the cluster's token

@@ -11,8 +11,8 @@ from typing import Any
 
 import httpx
 
-from exo.tools.bench_stall import Stream, pct
 from exo.tools.cluster import api_headers
+from exo.tools.streams import Stream, pct
 
 
 def lone_tps(url: str, model: str, tokens: int) -> float:

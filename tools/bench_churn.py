@@ -13,7 +13,7 @@ import statistics
 import time
 from typing import Any
 
-from exo.tools.bench_stall import Stream, gaps, pct, wait_tokens
+from exo.tools.streams import Stream, gaps, pct, wait_tokens
 
 
 def prompt(n: int, seed: int) -> list[int]:

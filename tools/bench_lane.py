@@ -40,7 +40,7 @@ def run(
     from exo.nodes.engine.engine import Engine
     from exo.nodes.engine.model import load_model
     from exo.nodes.machine import memory
-    from exo.tools.bench_stall import long_prompt
+    from exo.tools.streams import long_prompt
 
     lm = load_model(model_id, model_path)
     engine = Engine()  # the lane where exo-node would have one

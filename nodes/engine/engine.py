@@ -14,61 +14,26 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter, OrderedDict, deque
-from dataclasses import dataclass
+from collections import Counter
 from typing import Any
 
+from exo.nodes.engine.ahead import QUEUE_AHEAD, queue_ahead
 from exo.nodes.engine.batch import Batch, sample_rows
+from exo.nodes.engine.book import Book
+from exo.nodes.engine.forward import Chunk
 from exo.nodes.engine.lane import Lane, lane_default
 from exo.nodes.engine.mlxenv import blas_max_threads, blas_threads, mx
-from exo.nodes.engine.model import LoadedModel, kv_bytes_per_token
+from exo.nodes.engine.model import LoadedModel
 from exo.nodes.engine.pacing import DEFAULT_IDLE_BUDGET, DEFAULT_MAX_STALL, Pacer
-from exo.nodes.engine.request import EngineError, Output, Request, encode_prompt
-from exo.nodes.engine.sampling import Sampler, SamplingParams, StopMatcher
-from exo.nodes.engine.scheduler import StepPlan, Work
+from exo.nodes.engine.request import EngineError, Output, Request
+from exo.nodes.engine.scheduler import Executed, StepPlan, Work
 from exo.nodes.engine.threads import ThreadChoice, for_step
 from exo.nodes.engine.watch import DEFAULT_MAX_TTFT_RATIO, YIELD_S, Watch
-from exo.nodes.pipeline.head import Head
 
 log = logging.getLogger(__name__)
 
 
-# Queue the next decode step before this one's tokens are read back, so building
-# its graph overlaps compute (as mlx-lm's generate_step does). Not on MLX's CPU
-# backend: there a stream runs its tasks in order and an eval waits behind
-# everything queued before it, and async_eval of a step's graph returned only
-# once it was nearly computed: each step's tokens came back a step late, and the
-# first step of each chain (after any join) took two steps' time (0.45 s vs 0.22).
-QUEUE_AHEAD = mx.default_device() != mx.cpu
-
-# Keys of room past the prompt in its cache: the cache becomes its decode group's
-# as it is when the request joins the batch, with room to grow ahead (batch.py).
-JOIN_ROOM = 64
-
-
-def default_kv_budget() -> int:
-    """KV cache memory the engine may reserve: a quarter of what is free now."""
-    import psutil
-
-    return psutil.virtual_memory().available // 4
-
-
-@dataclass
-class Prefetched:
-    """A decode step already queued: its rows and their (lazy) next tokens."""
-
-    rids: list[str]
-    toks: mx.array
-
-
-def in_row_order(groups: list[tuple[list[Request], mx.array]], rids: list[str]) -> mx.array:
-    """The tokens of `groups` (as sample_rows returns them) for `rids`, in that order."""
-    at = {r.rid: i for i, r in enumerate(r for reqs, _ in groups for r in reqs)}
-    flat = mx.concatenate([toks.reshape(-1) for _, toks in groups])
-    return flat[mx.array([at[r] for r in rids])]
-
-
-class Engine:
+class Engine(Book):
     """Continuous batching: requests join and leave the decode batch at any step."""
 
     def __init__(
@@ -80,27 +45,16 @@ class Engine:
         lane: bool | None = None,
         max_ttft_ratio: float = DEFAULT_MAX_TTFT_RATIO,
     ) -> None:
-        self.pace = Pacer(prefill_budget, idle_budget, max_stall)
         # Prompts arriving while streams decode prefill beside them on another core
         # (lane.py); None: where that pays (MLX's CPU backend, 2+ cores).
-        self.lane = Lane() if (lane_default() if lane is None else lane) else None
+        super().__init__(kv_budget, Lane() if (lane_default() if lane is None else lane) else None)
+        self.pace = Pacer(prefill_budget, idle_budget, max_stall)
         self.watch = Watch(self.lane, max_ttft_ratio) if self.lane is not None else None
-        # (rid, code, why): requests the engine gave up on, owed an error
-        self._failed: list[tuple[str, str, str]] = []
         self.step_faults: Counter[str] = Counter()  # model -> its steps that raised, in a row
-        self.kv_budget = kv_budget if kv_budget is not None else default_kv_budget()
-        self.models: dict[str, LoadedModel] = {}
         self.fused: dict[str, bool] = {}
-        self.requests: OrderedDict[str, Request] = OrderedDict()  # admitted
-        self.queue: deque[Request] = deque()  # waiting for KV memory
-        self.batches: dict[str, Batch] = {}
-        self.prefetched: dict[str, Prefetched] = {}
-        # Models this node heads a pipeline of: their steps out, their drops owed.
-        self.head = Head()
         # OpenBLAS's threads for decode-only steps, by batch size (threads.py).
         self.threads = ThreadChoice() if blas_max_threads() > 1 else None
         self.steps = 0
-        self.last_plan = StepPlan()
 
     # -- membership -----------------------------------------------------------------
 
@@ -120,117 +74,15 @@ class Engine:
         """Unload a model; returns the requests that ended with it."""
         gone = self.fail_remote(model_id)
         self.pace.remove_model(model_id)
-        self.head.forget(model_id)
+        self.stage0.forget(model_id)
         for d in (self.models, self.fused, self.batches, self.prefetched):
             d.pop(model_id, None)
         return gone
 
-    def submit(self, rid: str, model_id: str, kind: str, payload: Any, params: dict) -> Request:
-        lm = self.models.get(model_id)
-        if lm is None:
-            raise EngineError(
-                503, "model_not_loaded", f"model {model_id} is not loaded on this node"
-            )
-        if rid in self.requests or any(r.rid == rid for r in self.queue):
-            raise EngineError(409, "duplicate_request", f"request {rid} already running")
-        try:
-            sp = SamplingParams.from_wire(params)
-        except ValueError as e:
-            raise EngineError(400, "invalid_params", str(e)) from None
-        prompt = encode_prompt(lm, kind, payload)
-        if len(prompt) >= lm.context:
-            raise EngineError(
-                400,
-                "context_length_exceeded",
-                f"prompt is {len(prompt)} tokens; the model's context is {lm.context}",
-            )
-        need = (len(prompt) + min(sp.max_tokens, lm.context - len(prompt))) * kv_bytes_per_token(
-            lm.model
-        )
-        cap = min(self.kv_budget, lm.kv_cap if lm.kv_cap is not None else self.kv_budget)
-        if need > cap:
-            where = "the node" if cap == self.kv_budget else "the instance's tightest stage"
-            raise EngineError(
-                400,
-                "kv_budget_exceeded",
-                f"this request needs {need >> 20} MiB of KV cache; {where} allows {cap >> 20} MiB",
-            )
-        req = Request(
-            rid=rid,
-            lm=lm,
-            prompt=prompt,
-            params=sp,
-            wire=params,
-            sampler=Sampler(sp),
-            cache=None,
-            stop=StopMatcher(sp.stop),
-            detok=lm.tokenizer.detokenizer,
-            kv_reserved=need,
-        )
-        self.queue.append(req)
-        self._admit()
-        return req
-
-    def _admit(self) -> None:
-        from mlx_lm.models.cache import KVCache
-
-        from exo.nodes.engine.span import new_cache
-
-        reserved = sum(r.kv_reserved for r in self.requests.values())
-        while self.queue and reserved + self.queue[0].kv_reserved <= self.kv_budget:
-            head = self.queue[0]
-            if head.lm.kv_cap is not None:
-                mine = sum(r.kv_reserved for r in self.requests.values() if r.lm is head.lm)
-                if mine + head.kv_reserved > head.lm.kv_cap:
-                    break  # a later stage of its instance would run out first
-            req = self.queue.popleft()
-            req.cache = new_cache(req.lm.layers)
-            for c in req.cache:
-                # One buffer for the whole prompt: a cache that grows 256 keys at a
-                # time copies itself each time, a spike in the step that does it.
-                if isinstance(c, KVCache):
-                    c.step = -(-(len(req.prompt) + JOIN_ROOM) // KVCache.step) * KVCache.step
-            self.requests[req.rid] = req
-            reserved += req.kv_reserved
-            log.debug("rid=%s admitted: %d prompt tokens", req.rid, len(req.prompt))
-
-    def cancel(self, rid: str) -> bool:
-        for q in self.queue:
-            if q.rid == rid:
-                self.queue.remove(q)
-                log.info("rid=%s cancelled while queued", rid)
-                return True
-        req = self.requests.pop(rid, None)
-        if req is None:
-            return False
-        if req.in_lane and self.lane is not None:
-            self.lane.cancel(rid)
-        self._release(req)
-        log.info("rid=%s cancelled after %d tokens", rid, req.generated)
-        self._admit()
-        return True
-
-    def _release(self, req: Request) -> None:
-        req.cache = req.h = None
-        if req.lm.part is not None:
-            self.head.drop(req.lm.model_id, req.rid)
-        batch = self.batches[req.lm.model_id]
-        batch.leave({req.rid})
-        ready = self.prefetched.get(req.lm.model_id)
-        if ready is not None and req.rid in ready.rids:
-            # The queued step's tokens, for the rows left, in their new order (the
-            # batch's last row took the cancelled one's place).
-            if batch.rids:
-                at = {r: i for i, r in enumerate(ready.rids)}
-                ready.toks = ready.toks[mx.array([at[r] for r in batch.rids])]
-                ready.rids = list(batch.rids)
-            else:
-                del self.prefetched[req.lm.model_id]
-
     # -- the step -------------------------------------------------------------------
 
     def plan(self) -> StepPlan:
-        busy = self.head.busy()
+        busy = self.stage0.busy()
         decoding = [rid for m, b in self.batches.items() if m not in busy for rid in b.rids]
         # A model whose decodes were queued ahead starts new prompts a step later:
         # its decodes are already computed, and a chunk run beside them would be a
@@ -244,75 +96,23 @@ class Engine:
         return self.pace.plan(decoding, waiting, {m: len(b.rids) for m, b in self.batches.items()})
 
     def step(self) -> list[Output]:
-        from exo.nodes.engine.forward import Chunk
-
+        """One step: the plan (pacing.Pacer, from the engine's state), its
+        execution (each model's decode rows and prompt chunks through the model,
+        or sent on to the later stages), and its commit (tokens out, requests
+        that finished leave, prompts that finished join the batch). What the
+        step took is learnt after (`_observe`)."""
         landed = self._to_lane()
-        step = self.plan()
-        self.last_plan = step
+        plan = self.plan()
+        self.last_plan = plan
         # Later stages free a request's memory when the next step names it in `drops`:
         # with nothing else to do, a step goes out just to carry them.
-        flush = self.head.owed()
-        if step.empty and not flush and not landed:
+        flush = self.stage0.owed()
+        if plan.empty and not flush and not landed:
             return []
         self.steps += 1
         t0 = time.perf_counter()
-        sampled: list[tuple[list[Request], mx.array]] = []
-        joined: list[Request] = []
-        by_model: dict[str, list[tuple[Request, Chunk]]] = {}
-        # this node's chunks and their model, for the cost model
-        work: list[Work] = []
-        work_model = ""
-        # Steps beside the lane's work say nothing of the streams' own step time.
-        timed = not self.lane_working()
-        for req, logits in landed:
-            sampled.append(([req], req.sampler(logits)[None]))
-            joined.append(req)
-        for rid, n in step.prefill:
-            req = self.requests[rid]
-            assert req.cache is not None
-            layers = req.lm.layers
-            first, end = step.spans.get(rid, (0, layers))
-            chunk = Chunk(
-                req.prompt[req.prefilled : req.prefilled + n],
-                req.cache,
-                logits=n == req.to_prefill and end == layers,
-                first=first,
-                end=end,
-                h=req.h,
-            )
-            by_model.setdefault(req.lm.model_id, []).append((req, chunk))
-        active = {*by_model, *flush, *(m for m, b in self.batches.items() if b.rids)}
-        active -= self.head.busy()
-        # OpenBLAS's threads and the decode rows' padding (threads.py): a step of decodes
-        # only, all computed here, is the kind the thread choice times and steers.
-        dec_rows = sum(len(self.batches[m].rids) for m in active)
-        pure = (
-            bool(dec_rows)
-            and not landed
-            and not by_model
-            and not self.prefetched
-            and all(self.models[m].part is None for m in active)
-        )
-        lane_holds = self.lane is not None and self.lane.single_blas
-        option, pad_to = for_step(self.threads, dec_rows, pure, lane_holds, blas_max_threads())
-        for model_id in active:
-            chunks = by_model.get(model_id, [])
-            try:
-                m_sampled, m_joined, m_work, untimed = self._model_step(
-                    model_id, chunks, pad_to, t0
-                )
-            except Exception as e:
-                # Its requests' caches may be half-written: they end (never a wrong
-                # token); the other models' requests in this step go on.
-                self._fail_model_step(model_id, chunks, e)
-                continue
-            self.step_faults.pop(model_id, None)
-            sampled += m_sampled
-            joined += m_joined
-            work += m_work
-            timed = timed and not untimed
-            work_model = work_model or (model_id if chunks and m_work else "")
-        if not sampled:
+        run = self._execute(plan, landed, flush, t0)
+        if not run.sampled:
             return []
         # (The lane's prompts are its own to evaluate, on its thread and stream.)
         states = [
@@ -324,37 +124,110 @@ class Engine:
         states += [r.h for r in self.requests.values() if r.h is not None]
         if (
             QUEUE_AHEAD
-            and not joined
+            and not run.joined
             and not self.queue
             and all(r.cache is None for r in self.requests.values())
         ):
-            self._prefetch(sampled)
-        if option is not None:
-            blas_threads(option.threads)  # (nothing else is inside BLAS between steps)
-        mx.eval([t for _, t in sampled], states)
-        seconds = time.perf_counter() - t0
-        if timed:
-            self.pace.learn(step, work, work_model, seconds)
-        if self.threads is not None and option is not None and pure:
-            self.threads.learn(dec_rows, option, seconds)
+            self.prefetched = queue_ahead(run.sampled, self.models, self.batches, self.requests)
+        if run.option is not None:
+            blas_threads(run.option.threads)  # (nothing else is inside BLAS between steps)
+        mx.eval([t for _, t in run.sampled], states)
+        self._observe(plan, run, time.perf_counter() - t0)
+        return self._complete(
+            [
+                (r, t)
+                for reqs, toks in run.sampled
+                for r, t in zip(reqs, toks.tolist(), strict=True)
+            ],
+            run.joined,
+        )
+
+    def _chunks(self, plan: StepPlan) -> dict[str, list[tuple[Request, Chunk]]]:
+        """The plan's prompt chunks, by model."""
+        by_model: dict[str, list[tuple[Request, Chunk]]] = {}
+        for rid, n in plan.prefill:
+            req = self.requests[rid]
+            assert req.cache is not None
+            layers = req.lm.layers
+            first, end = plan.spans.get(rid, (0, layers))
+            chunk = Chunk(
+                req.prompt[req.prefilled : req.prefilled + n],
+                req.cache,
+                logits=n == req.to_prefill and end == layers,
+                first=first,
+                end=end,
+                h=req.h,
+            )
+            by_model.setdefault(req.lm.model_id, []).append((req, chunk))
+        return by_model
+
+    def _execute(
+        self,
+        plan: StepPlan,
+        landed: list[tuple[Request, mx.array]],
+        flush: set[str],
+        t0: float,
+    ) -> Executed:
+        """Every active model's part of the step, each on its own (a model whose
+        part raises fails its own requests only)."""
+        by_model = self._chunks(plan)
+        run = Executed(timed=not self.lane_working())  # beside the lane: says nothing
+        for req, logits in landed:
+            run.sampled.append(([req], req.sampler(logits)[None]))
+            run.joined.append(req)
+        active = {*by_model, *flush, *(m for m, b in self.batches.items() if b.rids)}
+        active -= self.stage0.busy()
+        # OpenBLAS's threads and the decode rows' padding (threads.py): a step of decodes
+        # only, all computed here, is the kind the thread choice times and steers.
+        run.dec_rows = sum(len(self.batches[m].rids) for m in active)
+        run.pure = (
+            bool(run.dec_rows)
+            and not landed
+            and not by_model
+            and not self.prefetched
+            and all(self.models[m].part is None for m in active)
+        )
+        lane_holds = self.lane is not None and self.lane.single_blas
+        run.option, pad_to = for_step(
+            self.threads, run.dec_rows, run.pure, lane_holds, blas_max_threads()
+        )
+        for model_id in active:
+            chunks = by_model.get(model_id, [])
+            try:
+                sampled, joined, work, untimed = self._model_step(model_id, chunks, pad_to, t0)
+            except Exception as e:
+                # Its requests' caches may be half-written: they end (never a wrong
+                # token); the other models' requests in this step go on.
+                self._fail_model_step(model_id, chunks, e)
+                continue
+            self.step_faults.pop(model_id, None)
+            run.sampled += sampled
+            run.joined += joined
+            run.work += work
+            run.timed = run.timed and not untimed
+            run.work_model = run.work_model or (model_id if chunks and work else "")
+        return run
+
+    def _observe(self, plan: StepPlan, run: Executed, seconds: float) -> None:
+        """What a finished step teaches: the prefill cost model, the thread choice."""
+        if run.timed:
+            self.pace.learn(plan, run.work, run.work_model, seconds)
+        if self.threads is not None and run.option is not None and run.pure:
+            self.threads.learn(run.dec_rows, run.option, seconds)
         pace = self.pace
-        if work or pace.t_ref is not None:
+        if run.work or pace.t_ref is not None:
             log.debug(
                 "step %d: %.4fs, %d decodes, chunks %s, predicted +%.4fs, baseline %s (%s), "
                 "cost %s",
                 self.steps,
                 seconds,
-                len(step.decode),
-                [(n, k, round(f, 3)) for n, k, f in work],
-                pace.predicted if work else 0.0,
+                len(plan.decode),
+                [(n, k, round(f, 3)) for n, k, f in run.work],
+                pace.predicted if run.work else 0.0,
                 pace.t_decode,
                 pace.t_ref[1] if pace.t_ref else None,
                 pace.cost.theta,
             )
-        return self._complete(
-            [(r, t) for reqs, toks in sampled for r, t in zip(reqs, toks.tolist(), strict=True)],
-            joined,
-        )
 
     def _model_step(
         self,
@@ -375,7 +248,7 @@ class Engine:
         sampled: list[tuple[list[Request], mx.array]] = []
         joined: list[Request] = []
         if lm.part is not None:
-            self.head.send(lm, batch, rows, chunks, self.steps, t0)
+            self.stage0.send(lm, batch, rows, chunks, self.steps, t0)
             return sampled, joined, [], False
         work: list[Work] = [
             (len(c.tokens), r.prefilled, ((c.end or r.lm.layers) - c.first) / r.lm.layers)
@@ -449,7 +322,7 @@ class Engine:
         assert self.watch is not None
         if self.watch.check():
             self.lane.wait_layer(YIELD_S)
-        busy = self.head.busy()
+        busy = self.stage0.busy()
         if any(b.rids for m, b in self.batches.items() if m not in busy):
             for req in self.requests.values():
                 if (
@@ -468,7 +341,7 @@ class Engine:
     def finish_remote(self, model_id: str, step: int, ids: list[int]) -> list[Output]:
         """The last stage's tokens for a step this node began: decode rows in
         batch order, then the chunks that finished their prompts."""
-        w = self.head.back(model_id, step)
+        w = self.stage0.back(model_id, step)
         if w is None:
             log.warning("tokens for step %d of %s that nobody waits for", step, model_id)
             return []
@@ -480,14 +353,6 @@ class Engine:
         # A request cancelled while the step was away gets nothing.
         live = [(r, t) for r, t in pairs if self.requests.get(r.rid) is r]
         return self._complete(live, done)
-
-    def fail_remote(self, model_id: str) -> list[str]:
-        """A later stage failed: every request of the model ends here."""
-        self.head.abandon(model_id)
-        gone = [r.rid for r in [*self.requests.values(), *self.queue] if r.lm.model_id == model_id]
-        for rid in gone:
-            self.cancel(rid)
-        return gone
 
     def _complete(self, sampled: list[tuple[Request, int]], joined: list[Request]) -> list[Output]:
         outputs: list[Output] = []
@@ -511,105 +376,7 @@ class Engine:
             self._admit()
         return outputs
 
-    def _prefetch(self, sampled: list[tuple[list[Request], mx.array]]) -> None:
-        """Queue the next decode step before this one is read back (as mlx-lm's
-        generate_step does), so building its graph overlaps this step's compute.
-        Only for pure decode: a step with prefill work is planned afresh."""
-        from exo.nodes.engine.forward import fused_step
-
-        have = {r.rid for reqs, _ in sampled for r in reqs}
-        for model_id, batch in self.batches.items():
-            if not batch.rids or not have.issuperset(batch.rids):
-                continue
-            rows = [self.requests[r] for r in batch.rids]
-            last = in_row_order(sampled, batch.rids)
-            model = self.models[model_id].model
-            if self.fused[model_id]:
-                logits, _ = fused_step(model, last, batch.dec_groups(), [])
-                assert logits is not None
-            else:
-                logits = model(last[:, None], cache=batch.cache)[:, -1, :]
-            toks = in_row_order(sample_rows(rows, logits), batch.rids)
-            mx.async_eval(toks)
-            self.prefetched[model_id] = Prefetched(list(batch.rids), toks)
-
     def close(self) -> None:
         """Before the process exits: the lane's pass in hand finished (lane.close)."""
         if self.lane is not None:
             self.lane.close()
-
-    def fail_step(self) -> list[tuple[str, str]]:
-        """After step() raised: end the requests it carried (decode rows of models not
-        waiting on a later stage, prompt chunks, prompts just back from the lane),
-        whose caches it may have left half-written. -> (rid, model) of each."""
-        busy = self.head.busy()
-        chunked = {rid for rid, _ in self.last_plan.prefill}
-        carried = [
-            r
-            for r in self.requests.values()
-            if (r.cache is None and r.lm.model_id not in busy)
-            or r.rid in chunked
-            or (r.cache is not None and not r.in_lane and r.to_prefill == 0)
-        ]
-        for r in carried:
-            self.prefetched.pop(r.lm.model_id, None)
-            self.cancel(r.rid)
-        return [(r.rid, r.lm.model_id) for r in carried]
-
-    def take_failed(self) -> list[tuple[str, str, str]]:
-        """(rid, error code, why) of the requests the engine gave up on since the last
-        call: they are gone from it, and their clients are owed an error."""
-        out, self._failed = self._failed, []
-        return out
-
-    def lane_working(self) -> bool:
-        """Whether the prefill lane has prompts in hand (they join once landed)."""
-        return self.lane is not None and not self.lane.idle()
-
-    def runnable(self) -> bool:
-        """Whether step() has anything to do now (the lane's prompts: once landed)."""
-        if self.lane is not None and self.lane.landed():
-            return True
-        busy = self.head.busy()
-        return any(
-            r.lm.model_id not in busy and not r.in_lane for r in self.requests.values()
-        ) or bool(self.head.owed())
-
-    # -- status ---------------------------------------------------------------------
-
-    def prefilling(self) -> list[tuple[str, int, int]]:
-        """(rid, prompt tokens done, prompt tokens) of requests part-way through prefill."""
-        return [
-            (r.rid, r.prefilled, len(r.prompt))
-            for r in self.requests.values()
-            if r.cache is not None and r.prefilled
-        ]
-
-    def kv_bytes(self) -> int:
-        return sum(b.nbytes() for b in self.batches.values()) + sum(
-            r.kv_bytes() for r in self.requests.values()
-        )
-
-    def status(self) -> dict[str, Any]:
-        running = sum(len(b.rids) for b in self.batches.values())
-        return {
-            "running": running,
-            "prefilling": len(self.requests) - running,
-            "queued": len(self.queue),
-            "kv_bytes": self.kv_bytes(),
-            "kv_reserved": sum(r.kv_reserved for r in self.requests.values()),
-            "kv_budget": self.kv_budget,
-            "kv_caps": {m: lm.kv_cap for m, lm in self.models.items() if lm.kv_cap is not None},
-            "loaded": sorted(self.models),
-            "steps": self.steps,
-            "step_s": self.pace.t_decode,
-            # batch size -> OpenBLAS's threads and the rows its matmuls see
-            "blas_threads": {
-                str(n): {"threads": o.threads or blas_max_threads(), "rows": o.rows(n)}
-                for n, o in self.threads.chosen.items()
-            }
-            if self.threads
-            else {},
-            "prefill_cost": self.pace.cost.theta,
-            "lane": self.watch.status() if self.watch is not None else None,
-        }

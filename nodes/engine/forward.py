@@ -234,7 +234,7 @@ def no_rows(model: Any) -> mx.array:
     return mx.zeros((0, embedding_dims(model.model.embed_tokens)), dtype=mx.float32)
 
 
-def head(model: Any, h: mx.array, rows: list[int], span: Span | None = None) -> mx.array:
+def logits_of(model: Any, h: mx.array, rows: list[int], span: Span | None = None) -> mx.array:
     """The logits of rows `rows` of the last layer's output `h`: the llama head, or
     with `span` the model's own (span.py)."""
     if span is not None:
@@ -336,7 +336,7 @@ def fused_step(
                 want[i] = len(rows) + w
         rows += [at + r for r in got]
         at += g.rows * g.n
-    logits = head(model, h, rows + list(range(B, B + pad))) if rows else None
+    logits = logits_of(model, h, rows + list(range(B, B + pad))) if rows else None
     outs: list[mx.array | None] = [None] * len(chunks)
     for p, g in order:
         for i in p:

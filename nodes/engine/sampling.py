@@ -7,58 +7,11 @@ request gives the same tokens whatever else runs beside it.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from typing import Any
 
+from exo.common.sampling import SamplingParams
 from exo.nodes.engine.mlxenv import mx
 
-
-@dataclass(slots=True)
-class SamplingParams:
-    max_tokens: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    ignore_eos: bool = False
-
-    @classmethod
-    def from_wire(cls, p: dict) -> SamplingParams:
-        """The parameters a GENERATE carries, or ValueError naming the bad one. The API
-        checks them first; a node checks again, as nothing on the wire is trusted."""
-        stop = p.get("stop") or []
-        if isinstance(stop, str):
-            stop = [stop]
-        seed = p.get("seed")
-        out = cls(
-            max_tokens=_number(p, "max_tokens", 256, int, 1, 1 << 31),
-            temperature=_number(p, "temperature", 1.0, float, 0.0, 2.0),
-            top_p=_number(p, "top_p", 1.0, float, 1e-9, 1.0),
-            seed=None if seed is None else _number(p, "seed", 0, int, -(1 << 63), (1 << 64) - 1),
-            stop=stop,
-            ignore_eos=p.get("ignore_eos", False) is True,
-        )
-        if (
-            not isinstance(stop, list)
-            or len(stop) > MAX_STOPS
-            or not all(isinstance(s, str) and len(s) <= MAX_STOP_CHARS for s in stop)
-        ):
-            raise ValueError(f"stop: at most {MAX_STOPS} strings of {MAX_STOP_CHARS} characters")
-        return out
-
-
-MAX_STOPS = 16
-MAX_STOP_CHARS = 1024
-
-
-def _number(p: dict, name: str, default: float, kind: type, lo: float, hi: float) -> Any:
-    v = p.get(name, default)
-    if isinstance(v, bool) or not isinstance(v, int | float) or (kind is int and v != int(v)):
-        raise ValueError(f"{name} must be a number")
-    v = kind(v)
-    if not lo <= v <= hi:
-        raise ValueError(f"{name} must be within [{lo}, {hi}]")
-    return v
+__all__ = ["Sampler", "SamplingParams", "StopMatcher"]
 
 
 class Sampler:

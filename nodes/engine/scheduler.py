@@ -10,6 +10,7 @@ prefilled over several steps.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,3 +210,18 @@ class PrefillCost:
                     best = max(best, (n * k, k, n, k))
                     break
         return best[2], best[3]
+
+
+@dataclass
+class Executed:
+    """What a step's execution gives its commit and its observer."""
+
+    # (requests, their sampled tokens): request.Request, a lazy mx.array
+    sampled: list[tuple[list[Any], Any]] = field(default_factory=list)
+    joined: list[Any] = field(default_factory=list)  # prompts finished this step
+    work: list[Work] = field(default_factory=list)  # its chunks, for the cost model
+    work_model: str = ""  # whose chunks those are
+    timed: bool = True  # whether its time says what its work cost
+    dec_rows: int = 0
+    pure: bool = False  # decodes only, all computed here
+    option: Any = None  # the OpenBLAS threads chosen for it (threads.ThreadOption)

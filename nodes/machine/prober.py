@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import logging
 import socket
 import struct
 import threading
 import time
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 PING, BULK = b"P", b"B"
 PINGS = 10
@@ -152,3 +155,31 @@ def probe(
         "cpu_s": time.thread_time() - t_cpu,
         "at": started,
     }
+
+
+class Probes:
+    """The probes the broker asks this node to run: one at a time, in the
+    background; the last result per link key (a failure marks the link, nothing
+    more)."""
+
+    def __init__(self, token: str | None) -> None:
+        self.token = token
+        self.results: dict[str, dict[str, Any]] = {}
+        self.cpu_s = 0.0  # spent measuring, for the probes' own cost
+        self.running: threading.Thread | None = None
+
+    def start(self, key: str, src: str, dst: str, port: int) -> None:
+        if self.running is not None and self.running.is_alive():
+            return
+
+        def run() -> None:
+            try:
+                result = probe(src, dst, port, token=self.token)
+                self.cpu_s += result["cpu_s"]
+            except OSError as e:
+                result = {"error": f"{type(e).__name__}: {e}", "at": time.time()}
+                log.info("probe %s failed: %s", key, result["error"])
+            self.results[key] = result
+
+        self.running = threading.Thread(target=run, name="probe", daemon=True)
+        self.running.start()

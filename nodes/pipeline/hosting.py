@@ -1,7 +1,7 @@
 """The pipeline stages this node hosts: one object per stage, keyed by instance id.
 
 A hosted stage is a layer range of one instance of a model. Stage 0 runs in the
-engine (it schedules, embeds and sends each step on: head.py); a later stage
+engine (it schedules, embeds and sends each step on: stage0.py); a later stage
 follows stage 0 step by step (`StageRunner`, stage.py). Either way its next hop
 is the next stage's peer endpoint, and a later stage's way back is stage 0's:
 the last stage sends tokens there, any stage its STAGE_ERROR. The broker tells
@@ -40,7 +40,7 @@ class HostedStage:
     lm: LoadedModel | None = None  # once loaded
     runner: StageRunner | None = None  # a later stage (stage 0 runs in the engine)
     next: str | None = None  # the next stage's peer endpoint (all but the last)
-    head: str | None = None  # stage 0's peer endpoint (every later stage)
+    stage0: str | None = None  # stage 0's peer endpoint (every later stage)
 
     def public(self) -> dict[str, Any]:
         """What the broker reads to tell an instance loading from ready."""
@@ -67,7 +67,7 @@ class Hosting:
         self.stage_timeout = stage_timeout
         self.stages: dict[str, HostedStage] = {}
         self.loading: str | None = None  # the model being loaded now
-        engine.head.hop = self.hop
+        engine.stage0.hop = self.hop
 
     def runners(self) -> Iterator[StageRunner]:
         return (s.runner for s in self.stages.values() if s.runner is not None)
@@ -79,7 +79,7 @@ class Hosting:
 
     def load(self, msg: P.Load) -> None:
         part = Part(msg.start, msg.end, msg.total)
-        stage = HostedStage(msg.instance, msg.model, part, next=msg.next, head=msg.head)
+        stage = HostedStage(msg.instance, msg.model, part, next=msg.next, stage0=msg.stage0)
         self.stages[msg.instance] = stage
         self.changed()  # the broker sees "loading" while we load
         path = self.store.scan().get(msg.model)
@@ -141,8 +141,8 @@ class Hosting:
             return
         if msg.next and stage.next:
             stage.next = msg.next
-        if msg.head and stage.head:
-            stage.head = msg.head
+        if msg.stage0 and stage.stage0:
+            stage.stage0 = msg.stage0
 
     # -- steps between stages -----------------------------------------------------------
 
@@ -194,19 +194,21 @@ class Hosting:
             out = runner.run(msg, h)
         except Exception as e:  # a stage that cannot run its step fails the instance's requests
             log.exception("instance %s: step %s failed", iid, msg.step)
-            if stage.head:
-                self.peers.send(stage.head, P.StageError(instance=iid, message=f"{self.name}: {e}"))
+            if stage.stage0:
+                self.peers.send(
+                    stage.stage0, P.StageError(instance=iid, message=f"{self.name}: {e}")
+                )
             return
         if isinstance(out, list):
-            if stage.head:
-                self.peers.send(stage.head, P.Result(instance=iid, step=msg.step, ids=out))
+            if stage.stage0:
+                self.peers.send(stage.stage0, P.Result(instance=iid, step=msg.step, ids=out))
         elif stage.next:
             self.peers.send(stage.next, msgspec.structs.replace(msg, shape=list(out.shape)), out)
 
     def check_stalled(self) -> None:
         """A step the later stages never answer (a link that died under it) fails its
         requests instead of leaving them hanging until their deadline."""
-        for model_id, w in self.engine.head.stalled(self.stage_timeout):
+        for model_id, w in self.engine.stage0.stalled(self.stage_timeout):
             lm = self.engine.models[model_id]
             stage = self.stages.get(lm.instance)
             why = (

@@ -78,7 +78,7 @@ class StageRunner:
 
     def run(self, header: P.Act, h: mx.array) -> mx.array | list[int]:
         """One step: the next stage's input, or on the last stage the tokens."""
-        from exo.nodes.engine.forward import Chunk, groups_of, head, sampled_rows, through
+        from exo.nodes.engine.forward import Chunk, groups_of, logits_of, sampled_rows, through
         from exo.nodes.engine.span import new_cache
 
         lm = self.lm
@@ -113,7 +113,7 @@ class StageRunner:
         if not rows:
             mx.eval(states)
             return []
-        logits = head(lm.model, h, rows, None if lm.fused else lm.span)
+        logits = logits_of(lm.model, h, rows, None if lm.fused else lm.span)
         names = decode + [rid for (rid, _), w in zip(chunks, wanted, strict=True) if w is not None]
         sampled = sample_rows([SamplerRow(r, self.samplers[r]) for r in names], logits)
         mx.eval([t for _, t in sampled], states)

@@ -15,9 +15,10 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -301,3 +302,65 @@ class _RetryAfter(Exception):
     def __init__(self, seconds: float) -> None:
         super().__init__(f"retry after {seconds}s")
         self.seconds = seconds
+
+
+class Downloads:
+    """The node's downloads, each on a thread of its own while the engine serves:
+    one per model at a time, with its progress (reported in every heartbeat).
+    With a `source` (a peer's weights server, which takes `token`) the peer is
+    tried first, then the hub. `done` is called when one ends, either way."""
+
+    def __init__(
+        self,
+        store: Any,  # store.ModelStore
+        downloader: Downloader,
+        token: str | None,
+        done: Callable[[], None],
+    ) -> None:
+        self.store, self.downloader, self.token, self.done = store, downloader, token, done
+        self.progress: dict[str, Progress] = {}
+
+    def public(self) -> list[dict[str, Any]]:
+        return [p.public() for p in list(self.progress.values())]
+
+    def start(self, model_id: str, revision: str, source: str | None = None) -> None:
+        if not valid_model_id(model_id):
+            self.progress[model_id[:256]] = Progress(
+                model_id[:256], state="failed", error="not a model id (ORG/NAME, as on the hub)"
+            )
+            return
+        current = self.progress.get(model_id)
+        if (
+            current and current.state in ("listing", "downloading")
+        ) or model_id in self.store.scan():
+            return
+        self.progress[model_id] = Progress(model_id)
+        threading.Thread(
+            target=self._run,
+            args=(model_id, revision, source),
+            name=f"download-{model_id}",
+            daemon=True,
+        ).start()
+
+    def _run(self, model_id: str, revision: str, source: str | None) -> None:
+        def progress(p: Progress) -> None:
+            self.progress[model_id] = p
+
+        dest = self.store.path(model_id)
+        try:
+            if source:
+                try:
+                    peer = replace(
+                        self.downloader, hub=source, token=self.token, on_progress=progress
+                    )
+                    peer.download(model_id, dest, revision)
+                    return
+                except DownloadError as e:
+                    log.warning(
+                        "peer %s could not give %s (%s); trying the hub", source, model_id, e
+                    )
+            replace(self.downloader, on_progress=progress).download(model_id, dest, revision)
+        except Exception as e:
+            log.error("download of %s failed: %s", model_id, e)
+        finally:
+            self.done()

@@ -1,10 +1,10 @@
-"""Stage 0 of a model split across nodes: a pipeline head.
+"""Stage 0 of a model split across nodes, as the engine runs it.
 
-The head embeds a step's tokens, runs its own layers and hands the hidden states
+Stage 0 embeds a step's tokens, runs its own layers and hands the hidden states
 to the next stage (`hop`, the node's peer sockets). The step is then out: the
 model takes no new step until the last stage's tokens come back (the engine's
 `finish_remote`). Later stages keep a KV cache per request; they free one when a
-step names it in `drops`, so a request that ends at the head is carried to them
+step names it in `drops`, so a request that ends at stage 0 is carried to them
 by the model's next step (or a step sent just for that).
 """
 
@@ -36,7 +36,7 @@ class Remote:
     t0: float
 
 
-class Head:
+class Stage0:
     """The steps a node's pipeline heads have out, and the drops they owe."""
 
     def __init__(self) -> None:

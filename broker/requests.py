@@ -1,0 +1,264 @@
+"""What frontends ask of the cluster, from SUBMIT to the last TOKENS.
+
+A request goes to stage 0 of a ready instance of its model (routing.py picks
+the instance, deploy.py places one when there is none), or waits, parked, while
+an instance is on its way (placed, downloading, loading), until its deadline:
+the smaller of the client's and the broker's --request-timeout. Cancels end it
+wherever it is; its node's replies are relayed to its frontend unchanged. Model
+pulls (PULL) live here too: a request may wait on the download one started.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from exo.broker import protocol as P
+from exo.broker.cancels import Cancels
+from exo.broker.deploy import Deployer, Topology
+from exo.broker.registry import InFlight, Parked, Peer, Registry, downloading, failed_download
+from exo.broker.routing import Refusal, choose_instance
+
+log = logging.getLogger(__name__)
+
+PARKED_S = 0.5
+PULL_GRACE_S = 5.0
+
+
+class Requests:
+    def __init__(
+        self,
+        reg: Registry,
+        deploy: Deployer,
+        cancels: Cancels,
+        send: Callable[[bytes, P.Msg], bool],
+        send_raw: Callable[[bytes, bytes | zmq.Frame], bool],
+        drop_peer: Callable[[bytes, str], None],
+        topology: Callable[[], Topology],
+        stats: P.Counters,
+        request_timeout: float,
+    ) -> None:
+        self.reg, self.deploy, self.cancels = reg, deploy, cancels
+        self.send, self.send_raw, self.drop_peer = send, send_raw, drop_peer
+        self.topology, self.stats, self.request_timeout = topology, stats, request_timeout
+        # model -> (node asked to download it, when): covers the heartbeat before
+        # the node's status shows the download
+        self.pulls: dict[str, tuple[bytes, float]] = {}
+        self.next_parked = 0.0
+
+    def fail(self, identity: bytes, rid: str, status: int, code: str, message: str) -> None:
+        """End a request at its frontend with the status the API answers."""
+        self.send(identity, P.Fail(rid=rid, status=status, code=code, message=message))
+
+    def tick(self, now: float) -> None:
+        if now >= self.next_parked:
+            self.next_parked = now + PARKED_S
+            self.tend_parked(now)
+
+    def on_submit(self, fe: Peer, msg: P.Submit, frame: zmq.Frame) -> None:
+        rid = msg.rid
+        if rid in self.reg.requests or rid in self.reg.parked:
+            self.fail(
+                fe.identity, rid, 409, "duplicate_request", f"request id {rid} is already in flight"
+            )
+            return
+        timeout = self.request_timeout
+        if msg.timeout_s is not None and msg.timeout_s > 0:
+            timeout = min(timeout, msg.timeout_s)
+        self.dispatch(Parked(rid, fe.identity, msg, time.monotonic() + timeout), first=True)
+
+    def dispatch(self, job: Parked, first: bool = False) -> bool:
+        """Send a job to the first stage of a ready instance of its model, or park it
+        while an instance is on its way (placed, downloading, loading). True when
+        the job left the parking lot (sent, or failed)."""
+        rid, model, nodes = job.rid, job.submit.model, self.reg.by_id()
+        inst = choose_instance(list(self.deploy.instances.values()), nodes, model)
+        if inst is None:
+            refusal = self.deploy.provide(model)
+            pending = downloading(list(nodes.values()), model) or self.recently_pulled(model)
+            if refusal is None or pending:
+                if first:
+                    self.reg.parked[rid] = job
+                    where = pending[0][0].peer_id if pending else ""
+                    self.send(job.frontend, P.Accepted(rid=rid, node=where))
+                    log.info("rid=%s waits for an instance of %s", rid, model)
+                return False
+            failed = failed_download(list(nodes.values()), model)
+            if not first and failed is not None:
+                node, d = failed
+                refusal = Refusal(
+                    503,
+                    "download_failed",
+                    f"node {node.peer_id} could not download {model}: {d.get('error')}",
+                )
+            self.fail(job.frontend, rid, refusal.status, refusal.code, refusal.message)
+            return True
+        s = job.submit
+        node0 = nodes[inst.first_node]
+        frame = P.encode(
+            P.Generate(
+                rid=rid,
+                model=model,
+                kind=s.kind,
+                payload=s.payload,
+                params=s.params,
+                instance=inst.id,
+            )
+        )
+        if not self.send_raw(node0.identity, frame):
+            self.drop_peer(node0.identity, "unreachable")
+            self.fail(
+                job.frontend, rid, 503, "node_lost", "the chosen node could not be reached; retry"
+            )
+            return True
+        self.reg.requests[rid] = InFlight(
+            rid,
+            job.frontend,
+            node0.identity,
+            model,
+            deadline=job.deadline,
+            instance=inst.id,
+            stages=tuple(nodes[n].identity for n in inst.nodes),
+        )
+        # Count it now so a burst spreads over instances before their next heartbeat.
+        node0.status["prefilling"] = int(node0.status.get("prefilling", 0)) + 1
+        if first:
+            self.send(job.frontend, P.Accepted(rid=rid, node=node0.peer_id))
+        log.info("rid=%s model=%s -> instance %s on %s", rid, model, inst.id, node0.peer_id)
+        return True
+
+    def recently_pulled(self, model: str) -> list[tuple[Peer, dict[str, Any]]]:
+        """A node just asked to download `model`, whose status does not show it yet."""
+        asked = self.pulls.get(model)
+        if asked is None or time.monotonic() - asked[1] > PULL_GRACE_S:
+            return []
+        node = self.reg.peers.get(asked[0])
+        if node is None or any(d.get("model") == model for d in node.status.get("downloads", [])):
+            return []
+        return [(node, {"model": model, "done": 0, "total": 0})]
+
+    def tend_parked(self, now: float) -> None:
+        """Dispatch parked jobs whose model arrived; tell the others how the download goes."""
+        for rid, job in list(self.reg.parked.items()):
+            if now >= job.deadline:
+                del self.reg.parked[rid]
+                self.stats["cancelled_deadline"] += 1
+                self.fail(
+                    job.frontend,
+                    rid,
+                    504,
+                    "deadline_exceeded",
+                    f"request {rid} passed its deadline waiting for {job.submit.model}",
+                )
+                continue
+            if self.dispatch(job):
+                del self.reg.parked[rid]
+                continue
+            for node, d in downloading(self.reg.nodes(), job.submit.model)[:1]:
+                self.send(
+                    job.frontend,
+                    P.State(
+                        rid=rid,
+                        state="downloading",
+                        node=node.peer_id,
+                        done=int(d.get("done", 0)),
+                        total=int(d.get("total", 0)),
+                    ),
+                )
+
+    def on_pull(self, fe: Peer, msg: P.Pull, frame: zmq.Frame) -> None:
+        model, wanted = msg.model, msg.node
+        nodes = [n for n in self.reg.nodes() if wanted in (None, n.peer_id, n.name)]
+        if not nodes:
+            self.send(fe.identity, P.Reply(qid=msg.qid, data={"error": f"no node {wanted!r}"}))
+            return
+        have = [n for n in nodes if model in n.models]
+        busy = downloading(nodes, model)
+        node = (
+            have
+            or [b for b, _ in busy]
+            or [
+                max(
+                    nodes,
+                    key=lambda n: (
+                        int(n.info.get("disk_free", 0)) or int(n.info.get("memory_available", 0))
+                    ),
+                )
+            ]
+        )[0]
+        if not have and not busy:
+            self.send(
+                node.identity,
+                P.Download(
+                    model=model,
+                    revision=msg.revision or "main",
+                    **self.deploy.weights_source(model, node, self.topology()),
+                ),
+            )
+            self.pulls[model] = (node.identity, time.monotonic())
+            log.info("asked node %s to download %s", node.peer_id, model)
+        self.send(
+            fe.identity,
+            P.Reply(
+                qid=msg.qid,
+                data={"node": node.peer_id, "state": "present" if have else "downloading"},
+            ),
+        )
+
+    def on_cancel(self, fe: Peer, msg: P.Cancel, frame: zmq.Frame) -> None:
+        rid, reason, qid = msg.rid, msg.reason or "explicit", msg.qid
+        # Parked (waiting for a download) or running on a node: either way it ends here.
+        owner = self.reg.parked.get(rid) or self.reg.requests.get(rid)
+        if owner is not None and owner.frontend != fe.identity:
+            # Only the frontend that submitted a request may cancel it.
+            self.stats["cancel_not_owner"] += 1
+            owner = None
+        if qid is not None:
+            self.send(fe.identity, P.Reply(qid=qid, data={"found": owner is not None}))
+        if owner is None:
+            return
+        parked = self.reg.parked.pop(rid, None)
+        running = None if parked else self.reg.requests.pop(rid, None)
+        if running is not None:
+            self.cancels.stages(running)
+        self.stats[f"cancelled_{reason}"] += 1
+        if reason == "explicit":
+            # Whoever is waiting on this request learns why it ended.
+            self.fail(owner.frontend, rid, 499, "cancelled", f"request {rid} was cancelled")
+        log.info("rid=%s cancelled (%s)", rid, reason)
+
+    def expire_deadlines(self, now: float) -> None:
+        for r in [r for r in self.reg.requests.values() if now >= r.deadline]:
+            del self.reg.requests[r.rid]
+            self.cancels.stages(r)
+            self.stats["cancelled_deadline"] += 1
+            timeout = now - r.started
+            self.fail(
+                r.frontend,
+                r.rid,
+                504,
+                "deadline_exceeded",
+                f"request {r.rid} passed its deadline after {timeout:.1f}s",
+            )
+            log.info("rid=%s deadline passed after %.1fs", r.rid, timeout)
+
+    def on_node_reply(self, node: Peer, msg: P.Tokens | P.Fail | P.State, frame: zmq.Frame) -> None:
+        r = self.reg.requests.get(msg.rid)
+        if r is None or r.node != node.identity:
+            if isinstance(msg, P.Tokens) and not msg.finish:
+                # Nobody wants these tokens any more: make sure the node stops.
+                self.cancels.on_node(msg.rid, node.identity)
+            return
+        if isinstance(msg, P.Tokens):
+            r.tokens += len(msg.ids)
+        ended = isinstance(msg, P.Fail) or (isinstance(msg, P.Tokens) and msg.finish)
+        if ended:
+            del self.reg.requests[r.rid]
+        if not self.send_raw(r.frontend, frame) and r.rid in self.reg.requests:
+            del self.reg.requests[r.rid]
+            self.cancels.stages(r)
+            self.stats["cancelled_disconnect"] += 1

@@ -1,0 +1,40 @@
+"""What a request asks of sampling, defined once: the API builds it from the
+client's body, it travels in GENERATE and in the first step header a later
+stage sees, and it is checked again wherever it enters a node (nothing on the
+wire is trusted)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta, Struct
+
+MAX_STOPS = 16
+MAX_STOP_CHARS = 1024
+
+
+class SamplingParams(Struct, forbid_unknown_fields=False):
+    max_tokens: Annotated[int, Meta(ge=1, le=1 << 31)] = 256
+    temperature: Annotated[float, Meta(ge=0.0, le=2.0)] = 1.0
+    top_p: Annotated[float, Meta(gt=0.0, le=1.0)] = 1.0
+    # OpenAI's seeds are signed 64-bit; the sampler takes them modulo 2^64.
+    seed: Annotated[int, Meta(ge=-(1 << 63), le=(1 << 64) - 1)] | None = None
+    stop: Annotated[
+        list[Annotated[str, Meta(max_length=MAX_STOP_CHARS)]], Meta(max_length=MAX_STOPS)
+    ] = []
+    ignore_eos: bool = False
+
+    def wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = msgspec.to_builtins(self)
+        return out
+
+    @classmethod
+    def from_wire(cls, p: Any) -> SamplingParams:
+        """The parameters as a message carries them, or ValueError naming the bad one."""
+        if isinstance(p, dict) and isinstance(p.get("stop"), str):
+            p = {**p, "stop": [p["stop"]]}
+        try:
+            return msgspec.convert(p, cls)
+        except msgspec.ValidationError as e:
+            raise ValueError(str(e)) from None

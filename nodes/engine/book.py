@@ -1,0 +1,221 @@
+"""The engine's book of requests: which it holds and in what state, what their
+KV may take, and how they end. The step (engine.py) works from it.
+
+A request is queued until its KV fits the node's budget (and, at stage 0 of a
+split model, the tightest later stage's: `LoadedModel.kv_cap`), then admitted
+with a cache of its own; it prefills (here in chunks or in the prefill lane),
+joins its model's decode batch, and leaves it when it finishes, is cancelled,
+or its model goes. Whatever ends is freed at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict, deque
+from typing import Any
+
+from exo.nodes.engine.ahead import Prefetched
+from exo.nodes.engine.batch import Batch
+from exo.nodes.engine.lane import Lane
+from exo.nodes.engine.mlxenv import mx
+from exo.nodes.engine.model import LoadedModel, kv_bytes_per_token
+from exo.nodes.engine.request import EngineError, Request, encode_prompt
+from exo.nodes.engine.sampling import Sampler, SamplingParams, StopMatcher
+from exo.nodes.engine.scheduler import StepPlan
+from exo.nodes.pipeline.stage0 import Stage0
+
+log = logging.getLogger(__name__)
+
+# Keys of room past the prompt in its cache: the cache becomes its decode group's
+# as it is when the request joins the batch, with room to grow ahead (batch.py).
+JOIN_ROOM = 64
+
+
+def default_kv_budget() -> int:
+    """KV cache memory the engine may reserve: a quarter of what is free now."""
+    import psutil
+
+    return psutil.virtual_memory().available // 4
+
+
+class Book:
+    def __init__(self, kv_budget: int | None, lane: Lane | None) -> None:
+        self.lane = lane
+        # (rid, code, why): requests the engine gave up on, owed an error
+        self._failed: list[tuple[str, str, str]] = []
+        self.kv_budget = kv_budget if kv_budget is not None else default_kv_budget()
+        self.models: dict[str, LoadedModel] = {}
+        self.requests: OrderedDict[str, Request] = OrderedDict()  # admitted
+        self.queue: deque[Request] = deque()  # waiting for KV memory
+        self.batches: dict[str, Batch] = {}
+        self.prefetched: dict[str, Prefetched] = {}
+        # Models this node heads a pipeline of: their steps out, their drops owed.
+        self.stage0 = Stage0()
+        self.last_plan = StepPlan()
+
+    def submit(self, rid: str, model_id: str, kind: str, payload: Any, params: dict) -> Request:
+        lm = self.models.get(model_id)
+        if lm is None:
+            raise EngineError(
+                503, "model_not_loaded", f"model {model_id} is not loaded on this node"
+            )
+        if rid in self.requests or any(r.rid == rid for r in self.queue):
+            raise EngineError(409, "duplicate_request", f"request {rid} already running")
+        try:
+            sp = SamplingParams.from_wire(params)
+        except ValueError as e:
+            raise EngineError(400, "invalid_params", str(e)) from None
+        prompt = encode_prompt(lm, kind, payload)
+        if len(prompt) >= lm.context:
+            raise EngineError(
+                400,
+                "context_length_exceeded",
+                f"prompt is {len(prompt)} tokens; the model's context is {lm.context}",
+            )
+        need = (len(prompt) + min(sp.max_tokens, lm.context - len(prompt))) * kv_bytes_per_token(
+            lm.model
+        )
+        cap = min(self.kv_budget, lm.kv_cap if lm.kv_cap is not None else self.kv_budget)
+        if need > cap:
+            where = "the node" if cap == self.kv_budget else "the instance's tightest stage"
+            raise EngineError(
+                400,
+                "kv_budget_exceeded",
+                f"this request needs {need >> 20} MiB of KV cache; {where} allows {cap >> 20} MiB",
+            )
+        req = Request(
+            rid=rid,
+            lm=lm,
+            prompt=prompt,
+            params=sp,
+            wire=params,
+            sampler=Sampler(sp),
+            cache=None,
+            stop=StopMatcher(sp.stop),
+            detok=lm.tokenizer.detokenizer,
+            kv_reserved=need,
+        )
+        self.queue.append(req)
+        self._admit()
+        return req
+
+    def _admit(self) -> None:
+        from mlx_lm.models.cache import KVCache
+
+        from exo.nodes.engine.span import new_cache
+
+        reserved = sum(r.kv_reserved for r in self.requests.values())
+        while self.queue and reserved + self.queue[0].kv_reserved <= self.kv_budget:
+            front = self.queue[0]
+            if front.lm.kv_cap is not None:
+                mine = sum(r.kv_reserved for r in self.requests.values() if r.lm is front.lm)
+                if mine + front.kv_reserved > front.lm.kv_cap:
+                    break  # a later stage of its instance would run out first
+            req = self.queue.popleft()
+            req.cache = new_cache(req.lm.layers)
+            for c in req.cache:
+                # One buffer for the whole prompt: a cache that grows 256 keys at a
+                # time copies itself each time, a spike in the step that does it.
+                if isinstance(c, KVCache):
+                    c.step = -(-(len(req.prompt) + JOIN_ROOM) // KVCache.step) * KVCache.step
+            self.requests[req.rid] = req
+            reserved += req.kv_reserved
+            log.debug("rid=%s admitted: %d prompt tokens", req.rid, len(req.prompt))
+
+    def cancel(self, rid: str) -> bool:
+        for q in self.queue:
+            if q.rid == rid:
+                self.queue.remove(q)
+                log.info("rid=%s cancelled while queued", rid)
+                return True
+        req = self.requests.pop(rid, None)
+        if req is None:
+            return False
+        if req.in_lane and self.lane is not None:
+            self.lane.cancel(rid)
+        self._release(req)
+        log.info("rid=%s cancelled after %d tokens", rid, req.generated)
+        self._admit()
+        return True
+
+    def _release(self, req: Request) -> None:
+        req.cache = req.h = None
+        if req.lm.part is not None:
+            self.stage0.drop(req.lm.model_id, req.rid)
+        batch = self.batches[req.lm.model_id]
+        batch.leave({req.rid})
+        ready = self.prefetched.get(req.lm.model_id)
+        if ready is not None and req.rid in ready.rids:
+            # The queued step's tokens, for the rows left, in their new order (the
+            # batch's last row took the cancelled one's place).
+            if batch.rids:
+                at = {r: i for i, r in enumerate(ready.rids)}
+                ready.toks = ready.toks[mx.array([at[r] for r in batch.rids])]
+                ready.rids = list(batch.rids)
+            else:
+                del self.prefetched[req.lm.model_id]
+
+    def fail_remote(self, model_id: str) -> list[str]:
+        """A later stage failed: every request of the model ends here."""
+        self.stage0.abandon(model_id)
+        gone = [r.rid for r in [*self.requests.values(), *self.queue] if r.lm.model_id == model_id]
+        for rid in gone:
+            self.cancel(rid)
+        return gone
+
+    def fail_step(self) -> list[tuple[str, str]]:
+        """After step() raised: end the requests it carried (decode rows of models not
+        waiting on a later stage, prompt chunks, prompts just back from the lane),
+        whose caches it may have left half-written. -> (rid, model) of each."""
+        busy = self.stage0.busy()
+        chunked = {rid for rid, _ in self.last_plan.prefill}
+        carried = [
+            r
+            for r in self.requests.values()
+            if (r.cache is None and r.lm.model_id not in busy)
+            or r.rid in chunked
+            or (r.cache is not None and not r.in_lane and r.to_prefill == 0)
+        ]
+        for r in carried:
+            self.prefetched.pop(r.lm.model_id, None)
+            self.cancel(r.rid)
+        return [(r.rid, r.lm.model_id) for r in carried]
+
+    def take_failed(self) -> list[tuple[str, str, str]]:
+        """(rid, error code, why) of the requests the engine gave up on since the last
+        call: they are gone from it, and their clients are owed an error."""
+        out, self._failed = self._failed, []
+        return out
+
+    def lane_working(self) -> bool:
+        """Whether the prefill lane has prompts in hand (they join once landed)."""
+        return self.lane is not None and not self.lane.idle()
+
+    def runnable(self) -> bool:
+        """Whether step() has anything to do now (the lane's prompts: once landed)."""
+        if self.lane is not None and self.lane.landed():
+            return True
+        busy = self.stage0.busy()
+        return any(
+            r.lm.model_id not in busy and not r.in_lane for r in self.requests.values()
+        ) or bool(self.stage0.owed())
+
+    # -- status ---------------------------------------------------------------------
+
+    def prefilling(self) -> list[tuple[str, int, int]]:
+        """(rid, prompt tokens done, prompt tokens) of requests part-way through prefill."""
+        return [
+            (r.rid, r.prefilled, len(r.prompt))
+            for r in self.requests.values()
+            if r.cache is not None and r.prefilled
+        ]
+
+    def kv_bytes(self) -> int:
+        return sum(b.nbytes() for b in self.batches.values()) + sum(
+            r.kv_bytes() for r in self.requests.values()
+        )
+
+    def status(self) -> dict[str, Any]:
+        from exo.nodes.engine.report import status
+
+        return status(self)
