@@ -19,7 +19,7 @@ class SamplingParams(Struct, forbid_unknown_fields=False):
     temperature: Annotated[float, Meta(ge=0.0, le=2.0)] = 1.0
     top_p: Annotated[float, Meta(gt=0.0, le=1.0)] = 1.0
     # OpenAI's seeds are signed 64-bit; the sampler takes them modulo 2^64.
-    seed: Annotated[int, Meta(ge=-(1 << 63), le=(1 << 64) - 1)] | None = None
+    seed: Annotated[int, Meta(ge=-(1 << 63), le=(1 << 63) - 1)] | None = None
     stop: Annotated[
         list[Annotated[str, Meta(max_length=MAX_STOP_CHARS)]], Meta(max_length=MAX_STOPS)
     ] = []

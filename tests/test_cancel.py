@@ -300,10 +300,10 @@ def test_the_broker_resends_a_cancel_until_the_node_acknowledges(
         )
     )
     t.start()
-    rid = recv("GENERATE")["rid"]
+    rid = recv("GENERATE").rid
     assert httpx.post(f"{c.url}/v1/cancel/{rid}", timeout=10).status_code == 200
-    assert recv("CANCEL")["rid"] == rid
-    assert recv("CANCEL")["rid"] == rid  # not acknowledged: sent again
+    assert recv("CANCEL").rid == rid
+    assert recv("CANCEL").rid == rid  # not acknowledged: sent again
     fake.send(P.encode("CANCEL_ACK", rid=rid))
     time.sleep(1.0)
     while fake.poll(0):
