@@ -7,6 +7,7 @@ before the next; liveness is checked and state published between polls.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -63,6 +64,7 @@ class Broker:
         cluster: keys.Cluster | None = None,
     ) -> None:
         self.request_timeout = request_timeout
+        self.router_addr = router_addr
         self.probe_every = probe_every
         self.ctx = ctx or zmq.Context.instance()
         # None: --insecure, anyone who reaches the ports may speak
@@ -266,25 +268,61 @@ class Broker:
                 log.warning("refused node %s: %s", peer_id, e)
                 self.send(ident, P.Refused(reason=f"bad info: {e}"))
                 return
-        if ident in self.reg.peers:
+        known = self.reg.peers.get(ident)
+        resumed = known is not None and (known.peer_id, known.role, known.key) == (
+            peer_id,
+            role,
+            key,
+        )
+        if known is not None and not resumed:
             self.drop_peer(ident, "registered again")
-        peer = Peer(ident, peer_id, role, name=msg.name, info=info, key=key)
-        self.reg.peers[ident] = peer
-        self.reg.seen_models.update(peer.models)
+        if known is not None and resumed:
+            # Back over another link within its grace: the same node, stages and
+            # requests; the routes it may have missed while away go again.
+            silent = time.monotonic() - known.last_seen
+            known.info, known.last_seen = info or known.info, time.monotonic()
+            self.stats["resumed"] += 1
+            log.warning("%s %s is back after %.1fs; its work goes on", role, peer_id, silent)
+            self.deploy.resend_routes(peer_id)
+        else:
+            peer = Peer(ident, peer_id, role, name=msg.name, info=info, key=key)
+            self.reg.peers[ident] = peer
+            log.info(
+                "%s %s (%s) registered; models: %s", role, peer_id, msg.name, peer.models or "-"
+            )
+        self.reg.seen_models.update(self.reg.peers[ident].models)
         self.send(
             ident,
             P.Welcome(
                 peer_id=peer_id,
-                heartbeat_s=P.HEARTBEAT_S,
-                expiry_s=P.EXPIRY_S,
                 pub_port=self.pub_port,
+                addresses=self.addresses(),
+                resumed=resumed,
             ),
         )
-        log.info("%s %s (%s) registered; models: %s", role, peer_id, peer.name, peer.models or "-")
+
+    def addresses(self) -> list[str]:
+        """The ROUTER's endpoint on each of this machine's addresses (bound to all)
+        or the one it is bound to."""
+        host, port = self.router_addr.removeprefix("tcp://").rsplit(":", 1)
+        if host not in ("0.0.0.0", "*"):
+            return [self.router_addr]
+        import psutil
+
+        ips = [
+            a.address
+            for addrs in psutil.net_if_addrs().values()
+            for a in addrs
+            if a.family == socket.AF_INET and not a.address.startswith("127.")
+        ]
+        return [f"tcp://{ip}:{port}" for ip in sorted(set(ips))]
 
     def expire(self, now: float) -> None:
+        """A frontend silent past EXPIRY_S is gone; a node gets GRACE_S more to come
+        back over another link (its requests wait, new ones are parked)."""
         for peer in self.reg.expired(now, P.EXPIRY_S):
-            self.drop_peer(peer.identity, f"silent for {now - peer.last_seen:.1f}s")
+            if peer.role != "node" or now - peer.last_seen > P.EXPIRY_S + P.GRACE_S:
+                self.drop_peer(peer.identity, f"silent for {now - peer.last_seen:.1f}s")
 
     def drop_peer(self, ident: bytes, why: str) -> None:
         peer, gone = self.reg.remove(ident)

@@ -246,11 +246,23 @@ class Deployer:
         if any(n not in nodes for n in inst.nodes):
             return
         new = self.routes(inst, nodes, view)
-        for spec, old, route in zip(inst.stages, inst.routes, new, strict=True):
+        for k, (spec, old, route) in enumerate(zip(inst.stages, inst.routes, new, strict=True)):
             if route != old:
                 log.info("instance %s: stage on %s now sends to %s", inst.id, spec.node, route)
-                self.send(nodes[spec.node].identity, P.Route(instance=inst.id, **route))
-        inst.routes = new
+                # Unsent (the node away, its link down): tried again at the next tend.
+                if self.send(nodes[spec.node].identity, P.Route(instance=inst.id, **route)):
+                    inst.routes[k] = route
+
+    def resend_routes(self, node: str) -> None:
+        """A node back after a silence: the routes of its stages, which it may have
+        missed while away."""
+        peer = self.reg.by_id().get(node)
+        for inst in self.instances.values():
+            if peer is None or not inst.loads_sent or inst.state == "failed":
+                continue
+            for spec, route in zip(inst.stages, inst.routes, strict=False):
+                if spec.node == node and route:
+                    self.send(peer.identity, P.Route(instance=inst.id, **route))
 
     def end(self, inst: Instance, status: int, code: str, message: str) -> None:
         """Its requests end with a clear error, its nodes drop it; an instance placed

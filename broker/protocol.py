@@ -71,7 +71,9 @@ Peer sockets (node to node, never through the broker)
                      finished its prompt
     any -> stage 0   STAGE_ERROR: a stage could not run the step
 
-Liveness: a peer silent for expiry_s is dead; ZeroMQ's own heartbeats
+Liveness: a frontend silent for expiry_s is dead; a node gets GRACE_S more, in
+which it may come back over another of the broker's addresses (WELCOME lists
+them) and carry on where it was (WELCOME resumed). ZeroMQ's own heartbeats
 (ZMQ_HEARTBEAT_*) also drop dead TCP connections.
 """
 
@@ -89,6 +91,11 @@ MAX_FRAME = 8 * 1024 * 1024
 
 HEARTBEAT_S = 0.25
 EXPIRY_S = 1.5
+# A node silent past EXPIRY_S is kept this much longer, its stages and requests
+# included, so that one whose link died can come back over another (its session
+# dials the broker's next address after SILENT_S).
+GRACE_S = 3.0
+SILENT_S = 1.0
 CANCEL_RESEND_S = 0.2
 DEFAULT_REQUEST_TIMEOUT_S = 600.0
 
@@ -148,6 +155,12 @@ class Welcome(Msg, tag="WELCOME"):
     heartbeat_s: float = HEARTBEAT_S
     expiry_s: float = EXPIRY_S
     pub_port: int = 0
+    # the broker's ROUTER on each of its addresses: where to dial when the one in
+    # use goes quiet (a link down)
+    addresses: list[str] = []
+    # the broker kept this peer through a silence (GRACE_S): its requests and
+    # stages go on; False: it is new to the broker, which knows nothing of them
+    resumed: bool = False
 
 
 class Refused(Msg, tag="REFUSED"):
@@ -198,6 +211,9 @@ class Tokens(Msg, tag="TOKENS"):
     text: str
     finish: str | None = None
     usage: Map | None = None
+    # 1, 2, ... per request: a node resends what a link may have lost after it
+    # fails over, and the broker relays each seq once
+    seq: int = 0
 
 
 class Fail(Msg, tag="FAIL"):

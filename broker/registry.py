@@ -29,6 +29,10 @@ class Peer:
     def loaded(self) -> list[str]:
         return list(self.status.get("loaded", []))
 
+    def silent(self) -> float:
+        """Seconds since it was last heard."""
+        return time.monotonic() - self.last_seen
+
     def load(self) -> int:
         return int(self.status.get("running", 0)) + int(self.status.get("prefilling", 0))
 
@@ -51,6 +55,7 @@ class InFlight:
     deadline: float = float("inf")
     started: float = field(default_factory=time.monotonic)
     tokens: int = 0
+    seq: int = 0  # the last TOKENS relayed (protocol.Tokens.seq)
     instance: str = ""
     stages: tuple[bytes, ...] = ()  # every stage's node, the first (`node`) included
 

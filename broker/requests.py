@@ -81,12 +81,7 @@ class Requests:
             refusal = self.deploy.provide(model)
             pending = downloading(list(nodes.values()), model) or self.recently_pulled(model)
             if refusal is None or pending:
-                if first:
-                    self.reg.parked[rid] = job
-                    where = pending[0][0].peer_id if pending else ""
-                    self.send(job.frontend, P.Accepted(rid=rid, node=where))
-                    log.info("rid=%s waits for an instance of %s", rid, model)
-                return False
+                return self.park(job, first, pending[0][0].peer_id if pending else "")
             failed = failed_download(list(nodes.values()), model)
             if not first and failed is not None:
                 node, d = failed
@@ -99,6 +94,10 @@ class Requests:
             return True
         s = job.submit
         node0 = nodes[inst.first_node]
+        if node0.silent() > P.EXPIRY_S:
+            # Away, maybe failing over to another link: the job waits for it (or
+            # for its instance to fail when its grace runs out).
+            return self.park(job, first, node0.peer_id)
         frame = P.encode(
             P.Generate(
                 rid=rid,
@@ -110,6 +109,8 @@ class Requests:
             )
         )
         if not self.send_raw(node0.identity, frame):
+            if node0.silent() <= P.EXPIRY_S + P.GRACE_S:
+                return self.park(job, first, node0.peer_id)
             self.drop_peer(node0.identity, "unreachable")
             self.fail(
                 job.frontend, rid, 503, "node_lost", "the chosen node could not be reached; retry"
@@ -130,6 +131,14 @@ class Requests:
             self.send(job.frontend, P.Accepted(rid=rid, node=node0.peer_id))
         log.info("rid=%s model=%s -> instance %s on %s", rid, model, inst.id, node0.peer_id)
         return True
+
+    def park(self, job: Parked, first: bool, where: str) -> bool:
+        """Keep a job until its instance can take it (tend_parked tries again)."""
+        if first:
+            self.reg.parked[job.rid] = job
+            self.send(job.frontend, P.Accepted(rid=job.rid, node=where))
+            log.info("rid=%s waits for an instance of %s", job.rid, job.submit.model)
+        return False
 
     def recently_pulled(self, model: str) -> list[tuple[Peer, dict[str, Any]]]:
         """A node just asked to download `model`, whose status does not show it yet."""
@@ -254,6 +263,11 @@ class Requests:
                 self.cancels.on_node(msg.rid, node.identity)
             return
         if isinstance(msg, P.Tokens):
+            if msg.seq and msg.seq <= r.seq:
+                # Resent by a node that failed over to another link: relayed once.
+                self.stats["tokens_duplicate"] += 1
+                return
+            r.seq = msg.seq or r.seq
             r.tokens += len(msg.ids)
         ended = isinstance(msg, P.Fail) or (isinstance(msg, P.Tokens) and msg.finish)
         if ended:

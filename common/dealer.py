@@ -54,15 +54,43 @@ class Session:
         hello: Callable[[], P.Hello],
         cluster: keys.Cluster | None = None,
         key: keys.Pair | None = None,
+        silent_s: float = 2 * P.EXPIRY_S,
+        usable: Callable[[str], bool] = lambda endpoint: True,
     ) -> None:
-        self.broker, self.peer_id, self.make_hello = broker, peer_id, hello
+        self.peer_id, self.make_hello = peer_id, hello
         self.cluster, self.key = cluster, key
+        # Where the broker may be reached: the address given, then the others its
+        # WELCOME lists (each of its machine's addresses). One is dialled at a time.
+        self.endpoints = [broker]
+        self.at = 0
+        self.silent_s, self.usable = silent_s, usable
         self.routing_id = routing_id(peer_id)
         self.registered = False
         self.welcomes = 0
         self.refused: str | None = None
         self.pub_port = 0
         self.last_heard = time.monotonic()
+        self.failovers: list[dict[str, Any]] = []  # the last few: at, from, to, silent_s
+
+    @property
+    def broker(self) -> str:
+        """The endpoint dialled now."""
+        return self.endpoints[self.at]
+
+    def next_endpoint(self) -> None:
+        """The one dialled now went quiet: the next one the broker listed."""
+        if len(self.endpoints) < 2:
+            return
+        before, silent = self.broker, time.monotonic() - self.last_heard
+        self.at = (self.at + 1) % len(self.endpoints)
+        self.failovers = [
+            *self.failovers[-7:],
+            {"at": time.time(), "from": before, "to": self.broker, "silent_s": round(silent, 2)},
+        ]
+        log.warning("broker at %s silent %.1fs: trying %s", before, silent, self.broker)
+
+    def public(self) -> dict[str, Any]:
+        return {"endpoint": self.broker, "endpoints": self.endpoints, "failovers": self.failovers}
 
     def dial(self, ctx: Any) -> Any:
         """A new DEALER to the broker (a zmq or zmq.asyncio context's), connected:
@@ -83,11 +111,12 @@ class Session:
         self.last_heard = time.monotonic()
 
     def silent(self, now: float) -> bool:
-        """The broker said nothing for two expiries: dial again."""
-        return now - self.last_heard > 2 * P.EXPIRY_S
+        """The broker said nothing for `silent_s`: dial again (the next endpoint)."""
+        return now - self.last_heard > self.silent_s
 
     def on(self, msg: P.Msg) -> str | None:
-        """The session's own messages -> what happened: "welcome", "again" (a
+        """The session's own messages -> what happened: "welcome", "resumed" (the
+        broker kept this peer through a silence: its work goes on), "again" (a
         WELCOME after the first: the broker forgot this peer and all it was
         doing), "refused" (stop: `refused` says why), "reconnect" (send HELLO
         again); None for everything else."""
@@ -95,7 +124,12 @@ class Session:
             self.registered = True
             self.welcomes += 1
             self.pub_port = msg.pub_port
+            # Those on this machine's own networks first: the others may be out of reach.
+            fresh = [a for a in msg.addresses if a not in self.endpoints][:32]
+            self.endpoints += sorted(fresh, key=lambda a: not self.usable(a))
             log.info("registered with %s as %s", self.broker, self.peer_id)
+            if msg.resumed:
+                return "resumed"
             return "again" if self.welcomes > 1 else "welcome"
         if isinstance(msg, P.Refused):
             self.refused = msg.reason

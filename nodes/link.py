@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -23,8 +24,26 @@ from exo.common.dealer import Session
 
 log = logging.getLogger(__name__)
 
+# Request frames kept after they went: the broker relays each TOKENS once (by
+# seq), so what a dying link may have lost is sent again when the node is back.
+KEEP_S = 10.0
+
 # What the broker sends the node's main loop (worker.py), passed on as it came.
 ENGINE_TYPES = (P.Generate, P.Cancel, P.Download, P.Load, P.Unload, P.Probe, P.Route)
+
+
+def on_my_networks(endpoint: str) -> bool:
+    """Whether a broker endpoint is on a network this machine has an address in."""
+    import ipaddress
+
+    from exo.nodes.machine.interfaces import interfaces
+
+    try:
+        ip = ipaddress.ip_address(endpoint.removeprefix("tcp://").rsplit(":", 1)[0])
+        nets = [ipaddress.ip_network(n, strict=False) for i in interfaces() for n in i.networks]
+    except ValueError:
+        return False
+    return ip.is_loopback or any(ip in n for n in nets)
 
 
 class BrokerLink(threading.Thread):
@@ -49,12 +68,17 @@ class BrokerLink(threading.Thread):
             lambda: P.Hello(role="node", peer_id=peer_id, name=name, info=info()),
             cluster,
             cluster.node if cluster else None,
+            silent_s=P.SILENT_S,
+            usable=on_my_networks,
         )
         self.pair_addr = pair_addr
         self.info, self.status, self.on_reset = info, status, on_reset
         self.stop_event = threading.Event()
         self.info_now = threading.Event()  # send INFO at once (a download just finished)
         self.dropped = P.Counters()
+        # Request traffic to the broker (TOKENS, FAIL, STATE, CANCEL_ACK): [when,
+        # frame, sent], kept KEEP_S after it went, to send again after a failover.
+        self.outbox: deque[list[Any]] = deque()
         self.dealer: zmq.Socket | None = None
         self.sub: zmq.Socket | None = None
         self.poller = zmq.Poller()
@@ -83,7 +107,7 @@ class BrokerLink(threading.Thread):
         self.sub.setsockopt(zmq.SUBSCRIBE, P.TOPIC_CANCEL)
         if self.cluster is not None:
             keys.connect_as(self.sub, self.cluster.node, self.cluster.broker)
-        self.sub.connect(f"{self.broker.rsplit(':', 1)[0]}:{pub_port}")
+        self.sub.connect(f"{self.session.broker.rsplit(':', 1)[0]}:{pub_port}")
         self.poller.register(self.sub, zmq.POLLIN)
 
     def on_session(self, msg: P.Msg) -> None:
@@ -91,14 +115,30 @@ class BrokerLink(threading.Thread):
         if what == "again":
             # A new registration means the broker forgot us: whatever we were
             # computing has no one to go to.
+            self.outbox.clear()
             self.on_reset()
-        if what in ("welcome", "again") and self.session.pub_port:
+        elif what == "resumed":
+            # Back over another link: what the dead one may have lost goes again.
+            cutoff = time.monotonic() - KEEP_S
+            self.outbox = deque([t, f, False] for t, f, _ in self.outbox if t >= cutoff)
+        if what in ("welcome", "again", "resumed") and self.session.pub_port:
             self._subscribe(self.session.pub_port)
         elif what == "refused":
             self.stop_event.set()
         elif what == "reconnect":
             assert self.dealer is not None
             self.dealer.send(self.session.hello())
+
+    def flush(self, now: float) -> None:
+        """Send what the engine gave, in order, once registered; keep it KEEP_S."""
+        if self.registered:
+            assert self.dealer is not None
+            for item in self.outbox:
+                if not item[2]:
+                    self.dealer.send(item[1])
+                    item[2] = True
+        while self.outbox and self.outbox[0][2] and self.outbox[0][0] < now - KEEP_S:
+            self.outbox.popleft()
 
     def run(self) -> None:
         pair = self.ctx.socket(zmq.PAIR)
@@ -143,9 +183,10 @@ class BrokerLink(threading.Thread):
                         self.on_session(msg)
             if pair in events:
                 while pair.poll(0):
-                    self.dealer.send(pair.recv(copy=False), copy=False)
+                    self.outbox.append([now, pair.recv(), False])
+            self.flush(now)
             if self.session.silent(now):
-                log.warning("broker silent for %.1fs, reconnecting", now - self.session.last_heard)
+                self.session.next_endpoint()
                 poller.unregister(self.dealer)
                 self._connect()
                 poller.register(self.dealer, zmq.POLLIN)

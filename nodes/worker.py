@@ -108,6 +108,7 @@ class Node:
             self.store, downloader or Downloader(), self.weights_token, self.link.info_now.set
         )
         self.progress_sent: dict[str, float] = {}
+        self.seq: dict[str, int] = {}  # rid -> the TOKENS sent for it (protocol.Tokens.seq)
         self.last_step_s = 0.0
         self.usage = Usage()
         self.usage_at = 0.0
@@ -169,7 +170,7 @@ class Node:
                 while self.peers.router.poll(0):
                     self.guarded("peer message", self.hosting.on_peer)
             self.tick()
-            self.hosting.check_stalled()
+            self.guarded("stage check", self.hosting.check_stalled)
             self.report_progress()
             self._status = self.status()
         self.link.stop_event.set()
@@ -252,6 +253,7 @@ class Node:
         return {
             **s,
             "stages": self.hosting.public(),
+            "broker": self.link.session.public(),
             "mlx_limits": self.limits.public(),
             "recent_cancels": list(self.recent_cancels),
             "downloads": self.downloads.public(),
@@ -270,9 +272,16 @@ class Node:
     def emit(self, outputs: list[Output]) -> None:
         for out in outputs:
             usage = out.usage if out.finish else None
-            self.send(
-                P.Tokens(rid=out.rid, ids=out.ids, text=out.text, finish=out.finish, usage=usage)
+            seq = self.seq[out.rid] = self.seq.get(out.rid, 0) + 1
+            if out.finish:
+                del self.seq[out.rid]
+            tokens = P.Tokens(
+                rid=out.rid, ids=out.ids, text=out.text, finish=out.finish, usage=usage, seq=seq
             )
+            self.send(tokens)
+        if len(self.seq) > 4 * len(self.engine.requests) + 64:
+            # requests that ended without a last TOKENS (cancelled, failed)
+            self.seq = {r: n for r, n in self.seq.items() if r in self.engine.requests}
 
     def stages_changed(self) -> None:
         self.apply_limits()

@@ -297,6 +297,21 @@ def bench_pipeline(
     print(json.dumps(res) if as_json else "")
 
 
+@bench.command("failover")
+@click.option("--rounds", default=5, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@models_dir_option
+def bench_failover(rounds: int, as_json: bool, models_dir: Path | None) -> None:
+    """Streams' longest gap when the link under a split model dies and returns (root)."""
+    from exo.tools import bench_failover as bf
+
+    if os.geteuid() != 0:
+        raise click.ClickException("bench failover builds network namespaces: run it as root")
+    res = bf.run(resolve_models_dir(models_dir), rounds)
+    bf.report(res)
+    print(json.dumps(res) if as_json else "")
+
+
 @bench.command("links")
 @click.option("--rounds", default=5, show_default=True, help="Probes per link.")
 @click.option("--json", "as_json", is_flag=True)

@@ -54,6 +54,8 @@ class LocalCluster:
     # Several hosts on one machine (network namespaces): where the broker binds, and
     # per node a command prefix (`ip netns exec NS`) and the broker address it uses.
     broker_host: str = "127.0.0.1"
+    broker_prefix: list[str] = field(default_factory=list)  # the broker in a namespace
+    api_host: str = "127.0.0.1"
     node_prefix: dict[int, list[str]] = field(default_factory=dict)
     node_broker: dict[int, str] = field(default_factory=dict)
     broker: subprocess.Popen[bytes] | None = None
@@ -71,7 +73,7 @@ class LocalCluster:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.api_port}"
+        return f"http://{self.api_host}:{self.api_port}"
 
     @property
     def broker_addr(self) -> str:
@@ -116,11 +118,14 @@ class LocalCluster:
     def start_broker(self) -> None:
         self.keys()  # made before any process looks for them
         cmd = [
+            *self.broker_prefix,
             sys.executable,
             "-m",
             "exo.broker.main",
             "--host",
             self.broker_host,
+            "--api-host",
+            self.api_host,
             "--port",
             str(self.router_port),
             "--pub-port",

@@ -60,11 +60,37 @@ def rate(bps: float | None) -> str:
     return f"{bits:.1f} Tbit/s"
 
 
+def carries(state: dict[str, Any], link: dict[str, Any]) -> str:
+    """What rides on a link now: a node's broker connection, an instance's steps."""
+    here = {f"//{link['a']['address']}:", f"//{link['b']['address']}:"}
+    out = []
+    for n in state.get("nodes", []):
+        endpoint = (n.get("status", {}).get("broker") or {}).get("endpoint", "")
+        if any(h in endpoint for h in here):
+            out.append(f"broker<-{n.get('name') or n.get('id')}")
+    for inst in state.get("instances", []):
+        for route in inst.get("routes", []):
+            if any(h in str(v) for v in route.values() for h in here):
+                out.append(f"{inst['id']} steps")
+                break
+    return ", ".join(out) or "-"
+
+
+def failovers(state: dict[str, Any]) -> str:
+    """Each node's last failover of its broker connection."""
+    lines = []
+    for n in state.get("nodes", []):
+        last = ((n.get("status", {}).get("broker") or {}).get("failovers") or [None])[-1]
+        if last:
+            lines.append(f"{n.get('name')}: {last['from']} -> {last['to']}")
+    return "; ".join(lines)
+
+
 def table(state: dict[str, Any]) -> Any:
     from rich.table import Table
 
-    t = Table(title=f"exo links ({len(state.get('nodes', []))} nodes)")
-    for col in ("A", "B", "type", "up", "RTT", "capacity", "A->B", "B->A"):
+    t = Table(title=f"exo links ({len(state.get('nodes', []))} nodes)", caption=failovers(state))
+    for col in ("A", "B", "type", "up", "RTT", "capacity", "A->B", "B->A", "carries"):
         t.add_column(col)
     for link in state.get("links", []):
         a, b = link["a"], link["b"]
@@ -77,5 +103,6 @@ def table(state: dict[str, Any]) -> Any:
             rate(link["bandwidth_Bps"]),
             rate(link["a_to_b_Bps"]),
             rate(link["b_to_a_Bps"]),
+            carries(state, link),
         )
     return t

@@ -25,6 +25,7 @@ class Bed:
     tag: str = field(default_factory=lambda: uuid.uuid4().hex[:5])
     hosts: list[str] = field(default_factory=list)
     mgmt: dict[str, str] = field(default_factory=dict)  # host -> broker address seen from it
+    inner: dict[str, str] = field(default_factory=dict)  # host -> its own management address
     links: int = 0
 
     def ns(self, host: str) -> str:
@@ -44,6 +45,7 @@ class Bed:
         sh("ip", "-n", ns, "addr", "add", f"10.231.{i}.2/30", "dev", inner)
         sh("ip", "-n", ns, "link", "set", inner, "up")
         self.mgmt[host] = f"10.231.{i}.1"
+        self.inner[host] = f"10.231.{i}.2"
         return ns
 
     def link(self, a: str, b: str, kind: str, rate: str | None = None) -> tuple[str, str]:
@@ -118,9 +120,18 @@ class Bed:
     def prefix(self, host: str) -> list[str]:
         return ["ip", "netns", "exec", self.ns(host)]
 
-    def cluster(self, models_dir: Path, **kw: Any) -> LocalCluster:
-        """A broker in the root namespace and one node in each host, in order; each
-        node reaches the broker over its host's management veth."""
+    def cluster(
+        self,
+        models_dir: Path,
+        broker_in: str | None = None,
+        via: dict[str, str] | None = None,
+        **kw: Any,
+    ) -> LocalCluster:
+        """One node in each host, in order, and the broker: in the root namespace,
+        each node reaching it over its host's management veth; or with `broker_in`
+        on that host, its API on the host's management address, its own node on
+        loopback and each other node over the address `via` gives for its host (a
+        data link's: a cable to pull)."""
         c = LocalCluster.on_free_ports(
             models_dir,
             nodes=len(self.hosts),
@@ -131,6 +142,12 @@ class Bed:
         c.node_broker = {
             i: f"tcp://{self.mgmt[h]}:{c.router_port}" for i, h in enumerate(self.hosts)
         }
+        if broker_in is not None:
+            c.broker_prefix = self.prefix(broker_in)
+            c.api_host = self.inner[broker_in]
+            for i, h in enumerate(self.hosts):
+                ip = "127.0.0.1" if h == broker_in else (via or {})[h]
+                c.node_broker[i] = f"tcp://{ip}:{c.router_port}"
         return c
 
     def close(self) -> None:

@@ -12,6 +12,7 @@ comes up (ROUTE).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -41,12 +42,18 @@ class HostedStage:
     runner: StageRunner | None = None  # a later stage (stage 0 runs in the engine)
     next: str | None = None  # the next stage's peer endpoint (all but the last)
     stage0: str | None = None  # stage 0's peer endpoint (every later stage)
+    # A later stage's answer to its last step (ACT on, or RESULT back), kept: the
+    # same step again (stage 0 resent it: a link died under it) gets it again.
+    last_out: tuple[P.Msg, mx.array | None] | None = None
+    resent: int = 0  # steps sent again (stage 0) or answered again (later stages)
 
     def public(self) -> dict[str, Any]:
-        """What the broker reads to tell an instance loading from ready."""
+        """What the broker reads to tell an instance loading from ready, and where
+        its traffic goes."""
         d: dict[str, Any] = {"state": self.state, "model": self.model, "layers": self.part.public()}
         if self.error:
             d["error"] = self.error
+        d.update(next=self.next, stage0=self.stage0, resent=self.resent)
         return d
 
 
@@ -139,10 +146,17 @@ class Hosting:
         stage = self.stages.get(msg.instance)
         if stage is None:
             return
+        moved = bool(msg.next and stage.next and msg.next != stage.next)
         if msg.next and stage.next:
             stage.next = msg.next
         if msg.stage0 and stage.stage0:
             stage.stage0 = msg.stage0
+        lm = stage.lm
+        first = lm is not None and lm.part is not None and lm.part.first
+        # The step out may have gone down with the old link: again, on the new.
+        if moved and first and lm is not None and self.engine.stage0.resend(lm.model_id, lm):
+            stage.resent += 1
+            log.info("instance %s: step out sent again over %s", msg.instance, stage.next)
 
     # -- steps between stages -----------------------------------------------------------
 
@@ -186,6 +200,14 @@ class Hosting:
             self.peers.dropped["bad_act"] += 1
             log.warning("instance %s: ACT dropped: %s", iid, problem)
             return
+        if msg.step == runner.last_step and stage.last_out is not None:
+            # Stage 0 sent it again: what this stage sent on may have been lost.
+            stage.resent += 1
+            out_msg, tensor = stage.last_out
+            to = stage.next if isinstance(out_msg, P.Act) else stage.stage0
+            if to:
+                self.peers.send(to, out_msg, tensor)
+            return
         if msg.step <= runner.last_step:
             # A step stage 0 gave up on, arriving late over a link that came back.
             log.warning("instance %s: stale step %s dropped", iid, msg.step)
@@ -200,14 +222,26 @@ class Hosting:
                 )
             return
         if isinstance(out, list):
+            result = P.Result(instance=iid, step=msg.step, ids=out)
+            stage.last_out = (result, None)
             if stage.stage0:
-                self.peers.send(stage.stage0, P.Result(instance=iid, step=msg.step, ids=out))
-        elif stage.next:
-            self.peers.send(stage.next, msgspec.structs.replace(msg, shape=list(out.shape)), out)
+                self.peers.send(stage.stage0, result)
+        else:
+            act = msgspec.structs.replace(msg, shape=list(out.shape))
+            stage.last_out = (act, out)
+            if stage.next:
+                self.peers.send(stage.next, act, out)
 
     def check_stalled(self) -> None:
-        """A step the later stages never answer (a link that died under it) fails its
-        requests instead of leaving them hanging until their deadline."""
+        """A step out past its resend time goes again (a link that died under it:
+        the broker's ROUTE may not have come yet); one the later stages never
+        answer within the stage timeout fails its requests instead of leaving
+        them hanging until their deadline."""
+        for model_id, _ in self.engine.stage0.due(time.perf_counter()):
+            lm = self.engine.models[model_id]
+            stage = self.stages.get(lm.instance)
+            if self.engine.stage0.resend(model_id, lm) and stage is not None:
+                stage.resent += 1
         for model_id, w in self.engine.stage0.stalled(self.stage_timeout):
             lm = self.engine.models[model_id]
             stage = self.stages.get(lm.instance)

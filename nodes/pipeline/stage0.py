@@ -34,6 +34,18 @@ class Remote:
     plan: StepPlan
     work: list[Work]  # its chunks, for the cost model
     t0: float
+    # What went, kept until the tokens come back: sent again when the route
+    # changes or nothing came back in time (a link died under it).
+    act: P.Act | None = None
+    h: mx.array | None = None
+    sent: float = 0.0  # perf_counter of the last send
+    resends: int = 0
+
+
+# A step out this long without its tokens goes again: RESEND_X times the
+# round trip steps lately took, at least RESEND_MIN_S.
+RESEND_X = 4.0
+RESEND_MIN_S = 0.5
 
 
 class Stage0:
@@ -43,6 +55,8 @@ class Stage0:
         self.hop: Hop | None = None
         self.out: dict[str, Remote] = {}  # model id -> its step at the later stages
         self.drops: dict[str, list[str]] = {}  # model id -> requests to free there
+        self.round_trip: dict[str, float] = {}  # model id -> a step's, smoothed
+        self.resent = 0
 
     def busy(self) -> KeysView[str]:
         """Models whose step is out: they take no new one."""
@@ -91,7 +105,9 @@ class Stage0:
         for req, chunk in chunks:
             req.prefilled += len(chunk.tokens)
         plan = StepPlan([r.rid for r in rows], [(r.rid, len(c.tokens)) for r, c in chunks])
-        self.out[lm.model_id] = Remote(step, rows, [r for r, _ in chunks], plan, work, t0)
+        self.out[lm.model_id] = Remote(
+            step, rows, [r for r, _ in chunks], plan, work, t0, header, h, time.perf_counter()
+        )
 
     def back(self, model_id: str, step: int) -> Remote | None:
         """The step `step` of `model_id` come back; None if nobody waits for it."""
@@ -99,7 +115,31 @@ class Stage0:
         if w is None or w.step != step:
             return None
         del self.out[model_id]
+        if not w.resends:  # (a resent step's time says nothing of the next one's)
+            took = time.perf_counter() - w.t0
+            was = self.round_trip.get(model_id, took)
+            self.round_trip[model_id] = 0.8 * was + 0.2 * took
         return w
+
+    def due(self, now: float) -> list[tuple[str, Remote]]:
+        """Steps out past their resend time (RESEND_X round trips)."""
+        return [
+            (m, w)
+            for m, w in self.out.items()
+            if w.act is not None
+            and now - w.sent > max(RESEND_MIN_S, RESEND_X * self.round_trip.get(m, 0.0))
+        ]
+
+    def resend(self, model_id: str, lm: LoadedModel) -> bool:
+        """Send the step out again (the later stages drop what they already ran
+        and answer it from what they kept)."""
+        w = self.out.get(model_id)
+        if w is None or w.act is None or w.h is None or self.hop is None:
+            return False
+        w.sent, w.resends = time.perf_counter(), w.resends + 1
+        self.resent += 1
+        self.hop(lm, w.act, w.h)
+        return True
 
     def stalled(self, timeout: float) -> list[tuple[str, Remote]]:
         """Steps out for longer than `timeout` seconds."""
