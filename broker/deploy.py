@@ -272,10 +272,10 @@ class Deployer:
             self.fail(r.frontend, r.rid, status, code, f"instance {inst.id}: {message}")
         if inst.state == "failed":
             # Requests waiting for it learn why now, rather than wait for their deadline.
-            for rid, job in list(self.reg.parked.items()):
-                if job.submit.model == inst.model:
+            for rid, waiting in list(self.reg.parked.items()):
+                if waiting.submit.model == inst.model:
                     del self.reg.parked[rid]
-                    self.fail(job.frontend, rid, status, code, f"instance {inst.id}: {message}")
+                    self.fail(waiting.frontend, rid, status, code, f"instance {inst.id}: {message}")
         nodes = self.reg.by_id()
         for n in inst.nodes:
             if n in nodes:

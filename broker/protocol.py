@@ -332,37 +332,8 @@ class StageError(Msg, tag="STAGE_ERROR"):
     message: str
 
 
-TYPES: dict[str, type[Msg]] = {
-    str(c.__struct_config__.tag): c
-    for c in (
-        Hello,
-        Welcome,
-        Refused,
-        Heartbeat,
-        Reconnect,
-        Info,
-        Submit,
-        Accepted,
-        Generate,
-        Tokens,
-        Fail,
-        Cancel,
-        CancelAck,
-        State,
-        Query,
-        Reply,
-        Download,
-        Pull,
-        Instances,
-        Load,
-        Unload,
-        Route,
-        Probe,
-        Act,
-        Result,
-        StageError,
-    )
-}
+# Every message type by its tag: each Msg subclass above.
+TYPES: dict[str, type[Msg]] = {str(c.__struct_config__.tag): c for c in Msg.__subclasses__()}
 Message = Msg
 _decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(Union[tuple(TYPES.values())])  # noqa: UP007
 _encoder = msgspec.msgpack.Encoder()

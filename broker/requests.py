@@ -71,17 +71,17 @@ class Requests:
             timeout = min(timeout, msg.timeout_s)
         self.dispatch(Parked(rid, fe.identity, msg, time.monotonic() + timeout), first=True)
 
-    def dispatch(self, job: Parked, first: bool = False) -> bool:
-        """Send a job to the first stage of a ready instance of its model, or park it
+    def dispatch(self, waiting: Parked, first: bool = False) -> bool:
+        """Send a waiting to the first stage of a ready instance of its model, or park it
         while an instance is on its way (placed, downloading, loading). True when
-        the job left the parking lot (sent, or failed)."""
-        rid, model, nodes = job.rid, job.submit.model, self.reg.by_id()
+        the waiting left the parking lot (sent, or failed)."""
+        rid, model, nodes = waiting.rid, waiting.submit.model, self.reg.by_id()
         inst = choose_instance(list(self.deploy.instances.values()), nodes, model)
         if inst is None:
             refusal = self.deploy.provide(model)
             pending = downloading(list(nodes.values()), model) or self.recently_pulled(model)
             if refusal is None or pending:
-                return self.park(job, first, pending[0][0].peer_id if pending else "")
+                return self.park(waiting, first, pending[0][0].peer_id if pending else "")
             failed = failed_download(list(nodes.values()), model)
             if not first and failed is not None:
                 node, d = failed
@@ -90,14 +90,14 @@ class Requests:
                     "download_failed",
                     f"node {node.peer_id} could not download {model}: {d.get('error')}",
                 )
-            self.fail(job.frontend, rid, refusal.status, refusal.code, refusal.message)
+            self.fail(waiting.frontend, rid, refusal.status, refusal.code, refusal.message)
             return True
-        s = job.submit
+        s = waiting.submit
         node0 = nodes[inst.first_node]
         if node0.silent() > P.EXPIRY_S:
-            # Away, maybe failing over to another link: the job waits for it (or
+            # Away, maybe failing over to another link: the waiting waits for it (or
             # for its instance to fail when its grace runs out).
-            return self.park(job, first, node0.peer_id)
+            return self.park(waiting, first, node0.peer_id)
         frame = P.encode(
             P.Generate(
                 rid=rid,
@@ -110,34 +110,38 @@ class Requests:
         )
         if not self.send_raw(node0.identity, frame):
             if node0.silent() <= P.EXPIRY_S + P.GRACE_S:
-                return self.park(job, first, node0.peer_id)
+                return self.park(waiting, first, node0.peer_id)
             self.drop_peer(node0.identity, "unreachable")
             self.fail(
-                job.frontend, rid, 503, "node_lost", "the chosen node could not be reached; retry"
+                waiting.frontend,
+                rid,
+                503,
+                "node_lost",
+                "the chosen node could not be reached; retry",
             )
             return True
         self.reg.requests[rid] = InFlight(
             rid,
-            job.frontend,
+            waiting.frontend,
             node0.identity,
             model,
-            deadline=job.deadline,
+            deadline=waiting.deadline,
             instance=inst.id,
             stages=tuple(nodes[n].identity for n in inst.nodes),
         )
         # Count it now so a burst spreads over instances before their next heartbeat.
         node0.status["prefilling"] = int(node0.status.get("prefilling", 0)) + 1
         if first:
-            self.send(job.frontend, P.Accepted(rid=rid, node=node0.peer_id))
+            self.send(waiting.frontend, P.Accepted(rid=rid, node=node0.peer_id))
         log.info("rid=%s model=%s -> instance %s on %s", rid, model, inst.id, node0.peer_id)
         return True
 
-    def park(self, job: Parked, first: bool, where: str) -> bool:
-        """Keep a job until its instance can take it (tend_parked tries again)."""
+    def park(self, waiting: Parked, first: bool, where: str) -> bool:
+        """Keep a waiting until its instance can take it (tend_parked tries again)."""
         if first:
-            self.reg.parked[job.rid] = job
-            self.send(job.frontend, P.Accepted(rid=job.rid, node=where))
-            log.info("rid=%s waits for an instance of %s", job.rid, job.submit.model)
+            self.reg.parked[waiting.rid] = waiting
+            self.send(waiting.frontend, P.Accepted(rid=waiting.rid, node=where))
+            log.info("rid=%s waits for an instance of %s", waiting.rid, waiting.submit.model)
         return False
 
     def recently_pulled(self, model: str) -> list[tuple[Peer, dict[str, Any]]]:
@@ -152,24 +156,24 @@ class Requests:
 
     def tend_parked(self, now: float) -> None:
         """Dispatch parked jobs whose model arrived; tell the others how the download goes."""
-        for rid, job in list(self.reg.parked.items()):
-            if now >= job.deadline:
+        for rid, waiting in list(self.reg.parked.items()):
+            if now >= waiting.deadline:
                 del self.reg.parked[rid]
                 self.stats["cancelled_deadline"] += 1
                 self.fail(
-                    job.frontend,
+                    waiting.frontend,
                     rid,
                     504,
                     "deadline_exceeded",
-                    f"request {rid} passed its deadline waiting for {job.submit.model}",
+                    f"request {rid} passed its deadline waiting for {waiting.submit.model}",
                 )
                 continue
-            if self.dispatch(job):
+            if self.dispatch(waiting):
                 del self.reg.parked[rid]
                 continue
-            for node, d in downloading(self.reg.nodes(), job.submit.model)[:1]:
+            for node, d in downloading(self.reg.nodes(), waiting.submit.model)[:1]:
                 self.send(
-                    job.frontend,
+                    waiting.frontend,
                     P.State(
                         rid=rid,
                         state="downloading",

@@ -50,7 +50,7 @@ def node(c: Any, name: str) -> dict[str, Any]:
     return n
 
 
-def streams(c: Any, during: Any = None) -> list[dict[str, Any]]:
+def streams(c: Any, during: Any = None, tokens: int = TOKENS) -> list[dict[str, Any]]:
     """The prompts streamed at once, greedy: each one's text, finish and tokens;
     `during` runs once every stream has 40 tokens."""
     out: list[dict[str, Any]] = [{"text": "", "n": 0, "finish": None} for _ in PROMPTS]
@@ -60,7 +60,7 @@ def streams(c: Any, during: Any = None) -> list[dict[str, Any]]:
         body = {
             "model": MODEL,
             "prompt": PROMPTS[i],
-            "max_tokens": TOKENS,
+            "max_tokens": tokens,
             "temperature": 0,
             "ignore_eos": True,
             "stream": True,
@@ -141,7 +141,41 @@ def test_a_link_pulled_mid_stream_fails_no_stream_and_traffic_returns(bed: dict)
     n0 = node(c, "node0")["status"]["peer_bytes_sent"]
     assert sum(v for e, v in n0.items() if f"//{eth_b}:" in e) > before
     httpx.delete(f"{c.url}/v1/instances/{iid}", timeout=10)
-    time.sleep(0.5)
+    wait_until(lambda: not c.cluster_state()["instances"], timeout=20)
+
+
+def test_a_link_that_flaps_twice_in_ten_seconds_fails_no_stream(bed: dict) -> None:
+    c, b = bed["cluster"], bed["bed"]
+    (eth_a, eth_b) = bed["ethernet"]
+    ids = {n["name"]: n["id"] for n in c.cluster_state()["nodes"]}
+    stages = [{"node": ids["node0"], "layers": [0, 2]}, {"node": ids["node1"], "layers": [2, 4]}]
+    r = httpx.post(f"{c.url}/v1/instances", json={"model": MODEL, "stages": stages}, timeout=30)
+    assert r.status_code == 201, r.text
+    iid = r.json()["id"]
+    wait_until(
+        lambda: [i for i in c.cluster_state()["instances"] if i["state"] == "ready"], timeout=120
+    )
+    reference = streams(c, tokens=900)
+
+    def flap() -> None:
+        for _ in range(2):
+            b.set_link("a", eth_a, up=False)
+            b.set_link("b", eth_b, up=False)
+            time.sleep(2)
+            b.set_link("a", eth_a, up=True)
+            b.set_link("b", eth_b, up=True)
+            time.sleep(2)
+
+    try:
+        got = streams(c, during=flap, tokens=900)
+    finally:
+        b.set_link("a", eth_a, up=True)
+        b.set_link("b", eth_b, up=True)
+    assert [s["text"] for s in got] == [s["text"] for s in reference]
+    assert all(s["finish"] == "length" and "error" not in s for s in got), got
+    (inst,) = [i for i in c.cluster_state()["instances"] if i["id"] == iid]
+    assert inst["state"] == "ready"
+    httpx.delete(f"{c.url}/v1/instances/{iid}", timeout=10)
 
 
 # -- the pure parts -------------------------------------------------------------------
@@ -249,3 +283,48 @@ def test_linkstat_says_what_each_link_carries_and_the_last_failover() -> None:
     }
     assert carries(state, link) == "broker<-b, inst-1 steps"
     assert failovers(state) == "b: tcp://10.0.2.1:5 -> tcp://10.0.1.1:5"
+
+
+def test_wifi_alone_of_three_links_carries_everything_and_fails_no_stream(
+    models_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    need_root()
+    b = Bed()
+    try:
+        b.add_host("a")
+        b.add_host("b")
+        wifi = b.link("a", "b", "wifi", rate="100mbit")
+        eth = b.link("a", "b", "ethernet", rate="1gbit")
+        tb = b.link("a", "b", "thunderbolt")
+        logs = tmp_path_factory.mktemp("failover3-logs")
+        with b.cluster(models_dir, broker_in="a", via={"b": tb[0]}, log_dir=logs) as c:
+            ids = {n["name"]: n["id"] for n in c.cluster_state()["nodes"]}
+            stages = [
+                {"node": ids["node0"], "layers": [0, 2]},
+                {"node": ids["node1"], "layers": [2, 4]},
+            ]
+            r = httpx.post(
+                f"{c.url}/v1/instances", json={"model": MODEL, "stages": stages}, timeout=30
+            )
+            assert r.status_code == 201, r.text
+
+            def next_hop() -> str:
+                (i,) = c.cluster_state()["instances"]
+                return str(i["routes"][0]["next"]) if i["state"] == "ready" else ""
+
+            wait_until(lambda: f"//{tb[1]}:" in next_hop(), timeout=120)  # the fastest
+            reference = streams(c)
+
+            def pull_two() -> None:
+                for ends in (tb, eth):
+                    b.set_link("a", ends[0], up=False)
+                    b.set_link("b", ends[1], up=False)
+
+            got = streams(c, during=pull_two)
+            assert [s["text"] for s in got] == [s["text"] for s in reference]
+            assert all(s["finish"] == "length" and "error" not in s for s in got), got
+            assert f"//{wifi[1]}:" in next_hop()
+            (n1,) = [n for n in c.cluster_state()["nodes"] if n["name"] == "node1"]
+            assert f"//{wifi[0]}:" in n1["status"]["broker"]["endpoint"]
+    finally:
+        b.close()

@@ -222,7 +222,11 @@ class LocalCluster:
         self.node_procs, self.broker = [], None
 
     def __enter__(self) -> LocalCluster:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()  # (no __exit__ for a with that did not start)
+            raise
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

@@ -7,6 +7,7 @@ alias giving its type (`linktype=...`) and optionally an htb rate.
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import uuid
 from dataclasses import dataclass, field
@@ -18,6 +19,9 @@ from exo.tools.cluster import LocalCluster
 
 def sh(*cmd: str) -> None:
     subprocess.run(cmd, check=True, capture_output=True, text=True)
+
+
+_MGMT = itertools.count()
 
 
 @dataclass
@@ -32,7 +36,9 @@ class Bed:
         return f"exo{self.tag}{host}"
 
     def add_host(self, host: str) -> str:
-        i = len(self.hosts) + 1
+        # Management subnets live in the root namespace: unique across beds alive
+        # at once (a test's own bed beside a module's).
+        i = next(_MGMT) % 250 + 1
         ns = self.ns(host)
         sh("ip", "netns", "add", ns)
         self.hosts.append(host)

@@ -19,7 +19,7 @@ from exo.nodes.engine.batch import Batch
 from exo.nodes.engine.lane import Lane
 from exo.nodes.engine.mlxenv import mx
 from exo.nodes.engine.model import LoadedModel, kv_bytes_per_token
-from exo.nodes.engine.request import EngineError, Request, encode_prompt
+from exo.nodes.engine.request import EngineError, Phase, Request, encode_prompt
 from exo.nodes.engine.sampling import Sampler, SamplingParams, StopMatcher
 from exo.nodes.engine.scheduler import StepPlan
 from exo.nodes.pipeline.stage0 import Stage0
@@ -112,7 +112,7 @@ class Book:
                 if mine + front.kv_reserved > front.lm.kv_cap:
                     break  # a later stage of its instance would run out first
             req = self.queue.popleft()
-            req.cache = new_cache(req.lm.layers)
+            req.cache, req.admitted = new_cache(req.lm.layers), True
             for c in req.cache:
                 # One buffer for the whole prompt: a cache that grows 256 keys at a
                 # time copies itself each time, a spike in the step that does it.
@@ -207,7 +207,7 @@ class Book:
         return [
             (r.rid, r.prefilled, len(r.prompt))
             for r in self.requests.values()
-            if r.cache is not None and r.prefilled
+            if r.phase in (Phase.PREFILLING, Phase.IN_LANE) and r.prefilled
         ]
 
     def kv_bytes(self) -> int:

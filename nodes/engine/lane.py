@@ -75,7 +75,7 @@ def lane_default() -> bool:
 
 
 @dataclass
-class Job:
+class Prompt:
     req: Any  # request.Request: its prompt, cache and progress
     cancelled: bool = False
     since: float = field(default_factory=time.monotonic)  # when it came to the lane
@@ -83,10 +83,10 @@ class Job:
 
 @dataclass
 class Pass:
-    """A pass in hand: its jobs and token counts, and how far through the model it
+    """A pass in hand: its prompts and token counts, and how far through the model it
     is (`layer`, and the hidden states there), so another thread can go on with it."""
 
-    batch: list[tuple[Job, int]]
+    batch: list[tuple[Prompt, int]]
     layer: int = 0
     hs: list[Any] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
@@ -112,7 +112,7 @@ class Lane:
     def __init__(self, chunk: int = CHUNK) -> None:
         self.chunk = chunk
         self._cv = threading.Condition()
-        self._jobs: list[Job] = []
+        self._prompts: list[Prompt] = []
         self._landed: list[tuple[Any, mx.array | None]] = []
         self._pass: Pass | None = None
         self._busy = False  # a thread is running layers of the pass
@@ -136,7 +136,7 @@ class Lane:
 
     def __contains__(self, rid: str) -> bool:
         with self._cv:
-            return any(j.req.rid == rid and not j.cancelled for j in self._jobs) or any(
+            return any(j.req.rid == rid and not j.cancelled for j in self._prompts) or any(
                 r.rid == rid for r, _ in self._landed
             )
 
@@ -148,7 +148,7 @@ class Lane:
             blas_threads(1)
             self.single_blas = True
         with self._cv:
-            self._jobs.append(Job(req))
+            self._prompts.append(Prompt(req))
             self._cv.notify_all()
 
     def _start(self, urgent: bool) -> None:
@@ -176,7 +176,7 @@ class Lane:
         from its next layer, until it runs dry."""
         self._start(urgent=True)
         with self._cv:
-            if not self.urgent and (self._jobs or self._pass):
+            if not self.urgent and (self._prompts or self._pass):
                 self.urgent = True
                 self.hurried += 1
                 self._cv.notify_all()
@@ -184,7 +184,7 @@ class Lane:
     def cancel(self, rid: str) -> None:
         """Drop `rid`: a pass that holds it finishes, and its result is thrown away."""
         with self._cv:
-            for j in self._jobs:
+            for j in self._prompts:
                 if j.req.rid == rid:
                     j.cancelled = True
             self._landed = [(r, x) for r, x in self._landed if r.rid != rid]
@@ -204,7 +204,7 @@ class Lane:
 
     def idle(self) -> bool:
         with self._cv:
-            return not (self._jobs or self._pass)
+            return not (self._prompts or self._pass)
 
     def progress(self) -> list[dict[str, Any]]:
         """Per prompt in the lane: tokens prefilled of its prompt, and seconds waited."""
@@ -218,7 +218,7 @@ class Lane:
                     "waited_s": round(now - j.since, 2),
                     "layers": len(j.req.lm.model.model.layers),
                 }
-                for j in self._jobs
+                for j in self._prompts
                 if not j.cancelled
             ]
 
@@ -236,7 +236,7 @@ class Lane:
         MLX evaluates on the lane's stream aborts ("terminate called without an
         active exception", status 134)."""
         with self._cv:
-            for j in self._jobs:
+            for j in self._prompts:
                 j.cancelled = True
             self._landed = []
         self._open.set()
@@ -253,14 +253,14 @@ class Lane:
     def wait(self, timeout: float) -> None:
         """Until a prompt lands, the lane runs dry, or `timeout` seconds pass."""
         with self._cv:
-            self._cv.wait_for(lambda: self._landed or not (self._jobs or self._pass), timeout)
+            self._cv.wait_for(lambda: self._landed or not (self._prompts or self._pass), timeout)
 
     def wait_layer(self, timeout: float) -> None:
         """Until the lane finishes its next layer (or runs dry, or `timeout` passes)."""
         with self._cv:
             seen = self.layers
             self._cv.wait_for(
-                lambda: self.layers != seen or not (self._jobs or self._pass), timeout
+                lambda: self.layers != seen or not (self._prompts or self._pass), timeout
             )
 
     # -- the lane's threads --------------------------------------------------------
@@ -279,7 +279,7 @@ class Lane:
                         lambda: (
                             not self._busy
                             and self.urgent == urgent
-                            and (self._pass is not None or bool(self._jobs))
+                            and (self._pass is not None or bool(self._prompts))
                         )
                     )
                     if self._pass is None:
@@ -312,51 +312,53 @@ class Lane:
             tokens = sum(n for _, n in p.batch)
             self.rate = tokens * layers / max(time.perf_counter() - p.started, 1e-9)
             self.best_rate = max(self.best_rate, self.rate)
-        for (job, n), out in zip(p.batch, p.hs if complete else [None] * len(p.batch), strict=True):
+        for (prompt, n), out in zip(
+            p.batch, p.hs if complete else [None] * len(p.batch), strict=True
+        ):
             if complete:
-                job.req.prefilled += n
-            logits = out if complete and job.req.to_prefill == 0 else None
-            if job.cancelled:
-                if job in self._jobs:
-                    self._jobs.remove(job)
+                prompt.req.prefilled += n
+            logits = out if complete and prompt.req.to_prefill == 0 else None
+            if prompt.cancelled:
+                if prompt in self._prompts:
+                    self._prompts.remove(prompt)
             elif logits is not None or failed:
-                self._jobs.remove(job)
-                self._landed.append((job.req, logits))
+                self._prompts.remove(prompt)
+                self._landed.append((prompt.req, logits))
                 self.prompts += logits is not None
         if len(self._landed) > landed:
             with contextlib.suppress(BlockingIOError):  # full: it is readable
                 os.write(self._wake, b"!")
-        if not self._jobs:
+        if not self._prompts:
             self.urgent = False  # dry: the next prompt starts polite again
 
     @staticmethod
     def _layer_count(p: Pass) -> int:
         return len(p.batch[0][0].req.lm.model.model.layers)
 
-    def _next_pass(self) -> list[tuple[Job, int]]:
-        """The jobs and token counts of the next pass: the first job's next chunk, and
-        chunks of the jobs behind it (same model) while the pass has room."""
-        self._jobs = [j for j in self._jobs if not j.cancelled]
-        if not self._jobs:
+    def _next_pass(self) -> list[tuple[Prompt, int]]:
+        """The prompts and token counts of the next pass: the first prompt's next chunk, and
+        chunks of the prompts behind it (same model) while the pass has room."""
+        self._prompts = [j for j in self._prompts if not j.cancelled]
+        if not self._prompts:
             return []
-        first = self._jobs[0].req.lm.model_id
+        first = self._prompts[0].req.lm.model_id
         room = self.chunk
-        batch: list[tuple[Job, int]] = []
-        for j in self._jobs:
+        batch: list[tuple[Prompt, int]] = []
+        for j in self._prompts:
             if j.req.lm.model_id != first or room <= 0:
                 continue
             n = min(room, j.req.to_prefill)
             batch.append((j, n))
             room -= n
         # Round robin: a long prompt does not hold the ones behind it for its whole length.
-        self._jobs = [j for j in self._jobs if all(j is not b for b, _ in batch)] + [
+        self._prompts = [j for j in self._prompts if all(j is not b for b, _ in batch)] + [
             j for j, _ in batch
         ]
         return batch
 
     def _layers(self, p: Pass, urgent: bool) -> bool:
         """Run p's layers, one at a time, while the lane's priority is this thread's.
-        True once the pass is through the model (or every job in it was cancelled)."""
+        True once the pass is through the model (or every prompt in it was cancelled)."""
         model = p.batch[0][0].req.lm.model
         layers = len(model.model.layers)
         reqs = [j.req for j, _ in p.batch]

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from exo.nodes.engine.mlxenv import blas_max_threads
+from exo.nodes.engine.request import Phase
 
 if TYPE_CHECKING:
     from exo.nodes.engine.engine import Engine
 
 
 def status(engine: Engine) -> dict[str, Any]:
-    running = sum(len(b.rids) for b in engine.batches.values())
+    phases = Counter(r.phase for r in engine.requests.values())
     return {
-        "running": running,
-        "prefilling": len(engine.requests) - running,
+        "running": phases[Phase.DECODING],
+        "prefilling": phases[Phase.PREFILLING] + phases[Phase.IN_LANE],
         "queued": len(engine.queue),
         "kv_bytes": engine.kv_bytes(),
         "kv_reserved": sum(r.kv_reserved for r in engine.requests.values()),

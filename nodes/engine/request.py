@@ -3,6 +3,7 @@ progress, and what each new token makes of it (text, finish, usage)."""
 
 from __future__ import annotations
 
+import enum
 import logging
 import time
 from dataclasses import dataclass, field
@@ -20,6 +21,13 @@ class EngineError(Exception):
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
+
+
+class Phase(enum.Enum):
+    QUEUED = "queued"  # waiting for KV memory (book.py)
+    PREFILLING = "prefilling"  # its own cache, prompt tokens left: chunks in the step
+    IN_LANE = "in_lane"  # its prompt with the prefill lane (lane.py)
+    DECODING = "decoding"  # in its model's decode batch (batch.py)
 
 
 @dataclass
@@ -46,6 +54,15 @@ class Request:
     through: int = 0
     h: Any = None
     in_lane: bool = False  # being prefilled by the engine's lane (lane.py)
+    admitted: bool = False  # given its cache (and its KV reserved)
+
+    @property
+    def phase(self) -> Phase:
+        if not self.admitted:
+            return Phase.QUEUED
+        if self.in_lane:
+            return Phase.IN_LANE
+        return Phase.PREFILLING if self.cache is not None else Phase.DECODING
 
     @property
     def to_prefill(self) -> int:
