@@ -65,7 +65,6 @@ class Broker:
     ) -> None:
         self.request_timeout = request_timeout
         self.router_addr = router_addr
-        self.probe_every = probe_every
         self.ctx = ctx or zmq.Context.instance()
         # None: --insecure, anyone who reaches the ports may speak
         self.cluster_keys = cluster
@@ -115,9 +114,7 @@ class Broker:
             ("frontend", "PULL"): r.on_pull,
             ("frontend", "INSTANCES"): self.on_instances,
         }
-        self.probed: dict[str, probes.Probed] = {}
-        # (link key, probing node id, sent at monotonic, sent at wall clock)
-        self.probing: tuple[str, str, float, float] | None = None
+        self.probes = probes.Prober(self.send, self.stats, probe_every)
         self.stop_event = threading.Event()
         self.started = time.time()
         # periodic work -> when it is next due
@@ -183,7 +180,7 @@ class Broker:
         self.expire(now)
         view = self.topology()  # once for the tick: instances and probes share it
         self.deploy.tend(view)
-        self.tend_probes(now, view)
+        self.probes.tend(now, view, self.reg.by_id())
         beat = P.encode(P.Heartbeat())
         for ident in list(self.reg.peers):
             self.send_raw(ident, beat)
@@ -359,39 +356,6 @@ class Broker:
         self.reg.seen_models.update(peer.models)
 
     # -- requests -------------------------------------------------------------------
-
-    def tend_probes(self, now: float, view: Topology) -> None:
-        """Start the next link probe when one is due (broker/probes.py decides)."""
-        nodes = self.reg.by_id()
-        if self.probing is not None:
-            k, node_id, sent, wall = self.probing
-            node = nodes.get(node_id)
-            got = node.status.get("probes", {}).get(k) if node else None
-            if (
-                node is None
-                or (got and got.get("at", 0) >= wall - 1)
-                or now - sent > probes.TIMEOUT_S
-            ):
-                self.probing = None
-        link = probes.due(view[1], self.probed, now, self.probing is not None, self.probe_every)
-        if link is None:
-            return
-        a, b = nodes.get(link["a"]["node"]), nodes.get(link["b"]["node"])
-        if a is None or b is None or not b.info.get("probe_port"):
-            return
-        k = probes.key(link)
-        self.send(
-            a.identity,
-            P.Probe(
-                key=k,
-                src=link["a"]["address"],
-                dst=link["b"]["address"],
-                port=int(b.info["probe_port"]),
-            ),
-        )
-        self.probing = (k, a.peer_id, now, time.time())
-        self.probed[k] = probes.Probed(now, probes.signature(link))
-        self.stats["probes_sent"] += 1
 
     def on_instances(self, fe: Peer, msg: P.Instances, frame: zmq.Frame) -> None:
         status, body = 200, self.deploy.op(msg.op, msg.spec or {}, msg.id)

@@ -1,4 +1,5 @@
-"""Which link to probe next: a pure function over plain data.
+"""Which link to probe next: a pure function over plain data (`due`), and the
+broker's prober that acts on it (`Prober`).
 
 One probe at a time in the whole cluster (probes measure a link by filling it,
 so two at once would measure each other), at most one every GAP_S. A link is
@@ -9,8 +10,12 @@ than BUSY_BPS of other traffic is skipped (serving comes first) and tried later.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from exo.broker import protocol as P
 
 EVERY_S = 300.0
 GAP_S = 2.0
@@ -74,3 +79,43 @@ def attach(links: list[dict[str, Any]], nodes: list[dict[str, Any]]) -> list[dic
         link["bandwidth_Bps"] = result.get("bandwidth_Bps")
         link["probe_s"] = result.get("duration_s")
     return links
+
+
+class Prober:
+    """The broker's link probes: one at a time, each link again when it changed or
+    its last figure is old; the result comes back in the probing node's status."""
+
+    def __init__(self, send: Callable[[bytes, Any], bool], stats: Any, every: float) -> None:
+        self.send, self.stats, self.every = send, stats, every
+        self.probed: dict[str, Probed] = {}
+        # (link key, probing node id, sent at monotonic, sent at wall clock)
+        self.probing: tuple[str, str, float, float] | None = None
+
+    def tend(self, now: float, view: Any, nodes: dict[str, Any]) -> None:
+        """Start the next link probe when one is due (`due` decides). `view`: the
+        broker's topology; `nodes`: its nodes by id (registry.Peer)."""
+        if self.probing is not None:
+            k, node_id, sent, wall = self.probing
+            node = nodes.get(node_id)
+            got = node.status.get("probes", {}).get(k) if node else None
+            if node is None or (got and got.get("at", 0) >= wall - 1) or now - sent > TIMEOUT_S:
+                self.probing = None
+        link = due(view[1], self.probed, now, self.probing is not None, self.every)
+        if link is None:
+            return
+        a, b = nodes.get(link["a"]["node"]), nodes.get(link["b"]["node"])
+        if a is None or b is None or not b.info.get("probe_port"):
+            return
+        k = key(link)
+        self.send(
+            a.identity,
+            P.Probe(
+                key=k,
+                src=link["a"]["address"],
+                dst=link["b"]["address"],
+                port=int(b.info["probe_port"]),
+            ),
+        )
+        self.probing = (k, a.peer_id, now, time.time())
+        self.probed[k] = Probed(now, signature(link))
+        self.stats["probes_sent"] += 1
