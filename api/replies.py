@@ -1,12 +1,14 @@
-"""From a request's messages to its HTTP answer: one JSON body, or an SSE stream.
+"""From a request's messages to what every face of the API answers.
 
 The broker's answer to a SUBMIT arrives on the job's queue: ACCEPTED, STATE
 (admitted, downloading, prefill progress), TOKENS, and FAIL from the broker or a
-node; `Disconnected` when the HTTP client left. A streamed answer holds its status
-line until the node admits the request, so a refusal (a prompt too long...) is
-still a proper 4xx; past KEEPALIVE_S (a model still loading) it starts streaming,
-keeps the connection alive with SSE comments, and reports a later failure in the
-stream. Whatever ends early cancels the request on the cluster.
+node; `Disconnected` when the HTTP client left. `Replier.open` waits for the
+request to be taken: a streamed answer holds its status line until the node
+admits the request, so a refusal (a prompt too long...) is still a proper 4xx;
+past KEEPALIVE_S (a model still loading) it starts streaming. `Replier.events`
+then turns the rest into the events each face formats (OpenAI's, Ollama's,
+Anthropic's): text, keep-alives, the end or a failure. Whatever ends early
+cancels the request on the cluster.
 """
 
 from __future__ import annotations
@@ -14,14 +16,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from typing import Any, TypeAlias
 
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from exo.api.client import BrokerClient
-from exo.api.errors import error_body, error_response
-from exo.api.jobs import Disconnected, Event, Job, sse
+from exo.api.errors import error_response
+from exo.api.jobs import Disconnected, Event, Job
 from exo.broker import protocol as P
 
 log = logging.getLogger(__name__)
@@ -29,8 +32,30 @@ log = logging.getLogger(__name__)
 KEEPALIVE_S = 5.0
 
 
+@dataclass
+class Text:
+    text: str
+    ids: list[int]
+
+
+@dataclass
+class Done:
+    finish: str
+    usage: dict[str, Any] | None
+
+
+@dataclass
+class Waiting:
+    """Nothing new for a while: a keep-alive (a model loading, a long prefill)."""
+
+    state: str
+
+
+Reply: TypeAlias = Text | Done | Waiting | P.Fail
+
+
 def failed(msg: P.Fail, headers: dict[str, str]) -> JSONResponse:
-    """The HTTP answer to a FAIL from the broker or a node."""
+    """OpenAI's HTTP answer to a FAIL from the broker or a node."""
     param = "model" if msg.code == "model_not_found" else None
     return error_response(msg.status, msg.message, msg.code, param, headers=headers)
 
@@ -39,29 +64,24 @@ class Replier:
     def __init__(self, client: BrokerClient) -> None:
         self.client = client
 
-    async def respond(self, job: Job, stream: bool, include_usage: bool) -> Any:
+    async def open(self, job: Job, stream: bool) -> P.Fail | Disconnected | None:
+        """Wait until the request is taken (streamed: admitted by its node, or
+        KEEPALIVE_S passed) -> None, or why it will not be answered."""
         first = await job.queue.get()
         if isinstance(first, Disconnected):
             await self.client.cancel(job.rid, "disconnect")
-            return None
-        headers = {"X-Request-Id": job.rid}
+            return first
         if isinstance(first, P.Fail):
             self.client.done(job.rid)
-            return failed(first, headers)
+            return first
         if not stream:
-            return await self.collect(job, headers)
+            return None
         verdict = await self.admitted(job)
         if isinstance(verdict, Disconnected):
             await self.client.cancel(job.rid, "disconnect")
-            return None
-        if verdict is not None:
+        elif verdict is not None:
             self.client.done(job.rid)
-            return failed(verdict, headers)
-        return StreamingResponse(
-            self.stream(job, include_usage),
-            media_type="text/event-stream",
-            headers={**headers, "Cache-Control": "no-cache"},
-        )
+        return verdict
 
     async def admitted(self, job: Job) -> P.Fail | Disconnected | None:
         """Wait for the node to take the request: its FAIL if it refuses, else None."""
@@ -91,37 +111,35 @@ class Replier:
         except TimeoutError:
             return None
 
-    async def stream(self, job: Job, include_usage: bool) -> AsyncIterator[bytes]:
+    async def events(self, job: Job) -> AsyncGenerator[Reply, None]:
+        """The request's replies until it ends (Done or a FAIL). Ending early (the
+        client left, or the consumer stopped) cancels it on the cluster."""
         finished = False
         try:
-            yield sse(job.chunk("" if job.kind == "chat" else None, first=True))
             while True:
                 msg = await self.next_message(job)
+                if isinstance(msg, Disconnected):
+                    log.info("rid=%s client left before the reply; cancelled", job.rid)
+                    return
                 if isinstance(msg, P.State) and msg.state == "admitted":
                     continue
                 if msg is None or isinstance(msg, P.State):
-                    # SSE comments keep proxies and clients from timing out while
-                    # a model loads or a long prompt prefills.
                     state = msg.state if msg is not None else "working"
                     if msg is not None and msg.total is not None:
                         state += f" {msg.done}/{msg.total}"
-                    yield f": {state}\n\n".encode()
+                    yield Waiting(state)
                     continue
                 if isinstance(msg, P.Fail):
                     finished = True
-                    yield sse(error_body(msg.status, msg.message, msg.code))
-                    yield b"data: [DONE]\n\n"
+                    yield msg
                     return
                 if not isinstance(msg, P.Tokens):
                     continue
-                if msg.text or (job.token_ids and msg.ids):
-                    yield sse(job.chunk(msg.text, ids=msg.ids))
+                if msg.text or msg.ids:
+                    yield Text(msg.text, msg.ids)
                 if msg.finish:
                     finished = True
-                    yield sse(job.chunk(None, msg.finish))
-                    if include_usage:
-                        yield sse({**job.chunk(None), "choices": [], "usage": msg.usage})
-                    yield b"data: [DONE]\n\n"
+                    yield Done(msg.finish, msg.usage)
                     return
         finally:
             if finished:
@@ -129,28 +147,18 @@ class Replier:
             else:
                 # The client went away (or the server is stopping): no one is listening.
                 await self.client.cancel(job.rid, "disconnect")
-                log.info("rid=%s stream closed early; cancelled", job.rid)
 
-    async def collect(self, job: Job, headers: dict[str, str]) -> Any:
+    async def collect(self, job: Job) -> tuple[str, list[int], Done] | P.Fail | None:
+        """The whole answer: text, token ids and how it ended; its FAIL; or None
+        when the client left first."""
         parts: list[str] = []
         ids: list[int] = []
-        try:
-            while True:
-                msg = await self.next_message(job)
-                if isinstance(msg, Disconnected):
-                    await self.client.cancel(job.rid, "disconnect")
-                    log.info("rid=%s client left before the reply; cancelled", job.rid)
-                    return None
-                if isinstance(msg, P.Fail):
-                    return failed(msg, headers)
-                if not isinstance(msg, P.Tokens):
-                    continue
-                parts.append(msg.text)
-                ids.extend(msg.ids)
-                if msg.finish:
-                    return JSONResponse(
-                        job.whole("".join(parts), msg.finish, msg.usage, ids),
-                        headers=headers,
-                    )
-        finally:
-            self.client.done(job.rid)
+        async for ev in self.events(job):
+            if isinstance(ev, P.Fail):
+                return ev
+            if isinstance(ev, Text):
+                parts.append(ev.text)
+                ids.extend(ev.ids)
+            elif isinstance(ev, Done):
+                return "".join(parts), ids, ev
+        return None

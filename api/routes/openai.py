@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
-import uuid
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
-from exo.api.errors import error_response
-from exo.api.jobs import Disconnected, Job
-from exo.api.replies import Replier
-from exo.api.routes import api_key, client_of
+from exo.api.errors import error_body, error_response
+from exo.api.jobs import Disconnected, Job, sse
+from exo.api.replies import Replier, Reply, Text, Waiting, failed
+from exo.api.routes import client_of, submitted
 from exo.api.schemas import ChatRequest, CompletionRequest, Sampling, first_error
+from exo.broker import protocol as P
 
 router = APIRouter()
 
@@ -90,23 +92,53 @@ async def run(request: Request, kind: str, body: Sampling, payload: Any, limit: 
         return error_response(
             400, "X-Request-Timeout must be a positive number of seconds", param="X-Request-Timeout"
         )
-    client = client_of(request)
-    rid = uuid.uuid4().hex[:24]
-    queue = await client.submit(
-        rid, body.model, kind, payload, body.params(limit), timeout_s, api_key(request)
-    )
-    job = Job(rid, kind, body.model, queue, token_ids=bool(body.return_token_ids))
-    # The ASGI disconnect event, not polling: a client that leaves ends its request.
-    watcher = asyncio.create_task(watch_disconnect(request, job))
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    try:
-        return await Replier(client).respond(job, bool(body.stream), include_usage)
-    finally:
-        # A streaming response watches for disconnect itself from here on.
-        watcher.cancel()
+    params = body.params(limit)
+    async with submitted(request, kind, body.model, payload, params, timeout_s) as job:
+        job.token_ids = bool(body.return_token_ids)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return await respond(Replier(client_of(request)), job, bool(body.stream), include_usage)
 
 
-async def watch_disconnect(request: Request, job: Job) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-    job.queue.put_nowait(Disconnected())
+async def respond(r: Replier, job: Job, stream: bool, include_usage: bool) -> Any:
+    headers = {"X-Request-Id": job.rid}
+    bad = await r.open(job, stream)
+    if isinstance(bad, Disconnected):
+        return None
+    if bad is not None:
+        return failed(bad, headers)
+    if stream:
+        return StreamingResponse(
+            sse_stream(job, r.events(job), include_usage),
+            media_type="text/event-stream",
+            headers={**headers, "Cache-Control": "no-cache"},
+        )
+    got = await r.collect(job)
+    if got is None:
+        return None
+    if isinstance(got, P.Fail):
+        return failed(got, headers)
+    text, ids, done = got
+    return JSONResponse(job.whole(text, done.finish, done.usage, ids), headers=headers)
+
+
+async def sse_stream(
+    job: Job, events: AsyncGenerator[Reply, None], include_usage: bool
+) -> AsyncIterator[bytes]:
+    """OpenAI's chunks; SSE comments keep proxies and clients from timing out
+    while a model loads or a long prompt prefills."""
+    async with contextlib.aclosing(events) as replies:  # (closed with us: a cancel)
+        yield sse(job.chunk("" if job.kind == "chat" else None, first=True))
+        async for ev in replies:
+            if isinstance(ev, Waiting):
+                yield f": {ev.state}\n\n".encode()
+            elif isinstance(ev, P.Fail):
+                yield sse(error_body(ev.status, ev.message, ev.code))
+                yield b"data: [DONE]\n\n"
+            elif isinstance(ev, Text):
+                if ev.text or (job.token_ids and ev.ids):
+                    yield sse(job.chunk(ev.text, ids=ev.ids))
+            else:
+                yield sse(job.chunk(None, ev.finish))
+                if include_usage:
+                    yield sse({**job.chunk(None), "choices": [], "usage": ev.usage})
+                yield b"data: [DONE]\n\n"

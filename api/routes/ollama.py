@@ -1,0 +1,291 @@
+"""Ollama's face: what ollama-python, OpenWebUI's Ollama connection and LiteLLM's
+`ollama_chat/` speak. Models by the cluster's own ids (`ORG/NAME`, a `:latest`
+suffix ignored); chat and generate stream NDJSON, one object per line, the last
+with `done` and the counts. Options are mapped onto the one internal request;
+a sampling option the engine cannot honour (and `format`, tools, images, for
+now) is a 400 naming it, never ignored; the runtime knobs (`num_ctx`, threads,
+GPU layers...) are the cluster's to decide and are accepted as such.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from exo.api.jobs import Disconnected, Job
+from exo.api.replies import Done, Replier, Reply, Text
+from exo.api.routes import client_of, submitted
+from exo.broker import protocol as P
+from exo.common.sampling import SamplingParams
+
+router = APIRouter()
+
+VERSION = "0.6.3"  # the Ollama API this face follows
+MAPPED = {"temperature": "temperature", "top_p": "top_p", "seed": "seed", "stop": "stop"}
+# The cluster decides these (placement, the engine's batching): accepted, not applied.
+RUNTIME = {
+    "num_ctx", "num_batch", "num_gpu", "main_gpu", "use_mmap", "use_mlock", "num_thread",
+    "numa", "low_vram", "f16_kv", "vocab_only", "num_keep",
+}  # fmt: skip
+
+
+class Refused(ValueError):
+    pass
+
+
+def error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+def model_name(body: dict[str, Any]) -> str:
+    name = body.get("model")
+    if not isinstance(name, str) or not name:
+        raise Refused("model is required")
+    return name.removesuffix(":latest")
+
+
+def params(body: dict[str, Any]) -> dict[str, Any]:
+    """Ollama's options -> the internal sampling parameters, or Refused."""
+    for field in ("format", "tools", "images", "suffix", "template"):
+        if body.get(field):
+            raise Refused(f"'{field}' is not supported by this server yet")
+    if body.get("think"):
+        raise Refused("'think' is not supported by this server yet")
+    options = body.get("options") or {}
+    if not isinstance(options, dict):
+        raise Refused("options must be an object")
+    out: dict[str, Any] = {}
+    for k, v in options.items():
+        if k in MAPPED:
+            out[MAPPED[k]] = v
+        elif k == "num_predict":
+            if isinstance(v, int) and v > 0:
+                out["max_tokens"] = v
+        elif k not in RUNTIME:
+            raise Refused(f"option '{k}' is not supported by this server")
+    try:
+        return SamplingParams.from_wire(out).wire()
+    except ValueError as e:
+        raise Refused(f"options: {e}") from None
+
+
+def messages(body: dict[str, Any]) -> list[dict[str, str]]:
+    msgs = body.get("messages")
+    if not isinstance(msgs, list):
+        raise Refused("messages must be a list")
+    out = []
+    for m in msgs:
+        if not isinstance(m, dict) or not isinstance(m.get("content", ""), str):
+            raise Refused("each message is {role, content}")
+        if m.get("images") or m.get("tool_calls"):
+            raise Refused("images and tool calls are not supported by this server yet")
+        role = m.get("role")
+        if role not in ("system", "user", "assistant", "tool"):
+            raise Refused(f"unknown role {role!r}")
+        out.append({"role": str(role), "content": m.get("content", "")})
+    return out
+
+
+async def body_of(request: Request) -> dict[str, Any]:
+    try:
+        body = json.loads(await request.body() or b"{}")
+    except (ValueError, RecursionError):
+        raise Refused("the body is not JSON") from None
+    if not isinstance(body, dict):
+        raise Refused("the body must be an object")
+    return body
+
+
+# -- models -------------------------------------------------------------------------
+
+
+async def catalogue(request: Request) -> dict[str, dict[str, Any]]:
+    """Every model some node holds: its meta, and whether it is loaded anywhere."""
+    state = await client_of(request).query("cluster")
+    out: dict[str, dict[str, Any]] = {}
+    for n in state.get("nodes", []):
+        loaded = set(n.get("status", {}).get("loaded", []))
+        for m in n.get("info", {}).get("models", []):
+            meta = n.get("info", {}).get("model_meta", {}).get(m, {})
+            e = out.setdefault(m, {"meta": meta, "loaded": False, "since": n.get("age_s", 0)})
+            e["loaded"] = e["loaded"] or m in loaded
+    return out
+
+
+def describe(name: str, e: dict[str, Any]) -> dict[str, Any]:
+    meta = e["meta"]
+    kind = str(meta.get("type", ""))
+    return {
+        "name": name,
+        "model": name,
+        "modified_at": now_iso(),
+        "size": int(meta.get("bytes", 0)),
+        "digest": hashlib.sha256(name.encode()).hexdigest(),
+        "details": {
+            "parent_model": "",
+            "format": "safetensors",
+            "family": kind,
+            "families": [kind] if kind else [],
+            "parameter_size": "",
+            "quantization_level": "",
+        },
+    }
+
+
+@router.get("/api/version")
+async def version() -> dict[str, str]:
+    return {"version": VERSION}
+
+
+@router.get("/api/tags")
+async def tags(request: Request) -> dict[str, Any]:
+    return {"models": [describe(m, e) for m, e in sorted((await catalogue(request)).items())]}
+
+
+@router.get("/api/ps")
+async def ps(request: Request) -> dict[str, Any]:
+    loaded = [(m, e) for m, e in sorted((await catalogue(request)).items()) if e["loaded"]]
+    far = datetime(2100, 1, 1, tzinfo=UTC).isoformat().replace("+00:00", "Z")
+    return {
+        "models": [
+            {**describe(m, e), "expires_at": far, "size_vram": 0, "context_length": 0}
+            for m, e in loaded
+        ]
+    }
+
+
+@router.post("/api/show")
+async def show(request: Request) -> Any:
+    try:
+        name = model_name(await body_of(request))
+    except Refused as bad:
+        return error(400, str(bad))
+    found = (await catalogue(request)).get(name)
+    if found is None:
+        return error(404, f"model '{name}' not found")
+    d = describe(name, found)
+    kind = d["details"]["family"]
+    return {
+        "modelfile": f"FROM {name}\n",
+        "parameters": "",
+        "template": "",
+        "details": d["details"],
+        "model_info": {
+            "general.architecture": kind,
+            f"{kind}.block_count": found["meta"].get("layers"),
+        },
+        "capabilities": ["completion"],
+        "modified_at": d["modified_at"],
+    }
+
+
+# -- chat and generate ------------------------------------------------------------------
+
+
+@router.post("/api/chat")
+async def chat(request: Request) -> Any:
+    try:
+        body = await body_of(request)
+        name, p, payload = model_name(body), params(body), messages(body)
+    except Refused as e:
+        return error(400, str(e))
+    return await answer(request, body, "chat", name, payload, p, "message")
+
+
+@router.post("/api/generate")
+async def generate(request: Request) -> Any:
+    try:
+        body = await body_of(request)
+        name, p = model_name(body), params(body)
+        prompt, system = body.get("prompt", ""), body.get("system")
+        if not isinstance(prompt, str) or not isinstance(system, str | None):
+            raise Refused("prompt and system are strings")
+    except Refused as e:
+        return error(400, str(e))
+    if not prompt:  # Ollama's way to load a model: nothing to generate
+        return {"model": name, "created_at": now_iso(), "response": "", "done": True}
+    payload: Any
+    if body.get("raw"):
+        kind, payload = "completion", prompt
+    else:
+        turns = [{"role": "system", "content": system}] if system else []
+        kind, payload = "chat", [*turns, {"role": "user", "content": prompt}]
+    return await answer(request, body, kind, name, payload, p, "response")
+
+
+async def answer(
+    request: Request,
+    body: dict[str, Any],
+    kind: str,
+    name: str,
+    payload: Any,
+    p: dict[str, Any],
+    field: str,
+) -> Any:
+    """One internal request, answered as Ollama does: NDJSON lines, or one object."""
+    stream = body.get("stream", True) is not False
+    async with submitted(request, kind, name, payload, p) as job:
+        r = Replier(client_of(request))
+        bad = await r.open(job, stream)
+        if isinstance(bad, Disconnected):
+            return None
+        if bad is not None:
+            return error(bad.status, bad.message)
+        t0 = time.perf_counter()
+        if stream:
+            return StreamingResponse(
+                lines(job, r.events(job), field, t0), media_type="application/x-ndjson"
+            )
+        got = await r.collect(job)
+        if got is None:
+            return None
+        if isinstance(got, P.Fail):
+            return error(got.status, got.message)
+        text, _, done = got
+        return {**piece(job, field, text), **last(done, t0)}
+
+
+def piece(job: Job, field: str, text: str) -> dict[str, Any]:
+    content: Any = {"role": "assistant", "content": text} if field == "message" else text
+    return {"model": job.model, "created_at": now_iso(), field: content, "done": False}
+
+
+def last(done: Done, t0: float) -> dict[str, Any]:
+    usage = done.usage or {}
+    total = int((time.perf_counter() - t0) * 1e9)
+    return {
+        "done": True,
+        "done_reason": done.finish,
+        "total_duration": total,
+        "load_duration": 0,
+        "prompt_eval_count": int(usage.get("prompt_tokens", 0)),
+        "prompt_eval_duration": 0,
+        "eval_count": int(usage.get("completion_tokens", 0)),
+        "eval_duration": total,
+    }
+
+
+async def lines(
+    job: Job, events: AsyncGenerator[Reply, None], field: str, t0: float
+) -> AsyncIterator[bytes]:
+    async with contextlib.aclosing(events) as replies:  # (closed with us: a cancel)
+        async for ev in replies:
+            if isinstance(ev, Text) and ev.text:
+                yield (json.dumps(piece(job, field, ev.text)) + "\n").encode()
+            elif isinstance(ev, P.Fail):
+                yield (json.dumps({"error": ev.message}) + "\n").encode()
+            elif isinstance(ev, Done):
+                out = {**piece(job, field, ""), **last(ev, t0)}
+                yield (json.dumps(out) + "\n").encode()
