@@ -18,6 +18,37 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchema(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    name: str = Field(default="schema", max_length=64)
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+    description: str | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: free text, any JSON object, or a JSON schema."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
+
+    def schema_text(self) -> str | None:
+        """The schema the output must follow, as text (None: free text)."""
+        import json
+
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return '{"type": "object"}'
+        if self.json_schema is None:
+            raise ValueError("response_format json_schema needs its json_schema")
+        text = json.dumps(self.json_schema.schema_ or {"type": "object"})
+        if len(text) > 64 * 1024:
+            raise ValueError("response_format: a schema is at most 64 KiB")
+        return text
+
+
 class Sampling(BaseModel):
     """Fields shared by chat and completions."""
 
@@ -36,6 +67,7 @@ class Sampling(BaseModel):
     return_token_ids: bool | None = False
     # vLLM's extension: keep generating past the end-of-sequence token (benchmarks).
     ignore_eos: bool | None = False
+    response_format: ResponseFormat | None = None
 
     @field_validator("stop")
     @classmethod
@@ -54,6 +86,7 @@ class Sampling(BaseModel):
             seed=self.seed,
             ignore_eos=bool(self.ignore_eos),
             stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
+            json_schema=self.response_format.schema_text() if self.response_format else None,
         )
         if max_tokens is not None:
             sp.max_tokens = max_tokens

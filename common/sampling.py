@@ -24,6 +24,9 @@ class SamplingParams(Struct, forbid_unknown_fields=False):
         list[Annotated[str, Meta(max_length=MAX_STOP_CHARS)]], Meta(max_length=MAX_STOPS)
     ] = []
     ignore_eos: bool = False
+    # Structured output: the JSON schema the tokens must follow (its text), held by
+    # constrained decoding (nodes/engine/grammar.py); '{"type": "object"}': any JSON
+    json_schema: Annotated[str, Meta(max_length=64 * 1024)] | None = None
 
     def wire(self) -> dict[str, Any]:
         out: dict[str, Any] = msgspec.to_builtins(self)

@@ -4,12 +4,14 @@ request gives the tokens OpenAI's chat gives."""
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from typing import Any, Literal
 
 import anthropic
 import ollama
 import openai
 import pytest
+from pydantic import BaseModel, Field
 
 TINY = "test/tiny-llama"
 SYSTEM = "You are terse."
@@ -58,9 +60,10 @@ def test_ollama_refuses_what_it_cannot_honour_and_unknown_models(cluster: Any) -
     with pytest.raises(ollama.ResponseError) as e:
         client.chat(model=TINY, messages=turns, options={"top_k": 5})
     assert e.value.status_code == 400 and "top_k" in e.value.error
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
     with pytest.raises(ollama.ResponseError) as e:
-        client.chat(model=TINY, messages=turns, format="json")
-    assert e.value.status_code == 400 and "format" in e.value.error
+        client.chat(model=TINY, messages=turns, tools=[tool])
+    assert e.value.status_code == 400 and "tools" in e.value.error
     with pytest.raises(ollama.ResponseError) as e:
         client.chat(model="nobody/nothing", messages=turns)
     assert e.value.status_code == 404
@@ -104,3 +107,78 @@ def test_anthropic_errors_come_in_anthropics_shape(cluster: Any) -> None:
     with pytest.raises(anthropic.NotFoundError) as nf:
         client.messages.create(model="nobody/nothing", max_tokens=8, messages=turns)
     assert nf.value.body["error"]["type"] == "not_found_error"  # type: ignore[index]
+
+
+# -- structured output: a random-weight model's output validates, every run ----------
+
+
+class Person(BaseModel):
+    name: str = Field(max_length=12)
+    age: int = Field(ge=0, le=120)
+    tags: list[Literal["a", "b", "c"]] = Field(max_length=3)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_openai_parse_gets_a_valid_object_from_a_random_model(cluster: Any, seed: int) -> None:
+    client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="none", max_retries=0)
+    r = client.chat.completions.parse(
+        model=TINY,
+        messages=[{"role": "user", "content": "Who is it?"}],
+        response_format=Person,
+        max_tokens=300,
+        temperature=1.0,
+        seed=seed,
+    )
+    choice = r.choices[0]
+    assert choice.finish_reason == "stop", choice
+    assert isinstance(choice.message.parsed, Person)  # parsed and validated by the SDK
+
+
+def test_json_object_and_ollama_formats_always_parse(cluster: Any) -> None:
+    client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="none", max_retries=0)
+    for seed in range(3):
+        r = client.chat.completions.create(
+            model=TINY,
+            messages=[{"role": "user", "content": "JSON please"}],
+            response_format={"type": "json_object"},
+            max_tokens=400,
+            seed=seed,
+        )
+        if r.choices[0].finish_reason == "stop":
+            assert isinstance(json.loads(r.choices[0].message.content or ""), dict)
+    streamed = client.chat.completions.create(
+        model=TINY,
+        messages=[{"role": "user", "content": "Who?"}],
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "p", "schema": Person.model_json_schema(), "strict": True},
+        },
+        max_tokens=300,
+        seed=7,
+        stream=True,
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    Person.model_validate_json(text)
+    ol = ollama.Client(host=cluster.url, headers=cluster.api_headers())
+    got = ol.chat(
+        model=TINY,
+        messages=[{"role": "user", "content": "Who?"}],
+        format=Person.model_json_schema(),
+        options={"num_predict": 300, "seed": 3},
+    )
+    Person.model_validate_json(got.message.content or "")
+
+
+def test_a_schema_that_does_not_compile_is_a_400(cluster: Any) -> None:
+    client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="none", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(
+            model=TINY,
+            messages=[{"role": "user", "content": "x"}],
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": "nope"}},
+            },
+            max_tokens=5,
+        )
+    assert "response_format" in str(e.value)

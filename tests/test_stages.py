@@ -176,3 +176,33 @@ def test_a_stage_whose_rows_sit_in_another_order_gives_each_row_its_own_tokens(
         assert runner.batch.rids == ["d", "c", "x"]  # its own order, whatever it was told
         runs.append((first, second))
     assert runs[0] == runs[1]
+
+
+def test_structured_output_holds_on_the_last_stage_of_a_split(tiny_path: Path) -> None:
+    """The last stage samples, so it holds the grammar (grammar.py): the text stage
+    0 assembles from its tokens parses and follows the schema."""
+    import json
+
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}},
+        "required": ["n"],
+        "additionalProperties": False,
+    }
+    p = pipeline(tiny_path, [0, 2, 4])
+    params = {"max_tokens": 60, "temperature": 1.0, "seed": 5, "json_schema": json.dumps(schema)}
+    p.engine.submit("j", "m", "completion", "Number:", params)
+    text, finish = "", None
+    for _ in range(500):
+        outs = p.engine.step()
+        while p.results:
+            n, toks = p.results.pop(0)
+            outs += p.engine.finish_remote("m", n, toks)
+        for o in outs:
+            text += o.text
+            finish = o.finish or finish
+        if finish:
+            break
+    assert finish == "stop", text
+    got = json.loads(text)
+    assert set(got) == {"n"} and 0 <= got["n"] <= 99

@@ -2,8 +2,9 @@
 `ollama_chat/` speak. Models by the cluster's own ids (`ORG/NAME`, a `:latest`
 suffix ignored); chat and generate stream NDJSON, one object per line, the last
 with `done` and the counts. Options are mapped onto the one internal request;
-a sampling option the engine cannot honour (and `format`, tools, images, for
-now) is a 400 naming it, never ignored; the runtime knobs (`num_ctx`, threads,
+a sampling option the engine cannot honour (and tools, images, for now) is a
+400 naming it, never ignored; `format` (json, or a schema) is held by
+constrained decoding; the runtime knobs (`num_ctx`, threads,
 GPU layers...) are the cluster's to decide and are accepted as such.
 """
 
@@ -58,7 +59,7 @@ def model_name(body: dict[str, Any]) -> str:
 
 def params(body: dict[str, Any]) -> dict[str, Any]:
     """Ollama's options -> the internal sampling parameters, or Refused."""
-    for field in ("format", "tools", "images", "suffix", "template"):
+    for field in ("tools", "images", "suffix", "template"):
         if body.get(field):
             raise Refused(f"'{field}' is not supported by this server yet")
     if body.get("think"):
@@ -75,6 +76,13 @@ def params(body: dict[str, Any]) -> dict[str, Any]:
                 out["max_tokens"] = v
         elif k not in RUNTIME:
             raise Refused(f"option '{k}' is not supported by this server")
+    fmt = body.get("format")
+    if fmt == "json":
+        out["json_schema"] = '{"type": "object"}'
+    elif isinstance(fmt, dict):
+        out["json_schema"] = json.dumps(fmt)
+    elif fmt not in (None, ""):
+        raise Refused("format must be 'json' or a JSON schema")
     try:
         return SamplingParams.from_wire(out).wire()
     except ValueError as e:

@@ -92,7 +92,10 @@ async def run(request: Request, kind: str, body: Sampling, payload: Any, limit: 
         return error_response(
             400, "X-Request-Timeout must be a positive number of seconds", param="X-Request-Timeout"
         )
-    params = body.params(limit)
+    try:
+        params = body.params(limit)
+    except ValueError as e:
+        return error_response(400, str(e), param="response_format")
     async with submitted(request, kind, body.model, payload, params, timeout_s) as job:
         job.token_ids = bool(body.return_token_ids)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -164,13 +164,14 @@ R = TypeVar("R", bound=Row)
 
 def sample_rows(rows: list[R], logits: mx.array) -> list[tuple[list[R], mx.array]]:
     """Greedy rows share one argmax over the batch; sampled rows draw with their own key."""
-    greedy = [i for i, r in enumerate(rows) if r.sampler.temperature <= 0]
+    greedy = [
+        i for i, r in enumerate(rows) if r.sampler.temperature <= 0 and r.sampler.constraint is None
+    ]
     out: list[tuple[list[R], mx.array]] = []
     if len(greedy) == len(rows):
         return [(rows, mx.argmax(logits, axis=-1))]
+    chosen = set(greedy)
     if greedy:
         out.append(([rows[i] for i in greedy], mx.argmax(logits[mx.array(greedy)], axis=-1)))
-    out.extend(
-        ([r], r.sampler(logits[i])[None]) for i, r in enumerate(rows) if r.sampler.temperature > 0
-    )
+    out.extend(([r], r.sampler(logits[i])[None]) for i, r in enumerate(rows) if i not in chosen)
     return out

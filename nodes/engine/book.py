@@ -20,7 +20,7 @@ from exo.nodes.engine.lane import Lane
 from exo.nodes.engine.mlxenv import mx
 from exo.nodes.engine.model import LoadedModel, kv_bytes_per_token
 from exo.nodes.engine.request import EngineError, Phase, Request, encode_prompt
-from exo.nodes.engine.sampling import Sampler, SamplingParams, StopMatcher
+from exo.nodes.engine.sampling import SamplingParams, StopMatcher, sampler_for
 from exo.nodes.engine.scheduler import StepPlan
 from exo.nodes.pipeline.stage0 import Stage0
 
@@ -65,6 +65,10 @@ class Book:
             sp = SamplingParams.from_wire(params)
         except ValueError as e:
             raise EngineError(400, "invalid_params", str(e)) from None
+        try:
+            sampler = sampler_for(lm, sp)
+        except ValueError as e:
+            raise EngineError(400, "invalid_params", str(e)) from None
         prompt = encode_prompt(lm, kind, payload)
         if len(prompt) >= lm.context:
             raise EngineError(
@@ -89,7 +93,7 @@ class Book:
             prompt=prompt,
             params=sp,
             wire=params,
-            sampler=Sampler(sp),
+            sampler=sampler,
             cache=None,
             stop=StopMatcher(sp.stop),
             detok=lm.tokenizer.detokenizer,

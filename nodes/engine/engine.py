@@ -358,6 +358,8 @@ class Engine(Book):
         outputs: list[Output] = []
         finished = False
         for req, tok in sampled:
+            if req.lm.part is None:  # (a split model's last stage samples and keeps it)
+                req.sampler.accept(tok)
             out = req.emit(tok)
             outputs.append(out)
             if out.finish:

@@ -7,15 +7,18 @@ request gives the same tokens whatever else runs beside it.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from exo.common.sampling import SamplingParams
 from exo.nodes.engine.mlxenv import mx
 
-__all__ = ["Sampler", "SamplingParams", "StopMatcher"]
+__all__ = ["Sampler", "SamplingParams", "StopMatcher", "sampler_for"]
 
 
 class Sampler:
-    def __init__(self, params: SamplingParams) -> None:
+    def __init__(self, params: SamplingParams, constraint: Any = None) -> None:
+        # grammar.Constraint: the tokens a structured output allows (None: any)
+        self.constraint = constraint
         self.temperature = params.temperature
         self.top_p = params.top_p
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
@@ -24,6 +27,8 @@ class Sampler:
 
     def __call__(self, logits: mx.array) -> mx.array:
         """logits: [vocab] (last position) -> token id as a 0-d array."""
+        if self.constraint is not None:
+            logits = self.constraint.apply(logits)
         if self.temperature <= 0:
             return mx.argmax(logits, axis=-1)
         self.key, sub = mx.random.split(self.key)
@@ -38,6 +43,19 @@ class Sampler:
             keep = mx.zeros_like(keep_sorted).at[order].add(keep_sorted)
             logits = mx.where(keep, logits, -mx.inf)
         return mx.random.categorical(logits, key=sub)
+
+    def accept(self, token: int) -> None:
+        """The token this request got: its grammar moves on."""
+        if self.constraint is not None:
+            self.constraint.accept(token)
+
+
+def sampler_for(lm: Any, params: SamplingParams) -> Sampler:
+    """A request's sampler, held to its schema when it has one."""
+    from exo.nodes.engine.grammar import Constraint
+
+    schema = params.json_schema
+    return Sampler(params, Constraint(lm, schema) if schema else None)
 
 
 class StopMatcher:

@@ -22,7 +22,7 @@ from exo.broker import protocol as P
 from exo.nodes.engine.batch import Batch, sample_rows
 from exo.nodes.engine.mlxenv import mx
 from exo.nodes.engine.model import LoadedModel
-from exo.nodes.engine.sampling import Sampler, SamplingParams
+from exo.nodes.engine.sampling import Sampler, SamplingParams, sampler_for
 
 
 class StageError(Exception):
@@ -94,7 +94,7 @@ class StageRunner:
         for rid, params in header.new.items():
             self.caches[rid] = new_cache(lm.layers)
             if self.last:
-                self.samplers[rid] = Sampler(SamplingParams.from_wire(params))
+                self.samplers[rid] = sampler_for(lm, SamplingParams.from_wire(params))
         chunks = []
         for rid, n, logits in header.chunks:
             if rid not in self.caches:
@@ -118,6 +118,8 @@ class StageRunner:
         sampled = sample_rows([SamplerRow(r, self.samplers[r]) for r in names], logits)
         mx.eval([t for _, t in sampled], states)
         at = {r.rid: t for reqs, toks in sampled for r, t in zip(reqs, toks.tolist(), strict=True)}
+        for r in names:
+            self.samplers[r].accept(at[r])
         return [at[r] for r in names]
 
     def kv_bytes(self) -> int:
