@@ -72,13 +72,28 @@ class Job:
             "choices": [choice],
         }
 
+    def calls_chunk(self, calls: list[dict[str, Any]]) -> dict[str, Any]:
+        """A stream's tool calls, whole, in one delta (each with its index)."""
+        delta = {"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]}
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
+        return self.envelope("chat.completion.chunk", choice)
+
     def whole(
-        self, text: str, finish: str | None, usage: dict[str, int] | None, ids: list[int]
+        self,
+        text: str,
+        finish: str | None,
+        usage: dict[str, int] | None,
+        ids: list[int],
+        tool_calls: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
         if self.kind == "chat":
+            message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+            if tool_calls:
+                message["tool_calls"] = tool_calls
+                message["content"] = text or None
             choice: dict[str, Any] = {
                 "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": None},
+                "message": message,
                 "logprobs": None,
                 "finish_reason": finish,
             }

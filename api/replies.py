@@ -42,6 +42,7 @@ class Text:
 class Done:
     finish: str
     usage: dict[str, Any] | None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 @dataclass
@@ -139,7 +140,7 @@ class Replier:
                     yield Text(msg.text, msg.ids)
                 if msg.finish:
                     finished = True
-                    yield Done(msg.finish, msg.usage)
+                    yield Done(msg.finish, msg.usage, msg.tool_calls)
                     return
         finally:
             if finished:

@@ -99,13 +99,55 @@ class ContentPart(BaseModel):
     text: str | None = None
 
 
+FunctionName = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+
+
+class Function(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    name: FunctionName
+    description: str | None = Field(default=None, max_length=8192)
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["function"]
+    function: Function
+
+
+class CalledFunction(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    name: str
+    arguments: str = "{}"
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    id: str = Field(default="", max_length=256)
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
+class NamedChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["function"]
+    function: dict[Literal["name"], FunctionName]
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(default=None, max_length=128)
+    tool_call_id: str | None = Field(default=None, max_length=256)
 
-    def plain(self) -> dict[str, str]:
+    def plain(self) -> dict[str, Any]:
+        """The message as chat templates take it: text content, and the tool history
+        (calls with their arguments as objects, as templates render them)."""
+        import json
+
         if isinstance(self.content, list):
             parts = [p for p in self.content if p.type == "text"]
             if len(parts) != len(self.content):
@@ -114,12 +156,56 @@ class Message(BaseModel):
         else:
             text = self.content or ""
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": text}
+        out: dict[str, Any] = {"role": role, "content": text}
+        if self.name:
+            out["name"] = self.name
+        if self.tool_call_id:
+            out["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            calls = []
+            for c in self.tool_calls:
+                try:
+                    args = json.loads(c.function.arguments or "{}")
+                except ValueError:
+                    raise ValueError("a tool call's arguments are not JSON") from None
+                calls.append(
+                    {
+                        "id": c.id,
+                        "type": "function",
+                        "function": {"name": c.function.name, "arguments": args},
+                    }
+                )
+            out["tool_calls"] = calls
+        return out
 
 
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
+    tools: list[Tool] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedChoice | None = None
+    parallel_tool_calls: bool | None = None
+
+    def payload(self) -> Any:
+        """What the node's chat template takes: the messages, and the tools."""
+        messages = [m.plain() for m in self.messages]
+        if not self.tools:
+            return messages
+        return {
+            "messages": messages,
+            "tools": [t.model_dump(exclude_none=True) for t in self.tools],
+        }
+
+    def choice(self) -> str | None:
+        """tool_choice as the node takes it: none | auto | required | a name."""
+        if self.tool_choice is None or not self.tools:
+            return None
+        if isinstance(self.tool_choice, NamedChoice):
+            name = self.tool_choice.function["name"]
+            if name not in {t.function.name for t in self.tools}:
+                raise ValueError(f"tool_choice names {name!r}, which is not in tools")
+            return name
+        return self.tool_choice
 
     def limit(self) -> int | None:
         return (

@@ -214,6 +214,7 @@ class Tokens(Msg, tag="TOKENS"):
     # 1, 2, ... per request: a node resends what a link may have lost after it
     # fails over, and the broker relays each seq once
     seq: int = 0
+    tool_calls: list[Map] | None = None  # with the last: the calls, OpenAI's shape
 
 
 class Fail(Msg, tag="FAIL"):

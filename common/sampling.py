@@ -27,6 +27,11 @@ class SamplingParams(Struct, forbid_unknown_fields=False):
     # Structured output: the JSON schema the tokens must follow (its text), held by
     # constrained decoding (nodes/engine/grammar.py); '{"type": "object"}': any JSON
     json_schema: Annotated[str, Meta(max_length=64 * 1024)] | None = None
+    # Tools: "none", "auto", "required" or a function's name (OpenAI's tool_choice);
+    # a forced call is held by `grammar`, the lark grammar stage 0 makes for it
+    # (nodes/engine/tools.py) and a split model's last stage follows.
+    tool_choice: Annotated[str, Meta(max_length=256)] | None = None
+    grammar: Annotated[str, Meta(max_length=256 * 1024)] | None = None
 
     def wire(self) -> dict[str, Any]:
         out: dict[str, Any] = msgspec.to_builtins(self)

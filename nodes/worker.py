@@ -276,7 +276,13 @@ class Node:
             if out.finish:
                 del self.seq[out.rid]
             tokens = P.Tokens(
-                rid=out.rid, ids=out.ids, text=out.text, finish=out.finish, usage=usage, seq=seq
+                rid=out.rid,
+                ids=out.ids,
+                text=out.text,
+                finish=out.finish,
+                usage=usage,
+                seq=seq,
+                tool_calls=out.tool_calls,
             )
             self.send(tokens)
         if len(self.seq) > 4 * len(self.engine.requests) + 64:

@@ -10,6 +10,8 @@ TINY = "test/tiny-llama"
 # A non-llama architecture for the tests over real processes: sliding windows, a
 # head tied by its absence from the checkpoint, a scaled embedding.
 TINY_GEMMA3 = "test/tiny-gemma3_text"
+# A tiny llama whose chat template renders tools (Qwen's way): tool calls' shapes.
+TINY_TOOLS = "test/tiny-tools"
 
 
 def test_models_dir() -> Path:
@@ -32,6 +34,9 @@ def models_dir() -> Path:
     gemma = ModelStore(d).path(TINY_GEMMA3)
     if incomplete_reason(gemma) is not None:
         make_tiny(gemma, arch="gemma3_text", hidden=128, layers=6)
+    tools = ModelStore(d).path(TINY_TOOLS)
+    if incomplete_reason(tools) is not None:
+        make_tiny(tools, tools=True)
     pull_default(d)
     return d
 

@@ -182,3 +182,105 @@ def test_a_schema_that_does_not_compile_is_a_400(cluster: Any) -> None:
             max_tokens=5,
         )
     assert "response_format" in str(e.value)
+
+
+# -- tool calls -------------------------------------------------------------------------
+
+TOOLS_MODEL = "test/tiny-tools"
+WEATHER: Any = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 20}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+CLOCK: Any = {
+    "type": "function",
+    "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}},
+}
+
+
+@pytest.mark.parametrize(
+    "choice", ["required", {"type": "function", "function": {"name": "get_weather"}}]
+)
+def test_a_forced_tool_choice_gives_a_valid_call_even_from_a_random_model(
+    cluster: Any, choice: Any
+) -> None:
+    client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="none", max_retries=0)
+    r = client.chat.completions.create(
+        model=TOOLS_MODEL,
+        messages=[{"role": "user", "content": "Weather in Paris?"}],
+        tools=[WEATHER, CLOCK],
+        tool_choice=choice,
+        max_tokens=200,
+        seed=4,
+    )
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls", c
+    (call,) = c.message.tool_calls or []
+    assert call.type == "function" and call.id.startswith("call_")
+    args = json.loads(call.function.arguments)
+    if call.function.name == "get_weather":
+        assert set(args) == {"city"} and isinstance(args["city"], str)
+    else:
+        assert choice == "required" and call.function.name == "get_time"
+
+
+def test_tool_calls_stream_and_the_history_goes_back_to_the_model(cluster: Any) -> None:
+    client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="none", max_retries=0)
+    named: Any = {"type": "function", "function": {"name": "get_weather"}}
+    chunks = list(
+        client.chat.completions.create(
+            model=TOOLS_MODEL,
+            messages=[{"role": "user", "content": "Weather?"}],
+            tools=[WEATHER],
+            tool_choice=named,
+            max_tokens=200,
+            seed=5,
+            stream=True,
+        )
+    )
+    deltas = [tc for ch in chunks if ch.choices for tc in ch.choices[0].delta.tool_calls or []]
+    assert [d.function.name for d in deltas if d.function] == ["get_weather"]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    call = deltas[0]
+    assert call.function is not None and call.function.arguments is not None
+    history: Any = [
+        {"role": "user", "content": "Weather?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": call.function.arguments},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": call.id, "content": "sunny"},
+    ]
+    after = client.chat.completions.create(
+        model=TOOLS_MODEL, messages=history, tools=[WEATHER], tool_choice="none", max_tokens=5
+    )
+    assert after.choices[0].finish_reason in ("length", "stop")
+    assert not after.choices[0].message.tool_calls  # "none": never a call
+
+
+def test_a_tool_choice_naming_no_tool_is_a_400(cluster: Any) -> None:
+    client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="none", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(
+            model=TOOLS_MODEL,
+            messages=[{"role": "user", "content": "x"}],
+            tools=[WEATHER],
+            tool_choice={"type": "function", "function": {"name": "nope"}},
+            max_tokens=5,
+        )
+    assert "tool_choice" in str(e.value)

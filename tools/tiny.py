@@ -18,6 +18,26 @@ CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content']"
     " + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+# With tools: Qwen 2.5's way (tools listed in the system turn, calls as
+# <tool_call>{"name", "arguments"}</tool_call>), so mlx-lm picks its JSON parser.
+TOOLS_CHATML = (
+    "{%- if tools %}<|im_start|>system\n{% if messages[0].role == 'system' %}"
+    "{{ messages[0].content }}\n\n{% endif %}# Tools\n<tools>{% for tool in tools %}\n"
+    "{{ tool | tojson }}{% endfor %}\n</tools>\nCall one as <tool_call>\n"
+    '{"name": <name>, "arguments": <object>}\n</tool_call><|im_end|>\n'
+    "{%- elif messages[0].role == 'system' %}<|im_start|>system\n{{ messages[0].content }}"
+    "<|im_end|>\n{%- endif %}"
+    "{%- for message in messages %}{%- if message.role == 'system' and loop.first %}"
+    "{%- elif message.role == 'assistant' and message.tool_calls %}<|im_start|>assistant\n"
+    "{{ message.content or '' }}{% for tool_call in message.tool_calls %}"
+    "{% set f = tool_call.function if tool_call.function is defined else tool_call %}"
+    '\n<tool_call>\n{"name": "{{ tool_call.name if tool_call.name is defined else f.name }}", '
+    '"arguments": {{ f.arguments | tojson }}}\n</tool_call>{% endfor %}<|im_end|>\n'
+    "{%- elif message.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ message.content }}"
+    "\n</tool_response><|im_end|>\n"
+    "{%- else %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}"
+)
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 # A small corpus so the BPE learns ordinary English merges.
@@ -35,7 +55,7 @@ Numbers such as 0 1 2 3 4 5 6 7 8 9 10 100 1000 appear in text, and so do symbol
 )
 
 
-def build_tokenizer(out: Path, vocab_size: int) -> int:
+def build_tokenizer(out: Path, vocab_size: int, template: str = CHATML) -> int:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE(unk_token=None))
@@ -58,7 +78,7 @@ def build_tokenizer(out: Path, vocab_size: int) -> int:
         "pad_token": "<|endoftext|>",
         "add_bos_token": False,
         "clean_up_tokenization_spaces": False,
-        "chat_template": CHATML,
+        "chat_template": template,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
     return tok.get_vocab_size()
@@ -131,6 +151,7 @@ def make_tiny(
     arch: str = "llama",
     bits: int | None = None,
     group_size: int = 32,
+    tools: bool = False,
 ) -> Path:
     """A random-weight model of mlx-lm's `arch` class, quantized to `bits` (with
     its embedding, as mlx-community ships them) when given."""
@@ -142,7 +163,7 @@ def make_tiny(
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    vocab_size = build_tokenizer(tmp, vocab)
+    vocab_size = build_tokenizer(tmp, vocab, TOOLS_CHATML if tools else CHATML)
     config: dict[str, Any] = {
         "model_type": arch,
         "hidden_size": hidden,

@@ -52,13 +52,17 @@ async def model(model_id: str, request: Request) -> Any:
 async def chat(request: Request) -> Any:
     try:
         body = ChatRequest.model_validate_json(await request.body())
-        payload: Any = [m.plain() for m in body.messages]
+        payload: Any = body.payload()
     except ValidationError as e:
         msg, param = first_error(e)
         return error_response(400, msg, param=param)
     except ValueError as e:
         return error_response(400, str(e), param="messages")
-    return await run(request, "chat", body, payload, body.limit())
+    try:
+        choice = body.choice()
+    except ValueError as e:
+        return error_response(400, str(e), param="tool_choice")
+    return await run(request, "chat", body, payload, body.limit(), choice)
 
 
 @router.post("/v1/completions")
@@ -85,7 +89,14 @@ def request_timeout(request: Request) -> float | None:
     return timeout_s
 
 
-async def run(request: Request, kind: str, body: Sampling, payload: Any, limit: int | None) -> Any:
+async def run(
+    request: Request,
+    kind: str,
+    body: Sampling,
+    payload: Any,
+    limit: int | None,
+    tool_choice: str | None = None,
+) -> Any:
     try:
         timeout_s = request_timeout(request)
     except ValueError:
@@ -94,6 +105,8 @@ async def run(request: Request, kind: str, body: Sampling, payload: Any, limit: 
         )
     try:
         params = body.params(limit)
+        if tool_choice is not None:
+            params["tool_choice"] = tool_choice
     except ValueError as e:
         return error_response(400, str(e), param="response_format")
     async with submitted(request, kind, body.model, payload, params, timeout_s) as job:
@@ -121,7 +134,8 @@ async def respond(r: Replier, job: Job, stream: bool, include_usage: bool) -> An
     if isinstance(got, P.Fail):
         return failed(got, headers)
     text, ids, done = got
-    return JSONResponse(job.whole(text, done.finish, done.usage, ids), headers=headers)
+    whole = job.whole(text, done.finish, done.usage, ids, done.tool_calls)
+    return JSONResponse(whole, headers=headers)
 
 
 async def sse_stream(
@@ -141,6 +155,8 @@ async def sse_stream(
                 if ev.text or (job.token_ids and ev.ids):
                     yield sse(job.chunk(ev.text, ids=ev.ids))
             else:
+                if ev.tool_calls:
+                    yield sse(job.calls_chunk(ev.tool_calls))
                 yield sse(job.chunk(None, ev.finish))
                 if include_usage:
                     yield sse({**job.chunk(None), "choices": [], "usage": ev.usage})

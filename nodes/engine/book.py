@@ -22,6 +22,7 @@ from exo.nodes.engine.model import LoadedModel, kv_bytes_per_token
 from exo.nodes.engine.request import EngineError, Phase, Request, encode_prompt
 from exo.nodes.engine.sampling import SamplingParams, StopMatcher, sampler_for
 from exo.nodes.engine.scheduler import StepPlan
+from exo.nodes.engine.tools import ToolText, chat_parts, forced_grammar
 from exo.nodes.pipeline.stage0 import Stage0
 
 log = logging.getLogger(__name__)
@@ -65,11 +66,20 @@ class Book:
             sp = SamplingParams.from_wire(params)
         except ValueError as e:
             raise EngineError(400, "invalid_params", str(e)) from None
+        tools = chat_parts(payload)[1] if kind == "chat" else None
         try:
+            if tools and sp.tool_choice not in (None, "none", "auto"):
+                sp.grammar = forced_grammar(lm.tokenizer, tools, sp.tool_choice)
+                if sp.grammar is None:
+                    raise ValueError(
+                        "tool_choice: a forced call is not supported for this model's syntax"
+                    )
+                params = {**params, "grammar": sp.grammar}  # (for a split's last stage)
             sampler = sampler_for(lm, sp)
         except ValueError as e:
             raise EngineError(400, "invalid_params", str(e)) from None
-        prompt = encode_prompt(lm, kind, payload)
+        use_tools = bool(tools) and sp.tool_choice != "none"
+        prompt = encode_prompt(lm, kind, payload, tools=use_tools)
         if len(prompt) >= lm.context:
             raise EngineError(
                 400,
@@ -98,6 +108,9 @@ class Book:
             stop=StopMatcher(sp.stop),
             detok=lm.tokenizer.detokenizer,
             kv_reserved=need,
+            tool_text=ToolText(lm.tokenizer, tools or [])
+            if use_tools and lm.tokenizer.has_tool_calling
+            else None,
         )
         self.queue.append(req)
         self._admit()

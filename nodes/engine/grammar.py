@@ -45,20 +45,24 @@ def vocab_of(lm: Any) -> int:
 
 
 class Constraint:
-    """One request's grammar state. ValueError when the schema does not compile."""
+    """One request's grammar state: a JSON schema's text, or a lark grammar (a
+    forced tool call: tools.py). ValueError when it does not compile."""
 
-    def __init__(self, lm: Any, schema: str) -> None:
+    def __init__(self, lm: Any, schema: str | None = None, lark: str | None = None) -> None:
         import llguidance
         import llguidance.numpy as lln
 
-        try:
-            spec = json.loads(schema)
-        except ValueError:
-            raise ValueError("response_format: the schema is not JSON") from None
-        if isinstance(spec, dict):
-            spec.setdefault("x-guidance", {"whitespace_flexible": False})
         self.vocab = vocab_of(lm)
-        grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(spec))
+        if lark is not None:
+            grammar = llguidance.LLMatcher.grammar_from_lark(lark)
+        else:
+            try:
+                spec = json.loads(schema or ANY_OBJECT)
+            except ValueError:
+                raise ValueError("response_format: the schema is not JSON") from None
+            if isinstance(spec, dict):
+                spec.setdefault("x-guidance", {"whitespace_flexible": False})
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(spec))
         self.matcher = llguidance.LLMatcher(_tokenizer(lm, self.vocab), grammar)
         if self.matcher.get_error():
             raise ValueError(f"response_format: {self.matcher.get_error()}")

@@ -11,6 +11,7 @@ from typing import Any
 
 from exo.nodes.engine.model import LoadedModel
 from exo.nodes.engine.sampling import Sampler, SamplingParams, StopMatcher
+from exo.nodes.engine.tools import ToolText, chat_parts
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class Request:
     through: int = 0
     h: Any = None
     in_lane: bool = False  # being prefilled by the engine's lane (lane.py)
+    tool_text: ToolText | None = None  # holds a tool call's text back (tools.py)
     admitted: bool = False  # given its cache (and its KV reserved)
 
     @property
@@ -99,7 +101,14 @@ class Request:
             finish = "stop"
         elif finish:
             text += self.stop.flush()
-        out = Output(self.rid, ids, text, finish)
+        calls = None
+        if self.tool_text is not None:
+            text = self.tool_text.feed(text)
+            if finish:
+                calls, rest = self.tool_text.calls()
+                text += rest
+                finish = "tool_calls" if calls else finish
+        out = Output(self.rid, ids, text, finish, tool_calls=calls or None)
         if finish:
             self.finish = finish
             out.usage = {
@@ -125,13 +134,17 @@ class Output:
     text: str
     finish: str | None = None
     usage: dict[str, int] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
-def encode_prompt(lm: LoadedModel, kind: str, payload: Any) -> list[int]:
+def encode_prompt(lm: LoadedModel, kind: str, payload: Any, tools: bool = True) -> list[int]:
+    """`tools`: render the payload's tools (tool_choice "none" leaves them out)."""
     tok = lm.tokenizer
     if kind == "chat":
+        messages, given = chat_parts(payload)
+        extra = {"tools": given} if given and tools else {}
         try:
-            ids = tok.apply_chat_template(payload, add_generation_prompt=True)
+            ids = tok.apply_chat_template(messages, add_generation_prompt=True, **extra)
         except Exception as e:  # jinja raises many things for odd messages
             raise EngineError(
                 400, "invalid_messages", f"could not apply the chat template: {e}"

@@ -54,6 +54,8 @@ def sampler_for(lm: Any, params: SamplingParams) -> Sampler:
     """A request's sampler, held to its schema when it has one."""
     from exo.nodes.engine.grammar import Constraint
 
+    if params.grammar:
+        return Sampler(params, Constraint(lm, lark=params.grammar))
     schema = params.json_schema
     return Sampler(params, Constraint(lm, schema) if schema else None)
 
