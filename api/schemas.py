@@ -49,6 +49,23 @@ class ResponseFormat(BaseModel):
         return text
 
 
+# OpenAI's (and vLLM's) sampling fields the engine does not honour yet, with the
+# values that ask for nothing (LangChain and others send penalties of 0).
+NOT_YET: dict[str, tuple[Any, ...]] = {
+    "logprobs": (False, 0),
+    "top_logprobs": (0,),
+    "logit_bias": ({},),
+    "presence_penalty": (0, 0.0),
+    "frequency_penalty": (0, 0.0),
+    "repetition_penalty": (1, 1.0),
+    "top_k": (-1, 0),
+    "min_p": (0, 0.0),
+    "best_of": (1,),
+    "echo": (False,),
+    "suffix": ("",),
+}
+
+
 class Sampling(BaseModel):
     """Fields shared by chat and completions."""
 
@@ -77,6 +94,16 @@ class Sampling(BaseModel):
         if any(len(s) > 1024 for s in ([v] if isinstance(v, str) else v or [])):
             raise ValueError("a stop sequence is at most 1024 characters")
         return v
+
+    def unsupported(self) -> str | None:
+        """A field asking for what this server does not do yet (set to anything
+        but its no-op value): it is refused by name, never silently ignored."""
+        given = {**(self.model_extra or {}), "echo": getattr(self, "echo", None)}
+        for name, noop in NOT_YET.items():
+            value = given.get(name)
+            if value is not None and value not in noop:
+                return name
+        return None
 
     def params(self, max_tokens: int | None) -> dict[str, Any]:
         """The request's sampling, as it travels to the node (common/sampling.py)."""

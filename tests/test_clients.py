@@ -284,3 +284,26 @@ def test_a_tool_choice_naming_no_tool_is_a_400(cluster: Any) -> None:
             max_tokens=5,
         )
     assert "tool_choice" in str(e.value)
+
+
+def test_a_sampling_field_not_honoured_yet_is_refused_by_name_not_ignored(cluster: Any) -> None:
+    client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="none", max_retries=0)
+    turns: Any = [{"role": "user", "content": "x"}]
+    for field, value in (("logprobs", True), ("presence_penalty", 0.5), ("logit_bias", {"5": 10})):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(
+                model=TINY, messages=turns, max_tokens=2, **{field: value}
+            )
+        assert e.value.body["param"] == field, e.value.body  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=TINY, prompt="x", max_tokens=2, echo=True)
+    # what asks for nothing is fine (LangChain sends penalties of 0)
+    ok = client.chat.completions.create(
+        model=TINY,
+        messages=turns,
+        max_tokens=2,
+        presence_penalty=0,
+        frequency_penalty=0,
+        logprobs=False,
+    )
+    assert ok.choices[0].finish_reason == "length"

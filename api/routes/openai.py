@@ -97,6 +97,8 @@ async def run(
     limit: int | None,
     tool_choice: str | None = None,
 ) -> Any:
+    if (field := body.unsupported()) is not None:
+        return error_response(400, f"'{field}' is not supported by this server yet", param=field)
     try:
         timeout_s = request_timeout(request)
     except ValueError:
