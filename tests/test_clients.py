@@ -307,3 +307,65 @@ def test_a_sampling_field_not_honoured_yet_is_refused_by_name_not_ignored(cluste
         logprobs=False,
     )
     assert ok.choices[0].finish_reason == "length"
+
+
+# -- OpenAI Responses ---------------------------------------------------------------------
+
+
+def test_responses_create_stream_and_previous_response_id(cluster: Any, reference: str) -> None:
+    client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="none", max_retries=0)
+    first = client.responses.create(
+        model=TINY,
+        input=ASK,
+        instructions=SYSTEM,
+        max_output_tokens=8,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    assert first.status == "completed" and first.output_text == reference
+    assert first.usage is not None and first.usage.output_tokens == 8
+    with client.responses.stream(
+        model=TINY,
+        input=ASK,
+        instructions=SYSTEM,
+        max_output_tokens=8,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    ) as stream:
+        deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert "".join(deltas) == reference and final.output_text == reference
+    # the server kept the turns: the next one sees them (a longer prompt)
+    nxt = client.responses.create(
+        model=TINY,
+        input="And Spain?",
+        previous_response_id=first.id,
+        max_output_tokens=4,
+        temperature=0,
+    )
+    alone = client.responses.create(
+        model=TINY, input="And Spain?", max_output_tokens=4, temperature=0
+    )
+    assert nxt.usage is not None and alone.usage is not None
+    assert nxt.usage.input_tokens > alone.usage.input_tokens
+    with pytest.raises(openai.BadRequestError):
+        client.responses.create(model=TINY, input="x", previous_response_id="resp_nope")
+
+
+def test_responses_function_tools_round_trip(cluster: Any) -> None:
+    client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="none", max_retries=0)
+    tool: Any = {"type": "function", **WEATHER["function"]}
+    r = client.responses.create(
+        model=TOOLS_MODEL,
+        input="Weather?",
+        tools=[tool],
+        tool_choice="required",
+        max_output_tokens=200,
+    )
+    (call,) = [o for o in r.output if o.type == "function_call"]
+    assert call.name == "get_weather" and set(json.loads(call.arguments)) == {"city"}
+    back: Any = [{"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}]
+    done = client.responses.create(
+        model=TOOLS_MODEL, input=back, previous_response_id=r.id, tools=[tool], max_output_tokens=4
+    )
+    assert done.status == "completed"
