@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from exo.api.client import BrokerClient, BrokerUnavailable
 from exo.api.errors import error_response
 from exo.api.limits import BodyLimit
-from exo.api.routes import anthropic, cluster, ollama, openai, responses
+from exo.api.routes import anthropic, cluster, lmstudio, ollama, openai, responses
 from exo.api.security import Guard, Policy, keys_from_env
 from exo.common import keys
 
@@ -66,5 +66,6 @@ def create_app(
     app.include_router(ollama.router)
     app.include_router(anthropic.router)
     app.include_router(responses.router)
+    app.include_router(lmstudio.router)
     app.include_router(cluster.router)
     return app

@@ -30,6 +30,23 @@ class Job:
     created: int = field(default_factory=lambda: int(time.time()))
     peeked: list[Event] = field(default_factory=list)
     token_ids: bool = False
+    # perf_counter: when it was submitted, its first text came, it ended
+    submitted_at: float = field(default_factory=time.perf_counter)
+    first_at: float | None = None
+    done_at: float | None = None
+
+    def stats(self, finish: str | None, tokens: int) -> dict[str, Any]:
+        """LM Studio's figures for an answer."""
+        first, done = self.first_at or self.submitted_at, self.done_at or time.perf_counter()
+        gen = max(done - first, 1e-9)
+        return {
+            "tokens_per_second": round(max(tokens - 1, 0) / gen, 3),
+            "time_to_first_token": round(first - self.submitted_at, 4),
+            "generation_time": round(done - first, 4),
+            "stop_reason": {"stop": "eosFound", "length": "maxPredictedTokensReached"}.get(
+                finish or "", finish or ""
+            ),
+        }
 
     @property
     def id(self) -> str:

@@ -57,7 +57,7 @@ Reply: TypeAlias = Text | Done | Waiting | P.Fail
 
 def failed(msg: P.Fail, headers: dict[str, str]) -> JSONResponse:
     """OpenAI's HTTP answer to a FAIL from the broker or a node."""
-    param = "model" if msg.code == "model_not_found" else None
+    param = {"model_not_found": "model", "context_length_exceeded": "messages"}.get(msg.code)
     return error_response(msg.status, msg.message, msg.code, param, headers=headers)
 
 
@@ -136,10 +136,13 @@ class Replier:
                     return
                 if not isinstance(msg, P.Tokens):
                     continue
+                if job.first_at is None:
+                    job.first_at = time.perf_counter()
                 if msg.text or msg.ids:
                     yield Text(msg.text, msg.ids)
                 if msg.finish:
                     finished = True
+                    job.done_at = time.perf_counter()
                     yield Done(msg.finish, msg.usage, msg.tool_calls)
                     return
         finally:

@@ -47,6 +47,7 @@ class ModelMeta(Struct, forbid_unknown_fields=False):
     bytes: Count = 0
     type: Text = ""
     split: bool = True  # whether the node runs stages of it (nodes/engine/span.py)
+    context: Count = 0  # its context length, from its config
 
 
 class Pressure(Struct, forbid_unknown_fields=False):

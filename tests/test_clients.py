@@ -369,3 +369,26 @@ def test_responses_function_tools_round_trip(cluster: Any) -> None:
         model=TOOLS_MODEL, input=back, previous_response_id=r.id, tools=[tool], max_output_tokens=4
     )
     assert done.status == "completed"
+
+
+def test_lm_studio_v0_models_and_chat_with_stats(cluster: Any, reference: str) -> None:
+    import httpx
+
+    h = cluster.api_headers()
+    listed = httpx.get(f"{cluster.url}/api/v0/models", headers=h, timeout=10).json()["data"]
+    (m,) = [m for m in listed if m["id"] == TINY]
+    assert m["type"] == "llm" and m["arch"] == "llama" and m["max_context_length"] == 1024
+    assert m["state"] in ("loaded", "not-loaded")
+    body = {
+        "model": TINY,
+        "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": ASK}],
+        "max_tokens": 8,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
+    r = httpx.post(f"{cluster.url}/api/v0/chat/completions", json=body, headers=h, timeout=60)
+    got = r.json()
+    assert got["choices"][0]["message"]["content"] == reference
+    s = got["stats"]
+    assert s["tokens_per_second"] > 0 and s["time_to_first_token"] > 0
+    assert s["stop_reason"] == "maxPredictedTokensReached"

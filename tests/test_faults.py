@@ -62,7 +62,9 @@ def test_bad_requests_get_the_right_4xx(cluster: LocalCluster) -> None:
     r = httpx.post(
         f"{url}/v1/completions", json={"model": TINY, "prompt": "hello " * 1500}, timeout=60
     )
-    assert assert_openai_error(r, 400)["code"] == "context_length_exceeded"
+    body = assert_openai_error(r, 400)
+    assert body["code"] == "context_length_exceeded" and body["param"] == "messages"
+    assert "maximum context length" in body["message"]
     r = httpx.post(
         f"{url}/v1/completions",
         json={"model": TINY, "prompt": "hello " * 1500, "stream": True},

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -12,12 +12,14 @@ from pydantic import ValidationError
 
 from exo.api.errors import error_body, error_response
 from exo.api.jobs import Disconnected, Job, sse
-from exo.api.replies import Replier, Reply, Text, Waiting, failed
+from exo.api.replies import Done, Replier, Reply, Text, Waiting, failed
 from exo.api.routes import client_of, submitted
 from exo.api.schemas import ChatRequest, CompletionRequest, Sampling, first_error
 from exo.broker import protocol as P
 
 router = APIRouter()
+# What another face adds to OpenAI's answer (its last chunk, or the whole body).
+Extra = Callable[[Job, Done], dict[str, Any]]
 
 
 @router.get("/v1/models")
@@ -50,6 +52,16 @@ async def model(model_id: str, request: Request) -> Any:
 
 @router.post("/v1/chat/completions")
 async def chat(request: Request) -> Any:
+    return await chat_as(request)
+
+
+@router.post("/v1/completions")
+async def completions(request: Request) -> Any:
+    return await completions_as(request)
+
+
+async def chat_as(request: Request, extra: Extra | None = None) -> Any:
+    """`extra`: what another face (LM Studio's) adds to OpenAI's answer."""
     try:
         body = ChatRequest.model_validate_json(await request.body())
         payload: Any = body.payload()
@@ -62,11 +74,10 @@ async def chat(request: Request) -> Any:
         choice = body.choice()
     except ValueError as e:
         return error_response(400, str(e), param="tool_choice")
-    return await run(request, "chat", body, payload, body.limit(), choice)
+    return await run(request, "chat", body, payload, body.limit(), choice, extra)
 
 
-@router.post("/v1/completions")
-async def completions(request: Request) -> Any:
+async def completions_as(request: Request, extra: Extra | None = None) -> Any:
     try:
         body = CompletionRequest.model_validate_json(await request.body())
         payload = body.payload()
@@ -75,7 +86,7 @@ async def completions(request: Request) -> Any:
         return error_response(400, msg, param=param)
     except ValueError as e:
         return error_response(400, str(e), param="prompt")
-    return await run(request, "completion", body, payload, body.max_tokens)
+    return await run(request, "completion", body, payload, body.max_tokens, None, extra)
 
 
 def request_timeout(request: Request) -> float | None:
@@ -96,6 +107,7 @@ async def run(
     payload: Any,
     limit: int | None,
     tool_choice: str | None = None,
+    extra: Extra | None = None,
 ) -> Any:
     if (field := body.unsupported()) is not None:
         return error_response(400, f"'{field}' is not supported by this server yet", param=field)
@@ -114,10 +126,13 @@ async def run(
     async with submitted(request, kind, body.model, payload, params, timeout_s) as job:
         job.token_ids = bool(body.return_token_ids)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return await respond(Replier(client_of(request)), job, bool(body.stream), include_usage)
+        r = Replier(client_of(request))
+        return await respond(r, job, bool(body.stream), include_usage, extra)
 
 
-async def respond(r: Replier, job: Job, stream: bool, include_usage: bool) -> Any:
+async def respond(
+    r: Replier, job: Job, stream: bool, include_usage: bool, extra: Extra | None = None
+) -> Any:
     headers = {"X-Request-Id": job.rid}
     bad = await r.open(job, stream)
     if isinstance(bad, Disconnected):
@@ -126,7 +141,7 @@ async def respond(r: Replier, job: Job, stream: bool, include_usage: bool) -> An
         return failed(bad, headers)
     if stream:
         return StreamingResponse(
-            sse_stream(job, r.events(job), include_usage),
+            sse_stream(job, r.events(job), include_usage, extra),
             media_type="text/event-stream",
             headers={**headers, "Cache-Control": "no-cache"},
         )
@@ -137,11 +152,16 @@ async def respond(r: Replier, job: Job, stream: bool, include_usage: bool) -> An
         return failed(got, headers)
     text, ids, done = got
     whole = job.whole(text, done.finish, done.usage, ids, done.tool_calls)
+    if extra is not None:
+        whole.update(extra(job, done))
     return JSONResponse(whole, headers=headers)
 
 
 async def sse_stream(
-    job: Job, events: AsyncGenerator[Reply, None], include_usage: bool
+    job: Job,
+    events: AsyncGenerator[Reply, None],
+    include_usage: bool,
+    extra: Extra | None = None,
 ) -> AsyncIterator[bytes]:
     """OpenAI's chunks; SSE comments keep proxies and clients from timing out
     while a model loads or a long prompt prefills."""
@@ -159,7 +179,7 @@ async def sse_stream(
             else:
                 if ev.tool_calls:
                     yield sse(job.calls_chunk(ev.tool_calls))
-                yield sse(job.chunk(None, ev.finish))
+                yield sse({**job.chunk(None, ev.finish), **(extra(job, ev) if extra else {})})
                 if include_usage:
                     yield sse({**job.chunk(None), "choices": [], "usage": ev.usage})
                 yield b"data: [DONE]\n\n"

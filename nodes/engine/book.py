@@ -84,7 +84,10 @@ class Book:
             raise EngineError(
                 400,
                 "context_length_exceeded",
-                f"prompt is {len(prompt)} tokens; the model's context is {lm.context}",
+                # OpenAI's wording: clients (LiteLLM's fallbacks) look for it
+                f"This model's maximum context length is {lm.context} tokens. However, your "
+                f"messages resulted in {len(prompt)} tokens. Please reduce the length of the "
+                "messages.",
             )
         need = (len(prompt) + min(sp.max_tokens, lm.context - len(prompt))) * kv_bytes_per_token(
             lm.model

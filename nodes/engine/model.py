@@ -78,7 +78,14 @@ def model_meta(path: Path) -> dict[str, Any]:
     layers = config.get("num_hidden_layers") or text.get("num_hidden_layers") or 0
     size = sum(p.stat().st_size for p in path.glob("*.safetensors"))
     kind = str(config.get("model_type", ""))
-    return {"layers": int(layers), "bytes": size, "type": kind, "split": kind in SPLITTABLE}
+    context = config.get("max_position_embeddings") or text.get("max_position_embeddings") or 0
+    return {
+        "layers": int(layers),
+        "bytes": size,
+        "type": kind,
+        "split": kind in SPLITTABLE,
+        "context": int(context) if isinstance(context, int) else 0,
+    }
 
 
 def load_model(model_id: str, path: Path, part: Part | None = None) -> LoadedModel:
