@@ -58,6 +58,7 @@ class Job:
         finish: str | None = None,
         first: bool = False,
         ids: list[int] | None = None,
+        reasoning: str = "",
     ) -> dict[str, Any]:
         if self.kind == "chat":
             delta: dict[str, Any] = {}
@@ -65,6 +66,8 @@ class Job:
                 delta["role"] = "assistant"
             if text is not None:
                 delta["content"] = text
+            if reasoning:
+                delta["reasoning_content"] = reasoning
             choice: dict[str, Any] = {
                 "index": 0,
                 "delta": delta,

@@ -36,6 +36,7 @@ KEEPALIVE_S = 5.0
 class Text:
     text: str
     ids: list[int]
+    reasoning: str = ""  # a thinking model's thoughts, apart from its text
 
 
 @dataclass
@@ -43,6 +44,7 @@ class Done:
     finish: str
     usage: dict[str, Any] | None
     tool_calls: list[dict[str, Any]] | None = None
+    reasoning: str = ""  # collect(): all of the request's thoughts
 
 
 @dataclass
@@ -138,8 +140,8 @@ class Replier:
                     continue
                 if job.first_at is None:
                     job.first_at = time.perf_counter()
-                if msg.text or msg.ids:
-                    yield Text(msg.text, msg.ids)
+                if msg.text or msg.ids or msg.reasoning:
+                    yield Text(msg.text, msg.ids, msg.reasoning)
                 if msg.finish:
                     finished = True
                     job.done_at = time.perf_counter()
@@ -156,13 +158,16 @@ class Replier:
         """The whole answer: text, token ids and how it ended; its FAIL; or None
         when the client left first."""
         parts: list[str] = []
+        thoughts: list[str] = []
         ids: list[int] = []
         async for ev in self.events(job):
             if isinstance(ev, P.Fail):
                 return ev
             if isinstance(ev, Text):
                 parts.append(ev.text)
+                thoughts.append(ev.reasoning)
                 ids.extend(ev.ids)
             elif isinstance(ev, Done):
+                ev.reasoning = "".join(thoughts)
                 return "".join(parts), ids, ev
         return None

@@ -212,16 +212,22 @@ class ChatRequest(Sampling):
     tools: list[Tool] | None = Field(default=None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedChoice | None = None
     parallel_tool_calls: bool | None = None
+    # vLLM's extension: the chat template's own switches (`enable_thinking`...)
+    chat_template_kwargs: dict[str, bool | int | float | str] | None = Field(
+        default=None, max_length=16
+    )
 
     def payload(self) -> Any:
-        """What the node's chat template takes: the messages, and the tools."""
+        """What the node's chat template takes: the messages, the tools, its switches."""
         messages = [m.plain() for m in self.messages]
-        if not self.tools:
+        if not self.tools and not self.chat_template_kwargs:
             return messages
-        return {
-            "messages": messages,
-            "tools": [t.model_dump(exclude_none=True) for t in self.tools],
-        }
+        out: dict[str, Any] = {"messages": messages}
+        if self.tools:
+            out["tools"] = [t.model_dump(exclude_none=True) for t in self.tools]
+        if self.chat_template_kwargs:
+            out["template"] = self.chat_template_kwargs
+        return out
 
     def choice(self) -> str | None:
         """tool_choice as the node takes it: none | auto | required | a name."""

@@ -215,6 +215,7 @@ class Tokens(Msg, tag="TOKENS"):
     # fails over, and the broker relays each seq once
     seq: int = 0
     tool_calls: list[Map] | None = None  # with the last: the calls, OpenAI's shape
+    reasoning: str = ""  # a thinking model's thoughts, apart from its text
 
 
 class Fail(Msg, tag="FAIL"):

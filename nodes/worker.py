@@ -283,6 +283,7 @@ class Node:
                 usage=usage,
                 seq=seq,
                 tool_calls=out.tool_calls,
+                reasoning=out.reasoning,
             )
             self.send(tokens)
         if len(self.seq) > 4 * len(self.engine.requests) + 64:

@@ -12,6 +12,8 @@ TINY = "test/tiny-llama"
 TINY_GEMMA3 = "test/tiny-gemma3_text"
 # A tiny llama whose chat template renders tools (Qwen's way): tool calls' shapes.
 TINY_TOOLS = "test/tiny-tools"
+# A tiny llama that thinks (<think> tokens; its template opens the block).
+TINY_THINK = "test/tiny-think"
 
 
 def test_models_dir() -> Path:
@@ -37,6 +39,9 @@ def models_dir() -> Path:
     tools = ModelStore(d).path(TINY_TOOLS)
     if incomplete_reason(tools) is not None:
         make_tiny(tools, tools=True)
+    think = ModelStore(d).path(TINY_THINK)
+    if incomplete_reason(think) is not None:
+        make_tiny(think, thinking=True)
     pull_default(d)
     return d
 

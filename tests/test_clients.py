@@ -392,3 +392,54 @@ def test_lm_studio_v0_models_and_chat_with_stats(cluster: Any, reference: str) -
     s = got["stats"]
     assert s["tokens_per_second"] > 0 and s["time_to_first_token"] > 0
     assert s["stop_reason"] == "maxPredictedTokensReached"
+
+
+# -- thinking models ---------------------------------------------------------------------
+
+THINK_MODEL = "test/tiny-think"
+
+
+def test_a_thinking_models_thoughts_are_reasoning_never_content(cluster: Any) -> None:
+    client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="none", max_retries=0)
+    turns: Any = [{"role": "user", "content": ASK}]
+    r = client.chat.completions.create(
+        model=THINK_MODEL,
+        messages=turns,
+        max_tokens=8,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    msg: Any = r.choices[0].message
+    thoughts = msg.model_extra["reasoning_content"]
+    assert thoughts and "<think>" not in (msg.content or "") + thoughts
+    assert not msg.content  # (the block never closed in 8 tokens: all of it is thought)
+    chunks = list(
+        client.chat.completions.create(
+            model=THINK_MODEL,
+            messages=turns,
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+    )
+    streamed = "".join(
+        (c.choices[0].delta.model_extra or {}).get("reasoning_content") or ""
+        for c in chunks
+        if c.choices
+    )
+    assert streamed == thoughts
+    # thinking off (the template's own switch): the same tokens are content now
+    off = client.chat.completions.create(
+        model=THINK_MODEL,
+        messages=turns,
+        max_tokens=8,
+        temperature=0,
+        extra_body={"ignore_eos": True, "chat_template_kwargs": {"enable_thinking": False}},
+    )
+    assert off.choices[0].message.content and not (off.choices[0].message.model_extra or {}).get(
+        "reasoning_content"
+    )
+    ol = ollama.Client(host=cluster.url, headers=cluster.api_headers())
+    got = ol.chat(model=THINK_MODEL, messages=turns, options={"temperature": 0, "num_predict": 8})
+    assert got.message.thinking and not got.message.content

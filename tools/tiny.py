@@ -38,7 +38,15 @@ TOOLS_CHATML = (
     "{%- else %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{%- endif %}"
     "{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}"
 )
+# A thinking model's: the generation prompt opens a <think> block unless the
+# request turns thinking off (Qwen 3's `enable_thinking`).
+THINK_CHATML = CHATML.replace(
+    "{{ '<|im_start|>assistant\\n' }}",
+    "{{ '<|im_start|>assistant\\n' }}{% if enable_thinking is not defined or enable_thinking %}"
+    "{{ '<think>\\n' }}{% endif %}",
+)
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+THINKS = ["<think>", "</think>"]
 
 # A small corpus so the BPE learns ordinary English merges.
 CORPUS = (
@@ -55,7 +63,9 @@ Numbers such as 0 1 2 3 4 5 6 7 8 9 10 100 1000 appear in text, and so do symbol
 )
 
 
-def build_tokenizer(out: Path, vocab_size: int, template: str = CHATML) -> int:
+def build_tokenizer(
+    out: Path, vocab_size: int, template: str = CHATML, thinking: bool = False
+) -> int:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE(unk_token=None))
@@ -64,7 +74,7 @@ def build_tokenizer(out: Path, vocab_size: int, template: str = CHATML) -> int:
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIALS,
+        special_tokens=SPECIALS + (THINKS if thinking else []),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -152,6 +162,7 @@ def make_tiny(
     bits: int | None = None,
     group_size: int = 32,
     tools: bool = False,
+    thinking: bool = False,
 ) -> Path:
     """A random-weight model of mlx-lm's `arch` class, quantized to `bits` (with
     its embedding, as mlx-community ships them) when given."""
@@ -163,7 +174,8 @@ def make_tiny(
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    vocab_size = build_tokenizer(tmp, vocab, TOOLS_CHATML if tools else CHATML)
+    template = TOOLS_CHATML if tools else THINK_CHATML if thinking else CHATML
+    vocab_size = build_tokenizer(tmp, vocab, template, thinking)
     config: dict[str, Any] = {
         "model_type": arch,
         "hidden_size": hidden,

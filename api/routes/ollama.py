@@ -62,8 +62,6 @@ def params(body: dict[str, Any]) -> dict[str, Any]:
     for field in ("tools", "images", "suffix", "template"):
         if body.get(field):
             raise Refused(f"'{field}' is not supported by this server yet")
-    if body.get("think"):
-        raise Refused("'think' is not supported by this server yet")
     options = body.get("options") or {}
     if not isinstance(options, dict):
         raise Refused("options must be an object")
@@ -204,11 +202,14 @@ async def show(request: Request) -> Any:
 
 @router.post("/api/chat")
 async def chat(request: Request) -> Any:
+    payload: Any
     try:
         body = await body_of(request)
         name, p, payload = model_name(body), params(body), messages(body)
     except Refused as e:
         return error(400, str(e))
+    if isinstance(body.get("think"), bool):  # the template's switch, where it has one
+        payload = {"messages": payload, "template": {"enable_thinking": body["think"]}}
     return await answer(request, body, "chat", name, payload, p, "message")
 
 
@@ -262,12 +263,21 @@ async def answer(
         if isinstance(got, P.Fail):
             return error(got.status, got.message)
         text, _, done = got
-        return {**piece(job, field, text), **last(done, t0)}
+        return {**piece(job, field, text, done.reasoning), **last(done, t0)}
 
 
-def piece(job: Job, field: str, text: str) -> dict[str, Any]:
-    content: Any = {"role": "assistant", "content": text} if field == "message" else text
-    return {"model": job.model, "created_at": now_iso(), field: content, "done": False}
+def piece(job: Job, field: str, text: str, thinking: str = "") -> dict[str, Any]:
+    """One line: the text, and a thinking model's thoughts as Ollama's `thinking`."""
+    out: dict[str, Any] = {"model": job.model, "created_at": now_iso(), "done": False}
+    if field == "message":
+        out["message"] = {"role": "assistant", "content": text}
+        if thinking:
+            out["message"]["thinking"] = thinking
+    else:
+        out["response"] = text
+        if thinking:
+            out["thinking"] = thinking
+    return out
 
 
 def last(done: Done, t0: float) -> dict[str, Any]:
@@ -290,8 +300,9 @@ async def lines(
 ) -> AsyncIterator[bytes]:
     async with contextlib.aclosing(events) as replies:  # (closed with us: a cancel)
         async for ev in replies:
-            if isinstance(ev, Text) and ev.text:
-                yield (json.dumps(piece(job, field, ev.text)) + "\n").encode()
+            if isinstance(ev, Text) and (ev.text or ev.reasoning):
+                line = piece(job, field, ev.text, ev.reasoning)
+                yield (json.dumps(line) + "\n").encode()
             elif isinstance(ev, P.Fail):
                 yield (json.dumps({"error": ev.message}) + "\n").encode()
             elif isinstance(ev, Done):

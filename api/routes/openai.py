@@ -152,6 +152,8 @@ async def respond(
         return failed(got, headers)
     text, ids, done = got
     whole = job.whole(text, done.finish, done.usage, ids, done.tool_calls)
+    if done.reasoning and job.kind == "chat":
+        whole["choices"][0]["message"]["reasoning_content"] = done.reasoning
     if extra is not None:
         whole.update(extra(job, done))
     return JSONResponse(whole, headers=headers)
@@ -174,6 +176,8 @@ async def sse_stream(
                 yield sse(error_body(ev.status, ev.message, ev.code))
                 yield b"data: [DONE]\n\n"
             elif isinstance(ev, Text):
+                if ev.reasoning:
+                    yield sse(job.chunk(None, reasoning=ev.reasoning))
                 if ev.text or (job.token_ids and ev.ids):
                     yield sse(job.chunk(ev.text, ids=ev.ids))
             else:

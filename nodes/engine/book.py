@@ -19,7 +19,13 @@ from exo.nodes.engine.batch import Batch
 from exo.nodes.engine.lane import Lane
 from exo.nodes.engine.mlxenv import mx
 from exo.nodes.engine.model import LoadedModel, kv_bytes_per_token
-from exo.nodes.engine.request import EngineError, Phase, Request, encode_prompt
+from exo.nodes.engine.request import (
+    EngineError,
+    Phase,
+    Request,
+    encode_prompt,
+    thinking_markers,
+)
 from exo.nodes.engine.sampling import SamplingParams, StopMatcher, sampler_for
 from exo.nodes.engine.scheduler import StepPlan
 from exo.nodes.engine.tools import ToolText, chat_parts, forced_grammar
@@ -115,6 +121,7 @@ class Book:
             if use_tools and lm.tokenizer.has_tool_calling
             else None,
         )
+        req.think, req.thinking = thinking_markers(lm, prompt)
         self.queue.append(req)
         self._admit()
         return req

@@ -11,7 +11,7 @@ from typing import Any
 
 from exo.nodes.engine.model import LoadedModel
 from exo.nodes.engine.sampling import Sampler, SamplingParams, StopMatcher
-from exo.nodes.engine.tools import ToolText, chat_parts
+from exo.nodes.engine.tools import ToolText, chat_parts, template_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,10 @@ class Request:
     h: Any = None
     in_lane: bool = False  # being prefilled by the engine's lane (lane.py)
     tool_text: ToolText | None = None  # holds a tool call's text back (tools.py)
+    # A thinking model's markers (single tokens), and whether it is thinking now:
+    # its thoughts go out as reasoning, never as content.
+    think: tuple[int, int] | None = None
+    thinking: bool = False
     admitted: bool = False  # given its cache (and its KV reserved)
 
     @property
@@ -83,11 +87,17 @@ class Request:
         finish: str | None = None
         ids = [token]
         is_eos = token in self.lm.eos and not self.params.ignore_eos
+        was_thinking = self.thinking
+        marker = self.think is not None and token in self.think
+        if marker:
+            assert self.think is not None
+            self.thinking = token == self.think[0]
         if is_eos:
             finish, ids = "stop", []
             self.detok.finalize()
         else:
-            self.detok.add_token(token)
+            if not marker:
+                self.detok.add_token(token)
             if (
                 self.generated >= self.params.max_tokens
                 or len(self.prompt) + self.generated >= self.lm.context
@@ -96,6 +106,9 @@ class Request:
                 self.detok.finalize()
         new = self.detok.text[self.text_len :]
         self.text_len = len(self.detok.text)
+        reasoning = ""
+        if was_thinking:
+            reasoning, new = new, ""
         text, hit = self.stop.feed(new)
         if hit:
             finish = "stop"
@@ -108,7 +121,7 @@ class Request:
                 calls, rest = self.tool_text.calls()
                 text += rest
                 finish = "tool_calls" if calls else finish
-        out = Output(self.rid, ids, text, finish, tool_calls=calls or None)
+        out = Output(self.rid, ids, text, finish, tool_calls=calls or None, reasoning=reasoning)
         if finish:
             self.finish = finish
             out.usage = {
@@ -135,6 +148,19 @@ class Output:
     finish: str | None = None
     usage: dict[str, int] | None = None
     tool_calls: list[dict[str, Any]] | None = None
+    reasoning: str = ""  # a thinking model's thoughts in this step
+
+
+def thinking_markers(lm: LoadedModel, prompt: list[int]) -> tuple[tuple[int, int] | None, bool]:
+    """A thinking model's start and end tokens (single-token markers), and whether
+    the prompt leaves it thinking (its template opened the block)."""
+    tok = lm.tokenizer
+    if not getattr(tok, "has_thinking", False):
+        return None, False
+    start, end = tok.think_start_tokens, tok.think_end_tokens
+    if not (start and end and len(start) == 1 and len(end) == 1):
+        return None, False
+    return (start[0], end[0]), tok.rfind_think_start(prompt) > tok.rfind_think_end(prompt)
 
 
 def encode_prompt(lm: LoadedModel, kind: str, payload: Any, tools: bool = True) -> list[int]:
@@ -142,7 +168,9 @@ def encode_prompt(lm: LoadedModel, kind: str, payload: Any, tools: bool = True) 
     tok = lm.tokenizer
     if kind == "chat":
         messages, given = chat_parts(payload)
-        extra = {"tools": given} if given and tools else {}
+        extra: dict[str, Any] = {**template_kwargs(payload)}
+        if given and tools:
+            extra["tools"] = given
         try:
             ids = tok.apply_chat_template(messages, add_generation_prompt=True, **extra)
         except Exception as e:  # jinja raises many things for odd messages

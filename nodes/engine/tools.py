@@ -20,10 +20,23 @@ log = logging.getLogger(__name__)
 
 
 def chat_parts(payload: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
-    """A chat payload: a list of messages, or {messages, tools}."""
+    """A chat payload: a list of messages, or {messages, tools?, template?}."""
     if isinstance(payload, dict):
         return list(payload.get("messages") or []), payload.get("tools") or None
     return list(payload), None
+
+
+def template_kwargs(payload: Any) -> dict[str, Any]:
+    """The chat template's own switches a request sets (`enable_thinking`...):
+    plain values only."""
+    given = payload.get("template") if isinstance(payload, dict) else None
+    if not isinstance(given, dict):
+        return {}
+    return {
+        str(k)[:64]: v
+        for k, v in list(given.items())[:16]
+        if isinstance(v, bool | int | float | str) and k not in ("messages", "tools")
+    }
 
 
 class ToolText:
