@@ -173,6 +173,8 @@ def models_pull_default(models_dir: Path | None) -> None:
 @click.option("--seed", default=0, show_default=True)
 @click.option("--layers", default=4, show_default=True)
 @click.option("--hidden", default=256, show_default=True)
+@click.option("--tools", is_flag=True, help="A chat template that renders tools.")
+@click.option("--thinking", is_flag=True, help="<think> tokens, opened by the template.")
 @models_dir_option
 def models_make_tiny(
     model_id: str | None,
@@ -182,6 +184,8 @@ def models_make_tiny(
     seed: int,
     layers: int,
     hidden: int,
+    tools: bool,
+    thinking: bool,
     models_dir: Path | None,
 ) -> None:
     """Build a tiny random-weight model of an mlx-lm architecture, for tests."""
@@ -200,6 +204,8 @@ def models_make_tiny(
             arch=arch,
             bits=int(bits) if bits else None,
             group_size=int(group_size),
+            tools=tools,
+            thinking=thinking,
         )
     )
 
