@@ -12,12 +12,14 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from exo.api.client import BrokerClient, BrokerUnavailable
 from exo.api.errors import error_response
 from exo.api.limits import BodyLimit
+from exo.api.metrics import Metrics
 from exo.api.routes import anthropic, cluster, lmstudio, ollama, openai, responses
 from exo.api.security import Guard, Policy, keys_from_env
 from exo.common import keys
@@ -41,6 +43,7 @@ def create_app(
 
     app = FastAPI(title="exo", lifespan=lifespan)
     app.state.client = client
+    app.state.metrics = metrics = Metrics()
     app.add_middleware(BodyLimit)
     app.add_middleware(Guard, policy=policy)  # outermost: before anything reads the body
 
@@ -61,6 +64,11 @@ def create_app(
     @app.exception_handler(BrokerUnavailable)
     async def broker_down(request: Request, exc: BrokerUnavailable) -> JSONResponse:
         return error_response(503, str(exc), "broker_unavailable")
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        state = await client.query("cluster")
+        return Response(metrics.render(state), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(openai.router)
     app.include_router(ollama.router)

@@ -33,6 +33,7 @@ class Job:
     # perf_counter: when it was submitted, its first text came, it ended
     submitted_at: float = field(default_factory=time.perf_counter)
     first_at: float | None = None
+    last_at: float | None = None
     done_at: float | None = None
 
     def stats(self, finish: str | None, tokens: int) -> dict[str, Any]:

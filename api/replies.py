@@ -64,8 +64,9 @@ def failed(msg: P.Fail, headers: dict[str, str]) -> JSONResponse:
 
 
 class Replier:
-    def __init__(self, client: BrokerClient) -> None:
+    def __init__(self, client: BrokerClient, metrics: Any = None) -> None:
         self.client = client
+        self.metrics = metrics  # metrics.Metrics: latencies as the client sees them
 
     async def open(self, job: Job, stream: bool) -> P.Fail | Disconnected | None:
         """Wait until the request is taken (streamed: admitted by its node, or
@@ -138,13 +139,11 @@ class Replier:
                     return
                 if not isinstance(msg, P.Tokens):
                     continue
-                if job.first_at is None:
-                    job.first_at = time.perf_counter()
+                self.timed(job, msg)
                 if msg.text or msg.ids or msg.reasoning:
                     yield Text(msg.text, msg.ids, msg.reasoning)
                 if msg.finish:
                     finished = True
-                    job.done_at = time.perf_counter()
                     yield Done(msg.finish, msg.usage, msg.tool_calls)
                     return
         finally:
@@ -153,6 +152,22 @@ class Replier:
             else:
                 # The client went away (or the server is stopping): no one is listening.
                 await self.client.cancel(job.rid, "disconnect")
+
+    def timed(self, job: Job, msg: P.Tokens) -> None:
+        """When its tokens came: the job's figures, and the metrics'."""
+        now = time.perf_counter()
+        m = self.metrics
+        if job.first_at is None:
+            job.first_at = now
+            if m is not None:
+                m.first_token(job.model, now - job.submitted_at)
+        elif m is not None and msg.ids:
+            m.token_gap(job.model, now - (job.last_at or now), len(msg.ids))
+        job.last_at = now
+        if msg.finish:
+            job.done_at = now
+            if m is not None:
+                m.done(job.model, now - job.submitted_at, msg.finish, msg.usage)
 
     async def collect(self, job: Job) -> tuple[str, list[int], Done] | P.Fail | None:
         """The whole answer: text, token ids and how it ended; its FAIL; or None

@@ -443,3 +443,35 @@ def test_a_thinking_models_thoughts_are_reasoning_never_content(cluster: Any) ->
     ol = ollama.Client(host=cluster.url, headers=cluster.api_headers())
     got = ol.chat(model=THINK_MODEL, messages=turns, options={"temperature": 0, "num_predict": 8})
     assert got.message.thinking and not got.message.content
+
+
+def test_metrics_in_prometheus_text_with_vllms_names_and_the_clusters(cluster: Any) -> None:
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="none", max_retries=0)
+    client.chat.completions.create(
+        model=TINY, messages=[{"role": "user", "content": "x"}], max_tokens=4, stream=False
+    )
+    r = httpx.get(f"{cluster.url}/metrics", headers=cluster.api_headers(), timeout=10)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    families = {f.name: f for f in text_string_to_metric_families(r.text)}
+    for name in (
+        "vllm:time_to_first_token_seconds",
+        "vllm:e2e_request_latency_seconds",
+        "vllm:inter_token_latency_seconds",
+        "vllm:prompt_tokens",
+        "vllm:generation_tokens",
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+        "exo_memory_pressure_level",
+        "exo_requests_active",
+    ):
+        assert name in families, (name, sorted(families))
+    e2e = [
+        s for s in families["vllm:e2e_request_latency_seconds"].samples if s.name.endswith("_count")
+    ]
+    assert any(s.labels["model_name"] == TINY and s.value >= 1 for s in e2e)
+    generated = families["vllm:generation_tokens"].samples
+    assert any(s.labels.get("model_name") == TINY and s.value >= 4 for s in generated)

@@ -12,11 +12,17 @@ from fastapi import Request
 
 from exo.api.client import BrokerClient
 from exo.api.jobs import Disconnected, Job
+from exo.api.replies import Replier
 
 
 def client_of(request: Request) -> BrokerClient:
     client: BrokerClient = request.app.state.client
     return client
+
+
+def replier(request: Request) -> Replier:
+    """What turns a job's messages into replies, with the app's metrics."""
+    return Replier(client_of(request), getattr(request.app.state, "metrics", None))
 
 
 def api_key(request: Request) -> str | None:

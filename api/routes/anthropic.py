@@ -16,8 +16,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from exo.api.jobs import Disconnected
-from exo.api.replies import Done, Replier, Reply, Text, Waiting
-from exo.api.routes import client_of, submitted
+from exo.api.replies import Done, Reply, Text, Waiting
+from exo.api.routes import replier, submitted
 from exo.broker import protocol as P
 from exo.common.sampling import SamplingParams
 
@@ -123,7 +123,7 @@ async def messages(request: Request) -> Any:
     except (ValueError, RecursionError) as e:
         return error(400, str(e) if isinstance(e, Refused) else "the body is not JSON")
     async with submitted(request, "chat", model, turns, params) as job:
-        r = Replier(client_of(request))
+        r = replier(request)
         bad = await r.open(job, stream)
         if isinstance(bad, Disconnected):
             return None

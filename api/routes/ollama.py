@@ -22,8 +22,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from exo.api.jobs import Disconnected, Job
-from exo.api.replies import Done, Replier, Reply, Text
-from exo.api.routes import client_of, submitted
+from exo.api.replies import Done, Reply, Text
+from exo.api.routes import client_of, replier, submitted
 from exo.broker import protocol as P
 from exo.common.sampling import SamplingParams
 
@@ -246,7 +246,7 @@ async def answer(
     """One internal request, answered as Ollama does: NDJSON lines, or one object."""
     stream = body.get("stream", True) is not False
     async with submitted(request, kind, name, payload, p) as job:
-        r = Replier(client_of(request))
+        r = replier(request)
         bad = await r.open(job, stream)
         if isinstance(bad, Disconnected):
             return None

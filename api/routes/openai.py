@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from exo.api.errors import error_body, error_response
 from exo.api.jobs import Disconnected, Job, sse
 from exo.api.replies import Done, Replier, Reply, Text, Waiting, failed
-from exo.api.routes import client_of, submitted
+from exo.api.routes import client_of, replier, submitted
 from exo.api.schemas import ChatRequest, CompletionRequest, Sampling, first_error
 from exo.broker import protocol as P
 
@@ -126,7 +126,7 @@ async def run(
     async with submitted(request, kind, body.model, payload, params, timeout_s) as job:
         job.token_ids = bool(body.return_token_ids)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        r = Replier(client_of(request))
+        r = replier(request)
         return await respond(r, job, bool(body.stream), include_usage, extra)
 
 

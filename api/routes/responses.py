@@ -21,8 +21,8 @@ from fastapi.responses import StreamingResponse
 
 from exo.api.errors import error_response
 from exo.api.jobs import Disconnected
-from exo.api.replies import Done, Replier, Reply, Text
-from exo.api.routes import api_key, client_of, submitted
+from exo.api.replies import Done, Reply, Text
+from exo.api.routes import api_key, replier, submitted
 from exo.broker import protocol as P
 from exo.common.sampling import SamplingParams
 
@@ -219,7 +219,7 @@ async def create(request: Request) -> Any:
     except (ValueError, RecursionError):
         return error_response(400, "We could not parse the JSON body of your request.")
     async with submitted(request, "chat", model, payload, params) as job:
-        r = Replier(client_of(request))
+        r = replier(request)
         bad = await r.open(job, stream)
         if isinstance(bad, Disconnected):
             return None
