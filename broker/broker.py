@@ -18,7 +18,7 @@ import zmq
 from exo.broker import probes, reports
 from exo.broker import protocol as P
 from exo.broker.cancels import Cancels
-from exo.broker.deploy import Deployer, Topology
+from exo.broker.deploy import Deployer, Topology, version_skew
 from exo.broker.placement import (
     PlacementError,
 )
@@ -388,6 +388,7 @@ class Broker:
             "uptime_s": round(time.time() - self.started, 1),
             "nodes": list((view := self.topology())[0].values()),
             "links": view[1],
+            "version_skew": version_skew(list(view[0].values())),
             "instances": [i.public(self.reg.by_id()) for i in self.deploy.instances.values()],
             "frontends": [p.peer_id for p in self.reg.peers.values() if p.role == "frontend"],
             "requests_active": len(self.reg.requests),

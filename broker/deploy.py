@@ -54,6 +54,25 @@ class PlaceSpec(msgspec.Struct, forbid_unknown_fields=True):
     max_nodes: Annotated[int, Meta(ge=1, le=1024)] | None = None
 
 
+# What the stages of one pipeline must share: the same step computed by other
+# versions of these may give other tokens (nodes report them: machine/info.py).
+ANSWER_KEYS = ("mlx", "mlx_lm", "protocol")
+
+
+def answer_versions(info: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    given = info.get("versions") or {}
+    return tuple((k, str(given.get(k, ""))) for k in ANSWER_KEYS)
+
+
+def version_skew(nodes: list[dict[str, Any]]) -> dict[str, dict[str, list[str]]]:
+    """For each version the nodes do not agree on: which node runs which."""
+    seen: dict[str, dict[str, list[str]]] = {}
+    for n in nodes:
+        for k, v in (n.get("info", {}).get("versions") or {}).items():
+            seen.setdefault(k, {}).setdefault(str(v), []).append(str(n.get("name") or n["id"]))
+    return {k: by for k, by in seen.items() if len(by) > 1 and k not in ("os", "python")}
+
+
 class Deployer:
     """Instances: placing, loading, rerouting and ending them. Built from the
     registry it reads, a function that sends a node or frontend a message, and
@@ -108,6 +127,7 @@ class Deployer:
                     has_model=meta.model in n.models,
                     promised=promised,
                     holds_model=any(i.model == meta.model and n.peer_id in i.nodes for i in live),
+                    answer=answer_versions(n.info),
                 )
             )
         return out

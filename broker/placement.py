@@ -34,6 +34,8 @@ class NodeView:
     has_model: bool = False
     promised: int = 0  # bytes of stages placed here that are not loaded yet
     holds_model: bool = False  # already holds a stage of this model
+    # the versions a pipeline's stages must share (mlx, mlx-lm, protocol: info.ANSWER_KEYS)
+    answer: tuple[tuple[str, str], ...] = ()
 
     @property
     def usable(self) -> int:
@@ -144,6 +146,9 @@ def check(meta: ModelMeta, views: list[NodeView], ranges: list[tuple[int, int]])
             reasons.append(f"node {v.peer_id} already holds a stage of {meta.model}")
     if len({v.peer_id for v in views}) != len(views):
         reasons.append("a node appears twice")
+    if len({v.answer for v in views}) > 1:
+        differ = ", ".join(f"{v.peer_id}: {dict(v.answer)}" for v in views)
+        reasons.append(f"the nodes' versions differ ({differ}): a pipeline could disagree")
     return Candidate(stages, figures, "; ".join(reasons) or None)
 
 

@@ -69,6 +69,7 @@ class NodeInfo(Struct, forbid_unknown_fields=False):
     probe_port: Port | None = None
     weights_port: Port | None = None
     loading: Text | None = None
+    versions: Annotated[dict[Text, Text], Meta(max_length=32)] = {}
 
 
 class Download(Struct, forbid_unknown_fields=False):

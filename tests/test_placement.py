@@ -141,3 +141,24 @@ def test_a_model_its_nodes_cannot_split_is_placed_whole_or_refused_with_the_reas
     assert e.value.status == 409 and all(
         len(c.stages) == 1 for c in candidates(whole_only, [n("a", 5), n("b", 5)], Ask())
     )
+
+
+def test_no_pipeline_across_nodes_whose_mlx_versions_differ_and_the_skew_is_shown() -> None:
+    from dataclasses import replace
+
+    from exo.broker.deploy import answer_versions, version_skew
+    from exo.tools.linkstat import skew
+
+    new = answer_versions({"versions": {"mlx": "0.32.4", "mlx_lm": "0.32.2", "protocol": "1"}})
+    old = answer_versions({"versions": {"mlx": "0.31.0", "mlx_lm": "0.32.2", "protocol": "1"}})
+    a, b = replace(n("a", 5), answer=new), replace(n("b", 5), answer=old)
+    with pytest.raises(PlacementError) as e:
+        place(META, [a, b], Ask())
+    assert "versions differ" in e.value.message and "0.31.0" in e.value.message
+    assert len(place(META, [a, replace(n("c", 5), answer=new)], Ask()).stages) == 2
+    nodes = [
+        {"id": "a", "name": "a", "info": {"versions": {"mlx": "0.32.4", "os": "Linux 6"}}},
+        {"id": "b", "name": "b", "info": {"versions": {"mlx": "0.31.0", "os": "Linux 5"}}},
+    ]
+    assert version_skew(nodes) == {"mlx": {"0.32.4": ["a"], "0.31.0": ["b"]}}  # not os
+    assert skew({"version_skew": version_skew(nodes)}) == "mlx differs: 0.32.4 on a, 0.31.0 on b"

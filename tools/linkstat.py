@@ -86,10 +86,19 @@ def failovers(state: dict[str, Any]) -> str:
     return "; ".join(lines)
 
 
+def skew(state: dict[str, Any]) -> str:
+    """Versions the nodes do not agree on."""
+    return "; ".join(
+        f"{k} differs: " + ", ".join(f"{v} on {', '.join(ns)}" for v, ns in by.items())
+        for k, by in (state.get("version_skew") or {}).items()
+    )
+
+
 def table(state: dict[str, Any]) -> Any:
     from rich.table import Table
 
-    t = Table(title=f"exo links ({len(state.get('nodes', []))} nodes)", caption=failovers(state))
+    caption = "\n".join(x for x in (failovers(state), skew(state)) if x)
+    t = Table(title=f"exo links ({len(state.get('nodes', []))} nodes)", caption=caption)
     for col in ("A", "B", "type", "up", "RTT", "capacity", "A->B", "B->A", "carries"):
         t.add_column(col)
     for link in state.get("links", []):

@@ -54,4 +54,33 @@ def gather(models: list[str], blas: str, models_dir: Path | None = None) -> dict
         "blas": blas,
         "models": models,
         "disk_free": disk_free,
+        "versions": versions(blas),
+    }
+
+
+def versions(blas: str) -> dict[str, str]:
+    """The versions that matter: the project, the wire, Python, MLX (and its
+    backend), mlx-lm, the BLAS library, the OS. The broker flags those the nodes
+    disagree on, and splits no model across nodes whose MLX, mlx-lm or protocol
+    differ (broker/deploy.py: the same step could give other tokens)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from exo.broker.protocol import VERSION
+    from exo.nodes.engine.mlxenv import mx
+
+    def of(dist: str) -> str:
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return ""
+
+    return {
+        "exo": of("exo-zmq") or of("exo"),
+        "protocol": str(VERSION),
+        "python": platform.python_version(),
+        "mlx": of("mlx"),
+        "mlx_backend": str(mx.default_device()),
+        "mlx_lm": of("mlx-lm"),
+        "blas": blas.split(" ")[0],
+        "os": f"{platform.system()} {platform.release()}",
     }
