@@ -227,6 +227,20 @@ def test_a_step_out_is_sent_again_after_a_few_round_trips() -> None:
     assert st.back("m", 7) is w and st.round_trip["m"] == 0.0  # a resent step teaches nothing
 
 
+def test_a_stage_is_given_up_on_after_its_measured_pace_not_a_fixed_time() -> None:
+    import time
+
+    from exo.nodes.pipeline import stage0 as s0
+
+    st = s0.Stage0()
+    now = time.perf_counter()
+    st.out["m"] = s0.Remote(1, [], [], s0.StepPlan(), [], t0=now - 12)
+    st.round_trip["m"] = 0.05  # 100 round trips: 5 s, under the 10 s floor
+    assert [m for m, _ in st.stalled(cap=30)] == ["m"]
+    st.round_trip["m"] = 0.5  # 50 s: the cap (--stage-timeout) decides
+    assert st.stalled(cap=30) == [] and [m for m, _ in st.stalled(cap=11)] == ["m"]
+
+
 def test_the_broker_relays_each_tokens_seq_once() -> None:
     from exo.broker import protocol as P
     from exo.broker.cancels import Cancels

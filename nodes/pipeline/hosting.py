@@ -245,12 +245,31 @@ class Hosting:
         for model_id, w in self.engine.stage0.stalled(self.stage_timeout):
             lm = self.engine.models[model_id]
             stage = self.stages.get(lm.instance)
+            age = time.perf_counter() - w.t0
+            if age < self.stage_timeout and stage and stage.next and not self.link_up(stage.next):
+                continue  # its link is down here: the broker's new route is coming
             why = (
                 f"stage after {self.name} did not answer step {w.step} within "
-                f"{self.stage_timeout:.0f}s (next hop {stage.next if stage else None})"
+                f"{age:.0f}s (next hop {stage.next if stage else None})"
             )
             log.error("instance %s: %s", lm.instance, why)
             self.fail_requests(model_id, why, 504, "stage_timeout")
+
+    def link_up(self, endpoint: str) -> bool:
+        """Whether this machine's interface toward `endpoint` is up (its network
+        holds the endpoint's address); True when none is known."""
+        import ipaddress
+
+        from exo.nodes.machine.interfaces import interfaces
+
+        try:
+            ip = ipaddress.ip_address(endpoint.removeprefix("tcp://").rsplit(":", 1)[0])
+            for i in interfaces():
+                if any(ip in ipaddress.ip_network(n, strict=False) for n in i.networks):
+                    return i.up
+        except ValueError:
+            pass
+        return True
 
     def fail_requests(
         self, model_id: str, why: str, status: int = 500, code: str = "stage_error"

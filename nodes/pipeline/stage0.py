@@ -46,6 +46,9 @@ class Remote:
 # round trip steps lately took, at least RESEND_MIN_S.
 RESEND_X = 4.0
 RESEND_MIN_S = 0.5
+# ... and one without them this long has lost its later stages: its requests fail.
+GIVE_UP_X = 100.0
+GIVE_UP_MIN_S = 10.0
 
 
 class Stage0:
@@ -141,10 +144,15 @@ class Stage0:
         self.hop(lm, w.act, w.h)
         return True
 
-    def stalled(self, timeout: float) -> list[tuple[str, Remote]]:
-        """Steps out for longer than `timeout` seconds."""
+    def stalled(self, cap: float) -> list[tuple[str, Remote]]:
+        """Steps out past their stage timeout: GIVE_UP_X times the round trip steps
+        lately took, at least GIVE_UP_MIN_S, at most `cap`."""
         now = time.perf_counter()
-        return [(m, w) for m, w in self.out.items() if now - w.t0 > timeout]
+        return [
+            (m, w)
+            for m, w in self.out.items()
+            if now - w.t0 > min(cap, max(GIVE_UP_MIN_S, GIVE_UP_X * self.round_trip.get(m, cap)))
+        ]
 
     def abandon(self, model_id: str) -> None:
         """The later stages failed: nobody will answer the step out."""
