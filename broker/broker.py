@@ -98,9 +98,18 @@ class Broker:
             request_timeout,
         )
         self.deploy.on_ready = lambda: self.requests.tend_parked(time.monotonic())
+        self.handlers = self._handlers()
+        self.probes = probes.Prober(self.send, self.stats, probe_every)
+        self.stop_event = threading.Event()
+        self.started = time.time()
+        # periodic work -> when it is next due
+        self.due: dict[str, float] = {"beat": 0.0, "pub": 0.0}
+        self.reconnects: dict[bytes, float] = {}  # identity -> when last told to RECONNECT
+
+    def _handlers(self) -> dict[tuple[str, str], Callable[[Peer, Any, zmq.Frame], None]]:
+        """(role, type) -> its handler, called with that message type (protocol.TYPES)."""
         r, c = self.requests, self.cancels
-        # Each handler is called with the message type of its key (protocol.TYPES).
-        self.handlers: dict[tuple[str, str], Callable[[Peer, Any, zmq.Frame], None]] = {
+        return {
             ("node", "HEARTBEAT"): self.on_heartbeat,
             ("frontend", "HEARTBEAT"): self.on_heartbeat,
             ("node", "INFO"): self.on_info,
@@ -114,21 +123,11 @@ class Broker:
             ("frontend", "PULL"): r.on_pull,
             ("frontend", "INSTANCES"): self.on_instances,
         }
-        self.probes = probes.Prober(self.send, self.stats, probe_every)
-        self.stop_event = threading.Event()
-        self.started = time.time()
-        # periodic work -> when it is next due
-        self.due: dict[str, float] = {"beat": 0.0, "pub": 0.0}
-        self.reconnects: dict[bytes, float] = {}  # identity -> when last told to RECONNECT
 
     # -- sending --------------------------------------------------------------------
 
     def send(self, identity: bytes, msg: P.Msg) -> bool:
         return self.send_raw(identity, P.encode(msg))
-
-    def fail(self, identity: bytes, rid: str, status: int, code: str, message: str) -> None:
-        """End a request at its frontend with the status the API answers."""
-        self.send(identity, P.Fail(rid=rid, status=status, code=code, message=message))
 
     def send_raw(self, identity: bytes, frame: bytes | zmq.Frame) -> bool:
         try:
@@ -330,7 +329,7 @@ class Broker:
         )
         for r in gone:
             if r.node == ident:
-                self.fail(
+                self.requests.fail(
                     r.frontend,
                     r.rid,
                     503,

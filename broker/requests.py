@@ -78,20 +78,7 @@ class Requests:
         rid, model, nodes = waiting.rid, waiting.submit.model, self.reg.by_id()
         inst = choose_instance(list(self.deploy.instances.values()), nodes, model)
         if inst is None:
-            refusal = self.deploy.provide(model)
-            pending = downloading(list(nodes.values()), model) or self.recently_pulled(model)
-            if refusal is None or pending:
-                return self.park(waiting, first, pending[0][0].peer_id if pending else "")
-            failed = failed_download(list(nodes.values()), model)
-            if not first and failed is not None:
-                node, d = failed
-                refusal = Refusal(
-                    503,
-                    "download_failed",
-                    f"node {node.peer_id} could not download {model}: {d.get('error')}",
-                )
-            self.fail(waiting.frontend, rid, refusal.status, refusal.code, refusal.message)
-            return True
+            return self.no_instance(waiting, first, list(nodes.values()))
         s = waiting.submit
         node0 = nodes[inst.first_node]
         if node0.silent() > P.EXPIRY_S:
@@ -134,6 +121,25 @@ class Requests:
         if first:
             self.send(waiting.frontend, P.Accepted(rid=rid, node=node0.peer_id))
         log.info("rid=%s model=%s -> instance %s on %s", rid, model, inst.id, node0.peer_id)
+        return True
+
+    def no_instance(self, waiting: Parked, first: bool, nodes: list[Peer]) -> bool:
+        """No ready instance: wait for one on its way (placed now if need be, or a
+        download), or fail with why there can be none."""
+        model = waiting.submit.model
+        refusal = self.deploy.provide(model)
+        pending = downloading(nodes, model) or self.recently_pulled(model)
+        if refusal is None or pending:
+            return self.park(waiting, first, pending[0][0].peer_id if pending else "")
+        failed = failed_download(nodes, model)
+        if not first and failed is not None:
+            node, d = failed
+            refusal = Refusal(
+                503,
+                "download_failed",
+                f"node {node.peer_id} could not download {model}: {d.get('error')}",
+            )
+        self.fail(waiting.frontend, waiting.rid, refusal.status, refusal.code, refusal.message)
         return True
 
     def park(self, waiting: Parked, first: bool, where: str) -> bool:

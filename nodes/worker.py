@@ -66,17 +66,7 @@ class Node:
         self.pair = self.ctx.socket(zmq.PAIR)
         self.pair.bind(self.pair_addr)
         self.peers = PeerSockets(self.ctx, self.peer_id, port=peer_port, cluster=cluster)
-        # the plain-TCP servers' token: derived from the node key (None: insecure)
-        self.weights_token = cluster.secret("weights") if cluster else None
-        self.probe_token = cluster.secret("probe") if cluster else None
-        self.prober = ProbeServer(port=probe_port, token=self.probe_token)
-        # None: this node does not serve its models to others
-        self.weights = (
-            None
-            if weights_port is None
-            else WeightsServer(self.store, port=weights_port, token=self.weights_token)
-        )
-        self.probes = Probes(self.probe_token)  # the ones the broker asks this node to run
+        self._servers(cluster, probe_port, weights_port)
         self.interfaces_up: dict[str, bool] = {}
         self.hosting = Hosting(
             name,
@@ -115,6 +105,22 @@ class Node:
         # (rid, wall-clock time the engine dropped it), for `bench cancel` and tests
         self.recent_cancels: deque[tuple[str, float, float]] = deque(maxlen=64)
         self.errors: Counter[str] = Counter()  # handler and step failures, by kind
+
+    def _servers(
+        self, cluster: keys.Cluster | None, probe_port: int, weights_port: int | None
+    ) -> None:
+        """The plain-TCP servers (link probes, weights for peers) and their tokens,
+        derived from the node key (None: insecure)."""
+        self.weights_token = cluster.secret("weights") if cluster else None
+        self.probe_token = cluster.secret("probe") if cluster else None
+        self.prober = ProbeServer(port=probe_port, token=self.probe_token)
+        # None: this node does not serve its models to others
+        self.weights = (
+            None
+            if weights_port is None
+            else WeightsServer(self.store, port=weights_port, token=self.weights_token)
+        )
+        self.probes = Probes(self.probe_token)  # the ones the broker asks this node to run
 
     def info(self) -> dict[str, Any]:
         models = self.store.scan()  # walks every model folder: once per INFO

@@ -221,7 +221,6 @@ def up(
     nodes: int, model: str | None, api_port: int, port: int, pub_port: int, models_dir: Path | None
 ) -> None:
     """A whole cluster on this machine, until Ctrl-C."""
-    import httpx
 
     from exo.tools.cluster import LocalCluster
     from exo.tools.default_model import DEFAULT_MODEL, pull_default
@@ -252,36 +251,7 @@ def up(
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         cluster.start()
-        # One instance across every node (a pipeline stage each), loaded now so the
-        # first real request does not wait for it.
-        from exo.tools.cluster import api_headers
-
-        auth = api_headers()  # the broker honours EXO_API_KEY: so do we
-        r = httpx.post(
-            f"{cluster.url}/v1/instances",
-            timeout=60,
-            headers=auth,
-            json={"model": model, "min_nodes": nodes, "max_nodes": nodes},
-        )
-        if r.status_code != 201:
-            raise click.ClickException(f"could not place {model}: {r.text}")
-        inst = ready_or_exit(cluster.url, r.json()["id"])
-        split = ", ".join(f"{s['node']} layers {s['layers']}" for s in inst["stages"])
-        click.echo(
-            f"\nexo is serving {model} on {nodes} node(s) ({split}); logs in {cluster.log_dir}"
-        )
-        click.echo(f"OpenAI base URL: {cluster.url}/v1\n")
-        body = json.dumps(
-            {
-                "model": model,
-                "messages": [{"role": "user", "content": "What is the capital of France?"}],
-            }
-        )
-        click.echo(
-            f"curl {cluster.url}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'\n"
-        )
-        click.echo("A second machine joins with the line `exo-tools keys show` prints.")
-        click.echo("Ctrl-C stops every process this started.")
+        place_and_greet(cluster, model, nodes)
         while not stop:
             time.sleep(0.5)
             dead = [
@@ -297,6 +267,35 @@ def up(
     finally:
         cluster.stop()
         click.echo("stopped")
+
+
+def place_and_greet(cluster: Any, model: str, nodes: int) -> None:
+    """One instance across every node (a pipeline stage each), loaded now so the
+    first real request does not wait for it; then how to use it."""
+    import httpx
+
+    from exo.tools.cluster import api_headers
+
+    auth = api_headers()  # the broker honours EXO_API_KEY: so do we
+    r = httpx.post(
+        f"{cluster.url}/v1/instances",
+        timeout=60,
+        headers=auth,
+        json={"model": model, "min_nodes": nodes, "max_nodes": nodes},
+    )
+    if r.status_code != 201:
+        raise click.ClickException(f"could not place {model}: {r.text}")
+    inst = ready_or_exit(cluster.url, r.json()["id"])
+    split = ", ".join(f"{s['node']} layers {s['layers']}" for s in inst["stages"])
+    click.echo(f"\nexo is serving {model} on {nodes} node(s) ({split}); logs in {cluster.log_dir}")
+    click.echo(f"OpenAI base URL: {cluster.url}/v1\n")
+    question = {"role": "user", "content": "What is the capital of France?"}
+    body = json.dumps({"model": model, "messages": [question]})
+    click.echo(
+        f"curl {cluster.url}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'\n"
+    )
+    click.echo("A second machine joins with the line `exo-tools keys show` prints.")
+    click.echo("Ctrl-C stops every process this started.")
 
 
 @main.command("linkstat")

@@ -149,6 +149,24 @@ ARCHS: dict[str, dict[str, Any]] = {
 }
 
 
+def randomize(model: Any) -> None:
+    """Weights larger than the default init, so greedy output varies from token to
+    token; norm weights 1 (gemma's norms add 1 themselves), biases small."""
+    from mlx.utils import tree_flatten
+
+    params = {
+        k: (
+            mx.random.normal(v.shape) * 0.08
+            if v.ndim > 1
+            else mx.random.normal(v.shape) * 0.02
+            if k.endswith("bias")
+            else mx.ones(v.shape)
+        )
+        for k, v in cast(list[tuple[str, Any]], tree_flatten(model.parameters()))
+    }
+    model.load_weights(list(params.items()))
+
+
 def make_tiny(
     out: Path,
     seed: int = 0,
@@ -199,19 +217,7 @@ def make_tiny(
     mx.random.seed(seed)
     model_class, args_class = _get_classes(config)
     model = model_class(args_class.from_dict(config))
-    # Larger than default init so greedy output varies from token to token; norm
-    # weights 1 (gemma's norms add 1 themselves), biases small.
-    params = {
-        k: (
-            mx.random.normal(v.shape) * 0.08
-            if v.ndim > 1
-            else mx.random.normal(v.shape) * 0.02
-            if k.endswith("bias")
-            else mx.ones(v.shape)
-        )
-        for k, v in cast(list[tuple[str, Any]], tree_flatten(model.parameters()))
-    }
-    model.load_weights(list(params.items()))
+    randomize(model)
     if bits is not None:
         model, config = quantize_model(model, config, group_size, bits)
     weights = dict(cast(list[tuple[str, Any]], tree_flatten(model.parameters())))

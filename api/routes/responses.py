@@ -239,17 +239,26 @@ async def create(request: Request) -> Any:
         return response(rid, model, "completed", items(text, done), done.usage)
 
 
+class Events:
+    """Responses' SSE events, numbered."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def __call__(self, kind: str, **data: Any) -> bytes:
+        self.n += 1
+        payload = {"type": kind, "sequence_number": self.n, **data}
+        return f"event: {kind}\ndata: {json.dumps(payload, separators=(',', ':'))}\n\n".encode()
+
+    def part(self, kind: str, mid: str, **data: Any) -> bytes:
+        """An event about the message's one text part."""
+        return self(kind, item_id=mid, output_index=0, content_index=0, **data)
+
+
 async def sse(
     rid: str, model: str, replies: AsyncGenerator[Reply, None], kept_as: Any
 ) -> AsyncIterator[bytes]:
-    n = 0
-
-    def event(kind: str, **data: Any) -> bytes:
-        nonlocal n
-        n += 1
-        payload = {"type": kind, "sequence_number": n, **data}
-        return f"event: {kind}\ndata: {json.dumps(payload, separators=(',', ':'))}\n\n".encode()
-
+    event = Events()
     yield event("response.created", response=response(rid, model, "in_progress", [], None))
     mid = f"msg_{uuid.uuid4().hex[:24]}"
     text, started = "", False
@@ -258,55 +267,25 @@ async def sse(
             if isinstance(ev, Text) and ev.text:
                 if not started:
                     started = True
-                    item = {
-                        "type": "message",
-                        "id": mid,
-                        "status": "in_progress",
-                        "role": "assistant",
-                        "content": [],
-                    }
+                    item: dict[str, Any] = {"type": "message", "id": mid, "role": "assistant"}
+                    item.update(status="in_progress", content=[])
                     yield event("response.output_item.added", output_index=0, item=item)
                     part = {"type": "output_text", "text": "", "annotations": []}
-                    yield event(
-                        "response.content_part.added",
-                        item_id=mid,
-                        output_index=0,
-                        content_index=0,
-                        part=part,
-                    )
+                    yield event.part("response.content_part.added", mid, part=part)
                 text += ev.text
-                yield event(
-                    "response.output_text.delta",
-                    item_id=mid,
-                    output_index=0,
-                    content_index=0,
-                    delta=ev.text,
-                )
+                yield event.part("response.output_text.delta", mid, delta=ev.text)
             elif isinstance(ev, P.Fail):
                 yield event("error", code=ev.code, message=ev.message, param=None)
             elif isinstance(ev, Done):
                 out = items(text, ev)
                 if started and not ev.tool_calls:
                     out[0]["id"] = mid
-                    yield event(
-                        "response.output_text.done",
-                        item_id=mid,
-                        output_index=0,
-                        content_index=0,
-                        text=text,
-                    )
-                    yield event(
-                        "response.content_part.done",
-                        item_id=mid,
-                        output_index=0,
-                        content_index=0,
-                        part=out[0]["content"][0],
-                    )
+                    yield event.part("response.output_text.done", mid, text=text)
+                    yield event.part("response.content_part.done", mid, part=out[0]["content"][0])
                 for i, item in enumerate(out):
                     if not started or ev.tool_calls:
                         yield event("response.output_item.added", output_index=i, item=item)
                     yield event("response.output_item.done", output_index=i, item=item)
                 kept_as(text, ev)
-                yield event(
-                    "response.completed", response=response(rid, model, "completed", out, ev.usage)
-                )
+                done = response(rid, model, "completed", out, ev.usage)
+                yield event("response.completed", response=done)

@@ -26,7 +26,7 @@ from exo.nodes.engine.request import (
     encode_prompt,
     thinking_markers,
 )
-from exo.nodes.engine.sampling import SamplingParams, StopMatcher, sampler_for
+from exo.nodes.engine.sampling import Sampler, SamplingParams, StopMatcher, sampler_for
 from exo.nodes.engine.scheduler import StepPlan
 from exo.nodes.engine.tools import ToolText, chat_parts, forced_grammar
 from exo.nodes.pipeline.stage0 import Stage0
@@ -68,22 +68,8 @@ class Book:
             )
         if rid in self.requests or any(r.rid == rid for r in self.queue):
             raise EngineError(409, "duplicate_request", f"request {rid} already running")
-        try:
-            sp = SamplingParams.from_wire(params)
-        except ValueError as e:
-            raise EngineError(400, "invalid_params", str(e)) from None
+        sp, sampler, params = self._sampling(lm, kind, payload, params)
         tools = chat_parts(payload)[1] if kind == "chat" else None
-        try:
-            if tools and sp.tool_choice not in (None, "none", "auto"):
-                sp.grammar = forced_grammar(lm.tokenizer, tools, sp.tool_choice)
-                if sp.grammar is None:
-                    raise ValueError(
-                        "tool_choice: a forced call is not supported for this model's syntax"
-                    )
-                params = {**params, "grammar": sp.grammar}  # (for a split's last stage)
-            sampler = sampler_for(lm, sp)
-        except ValueError as e:
-            raise EngineError(400, "invalid_params", str(e)) from None
         use_tools = bool(tools) and sp.tool_choice != "none"
         prompt = encode_prompt(lm, kind, payload, tools=use_tools)
         if len(prompt) >= lm.context:
@@ -95,17 +81,7 @@ class Book:
                 f"messages resulted in {len(prompt)} tokens. Please reduce the length of the "
                 "messages.",
             )
-        need = (len(prompt) + min(sp.max_tokens, lm.context - len(prompt))) * kv_bytes_per_token(
-            lm.model
-        )
-        cap = min(self.kv_budget, lm.kv_cap if lm.kv_cap is not None else self.kv_budget)
-        if need > cap:
-            where = "the node" if cap == self.kv_budget else "the instance's tightest stage"
-            raise EngineError(
-                400,
-                "kv_budget_exceeded",
-                f"this request needs {need >> 20} MiB of KV cache; {where} allows {cap >> 20} MiB",
-            )
+        need = self._kv_need(lm, len(prompt), sp.max_tokens)
         req = Request(
             rid=rid,
             lm=lm,
@@ -125,6 +101,39 @@ class Book:
         self.queue.append(req)
         self._admit()
         return req
+
+    @staticmethod
+    def _sampling(
+        lm: LoadedModel, kind: str, payload: Any, params: dict[str, Any]
+    ) -> tuple[SamplingParams, Sampler, dict[str, Any]]:
+        """The request's sampling parameters and sampler (held to its schema or its
+        forced tool call), and the parameters as later stages get them."""
+        try:
+            sp = SamplingParams.from_wire(params)
+            tools = chat_parts(payload)[1] if kind == "chat" else None
+            if tools and sp.tool_choice not in (None, "none", "auto"):
+                sp.grammar = forced_grammar(lm.tokenizer, tools, sp.tool_choice)
+                if sp.grammar is None:
+                    raise ValueError(
+                        "tool_choice: a forced call is not supported for this model's syntax"
+                    )
+                params = {**params, "grammar": sp.grammar}  # (for a split's last stage)
+            return sp, sampler_for(lm, sp), params
+        except ValueError as e:
+            raise EngineError(400, "invalid_params", str(e)) from None
+
+    def _kv_need(self, lm: LoadedModel, prompt: int, max_tokens: int) -> int:
+        """The KV bytes a request may come to hold, or EngineError past the budget."""
+        need = (prompt + min(max_tokens, lm.context - prompt)) * kv_bytes_per_token(lm.model)
+        cap = min(self.kv_budget, lm.kv_cap if lm.kv_cap is not None else self.kv_budget)
+        if need > cap:
+            where = "the node" if cap == self.kv_budget else "the instance's tightest stage"
+            raise EngineError(
+                400,
+                "kv_budget_exceeded",
+                f"this request needs {need >> 20} MiB of KV cache; {where} allows {cap >> 20} MiB",
+            )
+        return need
 
     def _admit(self) -> None:
         from mlx_lm.models.cache import KVCache
