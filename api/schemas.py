@@ -54,12 +54,6 @@ class ResponseFormat(BaseModel):
 NOT_YET: dict[str, tuple[Any, ...]] = {
     "logprobs": (False, 0),
     "top_logprobs": (0,),
-    "logit_bias": ({},),
-    "presence_penalty": (0, 0.0),
-    "frequency_penalty": (0, 0.0),
-    "repetition_penalty": (1, 1.0),
-    "top_k": (-1, 0),
-    "min_p": (0, 0.0),
     "best_of": (1,),
     "echo": (False,),
     "suffix": ("",),
@@ -85,6 +79,13 @@ class Sampling(BaseModel):
     # vLLM's extension: keep generating past the end-of-sequence token (benchmarks).
     ignore_eos: bool | None = False
     response_format: ResponseFormat | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    # vLLM's extensions
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
+    top_k: int | None = Field(default=None, ge=-1, le=1 << 20)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    logit_bias: dict[str, float] | None = Field(default=None, max_length=300)
 
     @field_validator("stop")
     @classmethod
@@ -94,6 +95,15 @@ class Sampling(BaseModel):
         if any(len(s) > 1024 for s in ([v] if isinstance(v, str) else v or [])):
             raise ValueError("a stop sequence is at most 1024 characters")
         return v
+
+    def bias(self) -> dict[int, float]:
+        """OpenAI's logit_bias (token ids as strings, -100..100)."""
+        out: dict[int, float] = {}
+        for k, v in (self.logit_bias or {}).items():
+            if not k.isdigit() or not -100 <= v <= 100:
+                raise ValueError("logit_bias maps token ids to biases in [-100, 100]")
+            out[int(k)] = v
+        return out
 
     def unsupported(self) -> str | None:
         """A field asking for what this server does not do yet (set to anything
@@ -114,6 +124,12 @@ class Sampling(BaseModel):
             ignore_eos=bool(self.ignore_eos),
             stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
             json_schema=self.response_format.schema_text() if self.response_format else None,
+            top_k=max(self.top_k or 0, 0),
+            min_p=self.min_p or 0.0,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=self.repetition_penalty or 1.0,
+            logit_bias=self.bias(),
         )
         if max_tokens is not None:
             sp.max_tokens = max_tokens

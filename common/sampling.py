@@ -32,6 +32,18 @@ class SamplingParams(Struct, forbid_unknown_fields=False):
     # (nodes/engine/tools.py) and a split model's last stage follows.
     tool_choice: Annotated[str, Meta(max_length=256)] | None = None
     grammar: Annotated[str, Meta(max_length=256 * 1024)] | None = None
+    # Off at their defaults. Penalties count the tokens generated so far (OpenAI's
+    # presence and frequency; repetition divides a seen token's positive logit).
+    top_k: Annotated[int, Meta(ge=0, le=1 << 20)] = 0
+    min_p: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.0
+    presence_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] = 0.0
+    frequency_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] = 0.0
+    repetition_penalty: Annotated[float, Meta(gt=0.0, le=10.0)] = 1.0
+    # token id -> bias added to its logit, as OpenAI's logit_bias
+    logit_bias: Annotated[
+        dict[Annotated[int, Meta(ge=0, le=1 << 24)], Annotated[float, Meta(ge=-100, le=100)]],
+        Meta(max_length=300),
+    ] = {}
 
     def wire(self) -> dict[str, Any]:
         out: dict[str, Any] = msgspec.to_builtins(self)

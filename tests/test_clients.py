@@ -58,8 +58,8 @@ def test_ollama_refuses_what_it_cannot_honour_and_unknown_models(cluster: Any) -
     client = ollama.Client(host=cluster.url, headers=cluster.api_headers())
     turns = [{"role": "user", "content": ASK}]
     with pytest.raises(ollama.ResponseError) as e:
-        client.chat(model=TINY, messages=turns, options={"top_k": 5})
-    assert e.value.status_code == 400 and "top_k" in e.value.error
+        client.chat(model=TINY, messages=turns, options={"mirostat": 2})
+    assert e.value.status_code == 400 and "mirostat" in e.value.error
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
     with pytest.raises(ollama.ResponseError) as e:
         client.chat(model=TINY, messages=turns, tools=[tool])
@@ -101,9 +101,11 @@ def test_anthropic_errors_come_in_anthropics_shape(cluster: Any) -> None:
     )
     turns: Any = [{"role": "user", "content": ASK}]
     with pytest.raises(anthropic.BadRequestError) as e:
-        client.messages.create(model=TINY, max_tokens=8, messages=turns, extra_body={"top_k": 5})
+        client.messages.create(
+            model=TINY, max_tokens=8, messages=turns, extra_body={"thinking": {"type": "enabled"}}
+        )
     assert e.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
-    assert "top_k" in e.value.body["error"]["message"]  # type: ignore[index]
+    assert "thinking" in e.value.body["error"]["message"]  # type: ignore[index]
     with pytest.raises(anthropic.NotFoundError) as nf:
         client.messages.create(model="nobody/nothing", max_tokens=8, messages=turns)
     assert nf.value.body["error"]["type"] == "not_found_error"  # type: ignore[index]
@@ -289,7 +291,7 @@ def test_a_tool_choice_naming_no_tool_is_a_400(cluster: Any) -> None:
 def test_a_sampling_field_not_honoured_yet_is_refused_by_name_not_ignored(cluster: Any) -> None:
     client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="none", max_retries=0)
     turns: Any = [{"role": "user", "content": "x"}]
-    for field, value in (("logprobs", True), ("presence_penalty", 0.5), ("logit_bias", {"5": 10})):
+    for field, value in (("logprobs", True), ("top_logprobs", 2)):
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(
                 model=TINY, messages=turns, max_tokens=2, **{field: value}
@@ -475,3 +477,30 @@ def test_metrics_in_prometheus_text_with_vllms_names_and_the_clusters(cluster: A
     assert any(s.labels["model_name"] == TINY and s.value >= 1 for s in e2e)
     generated = families["vllm:generation_tokens"].samples
     assert any(s.labels.get("model_name") == TINY and s.value >= 4 for s in generated)
+
+
+def test_logit_bias_and_penalties_steer_the_tokens(cluster: Any) -> None:
+    client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="none", max_retries=0)
+    r = client.completions.create(
+        model=TINY,
+        prompt="Once",
+        max_tokens=6,
+        temperature=0,
+        logit_bias={"300": 100},
+        extra_body={"return_token_ids": True, "ignore_eos": True},
+    )
+    assert r.choices[0].model_extra["token_ids"] == [300] * 6  # type: ignore[index]
+    # a frequency penalty as strong as it goes: greedy never repeats a token here
+    r = client.completions.create(
+        model=TINY,
+        prompt="Once",
+        max_tokens=12,
+        temperature=0,
+        frequency_penalty=2.0,
+        extra_body={"return_token_ids": True, "ignore_eos": True, "top_k": 5, "min_p": 0.01},
+    )
+    ids = r.choices[0].model_extra["token_ids"]  # type: ignore[index]
+    assert len(ids) == 12
+    ol = ollama.Client(host=cluster.url, headers=cluster.api_headers())
+    got = ol.generate(model=TINY, prompt="Once", raw=True, options={"num_predict": 4, "top_k": 1})
+    assert got.done

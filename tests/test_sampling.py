@@ -46,3 +46,19 @@ def test_top_p_keeps_only_the_nucleus() -> None:
     s = Sampler(SamplingParams(temperature=1.0, top_p=0.8, seed=1))
     seen = {s(logits).item() for _ in range(200)}
     assert seen == {0, 1}
+
+
+def test_penalties_bias_top_k_and_min_p_change_what_is_sampled() -> None:
+    logits = mx.array([0.0, 3.0, 2.5, 1.0, -1.0])
+    biased = Sampler(SamplingParams(temperature=0, logit_bias={4: 100.0}))
+    assert biased.own and biased(logits).item() == 4
+    pen = Sampler(SamplingParams(temperature=0, frequency_penalty=2.0))
+    assert pen(logits).item() == 1
+    pen.accept(1)  # 3.0 - 2 = 1.0 < 2.5
+    assert pen(logits).item() == 2
+    rep = Sampler(SamplingParams(temperature=0, repetition_penalty=2.0))
+    rep.accept(1)  # 3.0 / 2 = 1.5 < 2.5
+    assert rep(logits).item() == 2
+    for seed in range(5):  # top_k 1 and min_p 1: only the best token can be drawn
+        assert Sampler(SamplingParams(temperature=1.0, top_k=1, seed=seed))(logits).item() == 1
+        assert Sampler(SamplingParams(temperature=1.0, min_p=1.0, seed=seed))(logits).item() == 1

@@ -1,8 +1,8 @@
 """Anthropic's face: the Messages API (`POST /v1/messages`), as the anthropic SDK
 and tools built on it speak it: system prompts, stop sequences, streaming events
 (message_start, content_block_*, ping, message_delta, message_stop) and errors in
-Anthropic's shape. A field the engine cannot honour (`top_k`, tools, images,
-thinking, for now) is a 400 naming it, never ignored.
+Anthropic's shape. A field the engine cannot honour (tools, images, thinking,
+for now) is a 400 naming it, never ignored.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def parse(body: Any) -> tuple[str, list[dict[str, str]], dict[str, Any], bool]:
     """-> model, chat turns, sampling parameters, stream; or Refused."""
     if not isinstance(body, dict):
         raise Refused("the body must be an object")
-    for field in ("tools", "tool_choice", "thinking", "top_k"):
+    for field in ("tools", "tool_choice", "thinking"):
         if body.get(field) is not None:
             raise Refused(f"{field}: not supported by this server yet")
     model, max_tokens = body.get("model"), body.get("max_tokens")
@@ -91,6 +91,7 @@ def parse(body: Any) -> tuple[str, list[dict[str, str]], dict[str, Any], bool]:
     for ours, theirs in (
         ("temperature", "temperature"),
         ("top_p", "top_p"),
+        ("top_k", "top_k"),
         ("stop", "stop_sequences"),
     ):
         if body.get(theirs) is not None:

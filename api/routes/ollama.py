@@ -30,7 +30,17 @@ from exo.common.sampling import SamplingParams
 router = APIRouter()
 
 VERSION = "0.6.3"  # the Ollama API this face follows
-MAPPED = {"temperature": "temperature", "top_p": "top_p", "seed": "seed", "stop": "stop"}
+MAPPED = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "seed": "seed",
+    "stop": "stop",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+    "repeat_penalty": "repetition_penalty",
+}
 # The cluster decides these (placement, the engine's batching): accepted, not applied.
 RUNTIME = {
     "num_ctx", "num_batch", "num_gpu", "main_gpu", "use_mmap", "use_mlock", "num_thread",

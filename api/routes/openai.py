@@ -122,7 +122,8 @@ async def run(
         if tool_choice is not None:
             params["tool_choice"] = tool_choice
     except ValueError as e:
-        return error_response(400, str(e), param="response_format")
+        param = "logit_bias" if "logit_bias" in str(e) else "response_format"
+        return error_response(400, str(e), param=param)
     async with submitted(request, kind, body.model, payload, params, timeout_s) as job:
         job.token_ids = bool(body.return_token_ids)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

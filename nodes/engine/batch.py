@@ -164,9 +164,7 @@ R = TypeVar("R", bound=Row)
 
 def sample_rows(rows: list[R], logits: mx.array) -> list[tuple[list[R], mx.array]]:
     """Greedy rows share one argmax over the batch; sampled rows draw with their own key."""
-    greedy = [
-        i for i, r in enumerate(rows) if r.sampler.temperature <= 0 and r.sampler.constraint is None
-    ]
+    greedy = [i for i, r in enumerate(rows) if r.sampler.temperature <= 0 and not r.sampler.own]
     out: list[tuple[list[R], mx.array]] = []
     if len(greedy) == len(rows):
         return [(rows, mx.argmax(logits, axis=-1))]

@@ -19,20 +19,36 @@ class Sampler:
     def __init__(self, params: SamplingParams, constraint: Any = None) -> None:
         # grammar.Constraint: the tokens a structured output allows (None: any)
         self.constraint = constraint
+        self.params = params
         self.temperature = params.temperature
         self.top_p = params.top_p
+        p = params
+        # Per-row work before sampling: never one argmax for the whole batch.
+        self.own = constraint is not None or bool(
+            p.top_k or p.min_p or p.presence_penalty or p.frequency_penalty
+            or p.repetition_penalty != 1.0 or p.logit_bias
+        )  # fmt: skip
+        self.seen: dict[int, int] = {}  # generated token -> times, for the penalties
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
         # OpenAI's seeds are signed 64-bit; MLX's keys take unsigned ones.
         self.key = mx.random.key(seed % (1 << 64))
 
     def __call__(self, logits: mx.array) -> mx.array:
         """logits: [vocab] (last position) -> token id as a 0-d array."""
+        logits = self.adjusted(logits.astype(mx.float32))
         if self.constraint is not None:
             logits = self.constraint.apply(logits)
         if self.temperature <= 0:
             return mx.argmax(logits, axis=-1)
         self.key, sub = mx.random.split(self.key)
-        logits = logits.astype(mx.float32) / self.temperature
+        logits = logits / self.temperature
+        p = self.params
+        if p.top_k and p.top_k < logits.shape[-1]:
+            kth = mx.sort(logits)[-p.top_k]
+            logits = mx.where(logits >= kth, logits, -mx.inf)
+        if p.min_p > 0:
+            probs = mx.softmax(logits, axis=-1)
+            logits = mx.where(probs >= p.min_p * probs.max(), logits, -mx.inf)
         if self.top_p < 1.0:
             probs = mx.softmax(logits, axis=-1)
             order = mx.argsort(-probs, axis=-1)
@@ -44,10 +60,29 @@ class Sampler:
             logits = mx.where(keep, logits, -mx.inf)
         return mx.random.categorical(logits, key=sub)
 
+    def adjusted(self, logits: mx.array) -> mx.array:
+        """The logit bias and the penalties, over what this request generated."""
+        p = self.params
+        if p.logit_bias:
+            ids = [t for t in p.logit_bias if t < logits.shape[-1]]
+            if ids:
+                bias = mx.array([p.logit_bias[t] for t in ids], dtype=mx.float32)
+                logits = logits.at[mx.array(ids)].add(bias)
+        if self.seen and (p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1):
+            ids = mx.array(list(self.seen))
+            counts = mx.array(list(self.seen.values()), dtype=mx.float32)
+            got = logits[ids]
+            if p.repetition_penalty != 1:
+                got = mx.where(got > 0, got / p.repetition_penalty, got * p.repetition_penalty)
+            got = got - p.presence_penalty - p.frequency_penalty * counts
+            logits = logits.at[ids].add(got - logits[ids])
+        return logits
+
     def accept(self, token: int) -> None:
-        """The token this request got: its grammar moves on."""
+        """The token this request got: its grammar moves on, the penalties count it."""
         if self.constraint is not None:
             self.constraint.accept(token)
+        self.seen[token] = self.seen.get(token, 0) + 1
 
 
 def sampler_for(lm: Any, params: SamplingParams) -> Sampler:
