@@ -60,6 +60,7 @@ class Job:
         first: bool = False,
         ids: list[int] | None = None,
         reasoning: str = "",
+        logprobs: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
         if self.kind == "chat":
             delta: dict[str, Any] = {}
@@ -81,7 +82,26 @@ class Job:
             obj = "text_completion"
         if self.token_ids and ids is not None:
             choice["token_ids"] = ids
+        if logprobs:
+            choice["logprobs"] = self.logprobs(logprobs)
         return self.envelope(obj, choice)
+
+    def logprobs(self, entries: list[dict[str, Any]]) -> dict[str, Any]:
+        """OpenAI's logprobs: chat's `content` entries, or completions' columns."""
+        if self.kind == "chat":
+            return {"content": entries, "refusal": None}
+        offsets, at = [], 0
+        for e in entries:
+            offsets.append(at)
+            at += len(e["token"])
+        return {
+            "tokens": [e["token"] for e in entries],
+            "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [
+                {t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries
+            ],
+            "text_offset": offsets,
+        }
 
     def envelope(self, obj: str, choice: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -106,6 +126,7 @@ class Job:
         usage: dict[str, int] | None,
         ids: list[int],
         tool_calls: list[dict[str, Any]] | None = None,
+        logprobs: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
         if self.kind == "chat":
             message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
@@ -124,6 +145,8 @@ class Job:
             obj = "text_completion"
         if self.token_ids:
             choice["token_ids"] = ids
+        if logprobs:
+            choice["logprobs"] = self.logprobs(logprobs)
         return {**self.envelope(obj, choice), "usage": usage}
 
 

@@ -37,6 +37,7 @@ class Text:
     text: str
     ids: list[int]
     reasoning: str = ""  # a thinking model's thoughts, apart from its text
+    logprobs: list[dict[str, Any]] | None = None  # per token, when asked
 
 
 @dataclass
@@ -45,6 +46,7 @@ class Done:
     usage: dict[str, Any] | None
     tool_calls: list[dict[str, Any]] | None = None
     reasoning: str = ""  # collect(): all of the request's thoughts
+    logprobs: list[dict[str, Any]] | None = None  # collect(): every token's, when asked
 
 
 @dataclass
@@ -141,7 +143,7 @@ class Replier:
                     continue
                 self.timed(job, msg)
                 if msg.text or msg.ids or msg.reasoning:
-                    yield Text(msg.text, msg.ids, msg.reasoning)
+                    yield Text(msg.text, msg.ids, msg.reasoning, msg.logprobs)
                 if msg.finish:
                     finished = True
                     yield Done(msg.finish, msg.usage, msg.tool_calls)
@@ -175,6 +177,7 @@ class Replier:
         parts: list[str] = []
         thoughts: list[str] = []
         ids: list[int] = []
+        logprobs: list[dict[str, Any]] = []
         async for ev in self.events(job):
             if isinstance(ev, P.Fail):
                 return ev
@@ -182,7 +185,10 @@ class Replier:
                 parts.append(ev.text)
                 thoughts.append(ev.reasoning)
                 ids.extend(ev.ids)
+                if ev.logprobs is not None:
+                    logprobs.extend(ev.logprobs)
             elif isinstance(ev, Done):
                 ev.reasoning = "".join(thoughts)
+                ev.logprobs = logprobs or None
                 return "".join(parts), ids, ev
         return None

@@ -52,8 +52,6 @@ class ResponseFormat(BaseModel):
 # OpenAI's (and vLLM's) sampling fields the engine does not honour yet, with the
 # values that ask for nothing (LangChain and others send penalties of 0).
 NOT_YET: dict[str, tuple[Any, ...]] = {
-    "logprobs": (False, 0),
-    "top_logprobs": (0,),
     "best_of": (1,),
     "echo": (False,),
     "suffix": ("",),
@@ -96,6 +94,11 @@ class Sampling(BaseModel):
             raise ValueError("a stop sequence is at most 1024 characters")
         return v
 
+    def wanted_logprobs(self) -> int | None:
+        """How many likeliest tokens' log probabilities to return beside the
+        sampled one's (None: none at all). Chat and completions ask differently."""
+        return None
+
     def bias(self) -> dict[int, float]:
         """OpenAI's logit_bias (token ids as strings, -100..100)."""
         out: dict[int, float] = {}
@@ -130,6 +133,7 @@ class Sampling(BaseModel):
             frequency_penalty=self.frequency_penalty or 0.0,
             repetition_penalty=self.repetition_penalty or 1.0,
             logit_bias=self.bias(),
+            logprobs=self.wanted_logprobs(),
         )
         if max_tokens is not None:
             sp.max_tokens = max_tokens
@@ -228,6 +232,16 @@ class ChatRequest(Sampling):
     tools: list[Tool] | None = Field(default=None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedChoice | None = None
     parallel_tool_calls: bool | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    def wanted_logprobs(self) -> int | None:
+        if not self.logprobs:
+            if self.top_logprobs:
+                raise ValueError("top_logprobs needs logprobs: true")
+            return None
+        return self.top_logprobs or 0
+
     # vLLM's extension: the chat template's own switches (`enable_thinking`...)
     chat_template_kwargs: dict[str, bool | int | float | str] | None = Field(
         default=None, max_length=16
@@ -267,6 +281,10 @@ class ChatRequest(Sampling):
 class CompletionRequest(Sampling):
     prompt: str | list[str] | list[int]
     echo: bool | None = False
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+
+    def wanted_logprobs(self) -> int | None:
+        return self.logprobs
 
     def payload(self) -> str | list[int]:
         if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str):

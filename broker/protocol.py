@@ -216,6 +216,7 @@ class Tokens(Msg, tag="TOKENS"):
     seq: int = 0
     tool_calls: list[Map] | None = None  # with the last: the calls, OpenAI's shape
     reasoning: str = ""  # a thinking model's thoughts, apart from its text
+    logprobs: list[Map] | None = None  # per token, when asked: OpenAI's entries
 
 
 class Fail(Msg, tag="FAIL"):

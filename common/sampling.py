@@ -39,6 +39,8 @@ class SamplingParams(Struct, forbid_unknown_fields=False):
     presence_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] = 0.0
     frequency_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] = 0.0
     repetition_penalty: Annotated[float, Meta(gt=0.0, le=10.0)] = 1.0
+    # log probabilities: None off; N: the sampled token's and the N likeliest (0-20)
+    logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
     # token id -> bias added to its logit, as OpenAI's logit_bias
     logit_bias: Annotated[
         dict[Annotated[int, Meta(ge=0, le=1 << 24)], Annotated[float, Meta(ge=-100, le=100)]],

@@ -290,6 +290,7 @@ class Node:
                 seq=seq,
                 tool_calls=out.tool_calls,
                 reasoning=out.reasoning,
+                logprobs=out.logprobs,
             )
             self.send(tokens)
         if len(self.seq) > 4 * len(self.engine.requests) + 64:

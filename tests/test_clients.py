@@ -291,12 +291,12 @@ def test_a_tool_choice_naming_no_tool_is_a_400(cluster: Any) -> None:
 def test_a_sampling_field_not_honoured_yet_is_refused_by_name_not_ignored(cluster: Any) -> None:
     client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="none", max_retries=0)
     turns: Any = [{"role": "user", "content": "x"}]
-    for field, value in (("logprobs", True), ("top_logprobs", 2)):
-        with pytest.raises(openai.BadRequestError) as e:
-            client.chat.completions.create(
-                model=TINY, messages=turns, max_tokens=2, **{field: value}
-            )
-        assert e.value.body["param"] == field, e.value.body  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as e:  # top_logprobs without logprobs
+        client.chat.completions.create(model=TINY, messages=turns, max_tokens=2, top_logprobs=2)
+    assert e.value.body["param"] == "top_logprobs", e.value.body  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=TINY, prompt="x", max_tokens=2, suffix="end")
+    assert e.value.body["param"] == "suffix", e.value.body  # type: ignore[index]
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=TINY, prompt="x", max_tokens=2, echo=True)
     # what asks for nothing is fine (LangChain sends penalties of 0)
@@ -504,3 +504,52 @@ def test_logit_bias_and_penalties_steer_the_tokens(cluster: Any) -> None:
     ol = ollama.Client(host=cluster.url, headers=cluster.api_headers())
     got = ol.generate(model=TINY, prompt="Once", raw=True, options={"num_predict": 4, "top_k": 1})
     assert got.done
+
+
+def test_logprobs_for_chat_and_completions_streamed_or_not(cluster: Any) -> None:
+    import math
+
+    client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="none", max_retries=0)
+    turns: Any = [{"role": "user", "content": ASK}]
+    r = client.chat.completions.create(
+        model=TINY,
+        messages=turns,
+        max_tokens=5,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+        extra_body={"ignore_eos": True},
+    )
+    content = r.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content is not None and len(content) == 5
+    for e in content:
+        assert e.logprob <= 0 and len(e.top_logprobs) == 3
+        # greedy: the sampled token is the likeliest one
+        assert math.isclose(e.logprob, e.top_logprobs[0].logprob, abs_tol=1e-4)
+    # (a token may be part of a character: its text alone is not the content's)
+    streamed = [
+        e
+        for c in client.chat.completions.create(
+            model=TINY,
+            messages=turns,
+            max_tokens=5,
+            temperature=0,
+            logprobs=True,
+            extra_body={"ignore_eos": True},
+            stream=True,
+        )
+        if c.choices and c.choices[0].logprobs
+        for e in c.choices[0].logprobs.content or []
+    ]
+    assert [e.token for e in streamed] == [e.token for e in content]
+    comp = client.completions.create(
+        model=TINY,
+        prompt="Once",
+        max_tokens=4,
+        temperature=0,
+        logprobs=2,
+        extra_body={"ignore_eos": True},
+    )
+    lp = comp.choices[0].logprobs
+    assert lp is not None and lp.tokens is not None and len(lp.tokens) == 4
+    assert lp.top_logprobs is not None and all(len(t) <= 2 for t in lp.top_logprobs)

@@ -122,7 +122,8 @@ async def run(
         if tool_choice is not None:
             params["tool_choice"] = tool_choice
     except ValueError as e:
-        param = "logit_bias" if "logit_bias" in str(e) else "response_format"
+        known = ("logit_bias", "top_logprobs")
+        param = next((k for k in known if k in str(e)), "response_format")
         return error_response(400, str(e), param=param)
     async with submitted(request, kind, body.model, payload, params, timeout_s) as job:
         job.token_ids = bool(body.return_token_ids)
@@ -152,7 +153,7 @@ async def respond(
     if isinstance(got, P.Fail):
         return failed(got, headers)
     text, ids, done = got
-    whole = job.whole(text, done.finish, done.usage, ids, done.tool_calls)
+    whole = job.whole(text, done.finish, done.usage, ids, done.tool_calls, done.logprobs)
     if done.reasoning and job.kind == "chat":
         whole["choices"][0]["message"]["reasoning_content"] = done.reasoning
     if extra is not None:
@@ -179,8 +180,8 @@ async def sse_stream(
             elif isinstance(ev, Text):
                 if ev.reasoning:
                     yield sse(job.chunk(None, reasoning=ev.reasoning))
-                if ev.text or (job.token_ids and ev.ids):
-                    yield sse(job.chunk(ev.text, ids=ev.ids))
+                if ev.text or (job.token_ids and ev.ids) or ev.logprobs:
+                    yield sse(job.chunk(ev.text, ids=ev.ids, logprobs=ev.logprobs))
             else:
                 if ev.tool_calls:
                     yield sse(job.calls_chunk(ev.tool_calls))

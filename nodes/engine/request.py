@@ -79,6 +79,15 @@ class Request:
             return 0
         return sum(c.nbytes for c in self.cache if getattr(c, "keys", None) is not None)
 
+    def logprob(self, token: int, lp: float, top: list[tuple[int, float]]) -> dict[str, Any]:
+        """OpenAI's entry for one token (chat's shape; the API reshapes completions')."""
+        name = self.lm.tokenizer.decode
+        return {
+            "token": name([token]),
+            "logprob": lp,
+            "top_logprobs": [{"token": name([t]), "logprob": v} for t, v in top],
+        }
+
     def emit(self, token: int) -> Output:
         """This request's next token: its text so far (held back where a stop
         sequence may be starting), and whether it finishes here."""
@@ -122,6 +131,8 @@ class Request:
                 text += rest
                 finish = "tool_calls" if calls else finish
         out = Output(self.rid, ids, text, finish, tool_calls=calls or None, reasoning=reasoning)
+        if self.params.logprobs is not None:
+            out.logprobs = [self.logprob(t, lp, top) for t, lp, top in self.sampler.take_logprobs()]
         if finish:
             self.finish = finish
             out.usage = {
@@ -149,6 +160,7 @@ class Output:
     usage: dict[str, int] | None = None
     tool_calls: list[dict[str, Any]] | None = None
     reasoning: str = ""  # a thinking model's thoughts in this step
+    logprobs: list[dict[str, Any]] | None = None  # per token sampled, when asked
 
 
 def thinking_markers(lm: LoadedModel, prompt: list[int]) -> tuple[tuple[int, int] | None, bool]:

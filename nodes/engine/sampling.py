@@ -24,18 +24,23 @@ class Sampler:
         self.top_p = params.top_p
         p = params
         # Per-row work before sampling: never one argmax for the whole batch.
-        self.own = constraint is not None or bool(
+        self.own = constraint is not None or p.logprobs is not None or bool(
             p.top_k or p.min_p or p.presence_penalty or p.frequency_penalty
             or p.repetition_penalty != 1.0 or p.logit_bias
         )  # fmt: skip
         self.seen: dict[int, int] = {}  # generated token -> times, for the penalties
+        self.pending: mx.array | None = None  # the model's log probabilities, this step
+        self.logprobs: list[tuple[int, float, list[tuple[int, float]]]] = []
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
         # OpenAI's seeds are signed 64-bit; MLX's keys take unsigned ones.
         self.key = mx.random.key(seed % (1 << 64))
 
     def __call__(self, logits: mx.array) -> mx.array:
         """logits: [vocab] (last position) -> token id as a 0-d array."""
-        logits = self.adjusted(logits.astype(mx.float32))
+        logits = logits.astype(mx.float32)
+        if self.params.logprobs is not None:  # the model's own, as vLLM reports them
+            self.pending = logits - mx.logsumexp(logits, axis=-1)
+        logits = self.adjusted(logits)
         if self.constraint is not None:
             logits = self.constraint.apply(logits)
         if self.temperature <= 0:
@@ -83,6 +88,17 @@ class Sampler:
         if self.constraint is not None:
             self.constraint.accept(token)
         self.seen[token] = self.seen.get(token, 0) + 1
+        if self.pending is not None:
+            lp, self.pending = self.pending, None
+            n = self.params.logprobs or 0
+            top = mx.argsort(-lp)[:n].tolist() if n else []
+            values = lp[mx.array([token, *top])].tolist()
+            self.logprobs.append((token, values[0], list(zip(top, values[1:], strict=True))))
+
+    def take_logprobs(self) -> list[tuple[int, float, list[tuple[int, float]]]]:
+        """(token, its log probability, the likeliest tokens') since the last take."""
+        out, self.logprobs = self.logprobs, []
+        return out
 
 
 def sampler_for(lm: Any, params: SamplingParams) -> Sampler:
