@@ -60,10 +60,9 @@ def test_ollama_refuses_what_it_cannot_honour_and_unknown_models(cluster: Any) -
     with pytest.raises(ollama.ResponseError) as e:
         client.chat(model=TINY, messages=turns, options={"mirostat": 2})
     assert e.value.status_code == 400 and "mirostat" in e.value.error
-    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
     with pytest.raises(ollama.ResponseError) as e:
-        client.chat(model=TINY, messages=turns, tools=[tool])
-    assert e.value.status_code == 400 and "tools" in e.value.error
+        client.chat(model=TINY, messages=[{"role": "user", "content": "x", "images": ["aGk="]}])
+    assert e.value.status_code == 400 and "images" in e.value.error
     with pytest.raises(ollama.ResponseError) as e:
         client.chat(model="nobody/nothing", messages=turns)
     assert e.value.status_code == 404
@@ -553,3 +552,22 @@ def test_logprobs_for_chat_and_completions_streamed_or_not(cluster: Any) -> None
     lp = comp.choices[0].logprobs
     assert lp is not None and lp.tokens is not None and len(lp.tokens) == 4
     assert lp.top_logprobs is not None and all(len(t) <= 2 for t in lp.top_logprobs)
+
+
+def test_ollama_takes_tools_and_a_tool_history(cluster: Any) -> None:
+    client = ollama.Client(host=cluster.url, headers=cluster.api_headers())
+    history: Any = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}],
+        },
+        {"role": "tool", "content": "sunny"},
+    ]
+    got = client.chat(
+        model=TOOLS_MODEL, messages=history, tools=[WEATHER], options={"num_predict": 8, "seed": 1}
+    )
+    assert got.done and got.message.role == "assistant"
+    for call in got.message.tool_calls or []:  # (a random model rarely calls)
+        assert call.function.name in ("get_weather",) and isinstance(call.function.arguments, dict)

@@ -69,7 +69,7 @@ def model_name(body: dict[str, Any]) -> str:
 
 def params(body: dict[str, Any]) -> dict[str, Any]:
     """Ollama's options -> the internal sampling parameters, or Refused."""
-    for field in ("tools", "images", "suffix", "template"):
+    for field in ("images", "suffix", "template"):
         if body.get(field):
             raise Refused(f"'{field}' is not supported by this server yet")
     options = body.get("options") or {}
@@ -97,21 +97,41 @@ def params(body: dict[str, Any]) -> dict[str, Any]:
         raise Refused(f"options: {e}") from None
 
 
-def messages(body: dict[str, Any]) -> list[dict[str, str]]:
+def messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """Ollama's messages as chat templates take them (tool calls' arguments objects)."""
     msgs = body.get("messages")
     if not isinstance(msgs, list):
         raise Refused("messages must be a list")
-    out = []
+    out: list[dict[str, Any]] = []
     for m in msgs:
         if not isinstance(m, dict) or not isinstance(m.get("content", ""), str):
             raise Refused("each message is {role, content}")
-        if m.get("images") or m.get("tool_calls"):
-            raise Refused("images and tool calls are not supported by this server yet")
+        if m.get("images"):
+            raise Refused("images are not supported by this server yet")
         role = m.get("role")
         if role not in ("system", "user", "assistant", "tool"):
             raise Refused(f"unknown role {role!r}")
-        out.append({"role": str(role), "content": m.get("content", "")})
+        turn: dict[str, Any] = {"role": str(role), "content": m.get("content", "")}
+        calls = m.get("tool_calls") or []
+        if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
+            raise Refused("tool_calls must be a list of calls")
+        if calls:
+            turn["tool_calls"] = [
+                {"type": "function", "function": dict(c.get("function") or {})} for c in calls
+            ]
+        out.append(turn)
     return out
+
+
+def tools_of(body: dict[str, Any]) -> list[dict[str, Any]] | None:
+    tools = body.get("tools")
+    if not tools:
+        return None
+    if not isinstance(tools, list) or not all(
+        isinstance(t, dict) and isinstance(t.get("function"), dict) for t in tools
+    ):
+        raise Refused("tools must be a list of {type: function, function}")
+    return [{"type": "function", "function": t["function"]} for t in tools]
 
 
 async def body_of(request: Request) -> dict[str, Any]:
@@ -218,8 +238,16 @@ async def chat(request: Request) -> Any:
         name, p, payload = model_name(body), params(body), messages(body)
     except Refused as e:
         return error(400, str(e))
-    if isinstance(body.get("think"), bool):  # the template's switch, where it has one
-        payload = {"messages": payload, "template": {"enable_thinking": body["think"]}}
+    try:
+        tools = tools_of(body)
+    except Refused as e:
+        return error(400, str(e))
+    if tools or isinstance(body.get("think"), bool):
+        payload = {"messages": payload}
+        if tools:
+            payload["tools"] = tools
+        if isinstance(body.get("think"), bool):  # the template's switch, where it has one
+            payload["template"] = {"enable_thinking": body["think"]}
     return await answer(request, body, "chat", name, payload, p, "message")
 
 
@@ -273,16 +301,29 @@ async def answer(
         if isinstance(got, P.Fail):
             return error(got.status, got.message)
         text, _, done = got
-        return {**piece(job, field, text, done.reasoning), **last(done, t0)}
+        return {**piece(job, field, text, done.reasoning, done.tool_calls), **last(done, t0)}
 
 
-def piece(job: Job, field: str, text: str, thinking: str = "") -> dict[str, Any]:
-    """One line: the text, and a thinking model's thoughts as Ollama's `thinking`."""
+def piece(
+    job: Job, field: str, text: str, thinking: str = "", calls: list[Any] | None = None
+) -> dict[str, Any]:
+    """One line: the text, a thinking model's thoughts as Ollama's `thinking`, and
+    tool calls as Ollama gives them (arguments as objects)."""
     out: dict[str, Any] = {"model": job.model, "created_at": now_iso(), "done": False}
     if field == "message":
         out["message"] = {"role": "assistant", "content": text}
         if thinking:
             out["message"]["thinking"] = thinking
+        if calls:
+            out["message"]["tool_calls"] = [
+                {
+                    "function": {
+                        "name": c["function"]["name"],
+                        "arguments": json.loads(c["function"]["arguments"]),
+                    }
+                }
+                for c in calls
+            ]
     else:
         out["response"] = text
         if thinking:
@@ -316,5 +357,5 @@ async def lines(
             elif isinstance(ev, P.Fail):
                 yield (json.dumps({"error": ev.message}) + "\n").encode()
             elif isinstance(ev, Done):
-                out = {**piece(job, field, ""), **last(ev, t0)}
+                out = {**piece(job, field, "", calls=ev.tool_calls), **last(ev, t0)}
                 yield (json.dumps(out) + "\n").encode()
