@@ -571,3 +571,41 @@ def test_ollama_takes_tools_and_a_tool_history(cluster: Any) -> None:
     assert got.done and got.message.role == "assistant"
     for call in got.message.tool_calls or []:  # (a random model rarely calls)
         assert call.function.name in ("get_weather",) and isinstance(call.function.arguments, dict)
+
+
+def test_anthropic_tool_use_forced_streamed_and_round_trip(cluster: Any) -> None:
+    client = anthropic.Anthropic(
+        base_url=cluster.url, api_key="none", max_retries=0, default_headers=cluster.api_headers()
+    )
+    tool: Any = {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "input_schema": WEATHER["function"]["parameters"],
+    }
+    turns: Any = [{"role": "user", "content": "Weather in Paris?"}]
+    forced: Any = {"type": "tool", "name": "get_weather"}
+    msg = client.messages.create(
+        model=TOOLS_MODEL, max_tokens=200, messages=turns, tools=[tool], tool_choice=forced
+    )
+    assert msg.stop_reason == "tool_use"
+    (use,) = [b for b in msg.content if b.type == "tool_use"]
+    assert use.name == "get_weather" and set(use.input) == {"city"}  # type: ignore[arg-type]
+    with client.messages.stream(
+        model=TOOLS_MODEL, max_tokens=200, messages=turns, tools=[tool], tool_choice=forced
+    ) as stream:
+        final = stream.get_final_message()
+    assert final.stop_reason == "tool_use"
+    assert [b.type for b in final.content if b.type == "tool_use"] == ["tool_use"]
+    history: Any = [
+        *turns,
+        {
+            "role": "assistant",
+            "content": [{"type": "tool_use", "id": use.id, "name": use.name, "input": use.input}],
+        },
+        {
+            "role": "user",
+            "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "sunny"}],
+        },
+    ]
+    after = client.messages.create(model=TOOLS_MODEL, max_tokens=4, messages=history, tools=[tool])
+    assert after.stop_reason in ("max_tokens", "end_turn", "tool_use")

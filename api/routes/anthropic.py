@@ -23,7 +23,7 @@ from exo.common.sampling import SamplingParams
 
 router = APIRouter()
 
-STOP_REASON = {"stop": "end_turn", "length": "max_tokens"}
+STOP_REASON = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 ERROR_TYPE = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -65,13 +65,68 @@ def text_of(content: Any, where: str) -> str:
     return "".join(parts)
 
 
-def parse(body: Any) -> tuple[str, list[dict[str, str]], dict[str, Any], bool]:
-    """-> model, chat turns, sampling parameters, stream; or Refused."""
+def turns_of(m: dict[str, Any], where: str) -> list[dict[str, Any]]:
+    """One Anthropic message -> chat turns: its text, its tool_use blocks as the
+    assistant's calls, its tool_result blocks as tool turns."""
+    content = m.get("content")
+    if not isinstance(content, list):
+        return [{"role": m["role"], "content": text_of(content, where)}]
+    texts = [b for b in content if isinstance(b, dict) and b.get("type") == "text"]
+    uses = [b for b in content if isinstance(b, dict) and b.get("type") == "tool_use"]
+    results = [b for b in content if isinstance(b, dict) and b.get("type") == "tool_result"]
+    if len(texts) + len(uses) + len(results) != len(content):
+        raise Refused(f"{where}: only text, tool_use and tool_result blocks are supported")
+    out: list[dict[str, Any]] = [
+        {
+            "role": "tool",
+            "tool_call_id": str(r.get("tool_use_id", "")),
+            "content": text_of(r.get("content", ""), where),
+        }
+        for r in results
+    ]
+    if texts or uses or not results:
+        turn: dict[str, Any] = {"role": m["role"], "content": text_of(texts, where)}
+        if uses:
+            turn["tool_calls"] = [
+                {
+                    "id": u.get("id"),
+                    "type": "function",
+                    "function": {"name": u.get("name"), "arguments": u.get("input") or {}},
+                }
+                for u in uses
+            ]
+        out.append(turn)
+    return out
+
+
+def tools_of(body: dict[str, Any]) -> tuple[list[dict[str, Any]] | None, str | None]:
+    """Anthropic's tools and tool_choice -> the chat's (OpenAI's shape)."""
+    tools = body.get("tools")
+    if not tools:
+        return None, None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) and t.get("name") for t in tools):
+        raise Refused("tools: each tool needs its name")
+    fns = [
+        {"type": "function", "function": {"name": t["name"], "description": t.get("description", ""),
+                                          "parameters": t.get("input_schema") or {"type": "object"}}}
+        for t in tools
+    ]  # fmt: skip
+    choice = body.get("tool_choice") or {"type": "auto"}
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    named = {"auto": "auto", "any": "required", "none": "none"}.get(str(kind))
+    if kind == "tool":
+        named = str(choice.get("name"))
+    if named is None:
+        raise Refused("tool_choice: auto, any, tool or none")
+    return fns, named
+
+
+def parse(body: Any) -> tuple[str, Any, dict[str, Any], bool]:
+    """-> model, the chat payload, sampling parameters, stream; or Refused."""
     if not isinstance(body, dict):
         raise Refused("the body must be an object")
-    for field in ("tools", "tool_choice", "thinking"):
-        if body.get(field) is not None:
-            raise Refused(f"{field}: not supported by this server yet")
+    if body.get("thinking") is not None:
+        raise Refused("thinking: not supported by this server yet")
     model, max_tokens = body.get("model"), body.get("max_tokens")
     if not isinstance(model, str) or not model:
         raise Refused("model: a model id is required")
@@ -86,8 +141,11 @@ def parse(body: Any) -> tuple[str, list[dict[str, str]], dict[str, Any], bool]:
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
             raise Refused(f"messages.{i}: role must be user or assistant")
-        turns.append({"role": m["role"], "content": text_of(m.get("content"), f"messages.{i}")})
+        turns += turns_of(m, f"messages.{i}")
+    tools, choice = tools_of(body)
     wire: dict[str, Any] = {"max_tokens": max_tokens}
+    if tools:
+        wire["tool_choice"] = choice
     for ours, theirs in (
         ("temperature", "temperature"),
         ("top_p", "top_p"),
@@ -100,7 +158,8 @@ def parse(body: Any) -> tuple[str, list[dict[str, str]], dict[str, Any], bool]:
         params = SamplingParams.from_wire(wire).wire()
     except ValueError as e:
         raise Refused(str(e)) from None
-    return model, turns, params, body.get("stream") is True
+    payload: Any = {"messages": turns, "tools": tools} if tools else turns
+    return model, payload, params, body.get("stream") is True
 
 
 def message(mid: str, model: str, text: str | None, usage: dict[str, int]) -> dict[str, Any]:
@@ -120,10 +179,10 @@ def message(mid: str, model: str, text: str | None, usage: dict[str, int]) -> di
 async def messages(request: Request) -> Any:
     try:
         body = json.loads(await request.body() or b"null")
-        model, turns, params, stream = parse(body)
+        model, payload, params, stream = parse(body)
     except (ValueError, RecursionError) as e:
         return error(400, str(e) if isinstance(e, Refused) else "the body is not JSON")
-    async with submitted(request, "chat", model, turns, params) as job:
+    async with submitted(request, "chat", model, payload, params) as job:
         r = replier(request)
         bad = await r.open(job, stream)
         if isinstance(bad, Disconnected):
@@ -142,9 +201,17 @@ async def messages(request: Request) -> Any:
             return error(got.status, got.message)
         text, _, done = got
         usage = done.usage or {}
-        out = message(mid, model, text, tokens(usage))
+        out = message(mid, model, text or None, tokens(usage))
+        out["content"] += [tool_use(c) for c in done.tool_calls or []]
         out["stop_reason"] = STOP_REASON.get(done.finish, "end_turn")
         return out
+
+
+def tool_use(call: dict[str, Any]) -> dict[str, Any]:
+    """A call (OpenAI's shape) as Anthropic's tool_use block."""
+    fn = call["function"]
+    uid = "toolu_" + str(call["id"]).removeprefix("call_")
+    return {"type": "tool_use", "id": uid, "name": fn["name"], "input": json.loads(fn["arguments"])}
 
 
 def tokens(usage: dict[str, Any]) -> dict[str, int]:
@@ -181,6 +248,19 @@ async def events(
                 yield event("error", error_body(ev.status, ev.message))
             elif isinstance(ev, Done):
                 yield event("content_block_stop", {"type": "content_block_stop", "index": 0})
+                for i, call in enumerate(ev.tool_calls or [], start=1):
+                    use = tool_use(call)
+                    start_use = {**use, "input": {}}
+                    yield event(
+                        "content_block_start",
+                        {"type": "content_block_start", "index": i, "content_block": start_use},
+                    )
+                    delta = {"type": "input_json_delta", "partial_json": json.dumps(use["input"])}
+                    yield event(
+                        "content_block_delta",
+                        {"type": "content_block_delta", "index": i, "delta": delta},
+                    )
+                    yield event("content_block_stop", {"type": "content_block_stop", "index": i})
                 stop = {
                     "stop_reason": STOP_REASON.get(ev.finish, "end_turn"),
                     "stop_sequence": None,
