@@ -16,6 +16,7 @@ import click
 from exo.broker.main import api_options
 from exo.common import logs
 from exo.tools.bench_cli import bench
+from exo.tools.doctor import doctor
 from exo.tools.instances_cli import instances, ready_or_exit
 from exo.tools.options import models_dir_option, resolve_models_dir
 
@@ -33,6 +34,7 @@ def main(log_spec: str | None) -> None:
 
 main.add_command(instances)
 main.add_command(bench)
+main.add_command(doctor)
 
 
 @main.group()
@@ -245,9 +247,8 @@ def up(
         stop = True
 
     signal.signal(signal.SIGTERM, on_signal)
-    # Ctrl-C as KeyboardInterrupt even where SIGINT came in ignored: a shell without
-    # job control starts background commands that way (`exo-tools up &` in a script,
-    # then `kill -INT`), and Python then leaves it ignored.
+    # Ctrl-C as KeyboardInterrupt even where SIGINT came in ignored (a shell without
+    # job control starts background commands so: `exo-tools up &`, then `kill -INT`).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         cluster.start()
