@@ -378,7 +378,10 @@ def test_short_prompts_arriving_together_beside_streams_start_in_one_step(
     """Layer-wise prefill is for a prompt too long for one step; prompts that fit
     whole share a step as before (8 new streams must not start one per step)."""
     lm = load_model("tiny", tiny_path)
-    engine = Engine(lane=False)
+    # A stall bound no measured step reaches: what is checked is that prompts that
+    # fit whole are taken together, not how the machine's timing sizes a step (a
+    # loaded machine measured costs that fitted only 2 of the 4).
+    engine = Engine(lane=False, max_stall=1000.0)
     engine.add_model(lm)
     params = {"max_tokens": 30, "temperature": 0, "ignore_eos": True}
     arrivals = {
