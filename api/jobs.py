@@ -80,11 +80,17 @@ class Job:
         else:
             choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
             obj = "text_completion"
+        return self.envelope(obj, self.extras(choice, ids, logprobs))
+
+    def extras(
+        self, choice: dict[str, Any], ids: list[int] | None, logprobs: list[dict[str, Any]] | None
+    ) -> dict[str, Any]:
+        """A choice with its token ids (when asked) and log probabilities (when any)."""
         if self.token_ids and ids is not None:
             choice["token_ids"] = ids
         if logprobs:
             choice["logprobs"] = self.logprobs(logprobs)
-        return self.envelope(obj, choice)
+        return choice
 
     def logprobs(self, entries: list[dict[str, Any]]) -> dict[str, Any]:
         """OpenAI's logprobs: chat's `content` entries, or completions' columns."""
@@ -143,11 +149,7 @@ class Job:
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
             obj = "text_completion"
-        if self.token_ids:
-            choice["token_ids"] = ids
-        if logprobs:
-            choice["logprobs"] = self.logprobs(logprobs)
-        return {**self.envelope(obj, choice), "usage": usage}
+        return {**self.envelope(obj, self.extras(choice, ids, logprobs)), "usage": usage}
 
 
 def sse(obj: dict[str, Any]) -> bytes:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
@@ -170,6 +170,31 @@ class Replier:
             job.done_at = now
             if m is not None:
                 m.done(job.model, now - job.submitted_at, msg.finish, msg.usage)
+
+    async def answer(
+        self,
+        job: Job,
+        stream: bool,
+        fail: Callable[[P.Fail], Any],
+        streamed: Callable[[AsyncGenerator[Reply, None]], Any],
+        whole: Callable[[str, list[int], Done], Any],
+    ) -> Any:
+        """The request's HTTP answer in a face's own shapes: `fail` for a FAIL,
+        `streamed` for the reply stream, `whole` for the collected answer (text,
+        token ids, how it ended); None when the client left first."""
+        bad = await self.open(job, stream)
+        if isinstance(bad, Disconnected):
+            return None
+        if bad is not None:
+            return fail(bad)
+        if stream:
+            return streamed(self.events(job))
+        got = await self.collect(job)
+        if got is None:
+            return None
+        if isinstance(got, P.Fail):
+            return fail(got)
+        return whole(*got)
 
     async def collect(self, job: Job) -> tuple[str, list[int], Done] | P.Fail | None:
         """The whole answer: text, token ids and how it ended; its FAIL; or None

@@ -15,7 +15,6 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from exo.api.jobs import Disconnected
 from exo.api.replies import Done, Reply, Text, Waiting
 from exo.api.routes import replier, submitted
 from exo.broker import protocol as P
@@ -183,28 +182,23 @@ async def messages(request: Request) -> Any:
     except (ValueError, RecursionError) as e:
         return error(400, str(e) if isinstance(e, Refused) else "the body is not JSON")
     async with submitted(request, "chat", model, payload, params) as job:
-        r = replier(request)
-        bad = await r.open(job, stream)
-        if isinstance(bad, Disconnected):
-            return None
-        if bad is not None:
-            return error(bad.status, bad.message)
         mid = f"msg_{job.rid}"
-        if stream:
-            return StreamingResponse(
-                events(mid, model, r.events(job)), media_type="text/event-stream"
-            )
-        got = await r.collect(job)
-        if got is None:
-            return None
-        if isinstance(got, P.Fail):
-            return error(got.status, got.message)
-        text, _, done = got
-        usage = done.usage or {}
-        out = message(mid, model, text or None, tokens(usage))
-        out["content"] += [tool_use(c) for c in done.tool_calls or []]
-        out["stop_reason"] = STOP_REASON.get(done.finish, "end_turn")
-        return out
+
+        def whole(text: str, _: list[int], done: Done) -> dict[str, Any]:
+            out = message(mid, model, text or None, tokens(done.usage or {}))
+            out["content"] += [tool_use(c) for c in done.tool_calls or []]
+            out["stop_reason"] = STOP_REASON.get(done.finish, "end_turn")
+            return out
+
+        return await replier(request).answer(
+            job,
+            stream,
+            lambda f: error(f.status, f.message),
+            lambda replies: StreamingResponse(
+                events(mid, model, replies), media_type="text/event-stream"
+            ),
+            whole,
+        )
 
 
 def tool_use(call: dict[str, Any]) -> dict[str, Any]:

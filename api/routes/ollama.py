@@ -21,7 +21,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from exo.api.jobs import Disconnected, Job
+from exo.api.jobs import Job
 from exo.api.replies import Done, Reply, Text
 from exo.api.routes import client_of, replier, submitted
 from exo.broker import protocol as P
@@ -284,24 +284,19 @@ async def answer(
     """One internal request, answered as Ollama does: NDJSON lines, or one object."""
     stream = body.get("stream", True) is not False
     async with submitted(request, kind, name, payload, p) as job:
-        r = replier(request)
-        bad = await r.open(job, stream)
-        if isinstance(bad, Disconnected):
-            return None
-        if bad is not None:
-            return error(bad.status, bad.message)
-        t0 = time.perf_counter()
-        if stream:
-            return StreamingResponse(
-                lines(job, r.events(job), field, t0), media_type="application/x-ndjson"
-            )
-        got = await r.collect(job)
-        if got is None:
-            return None
-        if isinstance(got, P.Fail):
-            return error(got.status, got.message)
-        text, _, done = got
-        return {**piece(job, field, text, done.reasoning, done.tool_calls), **last(done, t0)}
+        t0 = job.submitted_at  # (Ollama's durations count the whole request)
+        return await replier(request).answer(
+            job,
+            stream,
+            lambda f: error(f.status, f.message),
+            lambda events: StreamingResponse(
+                lines(job, events, field, t0), media_type="application/x-ndjson"
+            ),
+            lambda text, _, done: {
+                **piece(job, field, text, done.reasoning, done.tool_calls),
+                **last(done, t0),
+            },
+        )
 
 
 def piece(

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
 from exo.api.errors import error_body, error_response
-from exo.api.jobs import Disconnected, Job, sse
+from exo.api.jobs import Job, sse
 from exo.api.replies import Done, Replier, Reply, Text, Waiting, failed
 from exo.api.routes import client_of, replier, submitted
 from exo.api.schemas import ChatRequest, CompletionRequest, Sampling, first_error
@@ -136,29 +136,23 @@ async def respond(
     r: Replier, job: Job, stream: bool, include_usage: bool, extra: Extra | None = None
 ) -> Any:
     headers = {"X-Request-Id": job.rid}
-    bad = await r.open(job, stream)
-    if isinstance(bad, Disconnected):
-        return None
-    if bad is not None:
-        return failed(bad, headers)
-    if stream:
+
+    def streamed(events: AsyncGenerator[Reply, None]) -> StreamingResponse:
         return StreamingResponse(
-            sse_stream(job, r.events(job), include_usage, extra),
+            sse_stream(job, events, include_usage, extra),
             media_type="text/event-stream",
             headers={**headers, "Cache-Control": "no-cache"},
         )
-    got = await r.collect(job)
-    if got is None:
-        return None
-    if isinstance(got, P.Fail):
-        return failed(got, headers)
-    text, ids, done = got
-    whole = job.whole(text, done.finish, done.usage, ids, done.tool_calls, done.logprobs)
-    if done.reasoning and job.kind == "chat":
-        whole["choices"][0]["message"]["reasoning_content"] = done.reasoning
-    if extra is not None:
-        whole.update(extra(job, done))
-    return JSONResponse(whole, headers=headers)
+
+    def whole(text: str, ids: list[int], done: Done) -> JSONResponse:
+        body = job.whole(text, done.finish, done.usage, ids, done.tool_calls, done.logprobs)
+        if done.reasoning and job.kind == "chat":
+            body["choices"][0]["message"]["reasoning_content"] = done.reasoning
+        if extra is not None:
+            body.update(extra(job, done))
+        return JSONResponse(body, headers=headers)
+
+    return await r.answer(job, stream, lambda f: failed(f, headers), streamed, whole)
 
 
 async def sse_stream(

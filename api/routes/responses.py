@@ -20,7 +20,6 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from exo.api.errors import error_response
-from exo.api.jobs import Disconnected
 from exo.api.replies import Done, Reply, Text
 from exo.api.routes import api_key, replier, submitted
 from exo.broker import protocol as P
@@ -219,24 +218,24 @@ async def create(request: Request) -> Any:
     except (ValueError, RecursionError):
         return error_response(400, "We could not parse the JSON body of your request.")
     async with submitted(request, "chat", model, payload, params) as job:
-        r = replier(request)
-        bad = await r.open(job, stream)
-        if isinstance(bad, Disconnected):
-            return None
-        if bad is not None:
-            return error_response(bad.status, bad.message, bad.code)
         rid = f"resp_{job.rid}"
-        if stream:
-            events = sse(rid, model, r.events(job), lambda t, d: keep(rid, key, turns, t, d))
-            return StreamingResponse(events, media_type="text/event-stream")
-        got = await r.collect(job)
-        if got is None:
-            return None
-        if isinstance(got, P.Fail):
-            return error_response(got.status, got.message, got.code)
-        text, _, done = got
-        keep(rid, key, turns, text, done)
-        return response(rid, model, "completed", items(text, done), done.usage)
+
+        def kept_as(text: str, done: Done) -> None:
+            keep(rid, key, turns, text, done)
+
+        def whole(text: str, _: list[int], done: Done) -> dict[str, Any]:
+            kept_as(text, done)
+            return response(rid, model, "completed", items(text, done), done.usage)
+
+        return await replier(request).answer(
+            job,
+            stream,
+            lambda f: error_response(f.status, f.message, f.code),
+            lambda replies: StreamingResponse(
+                sse(rid, model, replies, kept_as), media_type="text/event-stream"
+            ),
+            whole,
+        )
 
 
 class Events:
