@@ -337,7 +337,6 @@ class StageError(Msg, tag="STAGE_ERROR"):
 
 # Every message type by its tag: each Msg subclass above.
 TYPES: dict[str, type[Msg]] = {str(c.__struct_config__.tag): c for c in Msg.__subclasses__()}
-Message = Msg
 _decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(Union[tuple(TYPES.values())])  # noqa: UP007
 _encoder = msgspec.msgpack.Encoder()
 

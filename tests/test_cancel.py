@@ -278,7 +278,7 @@ def test_the_broker_resends_a_cancel_until_the_node_acknowledges(
     assert P.decode(fake.recv()).type == "WELCOME"
     status: dict = {"stages": {}}
 
-    def recv(kind: str, timeout: float = 5.0) -> P.Message:
+    def recv(kind: str, timeout: float = 5.0) -> P.Msg:
         deadline = time.monotonic() + timeout
         while fake.poll(max(1, int((deadline - time.monotonic()) * 1000))):
             msg = P.decode(fake.recv())

@@ -18,10 +18,25 @@ SYSTEM = "You are terse."
 ASK = "What is the capital of France?"
 
 
+def oai(cluster: Any) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="none", max_retries=0)
+
+
+def claude(cluster: Any) -> anthropic.Anthropic:
+    headers = cluster.api_headers()
+    return anthropic.Anthropic(
+        base_url=cluster.url, api_key="none", max_retries=0, default_headers=headers
+    )
+
+
+def ollama_client(cluster: Any) -> ollama.Client:
+    return ollama.Client(host=cluster.url, headers=cluster.api_headers())
+
+
 @pytest.fixture(scope="module")
 def reference(cluster: Any) -> str:
     """OpenAI's chat for the same turns: what every face must say too."""
-    client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="none", max_retries=0)
+    client = oai(cluster)
     r = client.chat.completions.create(
         model=TINY,
         messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": ASK}],
@@ -35,7 +50,7 @@ def reference(cluster: Any) -> str:
 
 
 def test_ollama_python_lists_shows_chats_and_generates(cluster: Any, reference: str) -> None:
-    client = ollama.Client(host=cluster.url, headers=cluster.api_headers())
+    client = ollama_client(cluster)
     assert client._client.get("/api/version").json()["version"]
     (m,) = [m for m in client.list().models if m.model == TINY]
     assert m.details is not None and m.details.family == "llama" and (m.size or 0) > 0
@@ -55,7 +70,7 @@ def test_ollama_python_lists_shows_chats_and_generates(cluster: Any, reference: 
 
 
 def test_ollama_refuses_what_it_cannot_honour_and_unknown_models(cluster: Any) -> None:
-    client = ollama.Client(host=cluster.url, headers=cluster.api_headers())
+    client = ollama_client(cluster)
     turns = [{"role": "user", "content": ASK}]
     with pytest.raises(ollama.ResponseError) as e:
         client.chat(model=TINY, messages=turns, options={"mirostat": 2})
@@ -69,9 +84,7 @@ def test_ollama_refuses_what_it_cannot_honour_and_unknown_models(cluster: Any) -
 
 
 def test_anthropic_messages_create_and_stream(cluster: Any, reference: str) -> None:
-    client = anthropic.Anthropic(
-        base_url=cluster.url, api_key="none", max_retries=0, default_headers=cluster.api_headers()
-    )
+    client = claude(cluster)
     turns: Any = [{"role": "user", "content": ASK}]
     msg = client.messages.create(
         model=TINY, max_tokens=8, system=SYSTEM, messages=turns, extra_body={"temperature": 0}
@@ -95,9 +108,7 @@ def test_anthropic_messages_create_and_stream(cluster: Any, reference: str) -> N
 
 
 def test_anthropic_errors_come_in_anthropics_shape(cluster: Any) -> None:
-    client = anthropic.Anthropic(
-        base_url=cluster.url, api_key="none", max_retries=0, default_headers=cluster.api_headers()
-    )
+    client = claude(cluster)
     turns: Any = [{"role": "user", "content": ASK}]
     with pytest.raises(anthropic.BadRequestError) as e:
         client.messages.create(
@@ -121,7 +132,7 @@ class Person(BaseModel):
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_openai_parse_gets_a_valid_object_from_a_random_model(cluster: Any, seed: int) -> None:
-    client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="none", max_retries=0)
+    client = oai(cluster)
     r = client.chat.completions.parse(
         model=TINY,
         messages=[{"role": "user", "content": "Who is it?"}],
@@ -136,7 +147,7 @@ def test_openai_parse_gets_a_valid_object_from_a_random_model(cluster: Any, seed
 
 
 def test_json_object_and_ollama_formats_always_parse(cluster: Any) -> None:
-    client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="none", max_retries=0)
+    client = oai(cluster)
     for seed in range(3):
         r = client.chat.completions.create(
             model=TINY,
@@ -160,7 +171,7 @@ def test_json_object_and_ollama_formats_always_parse(cluster: Any) -> None:
     )
     text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
     Person.model_validate_json(text)
-    ol = ollama.Client(host=cluster.url, headers=cluster.api_headers())
+    ol = ollama_client(cluster)
     got = ol.chat(
         model=TINY,
         messages=[{"role": "user", "content": "Who?"}],
@@ -171,7 +182,7 @@ def test_json_object_and_ollama_formats_always_parse(cluster: Any) -> None:
 
 
 def test_a_schema_that_does_not_compile_is_a_400(cluster: Any) -> None:
-    client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="none", max_retries=0)
+    client = oai(cluster)
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(
             model=TINY,
@@ -213,7 +224,7 @@ CLOCK: Any = {
 def test_a_forced_tool_choice_gives_a_valid_call_even_from_a_random_model(
     cluster: Any, choice: Any
 ) -> None:
-    client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="none", max_retries=0)
+    client = oai(cluster)
     r = client.chat.completions.create(
         model=TOOLS_MODEL,
         messages=[{"role": "user", "content": "Weather in Paris?"}],
@@ -234,7 +245,7 @@ def test_a_forced_tool_choice_gives_a_valid_call_even_from_a_random_model(
 
 
 def test_tool_calls_stream_and_the_history_goes_back_to_the_model(cluster: Any) -> None:
-    client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="none", max_retries=0)
+    client = oai(cluster)
     named: Any = {"type": "function", "function": {"name": "get_weather"}}
     chunks = list(
         client.chat.completions.create(
@@ -275,7 +286,7 @@ def test_tool_calls_stream_and_the_history_goes_back_to_the_model(cluster: Any) 
 
 
 def test_a_tool_choice_naming_no_tool_is_a_400(cluster: Any) -> None:
-    client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="none", max_retries=0)
+    client = oai(cluster)
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(
             model=TOOLS_MODEL,
@@ -288,7 +299,7 @@ def test_a_tool_choice_naming_no_tool_is_a_400(cluster: Any) -> None:
 
 
 def test_a_sampling_field_not_honoured_yet_is_refused_by_name_not_ignored(cluster: Any) -> None:
-    client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="none", max_retries=0)
+    client = oai(cluster)
     turns: Any = [{"role": "user", "content": "x"}]
     with pytest.raises(openai.BadRequestError) as e:  # top_logprobs without logprobs
         client.chat.completions.create(model=TINY, messages=turns, max_tokens=2, top_logprobs=2)
@@ -314,7 +325,7 @@ def test_a_sampling_field_not_honoured_yet_is_refused_by_name_not_ignored(cluste
 
 
 def test_responses_create_stream_and_previous_response_id(cluster: Any, reference: str) -> None:
-    client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="none", max_retries=0)
+    client = oai(cluster)
     first = client.responses.create(
         model=TINY,
         input=ASK,
@@ -354,7 +365,7 @@ def test_responses_create_stream_and_previous_response_id(cluster: Any, referenc
 
 
 def test_responses_function_tools_round_trip(cluster: Any) -> None:
-    client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="none", max_retries=0)
+    client = oai(cluster)
     tool: Any = {"type": "function", **WEATHER["function"]}
     r = client.responses.create(
         model=TOOLS_MODEL,
@@ -401,7 +412,7 @@ THINK_MODEL = "test/tiny-think"
 
 
 def test_a_thinking_models_thoughts_are_reasoning_never_content(cluster: Any) -> None:
-    client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="none", max_retries=0)
+    client = oai(cluster)
     turns: Any = [{"role": "user", "content": ASK}]
     r = client.chat.completions.create(
         model=THINK_MODEL,
@@ -441,7 +452,7 @@ def test_a_thinking_models_thoughts_are_reasoning_never_content(cluster: Any) ->
     assert off.choices[0].message.content and not (off.choices[0].message.model_extra or {}).get(
         "reasoning_content"
     )
-    ol = ollama.Client(host=cluster.url, headers=cluster.api_headers())
+    ol = ollama_client(cluster)
     got = ol.chat(model=THINK_MODEL, messages=turns, options={"temperature": 0, "num_predict": 8})
     assert got.message.thinking and not got.message.content
 
@@ -450,7 +461,7 @@ def test_metrics_in_prometheus_text_with_vllms_names_and_the_clusters(cluster: A
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
-    client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="none", max_retries=0)
+    client = oai(cluster)
     client.chat.completions.create(
         model=TINY, messages=[{"role": "user", "content": "x"}], max_tokens=4, stream=False
     )
@@ -479,7 +490,7 @@ def test_metrics_in_prometheus_text_with_vllms_names_and_the_clusters(cluster: A
 
 
 def test_logit_bias_and_penalties_steer_the_tokens(cluster: Any) -> None:
-    client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="none", max_retries=0)
+    client = oai(cluster)
     r = client.completions.create(
         model=TINY,
         prompt="Once",
@@ -500,7 +511,7 @@ def test_logit_bias_and_penalties_steer_the_tokens(cluster: Any) -> None:
     )
     ids = r.choices[0].model_extra["token_ids"]  # type: ignore[index]
     assert len(ids) == 12
-    ol = ollama.Client(host=cluster.url, headers=cluster.api_headers())
+    ol = ollama_client(cluster)
     got = ol.generate(model=TINY, prompt="Once", raw=True, options={"num_predict": 4, "top_k": 1})
     assert got.done
 
@@ -508,7 +519,7 @@ def test_logit_bias_and_penalties_steer_the_tokens(cluster: Any) -> None:
 def test_logprobs_for_chat_and_completions_streamed_or_not(cluster: Any) -> None:
     import math
 
-    client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="none", max_retries=0)
+    client = oai(cluster)
     turns: Any = [{"role": "user", "content": ASK}]
     r = client.chat.completions.create(
         model=TINY,
@@ -555,7 +566,7 @@ def test_logprobs_for_chat_and_completions_streamed_or_not(cluster: Any) -> None
 
 
 def test_ollama_takes_tools_and_a_tool_history(cluster: Any) -> None:
-    client = ollama.Client(host=cluster.url, headers=cluster.api_headers())
+    client = ollama_client(cluster)
     history: Any = [
         {"role": "user", "content": "Weather in Paris?"},
         {
@@ -574,9 +585,7 @@ def test_ollama_takes_tools_and_a_tool_history(cluster: Any) -> None:
 
 
 def test_anthropic_tool_use_forced_streamed_and_round_trip(cluster: Any) -> None:
-    client = anthropic.Anthropic(
-        base_url=cluster.url, api_key="none", max_retries=0, default_headers=cluster.api_headers()
-    )
+    client = claude(cluster)
     tool: Any = {
         "name": "get_weather",
         "description": "The weather in a city",

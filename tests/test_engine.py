@@ -92,7 +92,7 @@ def test_staggered_concurrent_requests_equal_each_run_alone(
     lane = path == "lane"
     engine = Engine(prefill_budget=16, lane=lane)
     engine.add_model(lm)
-    assert engine.fused[lm.model_id] == (path != "plain")
+    assert engine.models[lm.model_id].fused == (path != "plain")
     lengths = [30, 25, 40, 20]
     arrivals: dict[int, list[tuple]] = {}
     for i, (text, n, at) in enumerate(zip(PROMPTS, lengths, [0, 3, 5, 9], strict=True)):

@@ -34,10 +34,7 @@ def bed(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     need_root()
     b = Bed()
     try:
-        b.add_host("a")
-        b.add_host("b")
-        wifi = b.link("a", "b", "wifi", rate="100mbit")
-        eth = b.link("a", "b", "ethernet", rate="1gbit")
+        wifi, eth = b.two_hosts()
         logs = tmp_path_factory.mktemp("failover-logs")
         with b.cluster(models_dir, broker_in="a", via={"b": eth[0]}, log_dir=logs) as c:
             yield {"bed": b, "cluster": c, "wifi": wifi, "ethernet": eth}
@@ -305,10 +302,7 @@ def test_wifi_alone_of_three_links_carries_everything_and_fails_no_stream(
     need_root()
     b = Bed()
     try:
-        b.add_host("a")
-        b.add_host("b")
-        wifi = b.link("a", "b", "wifi", rate="100mbit")
-        eth = b.link("a", "b", "ethernet", rate="1gbit")
+        wifi, eth = b.two_hosts()
         tb = b.link("a", "b", "thunderbolt")
         logs = tmp_path_factory.mktemp("failover3-logs")
         with b.cluster(models_dir, broker_in="a", via={"b": tb[0]}, log_dir=logs) as c:

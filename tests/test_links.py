@@ -22,10 +22,7 @@ def bed(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     need_root()
     b = Bed()
     try:
-        b.add_host("a")
-        b.add_host("b")
-        wifi = b.link("a", "b", "wifi", rate="100mbit")
-        eth = b.link("a", "b", "ethernet", rate="1gbit")
+        wifi, eth = b.two_hosts()
         with b.cluster(models_dir, log_dir=tmp_path_factory.mktemp("links-logs")) as c:
             yield {"bed": b, "cluster": c, "wifi": wifi, "ethernet": eth}
     finally:

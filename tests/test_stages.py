@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,6 +38,14 @@ class Pipeline:
         assert isinstance(x, list)
         self.results.append((header.step, x))
 
+    def step(self) -> list[Any]:
+        """An engine step, and the tokens of the steps the later stages answered."""
+        outs = self.engine.step()
+        while self.results:
+            n, toks = self.results.pop(0)
+            outs += self.engine.finish_remote("m", n, toks)
+        return outs
+
 
 def pipeline(path: Path, bounds: list[int]) -> Pipeline:
     engine = Engine(prefill_budget=12, idle_budget=16, kv_budget=1 << 30)
@@ -61,10 +70,7 @@ def drive(p: Pipeline, arrivals: dict[int, list[str]], cancel: dict[int, str] | 
             ids[rid] = []
         if cancel and step in cancel:
             p.engine.cancel(cancel[step])
-        outs = p.engine.step()
-        while p.results:
-            n, toks = p.results.pop(0)
-            outs += p.engine.finish_remote("m", n, toks)
+        outs = p.step()
         for o in outs:
             ids[o.rid].extend(o.ids)
         e = p.engine
@@ -124,10 +130,7 @@ def test_stage_zero_admits_only_what_every_later_stage_can_hold(tiny_path: Path)
     assert list(p.engine.requests) == ["r0"] and [r.rid for r in p.engine.queue] == ["r1"]
     done: dict[str, int] = {}
     for _ in range(500):
-        outs = p.engine.step()
-        while p.results:
-            n, toks = p.results.pop(0)
-            outs += p.engine.finish_remote("m", n, toks)
+        outs = p.step()
         for o in outs:
             done[o.rid] = done.get(o.rid, 0) + len(o.ids)
         assert len(p.engine.requests) <= 1
@@ -194,10 +197,7 @@ def test_structured_output_holds_on_the_last_stage_of_a_split(tiny_path: Path) -
     p.engine.submit("j", "m", "completion", "Number:", params)
     text, finish = "", None
     for _ in range(500):
-        outs = p.engine.step()
-        while p.results:
-            n, toks = p.results.pop(0)
-            outs += p.engine.finish_remote("m", n, toks)
+        outs = p.step()
         for o in outs:
             text += o.text
             finish = o.finish or finish

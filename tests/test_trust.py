@@ -37,7 +37,7 @@ def dealer(c: LocalCluster, role: str = "node") -> zmq.Socket:
     return d
 
 
-def hello(d: zmq.Socket, role: str, peer_id: str, **fields: object) -> P.Message:
+def hello(d: zmq.Socket, role: str, peer_id: str, **fields: object) -> P.Msg:
     d.send(P.encode("HELLO", role=role, peer_id=peer_id, **fields))
     assert d.poll(5000)
     return P.decode(d.recv())
@@ -141,8 +141,8 @@ def test_a_frontend_with_a_bad_instances_spec_or_params_cannot_stop_anything(
                     params=params,
                 )
             )
-        replies: dict[str, P.Message] = {}
-        ended: dict[str, P.Message] = {}
+        replies: dict[str, P.Msg] = {}
+        ended: dict[str, P.Msg] = {}
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and len(ended) < len(bad_params):
             if not d.poll(500):

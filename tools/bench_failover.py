@@ -29,10 +29,7 @@ MODEL = "test/tiny-llama"
 def run(models_dir: Path, rounds: int, tokens: int = 1000) -> dict[str, Any]:
     bed = Bed()
     try:
-        bed.add_host("a")
-        bed.add_host("b")
-        bed.link("a", "b", "wifi", rate="100mbit")
-        eth = bed.link("a", "b", "ethernet", rate="1gbit")
+        _, eth = bed.two_hosts()
         with bed.cluster(models_dir, broker_in="a", via={"b": eth[0]}, log_spec="warning") as c:
             return _measure(c, bed, eth, rounds, tokens)
     finally:

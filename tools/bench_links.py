@@ -23,12 +23,8 @@ from exo.tools.netbed import Bed, iperf3, ping
 def run(models_dir: Path, rounds: int) -> dict[str, Any]:
     bed = Bed()
     try:
-        bed.add_host("a")
-        bed.add_host("b")
-        subnets = {
-            "wifi 100mbit": bed.link("a", "b", "wifi", rate="100mbit"),
-            "ethernet 1gbit": bed.link("a", "b", "ethernet", rate="1gbit"),
-        }
+        wifi, eth = bed.two_hosts()
+        subnets = {"wifi 100mbit": wifi, "ethernet 1gbit": eth}
         with bed.cluster(models_dir, log_spec="warning", broker_args=["--probe-every", "4"]) as c:
             return _measure(c, bed, subnets, rounds)
     finally:

@@ -113,6 +113,15 @@ class Bed:
                 )
         return f"10.232.{n}.1", f"10.232.{n}.2"
 
+    def two_hosts(self) -> tuple[tuple[str, str], tuple[str, str]]:
+        """Hosts a and b, joined by a 100 Mbit/s link tagged wifi and a 1 Gbit/s one
+        tagged ethernet (the tests' and benches' usual pair) -> their (a's, b's)
+        addresses: (wifi, ethernet)."""
+        self.add_host("a")
+        self.add_host("b")
+        wifi = self.link("a", "b", "wifi", rate="100mbit")
+        return wifi, self.link("a", "b", "ethernet", rate="1gbit")
+
     def set_link(self, host: str, ip: str, up: bool) -> None:
         """Set the interface holding `ip` in `host` up or down."""
         dev = subprocess.run(

@@ -51,7 +51,6 @@ class Engine(Book):
         self.pace = Pacer(prefill_budget, idle_budget, max_stall)
         self.watch = Watch(self.lane, max_ttft_ratio) if self.lane is not None else None
         self.step_faults: Counter[str] = Counter()  # model -> its steps that raised, in a row
-        self.fused: dict[str, bool] = {}
         # OpenBLAS's threads for decode-only steps, by batch size (threads.py).
         self.threads = ThreadChoice() if blas_max_threads() > 1 else None
         self.steps = 0
@@ -62,20 +61,17 @@ class Engine(Book):
         from exo.nodes.engine.forward import matmul_table
 
         self.models[lm.model_id] = lm
-        self.fused[lm.model_id] = lm.fused
-        self.pace.add_model(lm.model_id, self.fused[lm.model_id], matmul_table(lm.model))
+        self.pace.add_model(lm.model_id, lm.fused, matmul_table(lm.model))
         # Rows of very different lengths attend in separate groups, which only the
         # fused step runs (and a pipeline's later stages follow one group).
-        self.batches.setdefault(
-            lm.model_id, Batch(split=self.fused[lm.model_id] and lm.part is None)
-        )
+        self.batches.setdefault(lm.model_id, Batch(split=lm.fused and lm.part is None))
 
     def remove_model(self, model_id: str) -> list[str]:
         """Unload a model; returns the requests that ended with it."""
         gone = self.fail_remote(model_id)
         self.pace.remove_model(model_id)
         self.stage0.forget(model_id)
-        for d in (self.models, self.fused, self.batches, self.prefetched):
+        for d in (self.models, self.batches, self.prefetched):
             d.pop(model_id, None)
         return gone
 
@@ -262,7 +258,7 @@ class Engine(Book):
             # says nothing about what its chunks add to a decode step.
             untimed = bool(chunks)
             _, chunk_logits = step_forward(
-                lm.model, [], [], [c for _, c in chunks], self.fused[model_id], 1, lm.span
+                lm.model, [], [], [c for _, c in chunks], lm.fused, 1, lm.span
             )
             sampled.append((rows, ready.toks))
         else:
@@ -271,7 +267,7 @@ class Engine(Book):
                 [r.last for r in rows],
                 batch.dec_groups(),
                 [c for _, c in chunks],
-                self.fused[model_id],
+                lm.fused,
                 pad_to,
                 lm.span,
             )
@@ -331,7 +327,7 @@ class Engine(Book):
                     and not req.in_lane
                     and not req.inflight
                     and req.lm.part is None
-                    and self.fused[req.lm.model_id]
+                    and req.lm.fused
                     and req.lm.model_id not in busy
                 ):
                     req.in_lane = True
