@@ -24,8 +24,8 @@ $(VENV)/.installed: pyproject.toml
 
 # OpenBLAS makes MLX's Linux CPU backend ~15x faster at prefill (see nodes/mlxenv.py);
 # nftables lets tests drop traffic on real sockets (a lost PUB message); iperf3 is
-# the reference the link prober's bandwidth is checked against.
-APT_PACKAGES := libopenblas0-pthread nftables iperf3 iputils-ping
+# the reference the link prober's bandwidth is checked against; chromium is the
+# real browser the dashboard's tests drive (Playwright, no browser download).
 system-deps:
 ifeq ($(UNAME),Linux)
 	@missing=""; \
@@ -33,6 +33,7 @@ ifeq ($(UNAME),Linux)
 	command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || missing="$$missing nftables"; \
 	command -v iperf3 >/dev/null 2>&1 || missing="$$missing iperf3"; \
 	command -v ping >/dev/null 2>&1 || missing="$$missing iputils-ping"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \

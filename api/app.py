@@ -20,7 +20,7 @@ from exo.api.client import BrokerClient, BrokerUnavailable
 from exo.api.errors import error_response
 from exo.api.limits import BodyLimit
 from exo.api.metrics import Metrics
-from exo.api.routes import anthropic, cluster, lmstudio, ollama, openai, responses
+from exo.api.routes import anthropic, cluster, dashboard, lmstudio, ollama, openai, responses
 from exo.api.security import Guard, Policy, keys_from_env
 from exo.common import keys
 
@@ -45,7 +45,8 @@ def create_app(
     app.state.client = client
     app.state.metrics = metrics = Metrics()
     app.add_middleware(BodyLimit)
-    app.add_middleware(Guard, policy=policy)  # outermost: before anything reads the body
+    # outermost: before anything reads the body
+    app.add_middleware(Guard, policy=policy, public=dashboard.public)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -76,4 +77,5 @@ def create_app(
     app.include_router(responses.router)
     app.include_router(lmstudio.router)
     app.include_router(cluster.router)
+    app.include_router(dashboard.router)
     return app

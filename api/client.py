@@ -12,6 +12,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from exo.api.feed import ClusterFeed
 from exo.api.jobs import Event
 from exo.broker import protocol as P
 from exo.common import keys
@@ -46,6 +47,7 @@ class BrokerClient:
         self.tasks: list[asyncio.Task[None]] = []
         self.dropped = P.Counters()
         self.closing = False
+        self.feed = ClusterFeed()  # the state the broker publishes, for live views
 
     async def start(self) -> None:
         self._connect()
@@ -61,6 +63,7 @@ class BrokerClient:
         for t in self.tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        await self.feed.close()
         if self.sock is not None:
             self.sock.close(linger=0)
 
@@ -114,8 +117,10 @@ class BrokerClient:
                 fut.set_result(msg.data)
         else:
             what = self.session.on(msg)
-            if what in ("welcome", "again"):
+            if what in ("welcome", "again", "resumed"):
                 self.registered.set()
+                if self.session.pub_port:
+                    self.feed.attach(self.session.subscribe(self.ctx, P.TOPIC_CLUSTER))
             elif what == "reconnect":
                 self._fail_all("the broker restarted; the request was lost")
                 self._hello()

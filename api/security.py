@@ -1,7 +1,7 @@
 """Who may use the HTTP API: API keys, and no web page the user did not mean.
 
 - **API keys** (`--api-key`, several allowed, or EXO_API_KEY, comma-separated):
-  every request but CORS preflights carries `Authorization: Bearer KEY` (as
+  every request but CORS preflights and the dashboard's own files carries `Authorization: Bearer KEY` (as
   OpenAI's clients send it) or `x-api-key: KEY` (as Anthropic's do); otherwise 401
   in OpenAI's shape. Off when no key is configured (a loopback-only API).
 - **Host allow-list**: a Host header outside it is refused, so a DNS-rebinding page
@@ -20,6 +20,7 @@ from __future__ import annotations
 import hmac
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,8 +79,14 @@ def caller_key(headers: dict[bytes, bytes]) -> str | None:
 class Guard:
     """ASGI middleware applying a Policy to every HTTP request."""
 
-    def __init__(self, app: ASGIApp, policy: Policy) -> None:
-        self.app, self.policy = app, policy
+    def __init__(
+        self,
+        app: ASGIApp,
+        policy: Policy,
+        public: Callable[[str, str], bool] = lambda method, path: False,
+    ) -> None:
+        # public(method, path): served without a key (the dashboard's own files)
+        self.app, self.policy, self.public = app, policy, public
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -105,7 +112,7 @@ class Guard:
                 await preflight(send, cors)
                 return
         given = caller_key(headers)
-        if not p.key_ok(given):
+        if not p.key_ok(given) and not self.public(scope["method"], scope["path"]):
             await refuse(
                 send,
                 401,

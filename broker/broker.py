@@ -391,6 +391,7 @@ class Broker:
             "instances": [i.public(self.reg.by_id()) for i in self.deploy.instances.values()],
             "frontends": [p.peer_id for p in self.reg.peers.values() if p.role == "frontend"],
             "requests_active": len(self.reg.requests),
+            "requests": self.reg.in_flight(),
             "requests_waiting_for_download": len(self.reg.parked),
             "cancels_unacknowledged": len(self.cancels.pending),
             "dropped": self.dropped.snapshot(),

@@ -100,8 +100,8 @@ CANCEL_RESEND_S = 0.2
 DEFAULT_REQUEST_TIMEOUT_S = 600.0
 
 # PUB topics (first frame); the second frame is a protocol message.
-TOPIC_CLUSTER = b"cluster"
-TOPIC_CANCEL = b"cancel"
+TOPIC_CLUSTER = b"cluster"  # REPLY {qid "cluster", data: the cluster's state}, once a second
+TOPIC_CANCEL = b"cancel"  # CANCEL, a second path to the nodes
 
 DEFAULT_ROUTER_PORT = 52416
 DEFAULT_PUB_PORT = 52417

@@ -118,6 +118,36 @@ class Registry:
             del self.requests[r.rid]
         return peer, gone
 
+    def in_flight(self, limit: int = 256) -> list[dict[str, Any]]:
+        """The requests running and waiting, newest first (ids and figures, never
+        their text): what the dashboard lists with a cancel button."""
+        now, names = time.monotonic(), {p.identity: p.name for p in self.peers.values()}
+        running = [
+            {
+                "id": r.rid,
+                "model": r.model,
+                "state": "running",
+                "instance": r.instance,
+                "node": names.get(r.node, ""),
+                "tokens": r.tokens,
+                "age_s": round(now - r.started, 1),
+            }
+            for r in self.requests.values()
+        ]
+        waiting = [
+            {
+                "id": w.rid,
+                "model": w.submit.model,
+                "state": "waiting_for_download",
+                "instance": "",
+                "node": "",
+                "tokens": 0,
+                "age_s": round(now - w.started, 1),
+            }
+            for w in self.parked.values()
+        ]
+        return sorted(running + waiting, key=lambda r: r["age_s"])[:limit]
+
     def models(self) -> dict[str, dict[str, Any]]:
         """Every model some node holds on disk, with where it is and whether it is loaded."""
         out: dict[str, dict[str, Any]] = {}

@@ -68,12 +68,15 @@ def links(nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
                             "name": a.get("name", ""),
                             "interface": ia["name"],
                             "address": str(na.ip),
+                            # where its type came from: detected, alias, override file
+                            "source": ia.get("source", "detected"),
                         },
                         "b": {
                             "node": b["id"],
                             "name": b.get("name", ""),
                             "interface": ib["name"],
                             "address": str(nb.ip),
+                            "source": ib.get("source", "detected"),
                         },
                         "type": slower(ia.get("type", "other"), ib.get("type", "other")),
                         "up": bool(up_a.get(ia["name"], ia.get("up")))

@@ -103,6 +103,19 @@ class Session:
         self.last_heard = time.monotonic()
         return sock
 
+    def subscribe(self, ctx: Any, *topics: bytes) -> Any:
+        """A SUB to the broker's PUB (on the host dialled now, at the port its
+        WELCOME gave), with this peer's key, subscribed to `topics`."""
+        sock = ctx.socket(zmq.SUB)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, 4 * P.MAX_FRAME)
+        for topic in topics:
+            sock.setsockopt(zmq.SUBSCRIBE, topic)
+        if self.cluster is not None and self.key is not None:
+            keys.connect_as(sock, self.key, self.cluster.broker)
+        sock.connect(f"{self.broker.rsplit(':', 1)[0]}:{self.pub_port}")
+        return sock
+
     def hello(self) -> bytes:
         self.registered = False
         return P.encode(self.make_hello())

@@ -97,17 +97,12 @@ class BrokerLink(threading.Thread):
         self.dealer = self.session.dial(self.ctx)
         self.dealer.send(self.session.hello())
 
-    def _subscribe(self, pub_port: int) -> None:
+    def _subscribe(self) -> None:
         """Cancels also come on the broker's PUB: a second path, never the only one."""
         if self.sub is not None:
             self.poller.unregister(self.sub)
             self.sub.close(linger=0)
-        self.sub = self.ctx.socket(zmq.SUB)
-        self.sub.setsockopt(zmq.LINGER, 0)
-        self.sub.setsockopt(zmq.SUBSCRIBE, P.TOPIC_CANCEL)
-        if self.cluster is not None:
-            keys.connect_as(self.sub, self.cluster.node, self.cluster.broker)
-        self.sub.connect(f"{self.session.broker.rsplit(':', 1)[0]}:{pub_port}")
+        self.sub = self.session.subscribe(self.ctx, P.TOPIC_CANCEL)
         self.poller.register(self.sub, zmq.POLLIN)
 
     def on_session(self, msg: P.Msg) -> None:
@@ -122,7 +117,7 @@ class BrokerLink(threading.Thread):
             cutoff = time.monotonic() - KEEP_S
             self.outbox = deque([t, f, False] for t, f, _ in self.outbox if t >= cutoff)
         if what in ("welcome", "again", "resumed") and self.session.pub_port:
-            self._subscribe(self.session.pub_port)
+            self._subscribe()
         elif what == "refused":
             self.stop_event.set()
         elif what == "reconnect":
