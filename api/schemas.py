@@ -26,6 +26,31 @@ class JsonSchema(BaseModel):
     description: str | None = None
 
 
+NAMED = ("properties", "patternProperties", "$defs", "definitions")  # name -> schema maps
+
+
+def closed(schema: Any, depth: int = 0) -> Any:
+    """`schema` with every object that lists its properties closed to others
+    (`additionalProperties: false` where it says nothing): what OpenAI's strict
+    mode and Ollama's formats produce. Left open, a weak model fills extra keys
+    until max_tokens cuts the JSON."""
+    if depth > 64:
+        return schema
+    if isinstance(schema, list):
+        return [closed(x, depth + 1) for x in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out: dict[str, Any] = {}
+    for k, v in schema.items():
+        if k in NAMED and isinstance(v, dict):
+            out[k] = {name: closed(sub, depth + 1) for name, sub in v.items()}
+        else:
+            out[k] = closed(v, depth + 1)
+    if isinstance(out.get("properties"), dict) and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
 class ResponseFormat(BaseModel):
     """OpenAI's response_format: free text, any JSON object, or a JSON schema."""
 
@@ -43,7 +68,8 @@ class ResponseFormat(BaseModel):
             return '{"type": "object"}'
         if self.json_schema is None:
             raise ValueError("response_format json_schema needs its json_schema")
-        text = json.dumps(self.json_schema.schema_ or {"type": "object"})
+        schema = self.json_schema.schema_ or {"type": "object"}
+        text = json.dumps(closed(schema) if self.json_schema.strict else schema)
         if len(text) > 64 * 1024:
             raise ValueError("response_format: a schema is at most 64 KiB")
         return text

@@ -93,6 +93,15 @@ class Probe(Struct, forbid_unknown_fields=False):
     error: Text | None = None
 
 
+Digest = Annotated[str, Meta(max_length=64)]
+
+
+class PrefixReport(Struct, forbid_unknown_fields=False):
+    """What a node's prefix cache holds, as digests per model (common/digests.py)."""
+
+    digests: Annotated[dict[Text, Annotated[list[Digest], Items]], Meta(max_length=256)] = {}
+
+
 class NodeStatus(Struct, forbid_unknown_fields=False):
     """HEARTBEAT's `status`: what the node is doing now (worker.status)."""
 
@@ -104,6 +113,7 @@ class NodeStatus(Struct, forbid_unknown_fields=False):
     downloads: Annotated[list[Download], Meta(max_length=256)] = []
     stages: Annotated[dict[Text, StageState], Items] = {}
     probes: Annotated[dict[Text, Probe], Items] = {}
+    prefix_cache: PrefixReport | None = None
 
 
 def plain(obj: Any, depth: int = 0) -> None:

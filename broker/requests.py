@@ -22,6 +22,7 @@ from exo.broker.cancels import Cancels
 from exo.broker.deploy import Deployer, Topology
 from exo.broker.registry import InFlight, Parked, Peer, Registry, downloading, failed_download
 from exo.broker.routing import Refusal, choose_instance
+from exo.common.digests import chain
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,8 @@ class Requests:
         while an instance is on its way (placed, downloading, loading). True when
         the waiting left the parking lot (sent, or failed)."""
         rid, model, nodes = waiting.rid, waiting.submit.model, self.reg.by_id()
-        inst = choose_instance(list(self.deploy.instances.values()), nodes, model)
+        wanted = chain(waiting.submit.kind, waiting.submit.payload)
+        inst = choose_instance(list(self.deploy.instances.values()), nodes, model, wanted)
         if inst is None:
             return self.no_instance(waiting, first, list(nodes.values()))
         s = waiting.submit

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from exo.broker.instances import Instance
 from exo.broker.registry import Peer
+from exo.common.digests import held
 
 
 @dataclass(frozen=True, slots=True)
@@ -15,16 +17,38 @@ class Refusal:
     message: str
 
 
+# A cached prefix draws a request to an instance only while that instance is at
+# most this many requests busier than the least loaded: past it, waiting in a queue
+# costs more than the prefill the cache saves.
+PREFIX_SLACK = 4
+
+
+def cached(node: Peer, model: str) -> set[str]:
+    """The prefix digests `node` reports for `model` (common/digests.py)."""
+    report = node.status.get("prefix_cache") or {}
+    return set((report.get("digests") or {}).get(model, []))
+
+
 def choose_instance(
-    instances: list[Instance], nodes: dict[str, Peer], model: str
+    instances: list[Instance], nodes: dict[str, Peer], model: str, wanted: Sequence[str] = ()
 ) -> Instance | None:
-    """The least loaded ready instance of `model` (load: its first stage's requests)."""
+    """The ready instance of `model` whose first stage caches the longest prefix
+    of the request (`wanted`: its digests), unless it is much busier than the
+    least loaded; else the least loaded (load: its first stage's requests)."""
     ready = [
         i for i in instances if i.model == model and i.state == "ready" and i.first_node in nodes
     ]
     if not ready:
         return None
-    return min(ready, key=lambda i: (nodes[i.first_node].load(), len(i.stages), i.id))
+    load = {i.id: nodes[i.first_node].load() for i in ready}
+    least = min(load.values())
+
+    def score(i: Instance) -> tuple[int, int, int, str]:
+        near = load[i.id] <= least + PREFIX_SLACK
+        hit = held(list(wanted), cached(nodes[i.first_node], model)) if near and wanted else 0
+        return (-hit, load[i.id], len(i.stages), i.id)
+
+    return min(ready, key=score)
 
 
 def no_holder(nodes: list[Peer], model: str, seen: set[str]) -> Refusal:

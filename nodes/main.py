@@ -87,6 +87,19 @@ from exo.nodes.store.store import default_models_dir
     "(default: on MLX's CPU backend with 2+ cores).",
 )
 @click.option(
+    "--prefix-cache/--no-prefix-cache",
+    default=True,
+    show_default=True,
+    help="Keep the KV of prompts and answers for the next request that starts with "
+    "the same tokens (a chat's next turn, an agent's system prompt).",
+)
+@click.option(
+    "--prefix-cache-mb",
+    type=int,
+    default=None,
+    help="Most memory the prefix cache keeps, inside the KV budget (default: half of it).",
+)
+@click.option(
     "--peer-port",
     type=int,
     default=0,
@@ -144,6 +157,8 @@ def main(
     max_stall: float | None,
     max_ttft_ratio: float | None,
     prefill_lane: bool | None,
+    prefix_cache: bool,
+    prefix_cache_mb: int | None,
     peer_port: int,
     probe_port: int,
     stage_timeout: float,
@@ -169,6 +184,11 @@ def main(
         kv_budget=kv_budget_mb << 20 if kv_budget_mb else None,
         lane=prefill_lane,
         max_ttft_ratio=max_ttft_ratio or DEFAULT_MAX_TTFT_RATIO,
+        prefix_limit=0
+        if not prefix_cache
+        else None
+        if prefix_cache_mb is None
+        else prefix_cache_mb << 20,
     )
     from exo.common import keys
     from exo.nodes.machine.interfaces import load_link_types

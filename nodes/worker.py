@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 PROGRESS_S = 1.0
 FAILING_STEPS = 3
+SHRINK_S = 5.0  # how often memory pressure may shrink the prefix cache
 
 
 class Node:
@@ -100,6 +101,9 @@ class Node:
         self.progress_sent: dict[str, float] = {}
         self.seq: dict[str, int] = {}  # rid -> the TOKENS sent for it (protocol.Tokens.seq)
         self.last_step_s = 0.0
+        # the memory pressure INFO last read (on the link's thread), acted on here
+        self.pressure = "normal"
+        self.next_shrink = 0.0
         self.usage = Usage()
         self.usage_at = 0.0
         # (rid, wall-clock time the engine dropped it), for `bench cancel` and tests
@@ -132,6 +136,7 @@ class Node:
         d["probe_port"] = self.prober.port
         d["weights_port"] = self.weights.port if self.weights else None
         d["memory_pressure"] = read_pressure()
+        self.pressure = str(d["memory_pressure"]["level"])
         d["model_meta"] = {m: model_meta(p) for m, p in models.items()}
         return d
 
@@ -223,6 +228,20 @@ class Node:
         for model_id, n in list(self.engine.step_faults.items()):
             if n >= FAILING_STEPS:
                 self.fail_model(model_id, f"its last {n} steps on {self.name} failed")
+        self.ease_pressure()
+
+    def ease_pressure(self) -> None:
+        """Under memory pressure the prefix cache gives memory back: half of it at
+        each reading (every SHRINK_S at most) while warned, all of it when critical."""
+        now = time.monotonic()
+        if self.pressure == "normal" or now < self.next_shrink or not self.engine.prefix.nbytes:
+            return
+        self.next_shrink = now + SHRINK_S
+        keep = 0 if self.pressure == "critical" else self.engine.prefix.nbytes // 2
+        freed = self.engine.prefix.evict(keep)
+        log.warning(
+            "memory pressure %s: %d MiB of cached prefixes freed", self.pressure, freed >> 20
+        )
 
     def step(self) -> list[Output]:
         """One engine step. A model's part that raises fails its own requests in the

@@ -20,6 +20,7 @@ import pytest
 from exo.api.routes import dashboard
 from exo.tools.cluster import LocalCluster
 from tests.helpers import wait_until
+from tests.hub import Hub
 from tests.netbed import Bed, need_root
 
 TINY = "test/tiny-llama"
@@ -210,6 +211,44 @@ def test_one_node_chat_streams_and_stop_ends_the_request_on_the_node(
         page.wait_for_selector("#requests tbody tr[data-request]", state="detached")
         p.shot("chat-stopped")
         assert p.errors == [] and p.foreign == []
+        # A request the cluster refuses: the page says why.
+        page.select_option("#chat-model", TINY)
+        page.fill("#chat-input", "many words " * 1200)  # past the tiny model's context
+        page.click("#chat-send")
+        page.wait_for_selector(".msg.assistant.failed .meta", timeout=30_000)
+        why = page.inner_text(".msg.assistant.failed .meta")
+        assert "the cluster failed the request" in why and "context" in why, why
+        assert page.is_visible("#chat-send") and not page.is_visible("#chat-stop")
+    finally:
+        p.close()
+
+
+def test_a_request_in_flight_is_cancelled_from_its_row(
+    browser: Any, one: LocalCluster, tmp_path: Path
+) -> None:
+    body = {
+        "model": TALKER,
+        "prompt": "Once upon a time",
+        "max_tokens": 3000,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    p = Page(browser, one.url, tmp_path)
+    page = p.page
+    ended: list[str] = []
+    try:
+        with httpx.stream("POST", f"{one.url}/v1/completions", json=body, timeout=120) as r:
+            rid = r.headers["x-request-id"]
+            row = f"#requests tr[data-request='{rid}']"
+            page.wait_for_selector(f"{row} button:not([disabled])", timeout=30_000)
+            p.shot("request-in-flight")
+            page.click(f"{row} button")
+            page.wait_for_selector("#requests-notice:has-text('cancelled')")
+            ended += [line for line in r.iter_lines() if '"cancelled"' in line]
+        assert ended, "the stream did not end as cancelled"
+        wait_until(lambda: any(x[0] == rid for x in node_status(one)["recent_cancels"]))
+        page.wait_for_selector(row, state="detached")
+        assert p.errors == [] and p.foreign == []
     finally:
         p.close()
 
@@ -253,6 +292,40 @@ def test_placing_and_deleting_an_instance_from_the_page(
         p.close()
 
 
+def test_a_pull_from_the_page_shows_its_progress_and_a_chat_waits_for_it(
+    browser: Any, tiny_path: Path, tmp_path: Path
+) -> None:
+    repo = "hubtest/tiny-llama"
+    with Hub({repo: tiny_path}) as hub:
+        hub.faults.rate = (tiny_path / "model.safetensors").stat().st_size / 5  # about 5 s
+        env = {"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"}
+        logs = tmp_path / "logs"
+        with LocalCluster.on_free_ports(tmp_path / "models", log_dir=logs, env=env) as c:
+            p = Page(browser, c.url, tmp_path)
+            page = p.page
+            try:
+                page.fill("#pull-model", repo)
+                page.click("#pull-form button")
+                page.wait_for_selector("#models-notice:has-text('pulling')")
+                page.wait_for_selector(f"#nodes .download[data-model='{repo}'] .progress")
+                # asked while it downloads: the request waits, and the chat says why
+                option = f"#chat-model option[value='{repo}']"
+                page.wait_for_selector(option, state="attached")
+                assert "downloading" in page.inner_text(option)
+                page.select_option("#chat-model", repo)
+                page.fill("#chat-max", "5")
+                page.fill("#chat-input", "hi")
+                page.click("#chat-send")
+                page.wait_for_selector("#chat-status:has-text('downloading')", timeout=30_000)
+                assert " left" in page.inner_text(f"#nodes .download[data-model='{repo}']")
+                p.shot("downloading")
+                page.wait_for_selector(".msg.assistant .meta:has-text('TTFT')", timeout=120_000)
+                page.wait_for_selector(f"#models tr[data-model='{repo}']")
+                assert p.errors == [] and p.foreign == []
+            finally:
+                p.close()
+
+
 def test_two_nodes_show_their_links_and_a_link_going_down(
     browser: Any, models_dir: Path, tmp_path: Path
 ) -> None:
@@ -260,7 +333,9 @@ def test_two_nodes_show_their_links_and_a_link_going_down(
     bed = Bed()
     try:
         wifi, eth = bed.two_hosts()
-        with bed.cluster(models_dir, log_dir=tmp_path / "logs") as c:
+        # the broker on host a; node1 reaches it over the ethernet link
+        logs = tmp_path / "logs"
+        with bed.cluster(models_dir, broker_in="a", via={"b": eth[0]}, log_dir=logs) as c:
             p = Page(browser, c.url, tmp_path)
             page = p.page
             try:
@@ -293,8 +368,9 @@ def test_two_nodes_show_their_links_and_a_link_going_down(
                 )
                 assert r.status_code == 201, r.text
                 iid = r.json()["id"]
-                carries = "#links tr[data-type={}] td:last-child:has-text('{}')"
+                carries = '#links tr[data-type={}] td.carries:has-text("{}")'
                 page.wait_for_selector(carries.format("ethernet", iid), timeout=60_000)
+                page.wait_for_selector(carries.format("ethernet", "node1's broker link"))
                 page.wait_for_selector("#topology path.link.route.t-ethernet", state="attached")
                 p.shot("two-nodes")
 
@@ -309,6 +385,8 @@ def test_two_nodes_show_their_links_and_a_link_going_down(
                 page.wait_for_selector("#topology path.link.down", state="attached")
                 # and the stage traffic's new route, over WiFi
                 page.wait_for_selector(carries.format("wifi", iid), timeout=20_000)
+                page.wait_for_selector(carries.format("wifi", "node1's broker link"))
+                assert "failed over from" in page.inner_text("#nodes .node[data-node*=node1]")
                 p.shot("ethernet-down")
                 assert p.errors == [] and p.foreign == []
             finally:

@@ -325,3 +325,23 @@ def bench_links(rounds: int, as_json: bool, models_dir: Path | None) -> None:
     res = bl.run(resolve_models_dir(models_dir), rounds)
     bl.report(res)
     print(json.dumps(res) if as_json else "")
+
+
+@bench.command("prefix")
+@click.option("--model", default=None, help="Model id (default: the default model).")
+@click.option(
+    "--turns", default=6, show_default=True, help="Conversation turns, the first included."
+)
+@click.option("--json", "as_json", is_flag=True)
+@models_dir_option
+def bench_prefix(model: str | None, turns: int, as_json: bool, models_dir: Path | None) -> None:
+    """A chat's next turn and an agent's shared system prompt, with the prefix cache,
+    without it, and on mlx_lm.server with its own prompt cache."""
+    from exo.nodes.store.store import ModelStore
+    from exo.tools import bench_prefix as bp
+
+    model_id, d = _model(model, models_dir)
+    path = ModelStore(d).path(model_id)
+    res = bp.run(d, model_id, path, turns)
+    bp.report(res)
+    print(json.dumps(res) if as_json else "")

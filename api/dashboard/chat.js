@@ -30,13 +30,23 @@ function busy(on) {
 }
 
 // Models one can chat with: those with a ready instance first, then the rest on
-// disk (the cluster places one on first use).
+// disk (the cluster places one on first use), then those downloading (a request
+// waits for its download, with its progress).
 function choices(state) {
   const ready = new Set((state.instances || []).filter((i) => i.state === "ready").map((i) => i.model));
   const all = Object.keys(models(state));
   for (const m of ready) if (!all.includes(m)) all.push(m);
+  const coming = new Set();
+  for (const n of state.nodes || []) {
+    for (const d of n.status?.downloads || []) {
+      if (!d.error && d.state !== "done" && !all.includes(d.model)) coming.add(d.model);
+    }
+  }
   all.sort((a, b) => (ready.has(b) - ready.has(a)) || a.localeCompare(b));
-  return all.map((m) => [m, ready.has(m) ? m : `${m} (not placed)`]);
+  return [
+    ...all.map((m) => [m, ready.has(m) ? m : `${m} (not placed)`]),
+    ...[...coming].sort().map((m) => [m, `${m} (downloading)`]),
+  ];
 }
 
 async function send(e) {

@@ -4,22 +4,6 @@
 import { $, fill, h } from "./dom.js";
 import { bytes, duration, pct } from "./format.js";
 
-// Download progress seen before, to estimate each one's rate: key -> {t, done, Bps}.
-const seen = new Map();
-
-function eta(nodeId, d) {
-  const key = `${nodeId}|${d.model}`;
-  const now = performance.now() / 1000;
-  const last = seen.get(key);
-  let Bps = last?.Bps ?? null;
-  if (last && d.done > last.done && now > last.t) {
-    const inst = (d.done - last.done) / (now - last.t);
-    Bps = Bps === null ? inst : 0.7 * Bps + 0.3 * inst;
-  }
-  if (!last || d.done !== last.done) seen.set(key, { t: now, done: d.done, Bps });
-  return Bps && d.total > d.done ? (d.total - d.done) / Bps : null;
-}
-
 function meter(frac, extra = "") {
   const cls = frac > 0.9 ? "meter bad" : frac > 0.75 ? "meter warn" : "meter";
   return h("div", { class: `${cls} ${extra}` }, h("span", { style: `width:${Math.min(100, Math.max(0, frac * 100)).toFixed(1)}%` }));
@@ -28,10 +12,11 @@ function meter(frac, extra = "") {
 function downloads(node) {
   return (node.status?.downloads || []).map((d) => {
     const frac = d.total ? d.done / d.total : 0;
-    const left = eta(node.id, d);
-    const what = d.error
-      ? `failed: ${d.error}`
-      : `${d.state} · ${bytes(d.done)} of ${bytes(d.total)} (${pct(frac)})${left !== null ? ` · ${duration(left)} left` : ""}`;
+    const figures = [`${bytes(d.done)} of ${bytes(d.total)} (${pct(frac)})`];
+    if (d.rate) figures.push(`${bytes(d.rate)}/s`);
+    if (d.eta_s !== null && d.eta_s !== undefined && d.state === "downloading") figures.push(`${duration(d.eta_s)} left`);
+    if (d.source) figures.push(`from ${d.source}`);
+    const what = d.error ? `failed: ${d.error}` : `${d.state} · ${figures.join(" · ")}`;
     return h("div", { class: "download", "data-model": d.model },
       h("div", {}, h("b", {}, d.model), " ", h("span", { class: d.error ? "s-failed" : "hint" }, what)),
       meter(frac, "progress"));
@@ -43,6 +28,13 @@ function engine(s) {
   const parts = [`${s.running || 0} running`, `${s.prefilling || 0} prefilling`, `${s.queued || 0} queued`];
   if (tps) parts.push(`${tps.toFixed(1)} tok/s`);
   return parts.join(" · ");
+}
+
+function prefix(p) {
+  if (!p) return "–";
+  if (!p.limit) return "off";
+  const tokens = Object.values(p.models || {}).reduce((n, m) => n + m.tokens, 0);
+  return `${tokens} tokens · ${bytes(p.bytes)} of ${bytes(p.limit)} · ${p.hits} hits, ${p.reused_tokens} tokens reused`;
 }
 
 function stages(s) {
@@ -77,6 +69,7 @@ function card(node) {
         `${bytes(total - avail)} used of ${bytes(total)} · ${bytes(avail)} available`),
       h("dt", {}, "KV"), h("dd", {}, `${bytes(s.kv_bytes || 0)} of ${bytes(s.kv_budget || 0)}`),
       h("dt", {}, "Engine"), h("dd", { class: "engine" }, engine(s)),
+      h("dt", {}, "Prefix cache"), h("dd", { class: "prefix" }, prefix(s.prefix_cache)),
       h("dt", {}, "Models"), h("dd", {}, models.length
         ? models.map((m) => h("div", {}, m, loaded.has(m) ? h("span", { class: "pill s-ready" }, "loaded") : null))
         : "none"),

@@ -57,6 +57,23 @@ export function routes(instances, cableList) {
   return carried;
 }
 
+// Which cable each node's broker connection rides (the broker on another node's
+// host, reached at that host's address on the cable): {cableKey: [labels]}.
+export function brokerLinks(nodes, cableList) {
+  const carried = {};
+  for (const n of nodes) {
+    const host = hostOf(n.status?.broker?.endpoint);
+    if (!host) continue;
+    for (const c of cableList) {
+      const other = c.a.node === n.id ? c.b : c.b.node === n.id ? c.a : null;
+      if (other && c.links.some((l) => [l.a, l.b].some((e) => e.node === other.node && e.address === host))) {
+        (carried[c.key] ||= []).push(`${n.name || n.id}'s broker link`);
+      }
+    }
+  }
+  return carried;
+}
+
 function positions(nodes) {
   const pos = {};
   const n = nodes.length;
@@ -133,10 +150,10 @@ export function render(state) {
   $("topology-hint").textContent = nodes.length
     ? `${nodes.length} node${nodes.length > 1 ? "s" : ""} · ${cableList.length} link${cableList.length === 1 ? "" : "s"}`
     : "no nodes";
-  renderTable(cableList, carried);
+  renderTable(cableList, carried, brokerLinks(nodes, cableList));
 }
 
-function renderTable(cableList, carried) {
+function renderTable(cableList, carried, broker) {
   fill($("links").tBodies[0], cableList.map((c) => {
     const sources = [...new Set([c.a.source, c.b.source])].join(" / ");
     return h("tr", { "data-cable": c.key, "data-type": c.type, "data-up": String(c.up) },
@@ -148,6 +165,6 @@ function renderTable(cableList, carried) {
       h("td", { class: "num bandwidth" }, c.up ? bits(c.bandwidth_Bps) : h("span", { class: "pill s-down" }, "down")),
       h("td", { class: "num" }, rate(c.a_to_b)),
       h("td", { class: "num" }, rate(c.b_to_a)),
-      h("td", {}, (carried[c.key] || []).join(", ") || "–"));
+      h("td", { class: "carries" }, [...(carried[c.key] || []), ...(broker[c.key] || [])].join(", ") || "–"));
   }));
 }

@@ -209,9 +209,13 @@ def tool_use(call: dict[str, Any]) -> dict[str, Any]:
 
 
 def tokens(usage: dict[str, Any]) -> dict[str, int]:
+    """Anthropic's usage: input tokens read from the prefix cache counted apart."""
+    cached = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0))
     return {
-        "input_tokens": int(usage.get("prompt_tokens", 0)),
+        "input_tokens": int(usage.get("prompt_tokens", 0)) - cached,
         "output_tokens": int(usage.get("completion_tokens", 0)),
+        "cache_read_input_tokens": cached,
+        "cache_creation_input_tokens": 0,
     }
 
 

@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from exo.api.jobs import Job
 from exo.api.replies import Done, Reply, Text
 from exo.api.routes import client_of, replier, submitted
+from exo.api.schemas import closed
 from exo.broker import protocol as P
 from exo.common.sampling import SamplingParams
 
@@ -88,7 +89,7 @@ def params(body: dict[str, Any]) -> dict[str, Any]:
     if fmt == "json":
         out["json_schema"] = '{"type": "object"}'
     elif isinstance(fmt, dict):
-        out["json_schema"] = json.dumps(fmt)
+        out["json_schema"] = json.dumps(closed(fmt))
     elif fmt not in (None, ""):
         raise Refused("format must be 'json' or a JSON schema")
     try:

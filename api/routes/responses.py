@@ -185,7 +185,9 @@ def response(rid: str, model: str, status: str, output: list[Any], usage: Any) -
             "input_tokens": int(u.get("prompt_tokens", 0)),
             "output_tokens": int(u.get("completion_tokens", 0)),
             "total_tokens": int(u.get("total_tokens", 0)),
-            "input_tokens_details": {"cached_tokens": 0},
+            "input_tokens_details": {
+                "cached_tokens": int((u.get("prompt_tokens_details") or {}).get("cached_tokens", 0))
+            },
             "output_tokens_details": {"reasoning_tokens": 0},
         },
     }

@@ -153,6 +153,15 @@ class Batch:
     def nbytes(self) -> int:
         return sum(c.nbytes for g in self.groups for c in g.cache)
 
+    def row_kv(self, rid: str) -> list[tuple[mx.array, mx.array]] | None:
+        """Row `rid`'s keys and values in every layer, its tokens in order (views:
+        copy them before the row leaves)."""
+        for g in self.groups:
+            if rid in g.rids:
+                i = g.rids.index(rid)
+                return [c.row(i) for c in g.cache]
+        return None
+
 
 class Row(Protocol):
     rid: str

@@ -14,11 +14,13 @@ import logging
 from collections import OrderedDict, deque
 from typing import Any
 
+from exo.common.digests import chain
 from exo.nodes.engine.ahead import Prefetched
 from exo.nodes.engine.batch import Batch
 from exo.nodes.engine.lane import Lane
 from exo.nodes.engine.mlxenv import mx
 from exo.nodes.engine.model import LoadedModel, kv_bytes_per_token
+from exo.nodes.engine.prefix import PrefixCache
 from exo.nodes.engine.request import (
     EngineError,
     Phase,
@@ -46,11 +48,17 @@ def default_kv_budget() -> int:
 
 
 class Book:
-    def __init__(self, kv_budget: int | None, lane: Lane | None) -> None:
+    def __init__(
+        self, kv_budget: int | None, lane: Lane | None, prefix_limit: int | None = None
+    ) -> None:
         self.lane = lane
         # (rid, code, why): requests the engine gave up on, owed an error
         self._failed: list[tuple[str, str, str]] = []
         self.kv_budget = kv_budget if kv_budget is not None else default_kv_budget()
+        # KV of prompts and answers already run, within the budget (prefix.py);
+        # by default up to half of it, 0: off
+        self.prefix = PrefixCache(self.kv_budget // 2 if prefix_limit is None else prefix_limit)
+        self.prefix_models: set[str] = set()  # the models it serves (prefix.supports)
         self.models: dict[str, LoadedModel] = {}
         self.requests: OrderedDict[str, Request] = OrderedDict()  # admitted
         self.queue: deque[Request] = deque()  # waiting for KV memory
@@ -98,6 +106,7 @@ class Book:
             else None,
         )
         req.think, req.thinking = thinking_markers(lm, prompt)
+        req.asked = (kind, payload)
         self.queue.append(req)
         self._admit()
         return req
@@ -145,6 +154,8 @@ class Book:
         reserved = sum(r.kv_reserved for r in self.requests.values())
         while self.queue and reserved + self.queue[0].kv_reserved <= self.kv_budget:
             front = self.queue[0]
+            # Cached prefixes give way before any request waits for KV memory.
+            self.prefix.evict(self.kv_budget - reserved - front.kv_reserved)
             if front.lm.kv_cap is not None:
                 mine = sum(r.kv_reserved for r in self.requests.values() if r.lm is front.lm)
                 if mine + front.kv_reserved > front.lm.kv_cap:
@@ -158,7 +169,44 @@ class Book:
                     c.step = -(-(len(req.prompt) + JOIN_ROOM) // KVCache.step) * KVCache.step
             self.requests[req.rid] = req
             reserved += req.kv_reserved
-            log.debug("rid=%s admitted: %d prompt tokens", req.rid, len(req.prompt))
+            self._reuse(req)
+            log.debug(
+                "rid=%s admitted: %d prompt tokens, %d cached", req.rid, len(req.prompt), req.cached
+            )
+
+    def _reuse(self, req: Request) -> None:
+        """Start `req` from the longest cached prefix of its prompt, if any."""
+        if req.lm.model_id not in self.prefix_models:
+            return
+        entry, n = self.prefix.lookup(req.lm.model_id, req.prompt)
+        if entry is not None:
+            assert req.cache is not None
+            self.prefix.fill(req.cache, entry, n)
+            req.prefilled = req.cached = n
+
+    def keep_prefix(self, req: Request) -> None:
+        """Cache what `req` has computed: its prompt (prefilled, about to join the
+        batch) or its prompt and answer (finished: its row, about to leave)."""
+        mid = req.lm.model_id
+        if mid not in self.prefix_models or not self.prefix.limit:
+            return
+        if req.cache is not None:
+            kv = [(c.keys[..., : c.offset, :], c.values[..., : c.offset, :]) for c in req.cache]
+        else:
+            row = self.batches[mid].row_kv(req.rid)
+            if row is None:
+                return
+            kv = row
+        n = int(kv[0][0].shape[2])
+        tokens = [*req.prompt, *req.sampled][:n]
+        if len(tokens) < n:
+            return  # (never: a row holds no key for a token it did not draw)
+        room = self.kv_budget - sum(r.kv_reserved for r in self.requests.values())
+        # The answer as the client will repeat it (plain text only: a tool call's or a
+        # thinking model's comes back reshaped).
+        plain = req.finish is not None and req.tool_text is None and req.think is None
+        answer = req.detok.text if plain and n > len(req.prompt) else None
+        self.prefix.store(mid, tokens, kv, room, chain(*req.asked, answer=answer))
 
     def cancel(self, rid: str) -> bool:
         for q in self.queue:

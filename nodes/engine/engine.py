@@ -44,10 +44,15 @@ class Engine(Book):
         max_stall: float = DEFAULT_MAX_STALL,
         lane: bool | None = None,
         max_ttft_ratio: float = DEFAULT_MAX_TTFT_RATIO,
+        prefix_limit: int | None = None,
     ) -> None:
         # Prompts arriving while streams decode prefill beside them on another core
         # (lane.py); None: where that pays (MLX's CPU backend, 2+ cores).
-        super().__init__(kv_budget, Lane() if (lane_default() if lane is None else lane) else None)
+        super().__init__(
+            kv_budget,
+            Lane() if (lane_default() if lane is None else lane) else None,
+            prefix_limit,
+        )
         self.pace = Pacer(prefill_budget, idle_budget, max_stall)
         self.watch = Watch(self.lane, max_ttft_ratio) if self.lane is not None else None
         self.step_faults: Counter[str] = Counter()  # model -> its steps that raised, in a row
@@ -59,8 +64,12 @@ class Engine(Book):
 
     def add_model(self, lm: LoadedModel) -> None:
         from exo.nodes.engine.forward import matmul_table
+        from exo.nodes.engine.prefix import supports
 
         self.models[lm.model_id] = lm
+        self.prefix.drop(lm.model_id)  # (a model loaded anew: nothing cached is its)
+        if supports(lm):
+            self.prefix_models.add(lm.model_id)
         self.pace.add_model(lm.model_id, lm.fused, matmul_table(lm.model))
         # Rows of very different lengths attend in separate groups, which only the
         # fused step runs (and a pipeline's later stages follow one group).
@@ -71,6 +80,8 @@ class Engine(Book):
         gone = self.fail_remote(model_id)
         self.pace.remove_model(model_id)
         self.stage0.forget(model_id)
+        self.prefix.drop(model_id)
+        self.prefix_models.discard(model_id)
         for d in (self.models, self.batches, self.prefetched):
             d.pop(model_id, None)
         return gone
@@ -360,6 +371,7 @@ class Engine(Book):
             outputs.append(out)
             if out.finish:
                 self.requests.pop(req.rid, None)
+                self.keep_prefix(req)
                 self._release(req)
                 finished = True
         # A request done at its first token never joins: joining pads every row of
@@ -367,6 +379,7 @@ class Engine(Book):
         joining = [r for r in joined if r.rid in self.requests]
         for i, req in enumerate(joining):
             assert req.cache is not None
+            self.keep_prefix(req)
             coming = sum(r.lm is req.lm for r in joining[i + 1 :])
             self.batches[req.lm.model_id].join(req.rid, req.cache, coming)
             req.cache = None

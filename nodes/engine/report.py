@@ -34,4 +34,6 @@ def status(engine: Engine) -> dict[str, Any]:
         else {},
         "prefill_cost": engine.pace.cost.theta,
         "lane": engine.watch.status() if engine.watch is not None else None,
+        # cached prefixes: per model entries, tokens and bytes; hits and tokens reused
+        "prefix_cache": engine.prefix.public(),
     }

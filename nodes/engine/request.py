@@ -61,6 +61,10 @@ class Request:
     think: tuple[int, int] | None = None
     thinking: bool = False
     admitted: bool = False  # given its cache (and its KV reserved)
+    cached: int = 0  # prompt tokens it started with from the prefix cache (prefix.py)
+    # what it was asked, as sent (kind, payload): its prefix digests (common/digests.py)
+    asked: tuple[str, Any] = ("", None)
+    sampled: list[int] = field(default_factory=list)  # every token it drew, EOS included
 
     @property
     def phase(self) -> Phase:
@@ -93,6 +97,7 @@ class Request:
         sequence may be starting), and whether it finishes here."""
         self.generated += 1
         self.last = token
+        self.sampled.append(token)
         finish: str | None = None
         ids = [token]
         is_eos = token in self.lm.eos and not self.params.ignore_eos
@@ -139,6 +144,7 @@ class Request:
                 "prompt_tokens": len(self.prompt),
                 "completion_tokens": self.generated - is_eos,
                 "total_tokens": len(self.prompt) + self.generated - is_eos,
+                "prompt_tokens_details": {"cached_tokens": self.cached},
             }
             log.info(
                 "rid=%s finished (%s): %d prompt + %d generated tokens in %.2fs",
@@ -157,7 +163,7 @@ class Output:
     ids: list[int]
     text: str
     finish: str | None = None
-    usage: dict[str, int] | None = None
+    usage: dict[str, Any] | None = None
     tool_calls: list[dict[str, Any]] | None = None
     reasoning: str = ""  # a thinking model's thoughts in this step
     logprobs: list[dict[str, Any]] | None = None  # per token sampled, when asked

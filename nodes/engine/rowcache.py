@@ -177,6 +177,18 @@ class RowCache:
         self.gaps.pop()
         self.rows = last
 
+    def row(self, row: int) -> tuple[mx.array, mx.array]:
+        """Row `row`'s keys and values, [1, heads, its tokens, dim]: the columns it
+        sees, in order (skipping those a longer row's join masked for it)."""
+        a, b = self.starts[row], self._idx
+        keys, values = self.keys[row : row + 1, :, a:b], self.values[row : row + 1, :, a:b]
+        if not self.gaps[row]:
+            return keys, values
+        import numpy as np
+
+        seen = mx.array(np.flatnonzero(np.array(self.valid[row, a:b])).astype(np.int32))
+        return mx.take(keys, seen, axis=2), mx.take(values, seen, axis=2)
+
     def dead_front(self) -> int:
         """Columns no live row sees, from column 0: left when the rows that began
         there are gone, and attended (masked) by every row at every step."""
