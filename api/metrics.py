@@ -72,6 +72,10 @@ def cluster_registry(state: dict[str, Any]) -> CollectorRegistry:
     pressure = Gauge("exo_memory_pressure_level", "0 normal, 1 warn, 2 critical", node, registry=r)
     available = Gauge("exo_memory_available_bytes", "Memory available", node, registry=r)
     downloads = Gauge("exo_downloads_active", "Downloads in progress", node, registry=r)
+    # (counters the nodes keep: set here, on a registry made for this scrape)
+    queries = Counter("vllm:prefix_cache_queries", "Prompt tokens looked up", node, registry=r)
+    hits = Counter("vllm:prefix_cache_hits", "Prompt tokens from the cache", node, registry=r)
+    cached = Gauge("exo_prefix_cache_bytes", "Prefix cache memory", node, registry=r)
     for n in state.get("nodes", []):
         name = str(n.get("name") or n.get("id"))
         st, info = n.get("status", {}), n.get("info", {})
@@ -86,6 +90,10 @@ def cluster_registry(state: dict[str, Any]) -> CollectorRegistry:
             d for d in st.get("downloads", []) if d.get("state") in ("listing", "downloading")
         ]
         downloads.labels(name).set(len(active))
+        prefix = st.get("prefix_cache") or {}
+        queries.labels(name).inc(max(0, prefix.get("queried_tokens", 0)))
+        hits.labels(name).inc(max(0, prefix.get("reused_tokens", 0)))
+        cached.labels(name).set(prefix.get("bytes", 0))
     link = ["a", "b", "type"]
     bandwidth = Gauge("exo_link_bandwidth_bytes_per_second", "Measured capacity", link, registry=r)
     rtt = Gauge("exo_link_rtt_seconds", "Measured round trip", link, registry=r)

@@ -349,6 +349,10 @@ class Broker:
         status = msg.status
         if status is not None and peer.role == "node":
             peer.status = reports.node_status(status)
+            clock = peer.status.get("clock")
+            if isinstance(clock, int | float):
+                # its clock less ours, as the heartbeat lands (off by the link's delay)
+                peer.clock_skew = round(float(clock) - time.time(), 3)
 
     def on_info(self, peer: Peer, msg: P.Info, frame: zmq.Frame) -> None:
         peer.info = reports.node_info(msg.info)

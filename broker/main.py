@@ -103,6 +103,13 @@ def serve_api(broker: str, host: str, port: int, access: Any = None, cluster: An
     show_default=True,
     help="Seconds between two measurements of the same link (changed links sooner).",
 )
+@click.option(
+    "--announce/--no-announce",
+    default=True,
+    show_default=True,
+    help="Announce the broker on the local network (mDNS, _exo._tcp) so that nodes "
+    "started without --broker find it (not when bound to loopback only).",
+)
 @api_options
 @click.option(
     "--insecure",
@@ -122,6 +129,7 @@ def main(
     no_api: bool,
     request_timeout: float,
     probe_every: float,
+    announce: bool,
     api_keys: tuple[str, ...],
     allowed_hosts: tuple[str, ...],
     allowed_origins: tuple[str, ...],
@@ -148,11 +156,23 @@ def main(
         probe_every=probe_every,
         cluster=cluster,
     )
-    if no_api:
-        signal.signal(signal.SIGTERM, lambda *_: broker.stop_event.set())
-        with contextlib.suppress(KeyboardInterrupt):
-            broker.run()
-        return
+    announcer = announced(cluster, host, port, pub_port, 0 if no_api else api_port, announce)
+    try:
+        if no_api:
+            signal.signal(signal.SIGTERM, lambda *_: broker.stop_event.set())
+            with contextlib.suppress(KeyboardInterrupt):
+                broker.run()
+            return
+        access = policy(api_host, api_keys, allowed_hosts, allowed_origins)
+        local = "127.0.0.1" if host in ("0.0.0.0", "*") else host
+        with_api(broker, f"tcp://{local}:{port}", api_host, api_port, access, cluster)
+    finally:
+        if announcer is not None:
+            announcer.close()
+
+
+def with_api(broker: Any, local: str, host: str, port: int, access: Any, cluster: Any) -> None:
+    """The broker's loop on a thread, the API in this one (uvicorn takes the signals)."""
 
     def run() -> None:
         try:
@@ -165,14 +185,28 @@ def main(
 
     thread = threading.Thread(target=run, name="broker", daemon=True)
     thread.start()
-    local = "127.0.0.1" if host in ("0.0.0.0", "*") else host
     try:
-        access = policy(api_host, api_keys, allowed_hosts, allowed_origins)
-        # uvicorn handles SIGINT/SIGTERM
-        serve_api(f"tcp://{local}:{port}", api_host, api_port, access, cluster)
+        serve_api(local, host, port, access, cluster)
     finally:
         broker.stop_event.set()
         thread.join(timeout=2)
+
+
+def announced(
+    cluster: Any, host: str, port: int, pub_port: int, api_port: int, announce: bool
+) -> Any:
+    """The broker's mDNS announcement (common/discovery.py), or None: not asked,
+    bound to loopback only, or the network would not take it (said in the log)."""
+    from exo.common import discovery
+
+    if not announce or host.startswith("127.") or host in ("localhost", "::1"):
+        return None
+    try:
+        print_ = discovery.fingerprint(cluster.broker.public if cluster is not None else None)
+        return discovery.Announcer(print_, port, pub_port, api_port)
+    except Exception as e:  # no multicast here, a name clash...: nodes name the broker
+        log.warning("could not announce the broker on the local network: %s", e)
+        return None
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ class Peer:
     last_seen: float = field(default_factory=time.monotonic)
     joined: float = field(default_factory=time.time)
     key: str | None = None  # its connection's CURVE key (None: an insecure cluster)
+    clock_skew: float | None = None  # its wall clock less the broker's, seconds
 
     @property
     def models(self) -> list[str]:
@@ -43,6 +44,7 @@ class Peer:
             "info": self.info,
             "status": self.status,
             "age_s": round(time.monotonic() - self.last_seen, 3),
+            "clock_skew_s": self.clock_skew,
         }
 
 

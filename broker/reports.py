@@ -114,6 +114,7 @@ class NodeStatus(Struct, forbid_unknown_fields=False):
     stages: Annotated[dict[Text, StageState], Items] = {}
     probes: Annotated[dict[Text, Probe], Items] = {}
     prefix_cache: PrefixReport | None = None
+    clock: Annotated[float, Meta(ge=0.0, le=1e11)] | None = None  # its time.time()
 
 
 def plain(obj: Any, depth: int = 0) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -13,13 +15,15 @@ from exo.broker.protocol import DEFAULT_ROUTER_PORT
 from exo.common import hugepages, logs
 from exo.nodes.store.store import default_models_dir
 
+log = logging.getLogger("exo.nodes.main")
+
 
 @click.command()
 @click.option(
     "--broker",
-    default=f"tcp://127.0.0.1:{DEFAULT_ROUTER_PORT}",
-    show_default=True,
-    help="The broker's ROUTER endpoint.",
+    default=None,
+    help="The broker's ROUTER endpoint (default: the broker of this node's cluster found "
+    f"on the local network, else tcp://127.0.0.1:{DEFAULT_ROUTER_PORT}).",
 )
 @click.option("--name", default=None, help="A label for this node (default: the hostname).")
 @click.option(
@@ -145,7 +149,7 @@ from exo.nodes.store.store import default_models_dir
 @click.option("--log", "log_spec", default=None, help='e.g. "info" or "nodes.engine=debug".')
 @click.option("--log-file", default=None, help="DEBUG log file (default ~/.exo/logs/node-PID.log).")
 def main(
-    broker: str,
+    broker: str | None,
     name: str | None,
     models_dir: Path | None,
     extra_dirs: tuple[Path, ...],
@@ -206,7 +210,7 @@ def main(
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     node = Node(
-        broker,
+        broker or find_broker(cluster, types),
         name or socket.gethostname(),
         models_dir or default_models_dir(),
         engine,
@@ -224,6 +228,27 @@ def main(
         sys.exit(node.run())
     except KeyboardInterrupt:
         node.stopping.set()
+
+
+def find_broker(cluster: Any, types: Any) -> str:
+    """The broker of this node's cluster on the local network (common/discovery.py),
+    over this machine's best link to it; else one on this machine's loopback."""
+    from exo.common import discovery
+    from exo.nodes.machine.interfaces import interfaces
+
+    print_ = discovery.fingerprint(cluster.broker.public if cluster is not None else None)
+    try:
+        found = discovery.choose(discovery.browse(), print_)
+    except discovery.NotFound as e:
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            if s.connect_ex(("127.0.0.1", DEFAULT_ROUTER_PORT)) == 0:
+                return f"tcp://127.0.0.1:{DEFAULT_ROUTER_PORT}"
+        raise click.ClickException(str(e)) from None
+    best = discovery.ranked(found.addresses, interfaces(types))
+    endpoint = f"tcp://{best[0]}:{found.router_port}"
+    log.info("found the broker %s on the local network: dialling %s", found.name, endpoint)
+    return endpoint
 
 
 if __name__ == "__main__":

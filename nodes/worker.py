@@ -292,6 +292,7 @@ class Node:
             "peer_bytes_received": self.peers.received,
             "peer_dropped": self.peers.dropped.snapshot(),
             "errors": dict(self.errors),
+            "clock": time.time(),  # the broker compares it with its own (clock skew)
         }
 
     def emit(self, outputs: list[Output]) -> None:

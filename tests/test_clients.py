@@ -477,6 +477,9 @@ def test_metrics_in_prometheus_text_with_vllms_names_and_the_clusters(cluster: A
         "vllm:num_requests_running",
         "vllm:num_requests_waiting",
         "vllm:kv_cache_usage_perc",
+        "vllm:prefix_cache_queries",
+        "vllm:prefix_cache_hits",
+        "exo_prefix_cache_bytes",
         "exo_memory_pressure_level",
         "exo_requests_active",
     ):

@@ -49,7 +49,8 @@ def test_the_cluster_check_reports_skew_pressure_and_links_down() -> None:
     state: dict[str, Any] = {
         "nodes": [
             {"name": "a", "info": {"memory_pressure": {"level": "critical"}}},
-            {"name": "b", "info": {}},
+            {"name": "b", "info": {}, "clock_skew_s": -4.2},
+            {"name": "c", "info": {}, "clock_skew_s": 0.01},
         ],
         "version_skew": {"mlx": {"0.32.4": ["a"], "0.31.0": ["b"]}},
         "links": [{"up": False, "a": {"address": "10.0.0.1"}, "b": {"address": "10.0.0.2"}}],
@@ -57,6 +58,7 @@ def test_the_cluster_check_reports_skew_pressure_and_links_down() -> None:
     found = [f for f in doctor.findings(state) if f.problem]
     text = "\n".join(f.line() for f in found)
     assert "versions: mlx" in text and "memory pressure critical" in text and "down" in text
+    assert "node b: its clock is -4.2 s from the broker's" in text and "node c" not in text
 
 
 def test_doctor_reads_a_running_cluster(cluster: Any, tmp_path: Path) -> None:
@@ -69,3 +71,5 @@ def test_doctor_reads_a_running_cluster(cluster: Any, tmp_path: Path) -> None:
     )  # fmt: skip
     assert f"ok    cluster at {cluster.url}: 1 node(s)" in got.stdout, got.stdout
     assert got.returncode == 0, got.stdout
+    (node,) = cluster.cluster_state()["nodes"]
+    assert abs(node["clock_skew_s"]) < 0.5  # measured, one machine: one clock

@@ -663,7 +663,7 @@ def test_a_long_prompts_chunks_through_numpy_equal_mlx_lm_alone_and_in_the_lane(
     monkeypatch.setattr(attention, "attend_chunk", counted)
     prompt = long_prompt(lm.tokenizer, 600)
     want = alone(lm, prompt, 8)
-    engine = Engine(lane=True)
+    engine = Engine(lane=True, prefix_limit=0)  # (the same prompt twice: prefilled twice)
     engine.add_model(lm)
     assert engine.lane is not None
     params = {"max_tokens": 8, "temperature": 0}

@@ -149,8 +149,8 @@ class LocalCluster:
             sys.executable,
             "-m",
             "exo.nodes.main",
-            "--broker",
-            self.node_broker.get(i, self.broker_addr),
+            # "" in node_broker: none given, the node finds the broker (discovery.py)
+            *(["--broker", b] if (b := self.node_broker.get(i, self.broker_addr)) else []),
             "--name",
             f"node{i}",
             "--models-dir",

@@ -162,6 +162,10 @@ def keys() -> Finding:
     return Finding("cluster keys")
 
 
+# Beyond this, logs and timestamps from different machines no longer line up.
+MAX_SKEW_S = 1.0
+
+
 def cluster(url: str, headers: dict[str, str]) -> list[Finding]:
     """The cluster as its broker sees it."""
     import httpx
@@ -201,6 +205,17 @@ def findings(state: dict[str, Any]) -> list[Finding]:
                     f"node {n.get('name')}",
                     f"memory pressure {level}",
                     "free memory there, or unload a model",
+                )
+            )
+    for n in state.get("nodes", []):
+        skew = n.get("clock_skew_s")
+        if isinstance(skew, int | float) and abs(skew) > MAX_SKEW_S:
+            out.append(
+                Finding(
+                    f"node {n.get('name')}",
+                    f"its clock is {skew:+.1f} s from the broker's",
+                    "keep both in sync: `timedatectl set-ntp true` (Linux), "
+                    "`sntp -sS time.apple.com` (macOS)",
                 )
             )
     for lk in state.get("links", []):

@@ -67,6 +67,7 @@ class Entry:
 class Stats:
     hits: int = 0  # requests that started from an entry
     misses: int = 0  # requests of a served model that found none
+    queried: int = 0  # prompt tokens looked up, summed
     reused: int = 0  # prompt tokens not prefilled, summed
     stored: int = 0
     evicted: int = 0
@@ -90,6 +91,7 @@ class PrefixCache:
         most all of the prompt but its last token (whose logits the request needs)."""
         if not self.limit:
             return None, 0
+        self.stats.queried += len(prompt)
         want = np.asarray(prompt, dtype=np.int32)
         best, n = None, 0
         for e in self.entries.get(model_id, []):
@@ -185,6 +187,7 @@ class PrefixCache:
             "digests": {m: self.digests(m) for m in self.entries},
             "hits": self.stats.hits,
             "misses": self.stats.misses,
+            "queried_tokens": self.stats.queried,
             "reused_tokens": self.stats.reused,
             "stored": self.stats.stored,
             "evicted": self.stats.evicted,
