@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from exo.broker import protocol as P
-from exo.common import logs
+from exo.common import logs, parent
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +138,7 @@ def main(
     log_file: str | None,
 ) -> None:
     """Route requests to the cluster's nodes and serve the OpenAI-compatible API."""
+    parent.follow_parent()
     logs.setup(log_spec, log_file or logs.default_log_file("broker"))
     from exo.broker.broker import Broker
     from exo.common import keys

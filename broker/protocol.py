@@ -322,6 +322,11 @@ class Act(Msg, tag="ACT"):
     shape: list[int]  # of the hidden states: [rows, width]
     new: dict[Id, Map] = {}  # sampling parameters of requests whose first chunk this is
     drops: list[Id] = []  # requests ended since the last step
+    # The prefix cache, as stage 0 decides it (nodes/engine/prefix.py); each stage
+    # keeps its own layers' part of every entry, under stage 0's key:
+    reuse: dict[Id, tuple[Id, int]] = {}  # a new request starts from (entry, its first n)
+    keep: list[tuple[Id, Id, int]] = []  # (request, entry, n): its first n keys, kept
+    forget: list[Id] = []  # entries stage 0 let go
 
 
 class Result(Msg, tag="RESULT"):

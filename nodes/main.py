@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from exo.broker.protocol import DEFAULT_ROUTER_PORT
-from exo.common import hugepages, logs
+from exo.common import hugepages, logs, parent
 from exo.nodes.store.store import default_models_dir
 
 log = logging.getLogger("exo.nodes.main")
@@ -174,6 +174,7 @@ def main(
     log_file: str | None,
 ) -> None:
     """Serve this machine's models to an exo cluster."""
+    parent.follow_parent()
     hugepages.ensure()
     logs.setup(log_spec, log_file or logs.default_log_file("node"))
     from exo.nodes.engine.engine import Engine

@@ -275,6 +275,8 @@ class Node:
         s = self.engine.status()
         s["kv_bytes"] += sum(r.kv_bytes() for r in self.hosting.runners())
         s["running"] += sum(len(r.batch.rids) for r in self.hosting.runners())
+        # later stages' parts of their stage 0's prefix cache entries
+        s["prefix_cache"]["stage_bytes"] = sum(r.prefix_bytes() for r in self.hosting.runners())
         return {
             **s,
             "stages": self.hosting.public(),

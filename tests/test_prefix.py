@@ -297,3 +297,40 @@ def test_memory_pressure_gives_the_cached_prefixes_back(models_dir: Path, tmp_pa
         squeezed = calm.replace("avg10=0.00", "avg10=55.00")
         psi.write_text(squeezed + squeezed.replace("some", "full"))
         wait_until(lambda: cached() == 0, timeout=30)
+
+
+def test_a_chat_on_two_stages_reuses_each_stages_part_and_answers_the_same(
+    models_dir: Path, tmp_path: Path
+) -> None:
+    import httpx
+
+    from exo.tools.cluster import LocalCluster, wait_ready
+
+    lm = load_model("test/tiny-llama", models_dir / "test--tiny-llama")
+    alone = Engine(prefix_limit=0, lane=False)
+    alone.add_model(lm)
+    with LocalCluster.on_free_ports(models_dir, nodes=2, log_dir=tmp_path) as c:
+        ids = {n["name"]: n["id"] for n in c.cluster_state()["nodes"]}
+        stages = [
+            {"node": ids["node0"], "layers": [0, 2]},
+            {"node": ids["node1"], "layers": [2, 4]},
+        ]
+        r = httpx.post(f"{c.url}/v1/instances", json={"model": lm.model_id, "stages": stages})
+        assert r.status_code == 201, r.text
+        wait_ready(c.url, r.json()["id"], timeout=60)
+        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hi"}]
+        for turn, ask in enumerate(["Which?", "Why?", "Then?"]):
+            body = {"model": lm.model_id, "messages": messages, "max_tokens": 10, "temperature": 0}
+            got = httpx.post(f"{c.url}/v1/chat/completions", json=body, timeout=60).json()
+            want_ids, want_text, _ = chat(alone, lm, f"t{turn}", messages, 10)
+            assert got["choices"][0]["message"]["content"] == want_text, turn
+            cached = got["usage"]["prompt_tokens_details"]["cached_tokens"]
+            assert (cached > 0) == (turn > 0), (turn, cached)
+            messages = [
+                *messages,
+                {"role": "assistant", "content": want_text},
+                {"role": "user", "content": ask},
+            ]
+        status = {n["name"]: n["status"] for n in c.cluster_state()["nodes"]}
+        assert status["node0"]["prefix_cache"]["hits"] == 2
+        assert status["node1"]["prefix_cache"]["stage_bytes"] > 0  # its layers' part

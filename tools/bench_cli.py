@@ -332,9 +332,12 @@ def bench_links(rounds: int, as_json: bool, models_dir: Path | None) -> None:
 @click.option(
     "--turns", default=6, show_default=True, help="Conversation turns, the first included."
 )
+@click.option("--baseline-agent", is_flag=True, help="The agent trace on mlx_lm.server too (slow).")
 @click.option("--json", "as_json", is_flag=True)
 @models_dir_option
-def bench_prefix(model: str | None, turns: int, as_json: bool, models_dir: Path | None) -> None:
+def bench_prefix(
+    model: str | None, turns: int, baseline_agent: bool, as_json: bool, models_dir: Path | None
+) -> None:
     """A chat's next turn and an agent's shared system prompt, with the prefix cache,
     without it, and on mlx_lm.server with its own prompt cache."""
     from exo.nodes.store.store import ModelStore
@@ -342,6 +345,6 @@ def bench_prefix(model: str | None, turns: int, as_json: bool, models_dir: Path 
 
     model_id, d = _model(model, models_dir)
     path = ModelStore(d).path(model_id)
-    res = bp.run(d, model_id, path, turns)
+    res = bp.run(d, model_id, path, turns, baseline_agent)
     bp.report(res)
     print(json.dumps(res) if as_json else "")

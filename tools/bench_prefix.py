@@ -2,7 +2,8 @@
 repeated system prompt, beside mlx_lm.server's own prompt cache in the same run.
 
 - conversation: one ~2,000-token first turn, then follow-up turns of ~50 tokens;
-  the figure is the mean TTFT of the follow-ups over the first turn's.
+  the figure is the mean TTFT of the follow-ups over the first turn's (also with
+  the model split over two nodes of this machine).
 - agent: CALLERS callers at once, each making CALLS calls that share one
   ~1,500-token system prompt with tools; mean TTFT and aggregate tokens/s, with
   the cache and without it (the node started with --no-prefix-cache).
@@ -25,7 +26,7 @@ from typing import Any
 import httpx
 
 from exo.tools.bench import machine
-from exo.tools.cluster import LocalCluster, api_headers, free_port
+from exo.tools.cluster import LocalCluster, api_headers, free_port, wait_ready
 
 WORDS = [
     "cluster",
@@ -195,6 +196,20 @@ def exo(models_dir: Path, model: str, cache: bool, fn: Any) -> dict[str, Any]:
         return dict(fn(c.url, model))
 
 
+def exo_split(models_dir: Path, model: str, fn: Any) -> dict[str, Any]:
+    """The model split over two nodes of this machine, a stage each."""
+    with LocalCluster.on_free_ports(models_dir, nodes=2, log_spec="warning") as c:
+        r = httpx.post(
+            f"{c.url}/v1/instances",
+            json={"model": model, "min_nodes": 2, "max_nodes": 2},
+            headers=api_headers(),
+            timeout=60,
+        )
+        r.raise_for_status()
+        wait_ready(c.url, r.json()["id"])
+        return dict(fn(c.url, model))
+
+
 def mlx_lm_server(path: Path, fn: Any) -> dict[str, Any]:
     """mlx-lm's own server (its LRU prompt cache on), on loopback."""
     port = free_port()
@@ -215,24 +230,29 @@ def mlx_lm_server(path: Path, fn: Any) -> dict[str, Any]:
         p.wait(timeout=30)
 
 
-def run(models_dir: Path, model: str, path: Path, turns: int) -> dict[str, Any]:
+def run(
+    models_dir: Path, model: str, path: Path, turns: int, baseline_agent: bool = False
+) -> dict[str, Any]:
+    """Each figure printed as it comes (a long run says where it is)."""
     convo = lambda url, m: conversation(url, m, turns)  # noqa: E731
-    return {
-        "machine": machine(),
-        "conversation": {
-            "exo": exo(models_dir, model, True, convo),
-            "mlx_lm.server": mlx_lm_server(path, convo),
-        },
-        "agent": {
-            "exo": exo(models_dir, model, True, agent),
-            "exo, no cache": exo(models_dir, model, False, agent),
-            "mlx_lm.server": mlx_lm_server(path, agent),
-        },
-    }
+    res: dict[str, Any] = {"machine": machine(), "conversation": {}, "agent": {}}
+    print(res["machine"], flush=True)
+    steps = [
+        ("conversation", "exo", lambda: exo(models_dir, model, True, convo)),
+        ("conversation", "mlx_lm.server", lambda: mlx_lm_server(path, convo)),
+        ("conversation", "exo, 2 stages", lambda: exo_split(models_dir, model, convo)),
+        ("agent", "exo", lambda: exo(models_dir, model, True, agent)),
+        ("agent", "exo, no cache", lambda: exo(models_dir, model, False, agent)),
+    ]
+    if baseline_agent:  # (mlx_lm.server takes the 24 calls one by one: long)
+        steps.append(("agent", "mlx_lm.server", lambda: mlx_lm_server(path, agent)))
+    for part, name, fn in steps:
+        res[part][name] = fn()
+        print(f"{part}, {name}: {json.dumps(res[part][name])}", flush=True)
+    return res
 
 
 def report(res: dict[str, Any]) -> None:
-    print(res["machine"])
     print("\nconversation: first turn, then follow-ups of ~50 tokens (TTFT)")
     print(f"  {'server':16} {'prompt':>7} {'first s':>8} {'next s':>8} {'next/first':>10}")
     for name, r in res["conversation"].items():
@@ -251,4 +271,3 @@ def report(res: dict[str, Any]) -> None:
     print(
         f"  TTFT with the cache / without: {a['exo']['ttft_mean_s'] / a['exo, no cache']['ttft_mean_s']:.3f}"
     )
-    print("\n2-stage pipeline: split models run without the prefix cache for now (prefix.py)")

@@ -65,6 +65,9 @@ class LocalCluster:
     # ~/.exo/cluster, as `exo-tools up` wants). insecure: no keys at all.
     insecure: bool = False
     cluster_dir: Path | None = None
+    # the processes end with this one, however it ends (common/parent.py); only
+    # for a cluster started from the main thread
+    tied: bool = False
 
     @classmethod
     def on_free_ports(cls, models_dir: Path, **kw: Any) -> LocalCluster:
@@ -84,6 +87,8 @@ class LocalCluster:
         env.pop("EXO_LOG", None)
         if self.cluster_dir is not None:
             env["EXO_CLUSTER_DIR"] = str(self.cluster_dir)
+        if self.tied:
+            env["EXO_PARENT_PID"] = str(os.getpid())
         return env
 
     def keys(self) -> Any:

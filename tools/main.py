@@ -239,6 +239,7 @@ def up(
         router_port=port,
         pub_port=pub_port,
         log_dir=exo_home / "logs" / time.strftime("up-%Y%m%d-%H%M%S"),
+        tied=True,
     )
     stop = False
 
@@ -270,6 +271,16 @@ def up(
         click.echo("stopped")
 
 
+def placed(url: str, auth: dict[str, str], model: str, nodes: int) -> str | None:
+    """An instance of `model` already placed over `nodes` nodes, not failed."""
+    import httpx
+
+    for inst in httpx.get(f"{url}/v1/instances", headers=auth, timeout=10).json()["data"]:
+        if inst["model"] == model and len(inst["stages"]) == nodes and inst["state"] != "failed":
+            return str(inst["id"])
+    return None
+
+
 def place_and_greet(cluster: Any, model: str, nodes: int) -> None:
     """One instance across every node (a pipeline stage each), loaded now so the
     first real request does not wait for it; then how to use it."""
@@ -278,15 +289,20 @@ def place_and_greet(cluster: Any, model: str, nodes: int) -> None:
     from exo.tools.cluster import api_headers
 
     auth = api_headers()  # the broker honours EXO_API_KEY: so do we
-    r = httpx.post(
-        f"{cluster.url}/v1/instances",
-        timeout=60,
-        headers=auth,
-        json={"model": model, "min_nodes": nodes, "max_nodes": nodes},
-    )
-    if r.status_code != 201:
-        raise click.ClickException(f"could not place {model}: {r.text}")
-    inst = ready_or_exit(cluster.url, r.json()["id"])
+    # A request sent while up was starting may have placed the model already: an
+    # instance as asked (one stage per node) is what up wanted.
+    iid = placed(cluster.url, auth, model, nodes)
+    if iid is None:
+        r = httpx.post(
+            f"{cluster.url}/v1/instances",
+            timeout=60,
+            headers=auth,
+            json={"model": model, "min_nodes": nodes, "max_nodes": nodes},
+        )
+        iid = r.json()["id"] if r.status_code == 201 else placed(cluster.url, auth, model, nodes)
+        if iid is None:
+            raise click.ClickException(f"could not place {model}: {r.text}")
+    inst = ready_or_exit(cluster.url, iid)
     split = ", ".join(f"{s['node']} layers {s['layers']}" for s in inst["stages"])
     click.echo(f"\nexo is serving {model} on {nodes} node(s) ({split}); logs in {cluster.log_dir}")
     click.echo(f"OpenAI base URL: {cluster.url}/v1\n")

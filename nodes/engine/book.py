@@ -183,6 +183,8 @@ class Book:
             assert req.cache is not None
             self.prefix.fill(req.cache, entry, n)
             req.prefilled = req.cached = n
+            if req.lm.part is not None:  # the later stages start from their part of it
+                self.stage0.cache_reuse(req.lm.model_id, req.rid, entry.key, n)
 
     def keep_prefix(self, req: Request) -> None:
         """Cache what `req` has computed: its prompt (prefilled, about to join the
@@ -206,7 +208,9 @@ class Book:
         # thinking model's comes back reshaped).
         plain = req.finish is not None and req.tool_text is None and req.think is None
         answer = req.detok.text if plain and n > len(req.prompt) else None
-        self.prefix.store(mid, tokens, kv, room, chain(*req.asked, answer=answer))
+        entry = self.prefix.store(mid, tokens, kv, room, chain(*req.asked, answer=answer))
+        if req.lm.part is not None and entry is not None:
+            self.stage0.cache_keep(mid, req.rid, entry.key, n)  # (the later stages' parts)
 
     def cancel(self, rid: str) -> bool:
         for q in self.queue:

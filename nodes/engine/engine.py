@@ -254,7 +254,9 @@ class Engine(Book):
         rows = [self.requests[r] for r in batch.rids]
         sampled: list[tuple[list[Request], mx.array]] = []
         joined: list[Request] = []
+        gone = self.prefix.gone.pop(model_id, [])  # cached prefixes let go
         if lm.part is not None:
+            self.stage0.cache_forget(model_id, gone)  # (the later stages' parts too)
             self.stage0.send(lm, batch, rows, chunks, self.steps, t0)
             return sampled, joined, [], False
         work: list[Work] = [

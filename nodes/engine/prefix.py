@@ -15,10 +15,12 @@ whole buffer at the next write), live inside the node's KV budget, and go least
 recently used first: to make room for a new entry within `limit`, and before any
 request would wait for KV memory (`Book._admit`). Memory pressure halves it.
 
-Which models it serves: every model a node runs whole. Sliding-window layers keep
-all their keys here (the window is a mask: span.py), so a copy starts them as
-well. A model split across nodes runs without it for now: every stage would need
-the same entry, told by stage 0 in the step header (`supports`).
+Which models it serves: all the engine runs. Sliding-window layers keep all
+their keys here (the window is a mask: span.py), so a copy starts them as well.
+For a model split across nodes stage 0 decides: its step header tells the later
+stages which request starts from which entry (`reuse`), which request's keys to
+keep as an entry (`keep`) and which entries to let go (`forget`); each stage
+keeps its own layers' part under stage 0's key (pipeline/stage.py).
 """
 
 from __future__ import annotations
@@ -43,7 +45,14 @@ def supports(lm: Any) -> bool:
 
     from exo.nodes.engine.span import new_cache
 
-    return lm.part is None and all(type(c) is KVCache for c in new_cache(lm.layers))
+    return all(type(c) is KVCache for c in new_cache(lm.layers))
+
+
+def copied(kv: KV) -> KV:
+    """A copy of `kv`, evaluated (never a view of a buffer still written)."""
+    out = [(mx.contiguous(k), mx.contiguous(v)) for k, v in kv]
+    mx.eval(out)
+    return out
 
 
 def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -59,6 +68,7 @@ class Entry:
     tokens: np.ndarray  # int32, one per cached position
     kv: KV
     nbytes: int
+    key: str = ""  # its name at a split model's later stages
     digests: list[str] = field(default_factory=list)  # what the broker routes on
     used: float = field(default_factory=time.monotonic)
 
@@ -79,6 +89,10 @@ class PrefixCache:
         self.min_tokens = min_tokens
         self.entries: dict[str, list[Entry]] = {}  # model id -> its entries
         self.stats = Stats()
+        self.keys = 0  # entries made: each one's key
+        # model id -> keys of entries gone since asked (a split model's later stages
+        # let theirs go too: Stage0 carries them)
+        self.gone: dict[str, list[str]] = {}
 
     @property
     def nbytes(self) -> int:
@@ -119,34 +133,35 @@ class PrefixCache:
 
     def store(
         self, model_id: str, tokens: list[int], kv: KV, room: int, digests: list[str] | None = None
-    ) -> bool:
+    ) -> Entry | None:
         """Keep a copy of `kv` (the KV of `tokens`, in order), within `limit` and
         `room` (the KV budget not reserved by requests): older entries go first.
-        False when it is too short, already held, or cannot fit."""
+        The new entry; None when it is too short, already held, or cannot fit."""
         if not self.limit or len(tokens) < self.min_tokens:
-            return False
+            return None
         toks = np.asarray(tokens, dtype=np.int32)
         mine = self.entries.setdefault(model_id, [])
         for e in mine:
             if len(e.tokens) >= len(toks) and common_prefix(e.tokens, toks) == len(toks):
                 e.used = time.monotonic()  # a longer entry already serves these tokens
                 e.digests = list(dict.fromkeys([*e.digests, *(digests or [])]))[-MAX_DIGESTS:]
-                return False
-        copied = [(mx.contiguous(k), mx.contiguous(v)) for k, v in kv]
-        size = sum(int(k.nbytes + v.nbytes) for k, v in copied)
+                return None
+        size = sum(int(k[..., 0:1, :].nbytes * k.shape[2] * 2) for k, _ in kv)
         cap = min(self.limit, room)
         if size > cap:
-            return False
+            return None
         # Entries this one extends serve nothing it does not (their digests move to it).
         gone = [e for e in mine if common_prefix(e.tokens, toks) == len(e.tokens)]
         mine[:] = [e for e in mine if e not in gone]
+        self.gone.setdefault(model_id, []).extend(e.key for e in gone)
         self.evict(cap - size)
-        mx.eval(copied)
         kept = list(dict.fromkeys(d for e in gone for d in e.digests))
         kept = list(dict.fromkeys([*kept, *(digests or [])]))[-MAX_DIGESTS:]
-        self.entries.setdefault(model_id, []).append(Entry(toks, copied, size, kept))
+        self.keys += 1
+        entry = Entry(toks, copied(kv), size, str(self.keys), kept)
+        self.entries.setdefault(model_id, []).append(entry)
         self.stats.stored += 1
-        return True
+        return entry
 
     def evict(self, keep: int) -> int:
         """Drop least recently used entries until at most `keep` bytes remain;
@@ -157,7 +172,9 @@ class PrefixCache:
                 ((m, i) for m, es in self.entries.items() for i in range(len(es))),
                 key=lambda mi: self.entries[mi[0]][mi[1]].used,
             )
-            freed += self.entries[model].pop(i).nbytes
+            gone = self.entries[model].pop(i)
+            self.gone.setdefault(model, []).append(gone.key)
+            freed += gone.nbytes
             self.stats.evicted += 1
         for m in [m for m, es in self.entries.items() if not es]:
             del self.entries[m]
@@ -166,6 +183,7 @@ class PrefixCache:
     def drop(self, model_id: str) -> None:
         """A model unloaded or loaded anew: its entries describe weights gone."""
         self.entries.pop(model_id, None)
+        self.gone.pop(model_id, None)
 
     def digests(self, model_id: str) -> list[str]:
         newest = sorted(self.entries.get(model_id, []), key=lambda e: -e.used)

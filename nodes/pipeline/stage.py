@@ -18,11 +18,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from exo.broker import protocol as P
 from exo.nodes.engine.batch import Batch, sample_rows
 from exo.nodes.engine.mlxenv import mx
 from exo.nodes.engine.model import LoadedModel
+from exo.nodes.engine.prefix import KV, Entry, PrefixCache, copied
 from exo.nodes.engine.sampling import Sampler, SamplingParams, sampler_for
+
+EMPTY = np.zeros(0, dtype=np.int32)
 
 
 class StageError(Exception):
@@ -41,6 +46,8 @@ class StageRunner:
     batch: Batch = field(default_factory=Batch)
     caches: dict[str, list[Any]] = field(default_factory=dict)  # requests still prefilling
     samplers: dict[str, Sampler] = field(default_factory=dict)  # last stage only
+    # this stage's part of stage 0's prefix cache entries, by stage 0's key
+    entries: dict[str, KV] = field(default_factory=dict)
     steps: int = 0
     last_step: int = 0  # stage 0's number of the last step run here
 
@@ -86,15 +93,26 @@ class StageRunner:
 
         self.steps += 1
         self.last_step = header.step
+        # The prefix cache's orders first: keys kept before their rows leave,
+        # entries started from before they are let go.
+        for rid, key, n in header.keep:
+            self.keep(rid, key, n)
+        for rid, params in header.new.items():
+            self.caches[rid] = new_cache(lm.layers)
+            if rid in header.reuse:
+                key, n = header.reuse[rid]
+                if key not in self.entries:
+                    raise StageError(f"request {rid} starts from a cached prefix this stage lacks")
+                PrefixCache.fill(self.caches[rid], Entry(EMPTY, self.entries[key], 0), n)
+            if self.last:
+                self.samplers[rid] = sampler_for(lm, SamplingParams.from_wire(params))
+        for key in header.forget:
+            self.entries.pop(key, None)
         for rid in header.drops:
             self.drop(rid)
         decode = list(header.decode)
         to_mine, back = self.follow(decode)
         self.batch.grow_ahead()
-        for rid, params in header.new.items():
-            self.caches[rid] = new_cache(lm.layers)
-            if self.last:
-                self.samplers[rid] = sampler_for(lm, SamplingParams.from_wire(params))
         chunks = []
         for rid, n, logits in header.chunks:
             if rid not in self.caches:
@@ -121,6 +139,23 @@ class StageRunner:
         for r in names:
             self.samplers[r].accept(at[r])
         return [at[r] for r in names]
+
+    def keep(self, rid: str, key: str, n: int) -> None:
+        """Keep this stage's keys of `rid`'s first `n` tokens as entry `key`."""
+        cache = self.caches.get(rid)
+        if cache is not None:
+            kv = [(c.keys[..., :n, :], c.values[..., :n, :]) for c in cache]
+        else:
+            row = self.batch.row_kv(rid)
+            if row is None:
+                raise StageError(f"keep {rid}'s keys: this stage does not hold it")
+            kv = [(k[..., :n, :], v[..., :n, :]) for k, v in row]
+        if int(kv[0][0].shape[2]) != n:
+            raise StageError(f"keep {n} keys of {rid}: this stage holds {kv[0][0].shape[2]}")
+        self.entries[key] = copied(kv)
+
+    def prefix_bytes(self) -> int:
+        return sum(int(k.nbytes + v.nbytes) for kv in self.entries.values() for k, v in kv)
 
     def kv_bytes(self) -> int:
         return self.batch.nbytes() + sum(

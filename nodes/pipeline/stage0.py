@@ -60,6 +60,11 @@ class Stage0:
         self.drops: dict[str, list[str]] = {}  # model id -> requests to free there
         self.round_trip: dict[str, float] = {}  # model id -> a step's, smoothed
         self.resent = 0
+        # the prefix cache's orders for the later stages, by model, until a step
+        # carries them (P.Act's reuse, keep, forget)
+        self.reuses: dict[str, dict[str, tuple[str, int]]] = {}
+        self.keeps: dict[str, list[tuple[str, str, int]]] = {}
+        self.forgets: dict[str, list[str]] = {}
 
     def busy(self) -> KeysView[str]:
         """Models whose step is out: they take no new one."""
@@ -67,6 +72,17 @@ class Stage0:
 
     def drop(self, model_id: str, rid: str) -> None:
         self.drops.setdefault(model_id, []).append(rid)
+        self.reuses.get(model_id, {}).pop(rid, None)  # (ended before its first chunk)
+
+    def cache_reuse(self, model_id: str, rid: str, key: str, n: int) -> None:
+        self.reuses.setdefault(model_id, {})[rid] = (key, n)
+
+    def cache_keep(self, model_id: str, rid: str, key: str, n: int) -> None:
+        self.keeps.setdefault(model_id, []).append((rid, key, n))
+
+    def cache_forget(self, model_id: str, keys: list[str]) -> None:
+        if keys:
+            self.forgets.setdefault(model_id, []).extend(keys)
 
     def owed(self) -> set[str]:
         """Models with drops to carry and no step out to carry them."""
@@ -101,9 +117,14 @@ class Stage0:
             decode=list(batch.rids),
             chunks=[(r.rid, len(c.tokens), bool(c.logits)) for r, c in chunks],
             shape=list(h.shape),
-            new={r.rid: r.wire for r, _ in chunks if r.prefilled == 0},
+            # (a request's first chunk: nothing of it sent yet, cached or not)
+            new={r.rid: r.wire for r, _ in chunks if r.prefilled == r.cached},
             drops=self.drops.pop(lm.model_id, []),
         )
+        reuses = self.reuses.get(lm.model_id, {})
+        header.reuse = {rid: reuses.pop(rid) for rid in header.new if rid in reuses}
+        header.keep = self.keeps.pop(lm.model_id, [])
+        header.forget = self.forgets.pop(lm.model_id, [])
         self.hop(lm, header, h)
         for req, chunk in chunks:
             req.prefilled += len(chunk.tokens)
@@ -160,4 +181,5 @@ class Stage0:
 
     def forget(self, model_id: str) -> None:
         self.abandon(model_id)
-        self.drops.pop(model_id, None)
+        for d in (self.drops, self.reuses, self.keeps, self.forgets):
+            d.pop(model_id, None)
