@@ -103,8 +103,8 @@ def test_least_recently_used_entries_go_first_within_the_limit_and_the_room() ->
 
 def test_which_models_it_serves(tiny_path: Path) -> None:
     assert supports(lm := load_model("tiny", tiny_path))
-    lm.part = object()  # (a stage of a split model: not yet)
-    assert not supports(lm)
+    lm.part = object()  # stage 0 of a split model: it decides for the later stages
+    assert supports(lm)
 
 
 # -- in the engine ------------------------------------------------------------------------
@@ -334,3 +334,25 @@ def test_a_chat_on_two_stages_reuses_each_stages_part_and_answers_the_same(
         status = {n["name"]: n["status"] for n in c.cluster_state()["nodes"]}
         assert status["node0"]["prefix_cache"]["hits"] == 2
         assert status["node1"]["prefix_cache"]["stage_bytes"] > 0  # its layers' part
+
+
+def test_callers_arriving_together_prefill_their_shared_prompt_once(lm: LoadedModel) -> None:
+    on, off = engines(lm, lane=False, prefill_budget=64)
+    arrivals = {
+        0: [
+            (
+                f"c{i}",
+                lm.model_id,
+                "chat",
+                [{"role": "system", "content": SYSTEM}, {"role": "user", "content": ask}],
+                {**GREEDY, "max_tokens": 6},
+            )
+            for i, ask in enumerate(["One?", "Two?", "Three?"])
+        ]
+    }
+    got, _ = run(on, arrivals)
+    want, _ = run(off, arrivals)
+    assert got == want
+    # the first prefilled the system prompt; the others waited for it, then reused it
+    assert on.prefix.stats.hits == 2
+    assert on.prefix.stats.reused >= 2 * len(lm.tokenizer.encode(SYSTEM)) * 0.9

@@ -211,10 +211,18 @@ def exo_split(models_dir: Path, model: str, fn: Any) -> dict[str, Any]:
 
 
 def mlx_lm_server(path: Path, fn: Any) -> dict[str, Any]:
-    """mlx-lm's own server (its LRU prompt cache on), on loopback."""
+    """mlx-lm's own server (its LRU prompt cache on), on loopback, with OpenBLAS."""
+    import os
+
+    from exo.nodes.engine import mlxenv
+
     port = free_port()
     cmd = [sys.executable, "-m", "mlx_lm", "server", "--model", str(path), "--port", str(port)]
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = dict(os.environ)
+    if mlxenv._openblas is not None:
+        # The same BLAS as exo's nodes: MLX's CPU matmuls without it are ~10x slower.
+        env["LD_PRELOAD"] = str(mlxenv._openblas._name)
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120

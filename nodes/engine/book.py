@@ -14,13 +14,15 @@ import logging
 from collections import OrderedDict, deque
 from typing import Any
 
+import numpy as np
+
 from exo.common.digests import chain
 from exo.nodes.engine.ahead import Prefetched
 from exo.nodes.engine.batch import Batch
 from exo.nodes.engine.lane import Lane
 from exo.nodes.engine.mlxenv import mx
 from exo.nodes.engine.model import LoadedModel, kv_bytes_per_token
-from exo.nodes.engine.prefix import PrefixCache
+from exo.nodes.engine.prefix import PrefixCache, common_prefix
 from exo.nodes.engine.request import (
     EngineError,
     Phase,
@@ -154,6 +156,8 @@ class Book:
         reserved = sum(r.kv_reserved for r in self.requests.values())
         while self.queue and reserved + self.queue[0].kv_reserved <= self.kv_budget:
             front = self.queue[0]
+            if self._coming(front):
+                break  # (admitted at the step its prefix lands in the cache)
             # Cached prefixes give way before any request waits for KV memory.
             self.prefix.evict(self.kv_budget - reserved - front.kv_reserved)
             if front.lm.kv_cap is not None:
@@ -173,6 +177,25 @@ class Book:
             log.debug(
                 "rid=%s admitted: %d prompt tokens, %d cached", req.rid, len(req.prompt), req.cached
             )
+
+    def _coming(self, req: Request) -> bool:
+        """Whether `req` should wait for the prompt of a request prefilling now,
+        which shares most of its prompt and will be cached when done: callers
+        arriving together with one system prompt prefill it once, not each. Only
+        while that wait is shorter than prefilling the shared part again."""
+        if req.lm.model_id not in self.prefix_models or not self.prefix.limit:
+            return False
+        have = self.prefix.peek(req.lm.model_id, req.prompt)
+        want = np.asarray(req.prompt, dtype=np.int32)
+        for r in self.requests.values():
+            if r.lm is not req.lm or r.cache is None or not r.to_prefill:
+                continue
+            shared = common_prefix(np.asarray(r.prompt, dtype=np.int32), want)
+            gain = min(shared, len(req.prompt) - 1) - have
+            most = 2 * gain >= len(req.prompt) - have
+            if gain >= self.prefix.min_tokens and most and r.to_prefill <= 2 * gain:
+                return True
+        return False
 
     def _reuse(self, req: Request) -> None:
         """Start `req` from the longest cached prefix of its prompt, if any."""

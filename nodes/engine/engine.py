@@ -385,7 +385,7 @@ class Engine(Book):
             coming = sum(r.lm is req.lm for r in joining[i + 1 :])
             self.batches[req.lm.model_id].join(req.rid, req.cache, coming)
             req.cache = None
-        if finished:
+        if finished or joining:  # (a prompt just cached may be what the queue waits for)
             self._admit()
         return outputs
 

@@ -120,6 +120,13 @@ class PrefixCache:
         self.stats.reused += n
         return best, n
 
+    def peek(self, model_id: str, prompt: list[int]) -> int:
+        """How much of `prompt` a lookup would find now (nothing counted or touched)."""
+        want = np.asarray(prompt, dtype=np.int32)
+        n = max((common_prefix(e.tokens, want) for e in self.entries.get(model_id, [])), default=0)
+        n = min(n, len(prompt) - 1)
+        return n if n >= self.min_tokens else 0
+
     @staticmethod
     def fill(cache: list[Any], entry: Entry, n: int) -> None:
         """Write the entry's first `n` positions into a request's fresh caches."""
