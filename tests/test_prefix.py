@@ -356,3 +356,23 @@ def test_callers_arriving_together_prefill_their_shared_prompt_once(lm: LoadedMo
     # the first prefilled the system prompt; the others waited for it, then reused it
     assert on.prefix.stats.hits == 2
     assert on.prefix.stats.reused >= 2 * len(lm.tokenizer.encode(SYSTEM)) * 0.9
+
+
+def test_a_cache_that_fails_costs_its_entry_and_never_a_request(
+    tiny_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lm = load_model("tiny", tiny_path)
+    engine = Engine(lane=False)
+    engine.add_model(lm)
+
+    def broken(*a: Any, **k: Any) -> None:
+        raise RuntimeError("no room at all")
+
+    monkeypatch.setattr(engine.prefix, "store", broken)
+    params = {**GREEDY, "max_tokens": 8, "ignore_eos": True}
+    prompts = {i: [(f"r{i}", "tiny", "completion", list(range(5, 45)), params)] for i in (0, 1)}
+    for step in prompts.values():
+        ids, _ = run(engine, {0: step})
+        assert len(next(iter(ids.values()))) == 8
+    assert engine.prefix.stats.errors == 4  # each one's prompt and answer
+    assert engine.kv_bytes() == 0 and not engine.requests

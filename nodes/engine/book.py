@@ -211,7 +211,15 @@ class Book:
 
     def keep_prefix(self, req: Request) -> None:
         """Cache what `req` has computed: its prompt (prefilled, about to join the
-        batch) or its prompt and answer (finished: its row, about to leave)."""
+        batch) or its prompt and answer (finished: its row, about to leave). A
+        cache that fails costs its entry, never a request (logged, counted)."""
+        try:
+            self._keep_prefix(req)
+        except Exception:
+            self.prefix.stats.errors += 1
+            log.exception("rid=%s: its prefix was not cached", req.rid)
+
+    def _keep_prefix(self, req: Request) -> None:
         mid = req.lm.model_id
         if mid not in self.prefix_models or not self.prefix.limit:
             return

@@ -81,6 +81,7 @@ class Stats:
     reused: int = 0  # prompt tokens not prefilled, summed
     stored: int = 0
     evicted: int = 0
+    errors: int = 0  # entries that could not be kept (a bug: logged)
 
 
 class PrefixCache:
@@ -216,4 +217,5 @@ class PrefixCache:
             "reused_tokens": self.stats.reused,
             "stored": self.stats.stored,
             "evicted": self.stats.evicted,
+            "errors": self.stats.errors,
         }
