@@ -23,9 +23,16 @@ SYSTEM = (
 GREEDY = {"temperature": 0}
 
 
-@pytest.fixture(scope="module", params=["tiny", "smollm", "gemma3"])
-def lm(request: pytest.FixtureRequest, models_dir: Path) -> LoadedModel:
-    """A llama, a real model, and one with sliding-window layers."""
+@pytest.fixture(scope="module", params=["tiny", "smollm", "gemma3", "qwen3-q4"])
+def lm(
+    request: pytest.FixtureRequest, models_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> LoadedModel:
+    """A llama, a real model, one with sliding-window layers, a 4-bit quantized one."""
+    if request.param == "qwen3-q4":
+        from exo.tools.tiny import make_tiny
+
+        out = tmp_path_factory.mktemp("q4") / "qwen3-q4"
+        return load_model("q4", make_tiny(out, arch="qwen3", hidden=128, bits=4))
     folder = {
         "tiny": "test--tiny-llama",
         "smollm": "HuggingFaceTB--SmolLM2-135M-Instruct",
