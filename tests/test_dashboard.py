@@ -297,7 +297,7 @@ def test_a_pull_from_the_page_shows_its_progress_and_a_chat_waits_for_it(
 ) -> None:
     repo = "hubtest/tiny-llama"
     with Hub({repo: tiny_path}) as hub:
-        hub.faults.rate = (tiny_path / "model.safetensors").stat().st_size / 5  # about 5 s
+        hub.faults.rate = (tiny_path / "model.safetensors").stat().st_size / 10  # about 10 s
         env = {"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"}
         logs = tmp_path / "logs"
         with LocalCluster.on_free_ports(tmp_path / "models", log_dir=logs, env=env) as c:
@@ -317,7 +317,9 @@ def test_a_pull_from_the_page_shows_its_progress_and_a_chat_waits_for_it(
                 page.fill("#chat-input", "hi")
                 page.click("#chat-send")
                 page.wait_for_selector("#chat-status:has-text('downloading')", timeout=30_000)
-                assert " left" in page.inner_text(f"#nodes .download[data-model='{repo}']")
+                # (the node's own rate and ETA, as soon as it has measured them)
+                row = f"#nodes .download[data-model='{repo}']"
+                page.wait_for_selector(f"{row}:has-text(' left')", timeout=30_000)
                 p.shot("downloading")
                 page.wait_for_selector(".msg.assistant .meta:has-text('TTFT')", timeout=120_000)
                 page.wait_for_selector(f"#models tr[data-model='{repo}']")
