@@ -192,7 +192,9 @@ def test_one_node_chat_streams_and_stop_ends_the_request_on_the_node(
         assert re.search(r"TTFT [\d.]+ ms · \d+ tokens", meta), meta
         p.shot("chat-answered")
 
-        # A long answer, stopped: the node drops it (its cancel list says so).
+        # A long answer, stopped: the node drops it (its cancel list says so). (The
+        # first answer's row gone first: the row that appears next is this one's.)
+        page.wait_for_selector("#requests tbody tr[data-request]", state="detached")
         page.fill("#chat-max", "4000")
         page.fill("#chat-input", "Tell me a very long story about a lighthouse keeper.")
         page.click("#chat-send")
