@@ -7,7 +7,6 @@ before the next; liveness is checked and state published between polls.
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -303,15 +302,9 @@ class Broker:
         host, port = self.router_addr.removeprefix("tcp://").rsplit(":", 1)
         if host not in ("0.0.0.0", "*"):
             return [self.router_addr]
-        import psutil
+        from exo.common.discovery import my_addresses
 
-        ips = [
-            a.address
-            for addrs in psutil.net_if_addrs().values()
-            for a in addrs
-            if a.family == socket.AF_INET and not a.address.startswith("127.")
-        ]
-        return [f"tcp://{ip}:{port}" for ip in sorted(set(ips))]
+        return [f"tcp://{ip}:{port}" for ip in my_addresses()]
 
     def expire(self, now: float) -> None:
         """A frontend silent past EXPIRY_S is gone; a node gets GRACE_S more to come

@@ -101,19 +101,25 @@ class PrefixCache:
 
     # -- finding -------------------------------------------------------------------
 
-    def lookup(self, model_id: str, prompt: list[int]) -> tuple[Entry | None, int]:
+    def _longest(self, model_id: str, prompt: list[int]) -> tuple[Entry | None, int]:
         """The entry sharing the longest prefix with `prompt`, and that length: at
-        most all of the prompt but its last token (whose logits the request needs)."""
-        if not self.limit:
-            return None, 0
-        self.stats.queried += len(prompt)
+        most all of the prompt but its last token (whose logits the request needs);
+        (None, 0) below min_tokens."""
         want = np.asarray(prompt, dtype=np.int32)
         best, n = None, 0
         for e in self.entries.get(model_id, []):
             m = min(common_prefix(e.tokens, want), len(prompt) - 1)
             if m > n:
                 best, n = e, m
-        if best is None or n < self.min_tokens:
+        return (best, n) if best is not None and n >= self.min_tokens else (None, 0)
+
+    def lookup(self, model_id: str, prompt: list[int]) -> tuple[Entry | None, int]:
+        """`_longest`, counted in the stats and touched for LRU."""
+        if not self.limit:
+            return None, 0
+        self.stats.queried += len(prompt)
+        best, n = self._longest(model_id, prompt)
+        if best is None:
             self.stats.misses += 1
             return None, 0
         best.used = time.monotonic()
@@ -123,10 +129,7 @@ class PrefixCache:
 
     def peek(self, model_id: str, prompt: list[int]) -> int:
         """How much of `prompt` a lookup would find now (nothing counted or touched)."""
-        want = np.asarray(prompt, dtype=np.int32)
-        n = max((common_prefix(e.tokens, want) for e in self.entries.get(model_id, [])), default=0)
-        n = min(n, len(prompt) - 1)
-        return n if n >= self.min_tokens else 0
+        return self._longest(model_id, prompt)[1]
 
     @staticmethod
     def fill(cache: list[Any], entry: Entry, n: int) -> None:
@@ -154,7 +157,7 @@ class PrefixCache:
                 e.used = time.monotonic()  # a longer entry already serves these tokens
                 e.digests = list(dict.fromkeys([*e.digests, *(digests or [])]))[-MAX_DIGESTS:]
                 return None
-        size = sum(int(k[..., 0:1, :].nbytes * k.shape[2] * 2) for k, _ in kv)
+        size = sum(int(k.nbytes + v.nbytes) for k, v in kv)
         cap = min(self.limit, room)
         if size > cap:
             return None
