@@ -1,4 +1,8 @@
-"""The API's connection to the broker: an asyncio DEALER, one queue per request."""
+"""The API's connection to the broker: an asyncio DEALER, one queue per request.
+
+A broker that restarts forgets what it was doing: the requests it had not
+answered yet go to the new one (common/retry.py, rule 4); the others fail.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import contextlib
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import zmq
@@ -17,12 +22,23 @@ from exo.api.jobs import Event
 from exo.broker import protocol as P
 from exo.common import keys
 from exo.common.dealer import Session
+from exo.common.retry import BROKER_RETURN_S, may_place_again
 
 log = logging.getLogger(__name__)
 
 
 class BrokerUnavailable(Exception):
     pass
+
+
+@dataclass
+class Unanswered:
+    """A request no token of which has come back yet: it may go to the broker again."""
+
+    submit: P.Submit
+    deadline: float  # monotonic
+    placements: int = 1  # SUBMITs sent
+    lost_at: float | None = None  # when its broker went away (None: in its hands)
 
 
 class BrokerClient:
@@ -42,6 +58,7 @@ class BrokerClient:
         self.streams: dict[str, asyncio.Queue[Event]] = {}
         # rid -> the API key that submitted it (None: keys off), while it runs
         self.owners: dict[str, str | None] = {}
+        self.unanswered: dict[str, Unanswered] = {}
         self.queries: dict[str, asyncio.Future[Any]] = {}
         self.registered = asyncio.Event()  # the session's, to wait on
         self.tasks: list[asyncio.Task[None]] = []
@@ -108,6 +125,8 @@ class BrokerClient:
 
     def _on_message(self, msg: P.Msg) -> None:
         if isinstance(msg, P.Tokens | P.Fail | P.State | P.Accepted):
+            if isinstance(msg, P.Tokens | P.Fail):
+                self.unanswered.pop(msg.rid, None)
             q = self.streams.get(msg.rid)
             if q is not None:
                 q.put_nowait(msg)
@@ -121,8 +140,13 @@ class BrokerClient:
                 self.registered.set()
                 if self.session.pub_port:
                     self.feed.attach(self.session.subscribe(self.ctx, P.TOPIC_CLUSTER))
+                if what == "again":
+                    self._submit_again()
+                else:
+                    for u in self.unanswered.values():
+                        u.lost_at = None  # the broker kept them
             elif what == "reconnect":
-                self._fail_all("the broker restarted; the request was lost")
+                self._lost("the broker restarted; the request was lost")
                 self._hello()
 
     async def _beat_loop(self) -> None:
@@ -132,14 +156,46 @@ class BrokerClient:
             if self.session.silent(time.monotonic()):
                 if self.registered.is_set() or self.streams:
                     log.warning("broker %s silent; reconnecting", self.broker)
-                self._fail_all("lost contact with the broker")
+                self._lost("lost contact with the broker")
                 self._connect()
+            self._give_up(time.monotonic())
             with contextlib.suppress(zmq.Again):
                 await self.sock.send(P.encode(P.Heartbeat()), flags=zmq.NOBLOCK)
 
-    def _fail_all(self, why: str) -> None:
+    def _lost(self, why: str) -> None:
+        """The broker went away: requests it had answered fail; the others wait for
+        it to come back, to be submitted again."""
+        now = time.monotonic()
         for rid, q in self.streams.items():
+            u = self.unanswered.get(rid)
+            if u is not None and may_place_again("broker_lost", 0, u.placements, now, u.deadline):
+                u.lost_at = u.lost_at or now
+                continue
+            self.unanswered.pop(rid, None)
             q.put_nowait(P.Fail(rid=rid, status=503, code="broker_lost", message=why))
+
+    def _submit_again(self) -> None:
+        """A broker that forgot this frontend: what it had not answered goes to it
+        again, with what is left of each one's deadline."""
+        assert self.sock is not None
+        now = time.monotonic()
+        for rid, u in list(self.unanswered.items()):
+            if u.lost_at is None or rid not in self.streams:
+                continue
+            u.placements, u.lost_at = u.placements + 1, None
+            u.submit.timeout_s = max(0.001, u.deadline - now)
+            log.warning("rid=%s submitted again to the restarted broker", rid)
+            self.sock.send(P.encode(u.submit))
+
+    def _give_up(self, now: float) -> None:
+        """Requests whose broker stayed away BROKER_RETURN_S, or past their deadline."""
+        for rid, u in list(self.unanswered.items()):
+            if u.lost_at is not None and (now - u.lost_at > BROKER_RETURN_S or now >= u.deadline):
+                del self.unanswered[rid]
+                q = self.streams.get(rid)
+                if q is not None:
+                    why = f"the broker did not come back within {now - u.lost_at:.0f}s"
+                    q.put_nowait(P.Fail(rid=rid, status=503, code="broker_lost", message=why))
 
     async def _ready(self, timeout: float = 5.0) -> None:
         try:
@@ -165,17 +221,22 @@ class BrokerClient:
         submit = P.Submit(
             rid=rid, model=model, kind=kind, payload=payload, params=params, timeout_s=timeout_s
         )
+        self.unanswered[rid] = Unanswered(
+            submit, time.monotonic() + (timeout_s or P.DEFAULT_REQUEST_TIMEOUT_S)
+        )
         await self.sock.send(P.encode(submit))
         return q
 
     def done(self, rid: str) -> None:
         self.streams.pop(rid, None)
         self.owners.pop(rid, None)
+        self.unanswered.pop(rid, None)
 
     async def cancel(self, rid: str, reason: str) -> None:
         """Fire and forget: this frontend no longer wants the request."""
         self.streams.pop(rid, None)
         self.owners.pop(rid, None)
+        self.unanswered.pop(rid, None)
         if self.sock is not None:
             with contextlib.suppress(zmq.ZMQError):
                 await self.sock.send(P.encode(P.Cancel(rid=rid, reason=reason)), flags=zmq.NOBLOCK)

@@ -114,6 +114,14 @@ def cluster_registry(state: dict[str, Any]) -> CollectorRegistry:
     for k, v in (state.get("stats") or {}).items():
         if k.startswith("cancelled_"):
             cancels.labels(k.removeprefix("cancelled_")).set(v)
+    retries = Gauge(
+        "exo_retries",
+        "What the broker retried or took once (common/retry.py)",
+        ["what"],
+        registry=r,
+    )
+    for what in ("placed_again", "cancel_resent", "submit_duplicate", "tokens_duplicate"):
+        retries.labels(what).set((state.get("stats") or {}).get(what, 0))
     dropped = Gauge(
         "exo_dropped_frames", "Frames the broker dropped, by reason", ["reason"], registry=r
     )

@@ -97,6 +97,7 @@ class Broker:
             request_timeout,
         )
         self.deploy.on_ready = lambda: self.requests.tend_parked(time.monotonic())
+        self.deploy.lost = self.requests.lost
         self.handlers = self._handlers()
         self.probes = probes.Prober(self.send, self.stats, probe_every)
         self.stop_event = threading.Event()
@@ -322,9 +323,8 @@ class Broker:
         )
         for r in gone:
             if r.node == ident:
-                self.requests.fail(
-                    r.frontend,
-                    r.rid,
+                self.requests.lost(
+                    r,
                     503,
                     "node_lost",
                     f"node {peer.peer_id} serving this request stopped responding ({why})",

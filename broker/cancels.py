@@ -14,6 +14,7 @@ import zmq
 
 from exo.broker import protocol as P
 from exo.broker.registry import InFlight
+from exo.common.retry import CANCEL_RESEND_S
 
 
 class Cancels:
@@ -34,7 +35,7 @@ class Cancels:
         frame = P.encode(P.Cancel(rid=rid))
         self.send_raw(node, frame)
         self.pub.send_multipart([P.TOPIC_CANCEL, frame])
-        self.pending[(rid, node)] = time.monotonic() + P.CANCEL_RESEND_S
+        self.pending[(rid, node)] = time.monotonic() + CANCEL_RESEND_S
 
     def acknowledged(self, rid: str, node: bytes) -> None:
         self.pending.pop((rid, node), None)
@@ -44,7 +45,7 @@ class Cancels:
             if now >= due:
                 self.stats["cancel_resent"] += 1
                 self.send_raw(node, P.encode(P.Cancel(rid=rid)))
-                self.pending[(rid, node)] = now + P.CANCEL_RESEND_S
+                self.pending[(rid, node)] = now + CANCEL_RESEND_S
 
     def forget(self, node: bytes) -> None:
         """A node that is gone acknowledges nothing."""

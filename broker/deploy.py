@@ -25,9 +25,10 @@ from exo.broker.placement import (
     candidates,
     place,
 )
-from exo.broker.registry import Peer, Registry
+from exo.broker.registry import InFlight, Peer, Registry
 from exo.broker.routing import Refusal, no_holder
 from exo.broker.topology import peer_host
+from exo.common.retry import LOSSES
 
 # Every node's public view by id, and the links between them with their measurements.
 Topology = tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]
@@ -88,6 +89,11 @@ class Deployer:
         self.instances: dict[str, Instance] = {}
         # called when an instance becomes ready: requests waiting for it go
         self.on_ready: Callable[[], None] = lambda: None
+        # called for each request in flight on an instance that ends: placed again
+        # or failed (Requests.lost)
+        self.lost: Callable[[InFlight, int, str, str], None] = lambda r, status, code, why: (
+            self.fail(r.frontend, r.rid, status, code, why)
+        )
 
     def fail(self, identity: bytes, rid: str, status: int, code: str, message: str) -> None:
         self.send(identity, P.Fail(rid=rid, status=status, code=code, message=message))
@@ -195,7 +201,8 @@ class Deployer:
             if nxt.state == "ready":
                 self.on_ready()
             elif nxt.state == "failed":
-                self.end(inst, 503, "instance_failed", nxt.error or "instance failed")
+                code = "node_lost" if nxt.lost else "instance_failed"
+                self.end(inst, 503, code, nxt.error or "instance failed")
 
     def weights_source(self, model: str, node: Peer, view: Topology) -> dict[str, str]:
         """A peer that holds `model` complete, as a download source for `node` (over
@@ -289,9 +296,10 @@ class Deployer:
         on demand is forgotten (the next request places a new one)."""
         for r in [r for r in self.reg.requests.values() if r.instance == inst.id]:
             del self.reg.requests[r.rid]
-            self.fail(r.frontend, r.rid, status, code, f"instance {inst.id}: {message}")
-        if inst.state == "failed":
-            # Requests waiting for it learn why now, rather than wait for their deadline.
+            self.lost(r, status, code, f"instance {inst.id}: {message}")
+        if inst.state == "failed" and code not in LOSSES:
+            # Requests waiting for it learn why now, rather than wait for their deadline
+            # (after a loss they wait for another placement, or learn there is none).
             for rid, waiting in list(self.reg.parked.items()):
                 if waiting.submit.model == inst.model:
                     del self.reg.parked[rid]

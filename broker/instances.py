@@ -73,6 +73,7 @@ class Next:
     error: str | None = None
     download: list[str] = field(default_factory=list)  # nodes to send DOWNLOAD
     load: bool = False  # send LOAD to every stage now
+    lost: bool = False  # failed because a node holding a stage is gone
 
 
 def downloads(inst: Instance, nodes: dict[str, Peer]) -> list[dict[str, Any]]:
@@ -92,7 +93,9 @@ def advance(inst: Instance, nodes: dict[str, Peer]) -> Next:
         return Next("failed", inst.error)
     for node_id in inst.nodes:
         if node_id not in nodes:
-            return Next("failed", f"node {node_id} holding a stage of {inst.model} is gone")
+            return Next(
+                "failed", f"node {node_id} holding a stage of {inst.model} is gone", lost=True
+            )
     if not inst.loads_sent:
         lacking = [n for n in inst.nodes if inst.model not in nodes[n].models]
         if not lacking:

@@ -29,7 +29,7 @@ Conversation
     frontend -> broker  CANCEL {reason: disconnect | deadline | explicit}: only the
                         frontend that submitted a request may cancel it; with a qid
                         the broker answers REPLY {found} (POST /v1/cancel)
-    broker -> node      CANCEL, point to point, resent every CANCEL_RESEND_S until the
+    broker -> node      CANCEL, point to point, resent every retry.CANCEL_RESEND_S until the
                         node answers CANCEL_ACK or is declared dead; also fanned out on
                         PUB (topic "cancel"), which may drop it: never relied on
     broker -> frontend  FAIL 504 deadline_exceeded past the deadline; FAIL 499
@@ -96,7 +96,6 @@ EXPIRY_S = 1.5
 # dials the broker's next address after SILENT_S).
 GRACE_S = 3.0
 SILENT_S = 1.0
-CANCEL_RESEND_S = 0.2
 DEFAULT_REQUEST_TIMEOUT_S = 600.0
 
 # PUB topics (first frame); the second frame is a protocol message.

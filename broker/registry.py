@@ -57,20 +57,27 @@ class InFlight:
     deadline: float = float("inf")
     started: float = field(default_factory=time.monotonic)
     tokens: int = 0
+    relayed: int = 0  # TOKENS frames relayed to the frontend (0: it may be placed again)
     seq: int = 0  # the last TOKENS relayed (protocol.Tokens.seq)
     instance: str = ""
     stages: tuple[bytes, ...] = ()  # every stage's node, the first (`node`) included
+    submit: P.Submit | None = None  # what the frontend asked, to place it again
+    placements: int = 1  # this one included (common/retry.py, rule 4)
 
 
 @dataclass
 class Parked:
-    """A request waiting for a model that a node is downloading."""
+    """A request waiting for an instance of its model (placed, downloading, loading),
+    or to be placed again after a loss."""
 
     rid: str
     frontend: bytes
     submit: P.Submit
     deadline: float
     started: float = field(default_factory=time.monotonic)
+    placements: int = 0  # placements it had and lost
+    lost: str = ""  # what the last one lost, said if it cannot be placed again
+    avoid: str = ""  # the instance it lost: another ready one is preferred
 
 
 def downloading(nodes: list[Peer], model: str) -> list[tuple[Peer, dict[str, Any]]]:
@@ -140,7 +147,7 @@ class Registry:
             {
                 "id": w.rid,
                 "model": w.submit.model,
-                "state": "waiting_for_download",
+                "state": "placing_again" if w.placements else "waiting",
                 "instance": "",
                 "node": "",
                 "tokens": 0,

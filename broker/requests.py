@@ -6,6 +6,8 @@ an instance is on its way (placed, downloading, loading), until its deadline:
 the smaller of the client's and the broker's --request-timeout. Cancels end it
 wherever it is; its node's replies are relayed to its frontend unchanged. Model
 pulls (PULL) live here too: a request may wait on the download one started.
+A request that loses its placement before its first token is placed again
+(`lost`: common/retry.py, rule 4).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from exo.broker.deploy import Deployer, Topology
 from exo.broker.registry import InFlight, Parked, Peer, Registry, downloading, failed_download
 from exo.broker.routing import Refusal, choose_instance
 from exo.common.digests import chain
+from exo.common.retry import BROKER_WARMUP_S, LOSSES, may_place_again
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,7 @@ class Requests:
         # the node's status shows the download
         self.pulls: dict[str, tuple[bytes, float]] = {}
         self.next_parked = 0.0
+        self.started = time.monotonic()
 
     def fail(self, identity: bytes, rid: str, status: int, code: str, message: str) -> None:
         """End a request at its frontend with the status the API answers."""
@@ -62,7 +66,12 @@ class Requests:
 
     def on_submit(self, fe: Peer, msg: P.Submit, frame: zmq.Frame) -> None:
         rid = msg.rid
-        if rid in self.reg.requests or rid in self.reg.parked:
+        held = self.reg.requests.get(rid) or self.reg.parked.get(rid)
+        if held is not None and held.frontend == fe.identity:
+            # The same request sent again (common/retry.py: idempotency): it runs once.
+            self.stats["submit_duplicate"] += 1
+            return
+        if held is not None:
             self.fail(
                 fe.identity, rid, 409, "duplicate_request", f"request id {rid} is already in flight"
             )
@@ -72,13 +81,34 @@ class Requests:
             timeout = min(timeout, msg.timeout_s)
         self.dispatch(Parked(rid, fe.identity, msg, time.monotonic() + timeout), first=True)
 
+    def lost(self, r: InFlight, status: int, code: str, message: str) -> None:
+        """A request in flight whose placement failed under it (its node lost, its
+        instance ended, a stage lost): placed again while common/retry.py's rule 4
+        allows, else ended with the failure."""
+        self.reg.requests.pop(r.rid, None)
+        now = time.monotonic()
+        if r.submit is None or not may_place_again(code, r.relayed, r.placements, now, r.deadline):
+            self.fail(r.frontend, r.rid, status, code, message)
+            return
+        self.stats["placed_again"] += 1
+        log.warning("rid=%s lost its placement (%s): placing it again", r.rid, message)
+        # Its old stages drop it with their instance (UNLOAD) or were lost with
+        # their node; a CANCEL could overtake its next GENERATE to the same node.
+        self.reg.parked[r.rid] = Parked(
+            r.rid, r.frontend, r.submit, r.deadline, r.started, r.placements, message, r.instance
+        )
+
     def dispatch(self, waiting: Parked, first: bool = False) -> bool:
         """Send a waiting to the first stage of a ready instance of its model, or park it
         while an instance is on its way (placed, downloading, loading). True when
         the waiting left the parking lot (sent, or failed)."""
         rid, model, nodes = waiting.rid, waiting.submit.model, self.reg.by_id()
         wanted = chain(waiting.submit.kind, waiting.submit.payload)
-        inst = choose_instance(list(self.deploy.instances.values()), nodes, model, wanted)
+        instances = list(self.deploy.instances.values())
+        others = [i for i in instances if i.id != waiting.avoid]
+        inst = choose_instance(others, nodes, model, wanted) or choose_instance(
+            instances, nodes, model, wanted
+        )
         if inst is None:
             return self.no_instance(waiting, first, list(nodes.values()))
         s = waiting.submit
@@ -115,8 +145,11 @@ class Requests:
             node0.identity,
             model,
             deadline=waiting.deadline,
+            started=waiting.started,
             instance=inst.id,
             stages=tuple(nodes[n].identity for n in inst.nodes),
+            submit=s,
+            placements=waiting.placements + 1,
         )
         # Count it now so a burst spreads over instances before their next heartbeat.
         node0.status["prefilling"] = int(node0.status.get("prefilling", 0)) + 1
@@ -131,7 +164,10 @@ class Requests:
         model = waiting.submit.model
         refusal = self.deploy.provide(model)
         pending = downloading(nodes, model) or self.recently_pulled(model)
-        if refusal is None or pending:
+        warming = time.monotonic() - self.started < BROKER_WARMUP_S
+        if refusal is None or pending or warming:
+            # (a broker just started gives its nodes time to register: the
+            # refusal may not hold once they have)
             return self.park(waiting, first, pending[0][0].peer_id if pending else "")
         failed = failed_download(nodes, model)
         if not first and failed is not None:
@@ -140,6 +176,10 @@ class Requests:
                 503,
                 "download_failed",
                 f"node {node.peer_id} could not download {model}: {d.get('error')}",
+            )
+        elif waiting.lost:
+            refusal = Refusal(
+                503, "node_lost", f"{waiting.lost}; it cannot be placed again: {refusal.message}"
             )
         self.fail(waiting.frontend, waiting.rid, refusal.status, refusal.code, refusal.message)
         return True
@@ -281,6 +321,10 @@ class Requests:
                 return
             r.seq = msg.seq or r.seq
             r.tokens += len(msg.ids)
+            r.relayed += 1
+        elif isinstance(msg, P.Fail) and msg.code in LOSSES:
+            self.lost(r, msg.status, msg.code, msg.message)
+            return
         ended = isinstance(msg, P.Fail) or (isinstance(msg, P.Tokens) and msg.finish)
         if ended:
             del self.reg.requests[r.rid]

@@ -36,7 +36,9 @@ def choose_instance(
     of the request (`wanted`: its digests), unless it is much busier than the
     least loaded; else the least loaded (load: its first stage's requests)."""
     ready = [
-        i for i in instances if i.model == model and i.state == "ready" and i.first_node in nodes
+        i
+        for i in instances
+        if i.model == model and i.state == "ready" and all(n in nodes for n in i.nodes)
     ]
     if not ready:
         return None

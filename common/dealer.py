@@ -18,7 +18,7 @@ from typing import Any
 import zmq
 
 from exo.broker import protocol as P
-from exo.common import keys
+from exo.common import keys, retry
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,8 @@ def configure_dealer(sock: zmq.Socket, identity: bytes) -> None:
     sock.setsockopt(zmq.RCVHWM, 10000)
     sock.setsockopt(zmq.HEARTBEAT_IVL, int(P.HEARTBEAT_S * 1000))
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(P.EXPIRY_S * 1000))
-    sock.setsockopt(zmq.RECONNECT_IVL, 100)
-    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+    sock.setsockopt(zmq.RECONNECT_IVL, int(retry.CONNECT.first * 1000))
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, int(retry.CONNECT.cap * 1000))
     sock.setsockopt(zmq.MAXMSGSIZE, 4 * P.MAX_FRAME)
 
 

@@ -379,6 +379,10 @@ class Node:
 
     def admit(self, msg: P.Generate) -> None:
         rid = msg.rid
+        if self.engine.holds(rid):
+            # Sent again (common/retry.py: idempotency): the one running goes on.
+            self.errors["generate_duplicate"] += 1
+            return
         try:
             self.engine.submit(rid, msg.model, msg.kind, msg.payload, msg.params)
             self.send(P.State(rid=rid, state="admitted"))

@@ -220,7 +220,7 @@ def test_a_step_out_is_sent_again_after_a_few_round_trips() -> None:
     assert st.due(100.9) == [("m", w)]
     assert st.resend("m", None) and sent == [7] and w.resends == 1  # type: ignore[arg-type]
     st.round_trip["m"] = 0.0
-    assert st.due(w.sent + 0.4) == [] and st.due(w.sent + 0.6)  # never under RESEND_MIN_S
+    assert st.due(w.sent + 0.4) == [] and st.due(w.sent + 0.6)  # never under STEP_RESEND_MIN_S
     assert st.back("m", 7) is w and st.round_trip["m"] == 0.0  # a resent step teaches nothing
 
 

@@ -125,7 +125,7 @@ def test_an_instance_a_request_placed_first_is_what_up_wanted(
     models_dir: Path, tmp_path: Path, capsys: object
 ) -> None:
     from exo.tools.cluster import LocalCluster, wait_ready
-    from exo.tools.main import place_and_greet
+    from exo.tools.up import place_and_greet
 
     with LocalCluster.on_free_ports(models_dir, log_dir=tmp_path) as c:
         # a request arriving before up places the model: the cluster places it itself

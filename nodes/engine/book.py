@@ -70,13 +70,17 @@ class Book:
         self.stage0 = Stage0()
         self.last_plan = StepPlan()
 
+    def holds(self, rid: str) -> bool:
+        """A request by this id runs or waits here."""
+        return rid in self.requests or any(r.rid == rid for r in self.queue)
+
     def submit(self, rid: str, model_id: str, kind: str, payload: Any, params: dict) -> Request:
         lm = self.models.get(model_id)
         if lm is None:
             raise EngineError(
                 503, "model_not_loaded", f"model {model_id} is not loaded on this node"
             )
-        if rid in self.requests or any(r.rid == rid for r in self.queue):
+        if self.holds(rid):
             raise EngineError(409, "duplicate_request", f"request {rid} already running")
         sp, sampler, params = self._sampling(lm, kind, payload, params)
         tools = chat_parts(payload)[1] if kind == "chat" else None

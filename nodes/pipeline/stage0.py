@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from exo.broker import protocol as P
+from exo.common.retry import STEP_RESEND_MIN_S, STEP_RESEND_X
 from exo.nodes.engine.batch import Batch
 from exo.nodes.engine.mlxenv import mx
 from exo.nodes.engine.model import LoadedModel
@@ -42,11 +43,7 @@ class Remote:
     resends: int = 0
 
 
-# A step out this long without its tokens goes again: RESEND_X times the
-# round trip steps lately took, at least RESEND_MIN_S.
-RESEND_X = 4.0
-RESEND_MIN_S = 0.5
-# ... and one without them this long has lost its later stages: its requests fail.
+# A step out without them this long has lost its later stages: its requests fail.
 GIVE_UP_X = 100.0
 GIVE_UP_MIN_S = 10.0
 
@@ -146,12 +143,12 @@ class Stage0:
         return w
 
     def due(self, now: float) -> list[tuple[str, Remote]]:
-        """Steps out past their resend time (RESEND_X round trips)."""
+        """Steps out past their resend time (common/retry.py: STEP_RESEND_X round trips)."""
         return [
             (m, w)
             for m, w in self.out.items()
             if w.act is not None
-            and now - w.sent > max(RESEND_MIN_S, RESEND_X * self.round_trip.get(m, 0.0))
+            and now - w.sent > max(STEP_RESEND_MIN_S, STEP_RESEND_X * self.round_trip.get(m, 0.0))
         ]
 
     def resend(self, model_id: str, lm: LoadedModel) -> bool:

@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 
 from exo.common.names import valid_model_id
+from exo.common.retry import DOWNLOAD
 from exo.nodes.store import manifest
 from exo.nodes.store.manifest import sha256_of
 
@@ -126,7 +127,7 @@ class Downloader:
     hub: str = field(default_factory=endpoint)
     token: str | None = field(default_factory=lambda: os.environ.get("HF_TOKEN"))
     stall_timeout: float = 60.0  # give up after this long without a byte of progress
-    max_corrupt: int = 3
+    max_corrupt: int = 3  # checksum failures of one file before giving up
     on_progress: Callable[[Progress], None] | None = None
 
     def download(self, repo_id: str, dest: Path, revision: str = "main") -> Path:
@@ -200,7 +201,7 @@ class Downloader:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         prog.file = f.name
         last_progress = time.monotonic()
-        backoff, corrupt = 0.25, 0
+        backoff, corrupt = DOWNLOAD.first, 0
         window: list[tuple[float, int]] = []
         while True:
             have = part.stat().st_size if part.exists() else 0
@@ -240,12 +241,12 @@ class Downloader:
                 if e.errno in (errno.ENOSPC, errno.EDQUOT):
                     raise DownloadError(f"disk full writing {target}: {e}") from None
                 log.info("%s: %s; retrying in %.2fs", f.name, e, backoff)
-                wait, backoff = backoff, min(backoff * 2, 8.0)
+                wait, backoff = backoff, DOWNLOAD.next(backoff)
             except (httpx.HTTPError, _Retry) as e:
                 log.info("%s: %s; retrying in %.2fs", f.name, e, backoff)
-                wait, backoff = backoff, min(backoff * 2, 8.0)
+                wait, backoff = backoff, DOWNLOAD.next(backoff)
             if prog.done > before:
-                last_progress, backoff = time.monotonic(), 0.25
+                last_progress, backoff = time.monotonic(), DOWNLOAD.first
             time.sleep(min(wait, max(0.0, self.stall_timeout - (time.monotonic() - last_progress))))
 
     def _verified(self, part: Path, f: RemoteFile) -> bool:
