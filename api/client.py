@@ -174,6 +174,17 @@ class BrokerClient:
             self.unanswered.pop(rid, None)
             q.put_nowait(P.Fail(rid=rid, status=503, code="broker_lost", message=why))
 
+    def shutting_down(self) -> None:
+        """This process is stopping: every request ends now, with an error its client
+        reads (not a reset connection), and is cancelled at the broker."""
+        for rid, q in list(self.streams.items()):
+            why = "the server is shutting down; the request did not finish"
+            q.put_nowait(P.Fail(rid=rid, status=503, code="shutting_down", message=why))
+            if self.sock is not None:
+                with contextlib.suppress(zmq.ZMQError):
+                    self.sock.send(P.encode(P.Cancel(rid=rid, reason="disconnect")), zmq.NOBLOCK)
+        self.unanswered.clear()
+
     def _submit_again(self) -> None:
         """A broker that forgot this frontend: what it had not answered goes to it
         again, with what is left of each one's deadline."""

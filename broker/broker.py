@@ -10,6 +10,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -18,6 +19,7 @@ from exo.broker import probes, reports
 from exo.broker import protocol as P
 from exo.broker.cancels import Cancels
 from exo.broker.deploy import Deployer, Topology, version_skew
+from exo.broker.journal import Journal
 from exo.broker.placement import (
     PlacementError,
 )
@@ -61,6 +63,7 @@ class Broker:
         request_timeout: float = P.DEFAULT_REQUEST_TIMEOUT_S,
         probe_every: float = probes.EVERY_S,
         cluster: keys.Cluster | None = None,
+        journal: Path | None = None,
     ) -> None:
         self.request_timeout = request_timeout
         self.router_addr = router_addr
@@ -84,7 +87,7 @@ class Broker:
         self.dropped = P.Counters()
         self.stats = P.Counters()
         self.cancels = Cancels(self.send_raw, self.pub, self.stats)
-        self.deploy = Deployer(self.reg, self.send, self.topology)
+        self.deploy = Deployer(self.reg, self.send, self.topology, Journal(journal))
         self.requests = Requests(
             self.reg,
             self.deploy,

@@ -2,11 +2,17 @@
 (downloading -> loading -> ready | failed) from what the nodes report, and
 telling the stages where to send their traffic. The decisions are pure
 functions (placement.py, instances.py, topology.py); this is where they act.
+
+A restart loses nothing that took long to build: the stages nodes still hold
+are adopted as their instances (no reload), the instances an operator placed
+come back from the journal (journal.py), and stages no instance owns once the
+nodes had BROKER_WARMUP_S to report are unloaded.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from typing import Annotated, Any
@@ -15,7 +21,8 @@ import msgspec
 from msgspec import Meta
 
 from exo.broker import protocol as P
-from exo.broker.instances import Instance, advance
+from exo.broker.instances import Instance, adoptable, advance
+from exo.broker.journal import Journal
 from exo.broker.placement import (
     Ask,
     ModelMeta,
@@ -28,7 +35,7 @@ from exo.broker.placement import (
 from exo.broker.registry import InFlight, Peer, Registry
 from exo.broker.routing import Refusal, no_holder
 from exo.broker.topology import peer_host
-from exo.common.retry import LOSSES
+from exo.common.retry import BROKER_WARMUP_S, LOSSES
 
 # Every node's public view by id, and the links between them with their measurements.
 Topology = tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]
@@ -84,9 +91,19 @@ class Deployer:
         reg: Registry,
         send: Callable[[bytes, P.Msg], bool],
         topology: Callable[[], Topology],
+        journal: Journal | None = None,
     ) -> None:
         self.reg, self.send, self.topology = reg, send, topology
         self.instances: dict[str, Instance] = {}
+        self.journal = journal or Journal(None)
+        self.started = time.monotonic()
+        # explicit instances from the journal, until their nodes report them or the
+        # warm-up ends
+        self.restored: dict[str, Instance] = {i.id: i for i in self.journal.load()}
+        self.unloads: dict[tuple[str, str], float] = {}  # (instance, node) -> UNLOAD sent
+        # instances this broker ended: their stages, still reported for a heartbeat or
+        # two (or by a node back from a silence), are unloaded, never adopted
+        self.ended: set[str] = set()
         # called when an instance becomes ready: requests waiting for it go
         self.on_ready: Callable[[], None] = lambda: None
         # called for each request in flight on an instance that ends: placed again
@@ -146,6 +163,8 @@ class Deployer:
             for i in self.instances.values()
         ):
             return None
+        if self.warming():
+            return None  # its nodes may hold one, to be adopted: placed after the warm-up
         nodes = self.reg.nodes()
         if not any(model in n.models for n in nodes):
             return no_holder(nodes, model, self.reg.seen_models)
@@ -173,9 +192,69 @@ class Deployer:
         self.tend()
         return inst
 
+    def warming(self) -> bool:
+        """Just started: nodes may not have registered, or reported their stages, yet."""
+        return time.monotonic() - self.started < BROKER_WARMUP_S
+
+    def adopt(self, nodes: dict[str, Peer]) -> None:
+        """Stages the nodes report that no live instance here owns: adopted as their
+        instance when complete and ready; unloaded once the warm-up is over (unless
+        still loading)."""
+        held: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+        for n in nodes.values():
+            for iid, st in (n.status.get("stages") or {}).items():
+                known = self.instances.get(iid)
+                if known is None or known.state == "failed":
+                    held.setdefault(iid, []).append((n.peer_id, st))
+        now = time.monotonic()
+        for iid, stages in held.items():
+            known = iid in self.instances or iid in self.ended
+            inst = adoptable(iid, stages) if not known else None
+            if inst is not None:
+                was = self.restored.pop(iid, None)
+                if was is not None:
+                    inst.auto, inst.created = False, was.created
+                self.instances[iid] = inst
+                log.info(
+                    "instance %s of %s adopted from its nodes' stages: %s",
+                    iid,
+                    inst.model,
+                    ", ".join(f"{s.node}[{s.start}:{s.end})" for s in inst.stages),
+                )
+                self.on_ready()
+                continue
+            if self.warming() or any(st.get("state") == "loading" for _, st in stages):
+                continue
+            for node, _ in stages:
+                if now - self.unloads.get((iid, node), 0.0) > 2.0:
+                    self.unloads[(iid, node)] = now
+                    log.info("node %s holds a stage of unknown instance %s: unloaded", node, iid)
+                    self.send(nodes[node].identity, P.Unload(instance=iid))
+        if len(self.unloads) > 4096:
+            self.unloads.clear()
+        if len(self.ended) > 65536:
+            self.ended.clear()
+
+    def restore(self, nodes: dict[str, Peer]) -> None:
+        """After the warm-up, journalled instances not adopted: placed again as they
+        were when their nodes are here (loaded where they are not), else forgotten."""
+        if self.warming() or not self.restored:
+            return
+        for iid, inst in self.restored.items():
+            missing = [n for n in inst.nodes if n not in nodes]
+            if missing:
+                log.warning("instance %s not restored: node %s did not come back", iid, missing[0])
+                continue
+            inst.enter("downloading")
+            self.instances[iid] = inst
+            log.info("instance %s of %s restored from the journal", iid, inst.model)
+        self.restored.clear()
+
     def tend(self, view: Topology | None = None) -> None:
         nodes = self.reg.by_id()
         view = view or self.topology()
+        self.adopt(nodes)
+        self.restore(nodes)
         for inst in list(self.instances.values()):
             nxt = advance(inst, nodes)
             for n in nxt.download:
@@ -203,6 +282,7 @@ class Deployer:
             elif nxt.state == "failed":
                 code = "node_lost" if nxt.lost else "instance_failed"
                 self.end(inst, 503, code, nxt.error or "instance failed")
+        self.journal.save(self.instances.values())
 
     def weights_source(self, model: str, node: Peer, view: Topology) -> dict[str, str]:
         """A peer that holds `model` complete, as a download source for `node` (over
@@ -294,6 +374,7 @@ class Deployer:
     def end(self, inst: Instance, status: int, code: str, message: str) -> None:
         """Its requests end with a clear error, its nodes drop it; an instance placed
         on demand is forgotten (the next request places a new one)."""
+        self.ended.add(inst.id)
         for r in [r for r in self.reg.requests.values() if r.instance == inst.id]:
             del self.reg.requests[r.rid]
             self.lost(r, status, code, f"instance {inst.id}: {message}")
@@ -321,6 +402,7 @@ class Deployer:
                 return PlacementError(404, "instance_not_found", f"no instance '{iid}'")
             self.end(inst, 503, "instance_deleted", "deleted")
             self.instances.pop(inst.id, None)
+            self.journal.save(self.instances.values())
             return {"id": inst.id, "deleted": True}
         if op not in ("place", "preview"):
             return PlacementError(400, "invalid_op", f"unknown instances op {op!r}")

@@ -6,7 +6,9 @@ broker asks those nodes to fetch them), `loading` once every node has them and
 has been told to load its stage, `ready` when every stage reports loaded. It is
 `failed` when a stage's node leaves, a download fails, or a load fails.
 Nothing loads until every node has its weights, and nothing waits on a timer:
-the broker re-reads this each tick from what the nodes report.
+the broker re-reads this each tick from what the nodes report. Stages nodes
+report that the broker does not know (it restarted) are adopted as their
+instance, already ready (`adoptable`).
 """
 
 from __future__ import annotations
@@ -118,3 +120,31 @@ def advance(inst: Instance, nodes: dict[str, Peer]) -> Next:
     if all(st.get("state") == "ready" for st in states):
         return Next("ready")
     return Next("loading")
+
+
+def adoptable(iid: str, held: list[tuple[str, dict[str, Any]]]) -> Instance | None:
+    """The instance `iid` rebuilt from the stages nodes report holding (peer id,
+    stage status), when they are all ready, of one model, and cover its layers
+    from the first to the last without a gap; else None. A restarted broker (or
+    one a node came back to) adopts it as it is: nothing reloads."""
+    stages, models, total, routes = [], set(), set(), {}
+    for node, st in held:
+        layers = st.get("layers") or []
+        if st.get("state") != "ready" or len(layers) != 2 or not st.get("total"):
+            return None
+        stages.append(StageSpec(node, int(layers[0]), int(layers[1])))
+        models.add(str(st.get("model", "")))
+        total.add(int(st["total"]))
+        routes[node] = {k: str(st[k]) for k in ("next", "stage0") if st.get(k)}
+    if len(models) != 1 or len(total) != 1 or "" in models:
+        return None
+    stages.sort(key=lambda s: s.start)
+    edges = [0, *(s.end for s in stages)]
+    if any(s.start != edges[k] or s.end <= s.start for k, s in enumerate(stages)):
+        return None
+    if edges[-1] != next(iter(total)):
+        return None
+    inst = Instance(iid, models.pop(), stages, total.pop(), auto=True, loads_sent=True)
+    inst.routes = [routes[s.node] for s in stages]
+    inst.enter("ready")
+    return inst

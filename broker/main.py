@@ -7,12 +7,14 @@ import logging
 import os
 import signal
 import threading
+from pathlib import Path
 from typing import Any
 
 import click
 
 from exo.broker import protocol as P
 from exo.common import logs, parent
+from exo.common.paths import exo_home
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +62,31 @@ def policy(
 
 
 def serve_api(broker: str, host: str, port: int, access: Any = None, cluster: Any = None) -> None:
+    import asyncio
+
     import uvicorn
 
     from exo.api.app import create_app
 
+    app = create_app(broker, access, cluster)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            # Before uvicorn waits for open connections to finish: end every request
+            # with an error its client reads, rather than a connection reset.
+            if not self.should_exit and loop is not None:
+                loop.call_soon_threadsafe(app.state.client.shutting_down)
+            super().handle_exit(sig, frame)
+
+    loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve() -> None:
+        nonlocal loop
+        loop = asyncio.get_running_loop()
+        await server.serve()
+
     config = uvicorn.Config(
-        create_app(broker, access, cluster),
+        app,
         host=host,
         port=port,
         loop="asyncio",
@@ -73,9 +94,9 @@ def serve_api(broker: str, host: str, port: int, access: Any = None, cluster: An
         access_log=False,
         timeout_graceful_shutdown=2,
     )
-    server = uvicorn.Server(config)
+    server = Server(config)
     log.info("OpenAI API on http://%s:%d/v1", host, port)
-    server.run()
+    asyncio.run(serve())
 
 
 @click.command()
@@ -110,6 +131,13 @@ def serve_api(broker: str, host: str, port: int, access: Any = None, cluster: An
     help="Announce the broker on the local network (mDNS, _exo._tcp) so that nodes "
     "started without --broker find it (not when bound to loopback only).",
 )
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where the broker keeps the instances placed by hand, to restore after a restart "
+    "(default: ~/.exo/broker).",
+)
 @api_options
 @click.option(
     "--insecure",
@@ -130,6 +158,7 @@ def main(
     request_timeout: float,
     probe_every: float,
     announce: bool,
+    state_dir: Path | None,
     api_keys: tuple[str, ...],
     allowed_hosts: tuple[str, ...],
     allowed_origins: tuple[str, ...],
@@ -156,6 +185,7 @@ def main(
         request_timeout=request_timeout,
         probe_every=probe_every,
         cluster=cluster,
+        journal=(state_dir or exo_home() / "broker") / f"instances-{port}.json",
     )
     announcer = announced(cluster, host, port, pub_port, 0 if no_api else api_port, announce)
     try:

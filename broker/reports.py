@@ -80,10 +80,18 @@ class Download(Struct, forbid_unknown_fields=False):
     error: Text | None = None
 
 
+Layer = Annotated[int, Meta(ge=0, le=100_000)]
+
+
 class StageState(Struct, forbid_unknown_fields=False):
     state: Text = "loading"
     model: Text = ""
     error: Text | None = None
+    # what a restarted broker adopts it by (instances.adoptable)
+    layers: Annotated[list[Layer], Meta(max_length=2)] = []
+    total: Layer = 0
+    next: Text | None = None
+    stage0: Text | None = None
 
 
 class Probe(Struct, forbid_unknown_fields=False):

@@ -25,7 +25,7 @@ from exo.broker.deploy import Deployer, Topology
 from exo.broker.registry import InFlight, Parked, Peer, Registry, downloading, failed_download
 from exo.broker.routing import Refusal, choose_instance
 from exo.common.digests import chain
-from exo.common.retry import BROKER_WARMUP_S, LOSSES, may_place_again
+from exo.common.retry import LOSSES, may_place_again
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,6 @@ class Requests:
         # the node's status shows the download
         self.pulls: dict[str, tuple[bytes, float]] = {}
         self.next_parked = 0.0
-        self.started = time.monotonic()
 
     def fail(self, identity: bytes, rid: str, status: int, code: str, message: str) -> None:
         """End a request at its frontend with the status the API answers."""
@@ -164,8 +163,7 @@ class Requests:
         model = waiting.submit.model
         refusal = self.deploy.provide(model)
         pending = downloading(nodes, model) or self.recently_pulled(model)
-        warming = time.monotonic() - self.started < BROKER_WARMUP_S
-        if refusal is None or pending or warming:
+        if refusal is None or pending or self.deploy.warming():
             # (a broker just started gives its nodes time to register: the
             # refusal may not hold once they have)
             return self.park(waiting, first, pending[0][0].peer_id if pending else "")

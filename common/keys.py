@@ -32,6 +32,8 @@ from pathlib import Path
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
+from exo.common.paths import exo_home
+
 log = logging.getLogger(__name__)
 
 ROLES = ("broker", "node", "frontend")
@@ -55,7 +57,7 @@ class Pair:
 def cluster_dir() -> Path:
     if env := os.environ.get("EXO_CLUSTER_DIR"):
         return Path(env).expanduser()
-    return Path(os.environ.get("EXO_HOME", Path.home() / ".exo")).expanduser() / "cluster"
+    return exo_home() / "cluster"
 
 
 def _write(path: Path, pair: Pair) -> None:

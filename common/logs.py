@@ -12,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 
+from exo.common.paths import exo_home
+
 FORMAT = "%(asctime)s.%(msecs)03d %(levelname)-5s %(name)s: %(message)s"
 DATEFMT = "%H:%M:%S"
 
@@ -82,5 +84,4 @@ def setup(spec: str | None = None, log_file: str | Path | None = None) -> None:
 
 
 def default_log_file(process: str) -> Path:
-    base = Path(os.environ.get("EXO_HOME", Path.home() / ".exo"))
-    return base / "logs" / f"{process}-{os.getpid()}.log"
+    return exo_home() / "logs" / f"{process}-{os.getpid()}.log"

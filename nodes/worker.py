@@ -160,11 +160,12 @@ class Node:
         while not self.stopping.is_set() and self.link.is_alive():
             if self._reset.is_set():
                 # The broker forgot us (it restarted or expired us): no one waits for our
-                # requests, and the instances our stages belonged to are gone with it.
+                # requests (their frontends submit again those that had no token). The
+                # stages stay loaded: the broker adopts them from our status, or tells
+                # us to unload them.
                 self._reset.clear()
-                for rid in list(self.engine.requests):
+                for rid in [*self.engine.requests, *(r.rid for r in self.engine.queue)]:
                     self.engine.cancel(rid)
-                self.hosting.unload_all()
             busy = bool(self.engine.requests)
             if was_busy and not busy:
                 # Give back the buffers MLX cached while serving (requests of every

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 
 from exo.tools.cluster import LocalCluster
+from exo.tools.default_model import DEFAULT_MODEL
 
 
 def wait_until(cond: Callable[[], Any], timeout: float = 60.0) -> Any:
@@ -68,3 +69,48 @@ def stream_while(
         time.sleep(0.2)
     t.join()
     return lines
+
+
+# -- instances ------------------------------------------------------------------------
+
+
+def node_ids(c: LocalCluster) -> dict[str, str]:
+    return {n["name"]: n["id"] for n in c.cluster_state()["nodes"]}
+
+
+def place(c: LocalCluster, body: dict[str, Any]) -> httpx.Response:
+    return httpx.post(f"{c.url}/v1/instances", json=body, timeout=30)
+
+
+def instances(c: LocalCluster) -> list[dict[str, Any]]:
+    return httpx.get(f"{c.url}/v1/instances", timeout=10).json()["data"]
+
+
+def ready(c: LocalCluster, iid: str) -> dict[str, Any]:
+    def check() -> dict[str, Any] | None:
+        found = [i for i in instances(c) if i["id"] == iid]
+        assert found and found[0]["state"] != "failed", found
+        return found[0] if found[0]["state"] == "ready" else None
+
+    return wait_until(check, 120)
+
+
+def stages_on(c: LocalCluster, plan: list[tuple[str, int, int]]) -> list[dict[str, Any]]:
+    """(node name, first layer, end layer) -> the API's stage list."""
+    ids = node_ids(c)
+    return [{"node": ids[n], "layers": [a, b]} for n, a, b in plan]
+
+
+def place_ready(
+    c: LocalCluster, plan: list[tuple[str, int, int]], model: str = DEFAULT_MODEL
+) -> dict[str, Any]:
+    """Place `model` on the stages of `plan`; the instance once it is ready."""
+    r = place(c, {"model": model, "stages": stages_on(c, plan)})
+    assert r.status_code == 201, r.text
+    return ready(c, r.json()["id"])
+
+
+def node(c: LocalCluster, key: str) -> dict[str, Any]:
+    """A node of the cluster state, by id or name."""
+    (n,) = [n for n in c.cluster_state()["nodes"] if key in (n["id"], n["name"])]
+    return n

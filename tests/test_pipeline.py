@@ -8,14 +8,22 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
 from exo.tools.cluster import LocalCluster
 from exo.tools.default_model import DEFAULT_MODEL
-from tests.helpers import wait_until
+from tests.helpers import (
+    instances,
+    node,
+    node_ids,
+    place,
+    place_ready,
+    ready,
+    stages_on,
+    wait_until,
+)
 
 PROMPTS = [
     "What is the capital of France?",
@@ -37,52 +45,10 @@ def three(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         yield c
 
 
-def node_ids(c: LocalCluster) -> dict[str, str]:
-    return {n["name"]: n["id"] for n in c.cluster_state()["nodes"]}
-
-
-def place(c: LocalCluster, body: dict[str, Any]) -> httpx.Response:
-    return httpx.post(f"{c.url}/v1/instances", json=body, timeout=30)
-
-
-def instances(c: LocalCluster) -> list[dict[str, Any]]:
-    return httpx.get(f"{c.url}/v1/instances", timeout=10).json()["data"]
-
-
-def ready(c: LocalCluster, iid: str) -> dict[str, Any]:
-    def check() -> dict[str, Any] | None:
-        found = [i for i in instances(c) if i["id"] == iid]
-        assert found and found[0]["state"] != "failed", found
-        return found[0] if found[0]["state"] == "ready" else None
-
-    return wait_until(check, 120)
-
-
 def delete_all(c: LocalCluster) -> None:
     for i in instances(c):
         assert httpx.delete(f"{c.url}/v1/instances/{i['id']}", timeout=10).status_code == 200
     wait_until(lambda: all(not n["status"].get("stages") for n in c.cluster_state()["nodes"]))
-
-
-def node(c: LocalCluster, key: str) -> dict[str, Any]:
-    """A node of the cluster state, by id or name."""
-    (n,) = [n for n in c.cluster_state()["nodes"] if key in (n["id"], n["name"])]
-    return n
-
-
-def stages_on(c: LocalCluster, plan: list[tuple[str, int, int]]) -> list[dict[str, Any]]:
-    """(node name, first layer, end layer) -> the API's stage list."""
-    ids = node_ids(c)
-    return [{"node": ids[n], "layers": [a, b]} for n, a, b in plan]
-
-
-def place_ready(
-    c: LocalCluster, plan: list[tuple[str, int, int]], model: str = DEFAULT_MODEL
-) -> dict[str, Any]:
-    """Place `model` on the stages of `plan`; the instance once it is ready."""
-    r = place(c, {"model": model, "stages": stages_on(c, plan)})
-    assert r.status_code == 201, r.text
-    return ready(c, r.json()["id"])
 
 
 def interrupted_stream(

@@ -121,12 +121,13 @@ def fails(code: str, status: int) -> Callable[[FakeNode, P.Generate], None]:
 
 @pytest.fixture()
 def bare(models_dir: Path, tmp_path: Path) -> Iterator[LocalCluster]:
-    """A broker with no real node: fake nodes join it."""
+    """A broker with no real node, past its warm-up: fake nodes join it."""
     with LocalCluster.on_free_ports(models_dir, log_dir=tmp_path, nodes=0) as c:
+        wait_until(lambda: c.cluster_state()["uptime_s"] > retry.BROKER_WARMUP_S, timeout=30)
         yield c
 
 
-def _up(c: LocalCluster) -> bool:
+def up(c: LocalCluster) -> bool:
     try:
         return httpx.get(f"{c.url}/v1/models", timeout=2, headers=c.api_headers()).is_success
     except httpx.TransportError:
@@ -351,7 +352,6 @@ def test_the_retry_rule_for_placement() -> None:
 
 # One long request fills a node's KV budget; a second waits behind it, no token yet.
 NODE_ARGS = ["--idle-budget", "4", "--prefill-budget", "4", "--kv-budget-mb", "6"]
-LONG = {"max_tokens": 900, "temperature": 0, "ignore_eos": True}
 
 
 def queued_behind(c: LocalCluster) -> tuple[threading.Thread, dict[str, Any], dict[str, Any]]:
@@ -379,7 +379,10 @@ def queued_behind(c: LocalCluster) -> tuple[threading.Thread, dict[str, Any], di
 
     def run_queued() -> None:
         try:
-            r = client.completions.create(model=TINY, prompt=[9, 10, 11], **LONG)  # type: ignore[arg-type]
+            r = client.completions.create(
+                model=TINY, prompt=[9, 10, 11], max_tokens=900, temperature=0,
+                extra_body={"ignore_eos": True},
+            )  # fmt: skip
             queued["text"] = r.choices[0].text
             queued["tokens"] = r.usage.completion_tokens if r.usage else 0
         except openai.APIError as e:
@@ -405,7 +408,7 @@ def test_killed_node_its_streaming_request_fails_and_its_queued_one_is_answered_
         t.join(90)
         assert "stopped responding" in long.get("error", ""), long
         assert "text" in queued, queued
-        assert queued["tokens"] == LONG["max_tokens"]
+        assert queued["tokens"] == 900
         assert stats(c)["placed_again"] == 1
 
 
@@ -422,7 +425,7 @@ def test_a_request_with_no_token_survives_a_broker_restart_in_the_split_deployme
     )  # fmt: skip
     try:
         c.start()
-        wait_until(lambda: _up(c))
+        wait_until(lambda: up(c))
         t, long, queued = queued_behind(c)
         assert c.broker is not None
         c.broker.kill()
@@ -431,7 +434,7 @@ def test_a_request_with_no_token_survives_a_broker_restart_in_the_split_deployme
         t.join(90)
         assert "broker" in long.get("error", ""), long  # it had tokens: it fails
         assert "text" in queued, queued  # it had none: submitted again, answered
-        assert queued["tokens"] == LONG["max_tokens"]
+        assert queued["tokens"] == 900
     finally:
         api.terminate()
         api.wait(10)

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,9 @@ class LocalCluster:
     # the processes end with this one, however it ends (common/parent.py); only
     # for a cluster started from the main thread
     tied: bool = False
+    # the broker's journal of explicit instances (--state-dir): kept across its
+    # restarts, apart from every other cluster's (None: under log_dir, or a temp dir)
+    state_dir: Path | None = None
 
     @classmethod
     def on_free_ports(cls, models_dir: Path, **kw: Any) -> LocalCluster:
@@ -122,6 +126,12 @@ class LocalCluster:
 
     def start_broker(self) -> None:
         self.keys()  # made before any process looks for them
+        if self.state_dir is None:
+            self.state_dir = (
+                self.log_dir / "broker-state"
+                if self.log_dir is not None
+                else Path(tempfile.mkdtemp(prefix="exo-broker-"))
+            )
         cmd = [
             *self.broker_prefix,
             sys.executable,
@@ -140,6 +150,8 @@ class LocalCluster:
             "--log",
             self.log_spec,
             *self._log("broker"),
+            "--state-dir",
+            str(self.state_dir),
             *(["--insecure"] if self.insecure else []),
             *self.broker_args,
         ]

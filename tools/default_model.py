@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import shutil
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
+from exo.common.paths import exo_home
 from exo.nodes.store.store import ModelStore, incomplete_reason
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("EXO_HOME", Path.home() / ".exo")) / "cache"
+    return exo_home() / "cache"
 
 
 def sha256(path: Path) -> str:

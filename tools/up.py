@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import time
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 
 import click
 
+from exo.common.paths import exo_home
 from exo.tools.instances_cli import ready_or_exit
 from exo.tools.options import models_dir_option, resolve_models_dir
 
@@ -34,14 +34,13 @@ def up(
     if model is None:
         model = DEFAULT_MODEL
         click.echo(f"default model: {pull_default(d)}")
-    exo_home = Path(os.environ.get("EXO_HOME", Path.home() / ".exo"))
     cluster = LocalCluster(
         d,
         nodes=nodes,
         api_port=api_port,
         router_port=port,
         pub_port=pub_port,
-        log_dir=exo_home / "logs" / time.strftime("up-%Y%m%d-%H%M%S"),
+        log_dir=exo_home() / "logs" / time.strftime("up-%Y%m%d-%H%M%S"),
         tied=True,
     )
     stop = False

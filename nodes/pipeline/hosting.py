@@ -46,14 +46,20 @@ class HostedStage:
     # same step again (stage 0 resent it: a link died under it) gets it again.
     last_out: tuple[P.Msg, mx.array | None] | None = None
     resent: int = 0  # steps sent again (stage 0) or answered again (later stages)
+    loaded_at: float | None = None  # time.time() when it became ready
 
     def public(self) -> dict[str, Any]:
         """What the broker reads to tell an instance loading from ready, and where
         its traffic goes."""
-        d: dict[str, Any] = {"state": self.state, "model": self.model, "layers": self.part.public()}
+        d: dict[str, Any] = {
+            "state": self.state,
+            "model": self.model,
+            "layers": self.part.public(),
+            "total": self.part.total,
+        }
         if self.error:
             d["error"] = self.error
-        d.update(next=self.next, stage0=self.stage0, resent=self.resent)
+        d.update(next=self.next, stage0=self.stage0, resent=self.resent, loaded_at=self.loaded_at)
         return d
 
 
@@ -86,6 +92,16 @@ class Hosting:
 
     def load(self, msg: P.Load) -> None:
         part = Part(msg.start, msg.end, msg.total)
+        held = self.stages.get(msg.instance)
+        if (
+            held is not None
+            and held.state == "ready"
+            and (held.model, held.part) == (msg.model, part)
+        ):
+            # Already here (a restarted broker restoring its instances): kept, re-routed.
+            held.next, held.stage0 = msg.next or held.next, msg.stage0 or held.stage0
+            self.changed()
+            return
         stage = HostedStage(msg.instance, msg.model, part, next=msg.next, stage0=msg.stage0)
         self.stages[msg.instance] = stage
         self.changed()  # the broker sees "loading" while we load
@@ -115,7 +131,7 @@ class Hosting:
             self.engine.add_model(lm)
         else:
             stage.runner = StageRunner(lm)
-        stage.state = "ready"
+        stage.state, stage.loaded_at = "ready", time.time()
         self.changed()
         log.info("instance %s: stage %s of %s ready", msg.instance, part.public(), msg.model)
 
