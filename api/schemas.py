@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from exo.common.json_schema import closed
 from exo.common.sampling import SamplingParams
 
 NonNegFloat = Annotated[float, Field(ge=0.0)]
@@ -24,31 +25,6 @@ class JsonSchema(BaseModel):
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
     strict: bool | None = None
     description: str | None = None
-
-
-NAMED = ("properties", "patternProperties", "$defs", "definitions")  # name -> schema maps
-
-
-def closed(schema: Any, depth: int = 0) -> Any:
-    """`schema` with every object that lists its properties closed to others
-    (`additionalProperties: false` where it says nothing): what OpenAI's strict
-    mode and Ollama's formats produce. Left open, a weak model fills extra keys
-    until max_tokens cuts the JSON."""
-    if depth > 64:
-        return schema
-    if isinstance(schema, list):
-        return [closed(x, depth + 1) for x in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out: dict[str, Any] = {}
-    for k, v in schema.items():
-        if k in NAMED and isinstance(v, dict):
-            out[k] = {name: closed(sub, depth + 1) for name, sub in v.items()}
-        else:
-            out[k] = closed(v, depth + 1)
-    if isinstance(out.get("properties"), dict) and "additionalProperties" not in out:
-        out["additionalProperties"] = False
-    return out
 
 
 class ResponseFormat(BaseModel):
@@ -92,7 +68,8 @@ class Sampling(BaseModel):
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    # 0 is OpenAI's too: the nucleus holds only the likeliest token (greedy)
+    top_p: float | None = Field(default=None, ge=0.0, le=1.0)
     n: int | None = Field(default=None, ge=1, le=1)
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=-(1 << 63), le=(1 << 63) - 1)
@@ -147,8 +124,12 @@ class Sampling(BaseModel):
     def params(self, max_tokens: int | None) -> dict[str, Any]:
         """The request's sampling, as it travels to the node (common/sampling.py)."""
         sp = SamplingParams(
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
+            temperature=0.0
+            if self.top_p == 0
+            else 1.0
+            if self.temperature is None
+            else self.temperature,
+            top_p=1.0 if not self.top_p else self.top_p,
             seed=self.seed,
             ignore_eos=bool(self.ignore_eos),
             stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),

@@ -302,22 +302,30 @@ class Deployer:
 
     def routes(
         self, inst: Instance, nodes: dict[str, Peer], view: Topology
-    ) -> list[dict[str, str]]:
+    ) -> list[dict[str, Any]]:
         """Per stage, the peer endpoints it sends to: `next` (the next stage) and, on
-        every later stage, `stage0`, each over the best link up now."""
+        every later stage, `stage0`, each over the best link up now; and `senders`,
+        the peer keys of the nodes it takes messages from (secure clusters)."""
         publics, found = view
 
         def endpoint(src: str, dst: str) -> str:
             port = int(nodes[dst].info.get("peer_port", 0))
             return f"tcp://{peer_host(publics[src], publics[dst], found)}:{port}"
 
-        out: list[dict[str, str]] = []
+        def key(n: str) -> str | None:
+            return nodes[n].info.get("peer_key")
+
+        out: list[dict[str, Any]] = []
         for k, node in enumerate(inst.nodes):
-            route = {}
+            route: dict[str, Any] = {}
             if k + 1 < len(inst.nodes):
                 route["next"] = endpoint(node, inst.nodes[k + 1])
             if k > 0:  # tokens (last stage) and errors (any later stage) go to stage 0
                 route["stage0"] = endpoint(node, inst.nodes[0])
+            # steps come from the stage before; tokens and errors to stage 0 from the rest
+            senders = [key(n) for n in (inst.nodes[1:] if k == 0 else [inst.nodes[k - 1]])]
+            if senders and all(senders):
+                route["senders"] = senders
             out.append(route)
         return out
 

@@ -34,7 +34,8 @@ class Instance:
     downloads_asked: set[str] = field(default_factory=set)
     created: float = field(default_factory=time.time)
     history: list[str] = field(default_factory=list)  # states in the order they were entered
-    routes: list[dict[str, str]] = field(default_factory=list)  # per stage: next / stage0 endpoint
+    # per stage: next / stage0 endpoints, senders' peer keys (protocol LOAD)
+    routes: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def nodes(self) -> list[str]:

@@ -50,11 +50,13 @@ Instances (a model placed on an ordered list of nodes, each holding a layer rang
                         the last); stage0 (every later stage): stage 0's, where the last
                         stage sends tokens and any stage its STAGE_ERROR; kv_budgets
                         (stage 0): [layers, KV bytes] of each later stage, so stage 0
-                        admits no more than any can hold. Progress in the node's status
-                        ("stages": {instance: {state, error?}})
+                        admits no more than any can hold; senders: the peer keys of the
+                        only nodes whose steps (stage k > 0: stage k-1's) or tokens and
+                        errors (stage 0: every later stage's) this stage takes. Progress
+                        in the node's status ("stages": {instance: {state, error?}})
     broker -> node      UNLOAD: drop the stage and every request through it
     broker -> node      ROUTE: send the following steps to this endpoint instead (the
-                        best link between two stages changed)
+                        best link between two stages changed), senders as LOAD's
 
 Link probes
     broker -> node  PROBE: measure the link from local address src to the peer's dst
@@ -110,6 +112,7 @@ DEFAULT_API_PORT = 52415
 MAX_ID = 256
 Id = Annotated[str, Meta(max_length=MAX_ID)]
 Payload = dict[str, Any] | list[Any] | str
+PeerKey = Annotated[str, Meta(max_length=64)]  # a node's own CURVE public key, z85
 Map = dict[str, Any]
 
 ROLES = ("node", "frontend")
@@ -286,6 +289,7 @@ class Load(Msg, tag="LOAD"):
     next: str | None = None
     stage0: str | None = None
     kv_budgets: list[tuple[int, int]] | None = None
+    senders: list[PeerKey] | None = None
 
 
 class Unload(Msg, tag="UNLOAD"):
@@ -296,6 +300,7 @@ class Route(Msg, tag="ROUTE"):
     instance: Id
     next: str | None = None
     stage0: str | None = None
+    senders: list[PeerKey] | None = None
 
 
 class Probe(Msg, tag="PROBE"):

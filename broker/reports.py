@@ -66,6 +66,7 @@ class NodeInfo(Struct, forbid_unknown_fields=False):
     disk_free: Count = 0
     cores: Count = 1
     peer_port: Port | None = None
+    peer_key: Annotated[str, Meta(max_length=64)] | None = None  # its stage traffic's key
     probe_port: Port | None = None
     weights_port: Port | None = None
     loading: Text | None = None

@@ -133,6 +133,7 @@ class Node:
         d["rdma"] = self.rdma
         d["loading"] = self.hosting.loading
         d["peer_port"] = self.peers.port
+        d["peer_key"] = self.peers.key.public if self.peers.key else None
         d["probe_port"] = self.prober.port
         d["weights_port"] = self.weights.port if self.weights else None
         d["memory_pressure"] = read_pressure()

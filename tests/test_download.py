@@ -397,3 +397,25 @@ def test_a_node_fetches_weights_from_a_peer_that_holds_them_not_the_hub(
             >= (tiny_path / WEIGHTS).stat().st_size
         )
     assert same_files(ModelStore(tmp_path / "models").path(REPO), tiny_path)
+
+
+def test_ollama_pull_downloads_onto_a_node_and_streams_its_progress(
+    hub: Hub, tiny_path: Path, tmp_path: Path
+) -> None:
+    import ollama
+
+    size = (tiny_path / WEIGHTS).stat().st_size
+    hub.faults.rate = size / 3  # a few seconds: progress shows
+    env = {"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"}
+    with LocalCluster.on_free_ports(tmp_path / "models", log_dir=tmp_path / "logs", env=env) as c:
+        client = ollama.Client(host=c.url, headers=c.api_headers())
+        with pytest.raises(ollama.ResponseError):
+            client.pull("not a hub id")
+        seen = list(client.pull(REPO, stream=True))
+        assert seen[0].status == "pulling manifest" and seen[-1].status == "success"
+        progress = [s for s in seen if s.total]
+        assert progress and all(s.total >= size for s in progress), seen
+        assert [s.completed for s in progress] == sorted(s.completed or 0 for s in progress)
+        names = [m.model for m in client.list().models]
+        assert REPO in names
+        assert client.pull(REPO, stream=False).status == "success"  # present: at once

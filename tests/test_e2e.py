@@ -148,6 +148,16 @@ def test_seed_makes_sampling_reproducible(client: openai.OpenAI) -> None:
     assert run(1) != run(2)
 
 
+def test_top_p_zero_is_greedy_as_openai_allows(client: openai.OpenAI) -> None:
+    def run(**sampling: float) -> str:
+        r = client.completions.create(
+            model=TINY, prompt="The", max_tokens=12, extra_body={"ignore_eos": True}, **sampling
+        )
+        return r.choices[0].text
+
+    assert run(top_p=0.0, temperature=1.5) == run(temperature=0.0)
+
+
 def test_a_separate_api_process_serves_through_the_broker(cluster) -> None:
     import subprocess
     import sys

@@ -3,6 +3,7 @@ bodies, a rogue hub. Each attack fails, is counted, and the cluster keeps servin
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from pathlib import Path
@@ -549,3 +550,35 @@ def test_a_flood_from_a_peer_the_broker_does_not_know_gets_one_reconnect(
         assert got == ["RECONNECT"], got
     finally:
         d.close()
+
+
+def test_a_member_that_is_not_an_instances_stage_cannot_end_or_feed_its_requests(
+    cluster: LocalCluster,
+) -> None:
+    """Holding the node key makes a peer a member of the cluster, not the stage
+    after this one: its STAGE_ERROR and RESULT for a running instance are dropped,
+    and the stream goes on to its end."""
+    node = node0(cluster)
+    d = cluster.as_member(zmq.Context.instance().socket(zmq.DEALER), peer=True)
+    d.setsockopt(zmq.LINGER, 2000)
+    d.connect(f"tcp://127.0.0.1:{node['info']['peer_port']}")
+    body = {"model": TINY, "prompt": [1, 2], "max_tokens": 300, "stream": True}
+    body |= {"ignore_eos": True, "temperature": 0}
+    lines: list[str] = []
+    with httpx.stream("POST", f"{cluster.url}/v1/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if not line:
+                continue
+            lines.append(line)
+            if len(lines) == 3:
+                (iid,) = [
+                    i for i, s in node0(cluster)["status"]["stages"].items() if s["model"] == TINY
+                ]
+                d.send(P.encode(P.StageError(instance=iid, message="a stranger says stop")))
+                d.send(P.encode(P.Result(instance=iid, step=10**9, ids=[1])))
+    d.close()
+    assert lines[-1] == "data: [DONE]" and not [x for x in lines if '"error"' in x]
+    chunks = [json.loads(x[6:]) for x in lines if x.startswith("data: {")]
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
+    dropped = wait_until(lambda: node0(cluster)["status"]["peer_dropped"].get("not_its_stage"))
+    assert dropped >= 2

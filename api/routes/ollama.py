@@ -5,11 +5,13 @@ with `done` and the counts. Options are mapped onto the one internal request;
 a sampling option the engine cannot honour (and tools, images, for now) is a
 400 naming it, never ignored; `format` (json, or a schema) is held by
 constrained decoding; the runtime knobs (`num_ctx`, threads,
-GPU layers...) are the cluster's to decide and are accepted as such.
+GPU layers...) are the cluster's to decide and are accepted as such. Pull
+downloads onto a node of the cluster (weights from a peer when one holds them).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -24,13 +26,15 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from exo.api.jobs import Job
 from exo.api.replies import Done, Reply, Text
 from exo.api.routes import client_of, replier, submitted
-from exo.api.schemas import closed
 from exo.broker import protocol as P
+from exo.common.json_schema import closed
+from exo.common.names import valid_model_id
 from exo.common.sampling import SamplingParams
 
 router = APIRouter()
 
 VERSION = "0.6.3"  # the Ollama API this face follows
+PULL_POLL_S = 0.5  # how often a pull's progress is read from the cluster's state
 MAPPED = {
     "temperature": "temperature",
     "top_p": "top_p",
@@ -226,6 +230,62 @@ async def show(request: Request) -> Any:
         "capabilities": ["completion"],
         "modified_at": d["modified_at"],
     }
+
+
+@router.post("/api/pull")
+async def pull(request: Request) -> Any:
+    """Ollama's pull onto the cluster's model store: a node downloads the hub
+    repository (from a peer that holds it when one does); its progress streams
+    as Ollama's statuses, NDJSON, ending with "success" or an error."""
+    try:
+        body = await body_of(request)
+        name = model_name(body) if body.get("model") else model_name({"model": body.get("name")})
+    except Refused as bad:
+        return error(400, str(bad))
+    if "/" not in name or not valid_model_id(name):
+        return error(400, f"'{name}' is not a hub id ORG/NAME")
+    client = client_of(request)
+    asked = await client.pull(name, None)
+    if "error" in asked:
+        return error(404, str(asked["error"]))
+
+    async def statuses() -> AsyncIterator[dict[str, Any]]:
+        yield {"status": "pulling manifest"}
+        while asked.get("state") != "present":
+            nodes = (await client.query("cluster")).get("nodes", [])
+            node = next((n for n in nodes if n.get("id") == asked.get("node")), None)
+            if node is None:
+                yield {"error": f"node {asked.get('node')} left while pulling {name}"}
+                return
+            if name in node.get("info", {}).get("models", []):
+                break
+            mine = [
+                d for d in node.get("status", {}).get("downloads", []) if d.get("model") == name
+            ]
+            if mine and mine[0].get("state") == "failed":
+                yield {"error": f"pulling {name} failed: {mine[0].get('error')}"}
+                return
+            if mine and mine[0].get("total"):
+                total, done = int(mine[0]["total"]), int(mine[0].get("done", 0))
+                yield {
+                    "status": f"pulling {name}",
+                    "digest": name,
+                    "total": total,
+                    "completed": done,
+                }
+            await asyncio.sleep(PULL_POLL_S)
+        for status in ("verifying sha256 digest", "writing manifest", "success"):
+            yield {"status": status}
+
+    if body.get("stream", True) is False:
+        seen = [s async for s in statuses()]
+        return error(502, seen[-1]["error"]) if "error" in seen[-1] else seen[-1]
+
+    async def ndjson() -> AsyncIterator[bytes]:
+        async for s in statuses():
+            yield json.dumps(s).encode() + b"\n"
+
+    return StreamingResponse(ndjson(), media_type="application/x-ndjson")
 
 
 # -- chat and generate ------------------------------------------------------------------

@@ -16,6 +16,8 @@ import logging
 import uuid
 from typing import Any
 
+from exo.common.json_schema import closed
+
 log = logging.getLogger(__name__)
 
 
@@ -111,7 +113,9 @@ def forced_grammar(tokenizer: Any, tools: list[dict[str, Any]], choice: str) -> 
             "type": "object",
             "properties": {
                 "name": {"const": t["function"]["name"]},
-                "arguments": t["function"].get("parameters") or {"type": "object"},
+                # closed: a function takes the arguments it declares (a weak model
+                # would add keys until max_tokens cut the call)
+                "arguments": closed(t["function"].get("parameters") or {"type": "object"}),
             },
             "required": ["name", "arguments"],
             "additionalProperties": False,

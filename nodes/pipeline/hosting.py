@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -47,6 +47,8 @@ class HostedStage:
     last_out: tuple[P.Msg, mx.array | None] | None = None
     resent: int = 0  # steps sent again (stage 0) or answered again (later stages)
     loaded_at: float | None = None  # time.time() when it became ready
+    # the peer keys of the nodes whose messages this stage takes (protocol LOAD)
+    senders: set[str] = field(default_factory=set)
 
     def public(self) -> dict[str, Any]:
         """What the broker reads to tell an instance loading from ready, and where
@@ -100,10 +102,12 @@ class Hosting:
         ):
             # Already here (a restarted broker restoring its instances): kept, re-routed.
             held.next, held.stage0 = msg.next or held.next, msg.stage0 or held.stage0
+            self.let_in(held, msg.senders)
             self.changed()
             return
         stage = HostedStage(msg.instance, msg.model, part, next=msg.next, stage0=msg.stage0)
         self.stages[msg.instance] = stage
+        self.let_in(stage, msg.senders)
         self.changed()  # the broker sees "loading" while we load
         path = self.store.scan().get(msg.model)
         if path is None:
@@ -135,8 +139,26 @@ class Hosting:
         self.changed()
         log.info("instance %s: stage %s of %s ready", msg.instance, part.public(), msg.model)
 
+    def let_in(self, stage: HostedStage, senders: list[str] | None) -> None:
+        """The nodes `stage` takes messages from (None: unchanged)."""
+        if senders is not None:
+            stage.senders = set(senders)
+        self.peers.allow({k for s in self.stages.values() for k in s.senders})
+
+    def from_its_senders(self, stage: HostedStage, sender: str | None, what: str) -> bool:
+        """Whether a peer message for `stage` came from a node of its instance
+        (always so in an insecure cluster); if not it is dropped and counted: a
+        member of the cluster that is not this instance's stage cannot end or
+        feed its requests."""
+        if self.peers.key is None or sender in stage.senders:
+            return True
+        self.peers.dropped["not_its_stage"] += 1
+        log.warning("instance %s: a %s from a node not of its stages dropped", stage.instance, what)
+        return False
+
     def unload(self, iid: str) -> None:
         stage = self.stages.pop(iid, None)
+        self.peers.allow({k for s in self.stages.values() for k in s.senders})
         lm = self.engine.models.get(stage.model) if stage is not None else None
         if lm is not None and lm.instance == iid:
             gone = self.engine.remove_model(lm.model_id)
@@ -167,6 +189,7 @@ class Hosting:
             stage.next = msg.next
         if msg.stage0 and stage.stage0:
             stage.stage0 = msg.stage0
+        self.let_in(stage, msg.senders)
         lm = stage.lm
         first = lm is not None and lm.part is not None and lm.part.first
         # The step out may have gone down with the old link: again, on the new.
@@ -186,15 +209,17 @@ class Hosting:
         got = self.peers.recv()
         if got is None:
             return
-        msg, h = got
+        msg, h, sender = got
         if isinstance(msg, P.Act):
-            self.on_act(msg, h)
+            self.on_act(msg, h, sender)
             return
         if not isinstance(msg, P.Result | P.StageError):
             self.peers.dropped["wrong_type"] += 1
             return
         stage = self.stages.get(msg.instance)
         if stage is None or self.engine.models.get(stage.model) is None:
+            return
+        if not self.from_its_senders(stage, sender, msg.type):
             return
         if isinstance(msg, P.Result):
             try:
@@ -204,12 +229,14 @@ class Hosting:
         else:
             self.fail_requests(stage.model, msg.message)
 
-    def on_act(self, msg: P.Act, h: mx.array | None) -> None:
+    def on_act(self, msg: P.Act, h: mx.array | None, sender: str | None = None) -> None:
         iid = msg.instance
         stage = self.stages.get(iid)
         runner = stage.runner if stage is not None else None
         if stage is None or runner is None or h is None:
             log.warning("a step for instance %s, which this node does not hold", iid)
+            return
+        if not self.from_its_senders(stage, sender, "step"):
             return
         problem = malformed(msg, tuple(h.shape), runner.width)
         if problem is not None:

@@ -40,12 +40,17 @@ class PeerSockets:
         cluster: keys.Cluster | None = None,
     ) -> None:
         self.ctx, self.peer_id = ctx, peer_id
-        # Stage traffic is the cluster's nodes' only: every node serves and connects
-        # with the node key (None: an insecure cluster).
+        # Stage traffic is the cluster's nodes' only: every node serves with the node
+        # key and connects with a key of its own (`key`, made at start, told to the
+        # broker in its INFO), so a stage knows which node each step or token came
+        # from and takes them only from its instance's (Hosting: senders). The
+        # ROUTER lets in the node key (members) and those senders' keys.
         self.cluster = cluster
+        self.key = keys.Pair.new() if cluster is not None else None
+        self.allowed: set[str] = {cluster.node.public} if cluster is not None else set()
         self.router = ctx.socket(zmq.ROUTER)
         if cluster is not None:  # (the ZAP handler must run before the ROUTER binds)
-            self.auth = keys.authenticator(ctx, {DOMAIN: {cluster.node.public}})
+            self.auth = keys.authenticator(ctx, {DOMAIN: self.allowed})
             keys.serve(self.router, cluster.node, DOMAIN)
         self.router.setsockopt(zmq.LINGER, 0)
         # Steps go one at a time per instance: a few frames in flight is all a
@@ -75,8 +80,8 @@ class PeerSockets:
             # is exactly that. Replies never go back through the ROUTER anyway.
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDHWM, 1000)
-            if self.cluster is not None:
-                keys.connect_as(sock, self.cluster.node, self.cluster.node)
+            if self.cluster is not None and self.key is not None:
+                keys.connect_as(sock, self.key, self.cluster.node)
             sock.connect(endpoint)
             self.dealers[endpoint] = sock
         return sock
@@ -93,9 +98,21 @@ class PeerSockets:
             return
         self.sent[endpoint] += sum(len(f) if isinstance(f, bytes) else f.nbytes for f in frames)
 
-    def recv(self) -> tuple[P.Msg, mx.array | None] | None:
-        """One message, or None for a frame that had to be dropped."""
+    def allow(self, senders: set[str]) -> None:
+        """The keys of the nodes that may connect (besides the node key): the senders
+        of the stages held here."""
+        if self.cluster is not None:
+            self.allowed.intersection_update({self.cluster.node.public} | senders)
+            self.allowed.update(senders)
+
+    def recv(self) -> tuple[P.Msg, mx.array | None, str | None] | None:
+        """One message, its tensor and its sender's key (None: an insecure
+        cluster), or None for a frame that had to be dropped."""
         parts = self.router.recv_multipart(copy=False)
+        sender = None
+        if self.cluster is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                sender = parts[-1].get("User-Id")
         size = sum(len(p.buffer) for p in parts[1:])
         self.received += size
         with contextlib.suppress(zmq.ZMQError):
@@ -109,13 +126,13 @@ class PeerSockets:
             self.dropped["bad_framing"] += 1
             return None
         if not isinstance(msg, P.Act):
-            return msg, None
+            return msg, None, sender
         shape = msg.shape
         buf = parts[2].buffer if len(parts) == 3 else b""
         if len(shape) != 2 or min(shape) < 0 or len(buf) != 4 * shape[0] * shape[1]:
             self.dropped["bad_tensor"] += 1
             return None
-        return msg, mx.array(np.frombuffer(buf, dtype=np.float32).reshape(shape))
+        return msg, mx.array(np.frombuffer(buf, dtype=np.float32).reshape(shape)), sender
 
     def sample(self, now: float) -> dict[str, dict[str, float]]:
         """Bytes per second to and from each peer address since the last sample."""
