@@ -18,8 +18,10 @@ Conversation
                     expired it): send HELLO again
     node -> broker  INFO: the node's facts changed (models on disk...)
 
-    frontend -> broker  SUBMIT; timeout_s: the client's deadline (the broker applies
-                        the smaller of it and its own --request-timeout)
+    frontend -> broker  SUBMIT; kind: chat | completion | count (a chat's prompt tokens
+                        counted by stage 0's tokenizer and template, nothing run: one
+                        TOKENS with usage); timeout_s: the client's deadline (the broker
+                        applies the smaller of it and its own --request-timeout)
     broker -> frontend  ACCEPTED {rid, node} or FAIL {rid, status, code, message}
     broker -> node      GENERATE, to stage 0 of a ready instance
     node -> broker      TOKENS, one per engine step; FAIL; both relayed unchanged

@@ -386,6 +386,11 @@ class Node:
             self.errors["generate_duplicate"] += 1
             return
         try:
+            if msg.kind == "count":
+                n = self.engine.count(msg.model, msg.payload)
+                usage = {"prompt_tokens": n, "completion_tokens": 0, "total_tokens": n}
+                self.send(P.Tokens(rid=rid, ids=[], text="", finish="stop", usage=usage, seq=1))
+                return
             self.engine.submit(rid, msg.model, msg.kind, msg.payload, msg.params)
             self.send(P.State(rid=rid, state="admitted"))
         except EngineError as e:

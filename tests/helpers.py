@@ -51,6 +51,27 @@ def linkstat_json(c: LocalCluster) -> dict[str, Any]:
     return dict(json.loads(out.stdout))
 
 
+def stream_acting(
+    url: str, body: dict[str, Any], after: int, action: Callable[[], None]
+) -> tuple[list[str], float]:
+    """POST a streaming completion `body` to the API at `url`, run `action` once
+    `after` data chunks arrived; the stream's non-empty lines and the seconds from
+    the action to the stream's end."""
+    got: list[str] = []
+    acted_at = None
+    with httpx.stream(
+        "POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=60
+    ) as resp:
+        for line in resp.iter_lines():
+            if line:
+                got.append(line)
+            if acted_at is None and sum(x.startswith("data: {") for x in got) >= after:
+                acted_at = time.monotonic()
+                action()
+    assert acted_at is not None, got
+    return got, time.monotonic() - acted_at
+
+
 def stream_while(
     c: LocalCluster, path: str, body: dict[str, Any], poll: Callable[[], None]
 ) -> list[str]:

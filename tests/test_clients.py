@@ -107,6 +107,20 @@ def test_anthropic_messages_create_and_stream(cluster: Any, reference: str) -> N
     assert again.content[0].text == reference  # type: ignore[union-attr]
 
 
+def test_anthropic_count_tokens_counts_what_messages_would_read(cluster: Any) -> None:
+    client = claude(cluster)
+    turns: Any = [{"role": "user", "content": ASK}]
+    msg = client.messages.create(model=TINY, max_tokens=1, system=SYSTEM, messages=turns)
+    counted = client.messages.count_tokens(model=TINY, system=SYSTEM, messages=turns)
+    assert counted.input_tokens == msg.usage.input_tokens + (msg.usage.cache_read_input_tokens or 0)
+    tool: Any = {"name": "get_weather", "input_schema": WEATHER["function"]["parameters"]}
+    with_tool = client.messages.count_tokens(model=TOOLS_MODEL, messages=turns, tools=[tool])
+    without = client.messages.count_tokens(model=TOOLS_MODEL, messages=turns)
+    assert with_tool.input_tokens > without.input_tokens > 0  # the template renders tools
+    with pytest.raises(anthropic.NotFoundError):
+        client.messages.count_tokens(model="nobody/nothing", messages=turns)
+
+
 def test_anthropic_errors_come_in_anthropics_shape(cluster: Any) -> None:
     client = claude(cluster)
     turns: Any = [{"role": "user", "content": ASK}]
@@ -455,6 +469,24 @@ def test_a_thinking_models_thoughts_are_reasoning_never_content(cluster: Any) ->
     ol = ollama_client(cluster)
     got = ol.chat(model=THINK_MODEL, messages=turns, options={"temperature": 0, "num_predict": 8})
     assert got.message.thinking and not got.message.content
+    # Anthropic's thinking blocks, whole and streamed (thinking_delta, signature_delta)
+    cl = claude(cluster)
+    ask: Any = {"model": THINK_MODEL, "max_tokens": 8, "messages": turns}
+    ask["extra_body"] = {"temperature": 0}
+    enabled: Any = {"type": "enabled", "budget_tokens": 1024}
+    whole = cl.messages.create(**ask, thinking=enabled)
+    block = whole.content[0]
+    assert block.type == "thinking" and block.thinking and "<think>" not in block.thinking
+    with cl.messages.stream(**ask, thinking=enabled) as stream:
+        kinds = [e.delta.type for e in stream if e.type == "content_block_delta"]
+        final = stream.get_final_message()
+    assert "thinking_delta" in kinds and "signature_delta" in kinds
+    assert final.content[0].type == "thinking" and final.content[0].thinking == block.thinking
+    # thoughts sent back in the history are taken (and left out of the prompt)
+    back: Any = [*turns, {"role": "assistant", "content": [block.model_dump()]}, turns[0]]
+    assert cl.messages.create(**{**ask, "messages": back}, thinking=enabled).content
+    off = cl.messages.create(**ask, thinking={"type": "disabled"})
+    assert [b.type for b in off.content] == ["text"]
 
 
 def test_metrics_in_prometheus_text_with_vllms_names_and_the_clusters(cluster: Any) -> None:

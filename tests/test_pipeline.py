@@ -22,6 +22,7 @@ from tests.helpers import (
     place_ready,
     ready,
     stages_on,
+    stream_acting,
     wait_until,
 )
 
@@ -56,22 +57,8 @@ def interrupted_stream(
 ) -> tuple[list[str], float]:
     """Stream a long completion, run `action` once `after` tokens arrived; the
     stream's lines and the seconds from the action to the stream's end."""
-    got: list[str] = []
-    acted_at = None
-    with httpx.stream(
-        "POST",
-        f"{c.url}/v1/completions",
-        json={"model": DEFAULT_MODEL, "prompt": "Once", "max_tokens": max_tokens, "stream": True},
-        timeout=60,
-    ) as resp:
-        for line in resp.iter_lines():
-            if line:
-                got.append(line)
-            if acted_at is None and sum(x.startswith("data: {") for x in got) >= after:
-                acted_at = time.monotonic()
-                action()
-    assert acted_at is not None, got
-    return got, time.monotonic() - acted_at
+    body = {"model": DEFAULT_MODEL, "prompt": "Once", "max_tokens": max_tokens}
+    return stream_acting(c.url, body, after, action)
 
 
 def concurrent(c: LocalCluster, model: str) -> list[list[int]]:

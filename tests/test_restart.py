@@ -16,7 +16,7 @@ from exo.broker.journal import Journal
 from exo.broker.placement import StageSpec
 from exo.common import retry
 from exo.tools.cluster import LocalCluster
-from tests.helpers import instances, node, place_ready, wait_until
+from tests.helpers import instances, node, place_ready, stream_acting, wait_until
 
 TINY = "test/tiny-llama"  # 4 layers
 GREEDY = {"model": TINY, "prompt": [3, 4, 5], "max_tokens": 12, "temperature": 0}
@@ -157,17 +157,9 @@ def test_a_broker_stopped_mid_stream_ends_the_stream_with_an_error_event(
     import signal
 
     with LocalCluster.on_free_ports(models_dir, log_dir=tmp_path) as c:
-        body = {"model": TINY, "prompt": [1, 2], "max_tokens": 900, "stream": True}
-        body |= {"ignore_eos": True, "temperature": 0}
-        lines: list[str] = []
-        with httpx.stream("POST", f"{c.url}/v1/completions", json=body, timeout=60) as r:
-            for line in r.iter_lines():
-                if not line:
-                    continue
-                lines.append(line)
-                if len([x for x in lines if x.startswith("data: {")]) == 5:
-                    assert c.broker is not None
-                    c.broker.send_signal(signal.SIGTERM)
+        body = {"model": TINY, "prompt": [1, 2], "max_tokens": 900, "ignore_eos": True}
+        assert c.broker is not None
+        lines, _ = stream_acting(c.url, body, 5, lambda: c.broker.send_signal(signal.SIGTERM))  # type: ignore[union-attr]
         assert lines[-1] == "data: [DONE]", lines[-3:]
         (err,) = [json.loads(x[6:]) for x in lines if '"error"' in x]
         assert err["error"]["code"] == "shutting_down"

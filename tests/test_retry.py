@@ -159,15 +159,23 @@ def taken(*nodes: FakeNode) -> FakeNode:
     return wait_until(lambda: next((n for n in nodes if n.generates), None), timeout=30)
 
 
+def two_and_a_request(
+    c: LocalCluster, behaviour: Callable[[FakeNode, P.Generate], None], **headers: str
+) -> tuple[FakeNode, FakeNode, threading.Thread, dict[str, httpx.Response]]:
+    """Two fake nodes doing `behaviour`, and a request on its way: the node it
+    went to, the other, its thread and where its response lands."""
+    a = FakeNode(c, "fake-a", behaviour)
+    b = FakeNode(c, "fake-b", behaviour)
+    out: dict[str, httpx.Response] = {}
+    t = ask(c, out, **headers)
+    first = taken(a, b)
+    return first, (b if first is a else a), t, out
+
+
 def test_a_request_whose_node_dies_before_its_first_token_is_placed_again(
     bare: LocalCluster,
 ) -> None:
-    a = FakeNode(bare, "fake-a", silent)
-    b = FakeNode(bare, "fake-b", silent)
-    out: dict[str, httpx.Response] = {}
-    t = ask(bare, out)
-    first = taken(a, b)
-    other = b if first is a else a
+    first, other, t, out = two_and_a_request(bare, silent)
     other.on_generate = answers
     first.kill()  # after EXPIRY_S + GRACE_S the broker gives it up
     t.join(60)
@@ -187,12 +195,7 @@ def test_a_request_whose_node_dies_before_its_first_token_is_placed_again(
 
 
 def test_a_request_that_has_had_a_token_is_never_placed_again(bare: LocalCluster) -> None:
-    a = FakeNode(bare, "fake-a", first_token_only)
-    b = FakeNode(bare, "fake-b", first_token_only)
-    out: dict[str, httpx.Response] = {}
-    t = ask(bare, out)
-    first = taken(a, b)
-    other = b if first is a else a
+    first, other, t, out = two_and_a_request(bare, first_token_only)
     time.sleep(0.5)  # its token is relayed
     first.kill()
     t.join(60)
@@ -205,13 +208,8 @@ def test_a_request_that_has_had_a_token_is_never_placed_again(bare: LocalCluster
 
 
 def test_a_request_is_never_placed_again_past_its_deadline(bare: LocalCluster) -> None:
-    a = FakeNode(bare, "fake-a", silent)
-    b = FakeNode(bare, "fake-b", silent)
-    out: dict[str, httpx.Response] = {}
     # its deadline passes before the broker gives its node up (EXPIRY_S + GRACE_S)
-    t = ask(bare, out, **{"X-Request-Timeout": "2"})
-    first = taken(a, b)
-    other = b if first is a else a
+    first, other, t, out = two_and_a_request(bare, silent, **{"X-Request-Timeout": "2"})
     first.kill()
     t.join(60)
     assert out["r"].status_code == 504

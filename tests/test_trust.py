@@ -17,7 +17,7 @@ import zmq
 from exo.broker import protocol as P
 from exo.nodes.store.download import Downloader, DownloadError
 from exo.tools.cluster import LocalCluster
-from tests.helpers import wait_until
+from tests.helpers import stream_acting, wait_until
 from tests.hub import Hub
 
 TINY = "test/tiny-llama"
@@ -562,20 +562,15 @@ def test_a_member_that_is_not_an_instances_stage_cannot_end_or_feed_its_requests
     d = cluster.as_member(zmq.Context.instance().socket(zmq.DEALER), peer=True)
     d.setsockopt(zmq.LINGER, 2000)
     d.connect(f"tcp://127.0.0.1:{node['info']['peer_port']}")
-    body = {"model": TINY, "prompt": [1, 2], "max_tokens": 300, "stream": True}
-    body |= {"ignore_eos": True, "temperature": 0}
-    lines: list[str] = []
-    with httpx.stream("POST", f"{cluster.url}/v1/completions", json=body, timeout=60) as r:
-        for line in r.iter_lines():
-            if not line:
-                continue
-            lines.append(line)
-            if len(lines) == 3:
-                (iid,) = [
-                    i for i, s in node0(cluster)["status"]["stages"].items() if s["model"] == TINY
-                ]
-                d.send(P.encode(P.StageError(instance=iid, message="a stranger says stop")))
-                d.send(P.encode(P.Result(instance=iid, step=10**9, ids=[1])))
+    body = {"model": TINY, "prompt": [1, 2], "max_tokens": 300, "ignore_eos": True}
+
+    def stranger() -> None:
+        stages = node0(cluster)["status"]["stages"]
+        (iid,) = [i for i, s in stages.items() if s["model"] == TINY]
+        d.send(P.encode(P.StageError(instance=iid, message="a stranger says stop")))
+        d.send(P.encode(P.Result(instance=iid, step=10**9, ids=[1])))
+
+    lines, _ = stream_acting(cluster.url, body, 2, stranger)
     d.close()
     assert lines[-1] == "data: [DONE]" and not [x for x in lines if '"error"' in x]
     chunks = [json.loads(x[6:]) for x in lines if x.startswith("data: {")]

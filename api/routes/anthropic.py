@@ -1,8 +1,8 @@
 """Anthropic's face: the Messages API (`POST /v1/messages`), as the anthropic SDK
 and tools built on it speak it: system prompts, stop sequences, streaming events
 (message_start, content_block_*, ping, message_delta, message_stop) and errors in
-Anthropic's shape. A field the engine cannot honour (tools, images, thinking,
-for now) is a 400 naming it, never ignored.
+Anthropic's shape, and `POST /v1/messages/count_tokens`. A field the engine
+cannot honour (images, thinking, for now) is a 400 naming it, never ignored.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from exo.common.sampling import SamplingParams
 
 router = APIRouter()
 
+THOUGHTS = ("thinking", "redacted_thinking")
 STOP_REASON = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 ERROR_TYPE = {
     400: "invalid_request_error",
@@ -70,11 +71,16 @@ def turns_of(m: dict[str, Any], where: str) -> list[dict[str, Any]]:
     content = m.get("content")
     if not isinstance(content, list):
         return [{"role": m["role"], "content": text_of(content, where)}]
+    # (earlier thoughts, sent back by agents, are not the model's to read again:
+    # templates drop them too)
+    content = [b for b in content if not (isinstance(b, dict) and b.get("type") in THOUGHTS)]
     texts = [b for b in content if isinstance(b, dict) and b.get("type") == "text"]
     uses = [b for b in content if isinstance(b, dict) and b.get("type") == "tool_use"]
     results = [b for b in content if isinstance(b, dict) and b.get("type") == "tool_result"]
     if len(texts) + len(uses) + len(results) != len(content):
-        raise Refused(f"{where}: only text, tool_use and tool_result blocks are supported")
+        raise Refused(
+            f"{where}: only text, thinking, tool_use and tool_result blocks are supported"
+        )
     out: list[dict[str, Any]] = [
         {
             "role": "tool",
@@ -120,13 +126,13 @@ def tools_of(body: dict[str, Any]) -> tuple[list[dict[str, Any]] | None, str | N
     return fns, named
 
 
-def parse(body: Any) -> tuple[str, Any, dict[str, Any], bool]:
-    """-> model, the chat payload, sampling parameters, stream; or Refused."""
+def parse(body: Any, counting: bool = False) -> tuple[str, Any, dict[str, Any], bool]:
+    """-> model, the chat payload, sampling parameters, stream; or Refused.
+    `counting` (count_tokens): no max_tokens is asked for."""
     if not isinstance(body, dict):
         raise Refused("the body must be an object")
-    if body.get("thinking") is not None:
-        raise Refused("thinking: not supported by this server yet")
-    model, max_tokens = body.get("model"), body.get("max_tokens")
+    switch = thinking_of(body.get("thinking"))
+    model, max_tokens = body.get("model"), body.get("max_tokens", 1 if counting else None)
     if not isinstance(model, str) or not model:
         raise Refused("model: a model id is required")
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
@@ -157,8 +163,28 @@ def parse(body: Any) -> tuple[str, Any, dict[str, Any], bool]:
         params = SamplingParams.from_wire(wire).wire()
     except ValueError as e:
         raise Refused(str(e)) from None
-    payload: Any = {"messages": turns, "tools": tools} if tools else turns
+    payload: Any = turns
+    if tools or switch is not None:
+        payload = {"messages": turns}
+        if tools:
+            payload["tools"] = tools
+        if switch is not None:  # the template's own switch, where it has one
+            payload["template"] = {"enable_thinking": switch}
     return model, payload, params, body.get("stream") is True
+
+
+def thinking_of(thinking: Any) -> bool | None:
+    """Anthropic's `thinking` -> the chat template's switch (None: not asked).
+    budget_tokens is taken within max_tokens: thoughts and answer share it."""
+    if thinking is None:
+        return None
+    kind = thinking.get("type") if isinstance(thinking, dict) else None
+    if kind == "disabled":
+        return False
+    budget = thinking.get("budget_tokens") if isinstance(thinking, dict) else None
+    if kind != "enabled" or not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
+        raise Refused("thinking: {type: enabled, budget_tokens: N} or {type: disabled}")
+    return True
 
 
 def message(mid: str, model: str, text: str | None, usage: dict[str, int]) -> dict[str, Any]:
@@ -186,6 +212,9 @@ async def messages(request: Request) -> Any:
 
         def whole(text: str, _: list[int], done: Done) -> dict[str, Any]:
             out = message(mid, model, text or None, tokens(done.usage or {}))
+            if done.reasoning:
+                thought = {"type": "thinking", "thinking": done.reasoning, "signature": ""}
+                out["content"].insert(0, thought)
             out["content"] += [tool_use(c) for c in done.tool_calls or []]
             out["stop_reason"] = STOP_REASON.get(done.finish, "end_turn")
             return out
@@ -198,6 +227,26 @@ async def messages(request: Request) -> Any:
                 events(mid, model, replies), media_type="text/event-stream"
             ),
             whole,
+        )
+
+
+@router.post("/v1/messages/count_tokens")
+async def count_tokens(request: Request) -> Any:
+    """The input tokens a Messages request comes to (system, turns, tools) by the
+    model's own tokenizer and chat template on the node holding its first stage:
+    nothing is generated."""
+    try:
+        body = json.loads(await request.body() or b"null")
+        model, payload, params, _ = parse(body, counting=True)
+    except (ValueError, RecursionError) as e:
+        return error(400, str(e) if isinstance(e, Refused) else "the body is not JSON")
+    async with submitted(request, "count", model, payload, params) as job:
+
+        def counted(_text: str, _ids: list[int], done: Done) -> dict[str, int]:
+            return {"input_tokens": int((done.usage or {}).get("prompt_tokens", 0))}
+
+        return await replier(request).answer(
+            job, False, lambda f: error(f.status, f.message), lambda _: None, counted
         )
 
 
@@ -223,30 +272,74 @@ def event(name: str, data: dict[str, Any]) -> bytes:
     return f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
+class Blocks:
+    """A streamed message's content blocks, one open at a time: a thinking block
+    (its thoughts, then its signature) and a text block, in the order they come."""
+
+    def __init__(self) -> None:
+        self.index, self.open = -1, ""
+
+    def delta(self, kind: str, text: str) -> list[bytes]:
+        out = [] if self.open == kind else self.close()
+        if self.open != kind:
+            self.index, self.open = self.index + 1, kind
+            block = {"type": kind, kind: ""} | ({"signature": ""} if kind == "thinking" else {})
+            start = {"type": "content_block_start", "index": self.index, "content_block": block}
+            out.append(event("content_block_start", start))
+        if text:
+            delta = {"type": f"{kind}_delta", kind: text}
+            out.append(
+                event(
+                    "content_block_delta",
+                    {"type": "content_block_delta", "index": self.index, "delta": delta},
+                )
+            )
+        return out
+
+    def close(self) -> list[bytes]:
+        if not self.open:
+            return []
+        out = []
+        if self.open == "thinking":  # (no signature: nothing here signs thoughts)
+            delta = {"type": "signature_delta", "signature": ""}
+            out.append(
+                event(
+                    "content_block_delta",
+                    {"type": "content_block_delta", "index": self.index, "delta": delta},
+                )
+            )
+        out.append(event("content_block_stop", {"type": "content_block_stop", "index": self.index}))
+        self.open = ""
+        return out
+
+
 async def events(
     mid: str, model: str, replies: AsyncGenerator[Reply, None]
 ) -> AsyncIterator[bytes]:
     start = message(mid, model, None, {"input_tokens": 0, "output_tokens": 0})
     yield event("message_start", {"type": "message_start", "message": start})
-    block = {"type": "text", "text": ""}
-    yield event(
-        "content_block_start", {"type": "content_block_start", "index": 0, "content_block": block}
-    )
+    blocks = Blocks()
     async with contextlib.aclosing(replies) as evs:  # (closed with us: a cancel)
         async for ev in evs:
             if isinstance(ev, Waiting):
                 yield event("ping", {"type": "ping"})
-            elif isinstance(ev, Text) and ev.text:
-                delta = {"type": "text_delta", "text": ev.text}
-                yield event(
-                    "content_block_delta",
-                    {"type": "content_block_delta", "index": 0, "delta": delta},
-                )
+            elif isinstance(ev, Text) and (ev.text or ev.reasoning):
+                # a thinking model's thoughts come first, in a thinking block
+                if ev.reasoning:
+                    for out in blocks.delta("thinking", ev.reasoning):
+                        yield out
+                if ev.text:
+                    for out in blocks.delta("text", ev.text):
+                        yield out
             elif isinstance(ev, P.Fail):
                 yield event("error", error_body(ev.status, ev.message))
             elif isinstance(ev, Done):
-                yield event("content_block_stop", {"type": "content_block_stop", "index": 0})
-                for i, call in enumerate(ev.tool_calls or [], start=1):
+                if blocks.index < 0:
+                    for out in blocks.delta("text", ""):
+                        yield out
+                for out in blocks.close():
+                    yield out
+                for i, call in enumerate(ev.tool_calls or [], start=blocks.index + 1):
                     use = tool_use(call)
                     start_use = {**use, "input": {}}
                     yield event(

@@ -74,6 +74,16 @@ class Book:
         """A request by this id runs or waits here."""
         return rid in self.requests or any(r.rid == rid for r in self.queue)
 
+    def count(self, model_id: str, payload: Any) -> int:
+        """The prompt tokens a chat `payload` comes to, its tools rendered by the
+        template as they would be: nothing is run."""
+        lm = self.models.get(model_id)
+        if lm is None:
+            raise EngineError(
+                503, "model_not_loaded", f"model {model_id} is not loaded on this node"
+            )
+        return len(encode_prompt(lm, "chat", payload, tools=bool(chat_parts(payload)[1])))
+
     def submit(self, rid: str, model_id: str, kind: str, payload: Any, params: dict) -> Request:
         lm = self.models.get(model_id)
         if lm is None:
