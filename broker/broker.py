@@ -289,7 +289,7 @@ class Broker:
             log.info(
                 "%s %s (%s) registered; models: %s", role, peer_id, msg.name, peer.models or "-"
             )
-        self.reg.seen_models.update(self.reg.peers[ident].models)
+        self.reg.saw_models(self.reg.peers[ident].models)
         self.send(
             ident,
             P.Welcome(
@@ -352,7 +352,7 @@ class Broker:
 
     def on_info(self, peer: Peer, msg: P.Info, frame: zmq.Frame) -> None:
         peer.info = reports.node_info(msg.info)
-        self.reg.seen_models.update(peer.models)
+        self.reg.saw_models(peer.models)
 
     # -- requests -------------------------------------------------------------------
 

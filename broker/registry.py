@@ -103,12 +103,22 @@ def failed_download(nodes: list[Peer], model: str) -> tuple[Peer, dict[str, Any]
     return None
 
 
+MAX_SEEN = 65536
+
+
 class Registry:
     def __init__(self) -> None:
         self.peers: dict[bytes, Peer] = {}
         self.requests: dict[str, InFlight] = {}
-        self.seen_models: set[str] = set()
+        self.seen_models: set[str] = set()  # (bounded: see saw_models)
         self.parked: dict[str, Parked] = {}
+
+    def saw_models(self, models: list[str]) -> None:
+        """Models some node held (a request for one whose nodes left is a 503, not a
+        404). Bounded: past MAX_SEEN names it keeps only those held now."""
+        self.seen_models.update(models)
+        if len(self.seen_models) > MAX_SEEN:
+            self.seen_models = {m for n in self.nodes() for m in n.models}
 
     def nodes(self) -> list[Peer]:
         return [p for p in self.peers.values() if p.role == "node"]

@@ -62,6 +62,9 @@ class Requests:
         if now >= self.next_parked:
             self.next_parked = now + PARKED_S
             self.tend_parked(now)
+            # a pull's entry only bridges the heartbeat before its node shows it
+            for model in [m for m, (_, t) in self.pulls.items() if now - t > PULL_GRACE_S]:
+                del self.pulls[model]
 
     def on_submit(self, fe: Peer, msg: P.Submit, frame: zmq.Frame) -> None:
         rid = msg.rid

@@ -577,3 +577,17 @@ def test_a_member_that_is_not_an_instances_stage_cannot_end_or_feed_its_requests
     assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
     dropped = wait_until(lambda: node0(cluster)["status"]["peer_dropped"].get("not_its_stage"))
     assert dropped >= 2
+
+
+def test_the_models_the_broker_remembers_are_bounded() -> None:
+    """A node could list new model names in every INFO: what the broker keeps of
+    them (for 503 rather than 404 once their nodes left) stays bounded."""
+    from exo.broker.registry import MAX_SEEN, Peer, Registry
+
+    reg = Registry()
+    reg.peers[b"n"] = Peer(b"n", "n", "node", info={"models": ["a/held"]})
+    for i in range(3):
+        reg.saw_models([f"junk/{i}-{k}" for k in range(MAX_SEEN // 2)])
+    assert len(reg.seen_models) <= MAX_SEEN
+    reg.saw_models(["a/held"])
+    assert "a/held" in reg.seen_models

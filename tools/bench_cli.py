@@ -348,3 +348,33 @@ def bench_prefix(
     res = bp.run(d, model_id, path, turns, baseline_agent)
     bp.report(res)
     print(json.dumps(res) if as_json else "")
+
+
+@bench.command("curve")
+@click.option(
+    "--sizes",
+    default="9216,1179648",
+    show_default=True,
+    help="Frame bytes, comma-separated (defaults: a 4-row decode step and a 512-row "
+    "prefill chunk of a 576-wide model).",
+)
+@click.option("--round-trips", "n", default=2000, show_default=True)
+@click.option("--pairs", default=3, show_default=True, help="Alternated insecure/CURVE runs.")
+@click.option(
+    "--step-ms", default=75.0, show_default=True, help="A decode step's time, for the bound."
+)
+@click.option("--json", "as_json", is_flag=True)
+def bench_curve(sizes: str, n: int, pairs: int, step_ms: float, as_json: bool) -> None:
+    """What CURVE adds to one pipeline hop (loopback, the peer sockets' setup), and
+    the decode ratio it bounds: insecure and CURVE side by side."""
+    from exo.tools import bench_curve as bc
+
+    rows = bc.run([int(s) for s in sizes.split(",")], n, pairs, step_ms)
+    print(f"{'bytes':>9} {'insecure us':>12} {'CURVE us':>9} {'extra us':>9} {'decode x':>9}")
+    for r in rows:
+        print(
+            f"{r['bytes']:>9} {r['plain_us']:>12.1f} {r['curve_us']:>9.1f} "
+            f"{r['extra_us']:>9.1f} {r['decode_ratio']:>9.4f}"
+        )
+    if as_json:
+        print(json.dumps(rows))
