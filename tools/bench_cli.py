@@ -327,6 +327,24 @@ def bench_links(rounds: int, as_json: bool, models_dir: Path | None) -> None:
     print(json.dumps(res) if as_json else "")
 
 
+@bench.command("weights")
+@click.option("--model", default=None, help="Model id (default: the default model).")
+@click.option("--json", "as_json", is_flag=True)
+@models_dir_option
+def bench_weights(model: str | None, as_json: bool, models_dir: Path | None) -> None:
+    """A model's weights copied node to node over a 1 Gbit/s link vs iperf3 on it, in a
+    namespace test bed (needs root)."""
+    from exo.nodes.store.store import ModelStore
+    from exo.tools import bench_weights as bw
+
+    if os.geteuid() != 0:
+        raise click.ClickException("bench weights builds network namespaces: run it as root")
+    model_id, d = _model(model, models_dir)
+    res = bw.run(d, model_id, ModelStore(d).path(model_id))
+    bw.report(res)
+    print(json.dumps(res) if as_json else "")
+
+
 @bench.command("prefix")
 @click.option("--model", default=None, help="Model id (default: the default model).")
 @click.option(
