@@ -123,13 +123,10 @@ class Sampling(BaseModel):
 
     def params(self, max_tokens: int | None) -> dict[str, Any]:
         """The request's sampling, as it travels to the node (common/sampling.py)."""
+        temperature = 1.0 if self.temperature is None else self.temperature
         sp = SamplingParams(
-            temperature=0.0
-            if self.top_p == 0
-            else 1.0
-            if self.temperature is None
-            else self.temperature,
-            top_p=1.0 if not self.top_p else self.top_p,
+            temperature=0.0 if self.top_p == 0 else temperature,  # (top_p 0: greedy)
+            top_p=self.top_p or 1.0,
             seed=self.seed,
             ignore_eos=bool(self.ignore_eos),
             stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),

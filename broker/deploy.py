@@ -164,7 +164,9 @@ class Deployer:
         ):
             return None
         if self.warming():
-            return None  # its nodes may hold one, to be adopted: placed after the warm-up
+            # Its nodes may not have registered yet, or may hold one to adopt: no
+            # refusal and no placement until the warm-up is over.
+            return None
         nodes = self.reg.nodes()
         if not any(model in n.models for n in nodes):
             return no_holder(nodes, model, self.reg.seen_models)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated
@@ -21,10 +20,10 @@ from msgspec import Meta
 
 from exo.broker.instances import Instance
 from exo.broker.placement import StageSpec
+from exo.broker.reports import Layer
+from exo.common.paths import write_private
 
 log = logging.getLogger(__name__)
-
-Layer = Annotated[int, Meta(ge=0, le=100_000)]
 
 
 class Entry(msgspec.Struct):
@@ -73,10 +72,5 @@ class Journal:
         data = json.dumps(entries, indent=1).encode()
         if data == self.written:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        tmp.replace(self.path)
+        write_private(self.path, data)
         self.written = data

@@ -42,8 +42,11 @@ class Interface(Struct, forbid_unknown_fields=False):
     networks: Annotated[list[Text], Meta(max_length=64)] = []
 
 
+Layer = Annotated[int, Meta(ge=0, le=100_000)]  # a layer index or count
+
+
 class ModelMeta(Struct, forbid_unknown_fields=False):
-    layers: Annotated[int, Meta(ge=0, le=100_000)] = 0
+    layers: Layer = 0
     bytes: Count = 0
     type: Text = ""
     split: bool = True  # whether the node runs stages of it (nodes/engine/span.py)
@@ -79,9 +82,6 @@ class Download(Struct, forbid_unknown_fields=False):
     total: Count = 0
     done: Count = 0
     error: Text | None = None
-
-
-Layer = Annotated[int, Meta(ge=0, le=100_000)]
 
 
 class StageState(Struct, forbid_unknown_fields=False):

@@ -166,9 +166,7 @@ class Requests:
         model = waiting.submit.model
         refusal = self.deploy.provide(model)
         pending = downloading(nodes, model) or self.recently_pulled(model)
-        if refusal is None or pending or self.deploy.warming():
-            # (a broker just started gives its nodes time to register: the
-            # refusal may not hold once they have)
+        if refusal is None or pending:
             return self.park(waiting, first, pending[0][0].peer_id if pending else "")
         failed = failed_download(nodes, model)
         if not first and failed is not None:

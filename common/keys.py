@@ -32,7 +32,7 @@ from pathlib import Path
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
-from exo.common.paths import exo_home
+from exo.common.paths import exo_home, write_private
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +61,7 @@ def cluster_dir() -> Path:
 
 
 def _write(path: Path, pair: Pair) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump({"public": pair.public, "secret": pair.secret}, f)
-    tmp.rename(path)
+    write_private(path, json.dumps({"public": pair.public, "secret": pair.secret}).encode())
 
 
 def _read(path: Path) -> Pair | None:

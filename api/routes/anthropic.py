@@ -1,8 +1,9 @@
 """Anthropic's face: the Messages API (`POST /v1/messages`), as the anthropic SDK
 and tools built on it speak it: system prompts, stop sequences, streaming events
 (message_start, content_block_*, ping, message_delta, message_stop) and errors in
-Anthropic's shape, and `POST /v1/messages/count_tokens`. A field the engine
-cannot honour (images, thinking, for now) is a 400 naming it, never ignored.
+Anthropic's shape; thinking blocks; and `POST /v1/messages/count_tokens`. A
+field the engine cannot honour (images, for now) is a 400 naming it, never
+ignored.
 """
 
 from __future__ import annotations

@@ -239,7 +239,7 @@ async def pull(request: Request) -> Any:
     as Ollama's statuses, NDJSON, ending with "success" or an error."""
     try:
         body = await body_of(request)
-        name = model_name(body) if body.get("model") else model_name({"model": body.get("name")})
+        name = model_name({"model": body.get("model") or body.get("name")})  # (either, in Ollama)
     except Refused as bad:
         return error(400, str(bad))
     if "/" not in name or not valid_model_id(name):

@@ -143,6 +143,10 @@ class Hosting:
         """The nodes `stage` takes messages from (None: unchanged)."""
         if senders is not None:
             stage.senders = set(senders)
+        self.allow_senders()
+
+    def allow_senders(self) -> None:
+        """The peer ROUTER lets in the senders of the stages held now."""
         self.peers.allow({k for s in self.stages.values() for k in s.senders})
 
     def from_its_senders(self, stage: HostedStage, sender: str | None, what: str) -> bool:
@@ -158,7 +162,7 @@ class Hosting:
 
     def unload(self, iid: str) -> None:
         stage = self.stages.pop(iid, None)
-        self.peers.allow({k for s in self.stages.values() for k in s.senders})
+        self.allow_senders()
         lm = self.engine.models.get(stage.model) if stage is not None else None
         if lm is not None and lm.instance == iid:
             gone = self.engine.remove_model(lm.model_id)

@@ -102,6 +102,7 @@ class PeerSockets:
         """The keys of the nodes that may connect (besides the node key): the senders
         of the stages held here."""
         if self.cluster is not None:
+            # In place, never emptied: the ZAP thread reads this set while we change it.
             self.allowed.intersection_update({self.cluster.node.public} | senders)
             self.allowed.update(senders)
 

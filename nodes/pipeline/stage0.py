@@ -43,7 +43,8 @@ class Remote:
     resends: int = 0
 
 
-# A step out without them this long has lost its later stages: its requests fail.
+# A step out this long without its tokens has lost its later stages: its requests
+# fail (sent again before that: common/retry.py, STEP_RESEND_X).
 GIVE_UP_X = 100.0
 GIVE_UP_MIN_S = 10.0
 
