@@ -4,17 +4,21 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 UNAME := $(shell uname -s)
 
-.PHONY: run test install system-deps lint bench clean
+.PHONY: run test install typing system-deps lint bench clean
 
 run: install
 	$(VENV)/bin/exo-tools up
 
-test: install
+test: install typing
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	$(PY) -m pytest
 
 install: system-deps $(VENV)/.installed
+
+# mypy reads the source folders as the exo.* packages they install as (pyproject.toml)
+typing: $(VENV)/.installed
+	mkdir -p $(VENV)/typing && ln -sfn $(CURDIR) $(VENV)/typing/exo
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -64,7 +64,15 @@ class Metrics:
 
 
 def cluster_registry(state: dict[str, Any]) -> CollectorRegistry:
+    """The cluster's figures for one scrape: per node, per link, and the broker's."""
     r = CollectorRegistry()
+    nodes_into(r, state.get("nodes", []))
+    links_into(r, state.get("links", []))
+    broker_into(r, state)
+    return r
+
+
+def nodes_into(r: CollectorRegistry, nodes: list[dict[str, Any]]) -> None:
     node = ["node"]
     running = Gauge("vllm:num_requests_running", "Requests decoding", node, registry=r)
     waiting = Gauge("vllm:num_requests_waiting", "Requests queued or prefilling", node, registry=r)
@@ -76,7 +84,7 @@ def cluster_registry(state: dict[str, Any]) -> CollectorRegistry:
     queries = Counter("vllm:prefix_cache_queries", "Prompt tokens looked up", node, registry=r)
     hits = Counter("vllm:prefix_cache_hits", "Prompt tokens from the cache", node, registry=r)
     cached = Gauge("exo_prefix_cache_bytes", "Prefix cache memory", node, registry=r)
-    for n in state.get("nodes", []):
+    for n in nodes:
         name = str(n.get("name") or n.get("id"))
         st, info = n.get("status", {}), n.get("info", {})
         running.labels(name).set(st.get("running", 0))
@@ -94,12 +102,15 @@ def cluster_registry(state: dict[str, Any]) -> CollectorRegistry:
         queries.labels(name).inc(max(0, prefix.get("queried_tokens", 0)))
         hits.labels(name).inc(max(0, prefix.get("reused_tokens", 0)))
         cached.labels(name).set(prefix.get("bytes", 0))
+
+
+def links_into(r: CollectorRegistry, links: list[dict[str, Any]]) -> None:
     link = ["a", "b", "type"]
     bandwidth = Gauge("exo_link_bandwidth_bytes_per_second", "Measured capacity", link, registry=r)
     rtt = Gauge("exo_link_rtt_seconds", "Measured round trip", link, registry=r)
     use = Gauge("exo_link_use_bytes_per_second", "Live use", [*link, "direction"], registry=r)
     up = Gauge("exo_link_up", "1 up, 0 down", link, registry=r)
-    for lk in state.get("links", []):
+    for lk in links:
         a = f"{lk['a'].get('name') or lk['a'].get('node')}:{lk['a'].get('address')}"
         b = f"{lk['b'].get('name') or lk['b'].get('node')}:{lk['b'].get('address')}"
         key = (a, b, str(lk.get("type", "")))
@@ -110,6 +121,9 @@ def cluster_registry(state: dict[str, Any]) -> CollectorRegistry:
             rtt.labels(*key).set(lk["rtt_s"])
         use.labels(*key, "a_to_b").set(lk.get("a_to_b_Bps") or 0)
         use.labels(*key, "b_to_a").set(lk.get("b_to_a_Bps") or 0)
+
+
+def broker_into(r: CollectorRegistry, state: dict[str, Any]) -> None:
     cancels = Gauge("exo_cancels", "Requests cancelled, by reason", ["reason"], registry=r)
     for k, v in (state.get("stats") or {}).items():
         if k.startswith("cancelled_"):
@@ -130,4 +144,3 @@ def cluster_registry(state: dict[str, Any]) -> CollectorRegistry:
     Gauge("exo_requests_active", "Requests in flight", registry=r).set(
         state.get("requests_active", 0)
     )
-    return r

@@ -18,14 +18,14 @@ import zmq
 from exo.broker import probes, reports
 from exo.broker import protocol as P
 from exo.broker.cancels import Cancels
-from exo.broker.deploy import Deployer, Topology, version_skew
+from exo.broker.deploy import Deployer
+from exo.broker.hops import Topology
 from exo.broker.journal import Journal
-from exo.broker.placement import (
-    PlacementError,
-)
+from exo.broker.placement import PlacementError
 from exo.broker.registry import Peer, Registry
 from exo.broker.requests import Requests
 from exo.broker.topology import links
+from exo.broker.versions import version_skew
 from exo.common import keys
 
 log = logging.getLogger(__name__)

@@ -21,6 +21,7 @@ import msgspec
 from msgspec import Meta
 
 from exo.broker import protocol as P
+from exo.broker.hops import Topology, hops, weights_source
 from exo.broker.instances import Instance, adoptable, advance
 from exo.broker.journal import Journal
 from exo.broker.placement import (
@@ -34,11 +35,8 @@ from exo.broker.placement import (
 )
 from exo.broker.registry import InFlight, Peer, Registry
 from exo.broker.routing import Refusal, no_holder
-from exo.broker.topology import peer_host
+from exo.broker.versions import answer_versions
 from exo.common.retry import BROKER_WARMUP_S, LOSSES
-
-# Every node's public view by id, and the links between them with their measurements.
-Topology = tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]
 
 log = logging.getLogger(__name__)
 
@@ -60,25 +58,6 @@ class PlaceSpec(msgspec.Struct, forbid_unknown_fields=True):
     stages: Annotated[list[StageIn], Meta(max_length=1024)] | None = None
     min_nodes: Annotated[int, Meta(ge=1, le=1024)] | None = None
     max_nodes: Annotated[int, Meta(ge=1, le=1024)] | None = None
-
-
-# What the stages of one pipeline must share: the same step computed by other
-# versions of these may give other tokens (nodes report them: machine/info.py).
-ANSWER_KEYS = ("mlx", "mlx_lm", "protocol")
-
-
-def answer_versions(info: dict[str, Any]) -> tuple[tuple[str, str], ...]:
-    given = info.get("versions") or {}
-    return tuple((k, str(given.get(k, ""))) for k in ANSWER_KEYS)
-
-
-def version_skew(nodes: list[dict[str, Any]]) -> dict[str, dict[str, list[str]]]:
-    """For each version the nodes do not agree on: which node runs which."""
-    seen: dict[str, dict[str, list[str]]] = {}
-    for n in nodes:
-        for k, v in (n.get("info", {}).get("versions") or {}).items():
-            seen.setdefault(k, {}).setdefault(str(v), []).append(str(n.get("name") or n["id"]))
-    return {k: by for k, by in seen.items() if len(by) > 1 and k not in ("os", "python")}
 
 
 class Deployer:
@@ -210,8 +189,8 @@ class Deployer:
                     held.setdefault(iid, []).append((n.peer_id, st))
         now = time.monotonic()
         for iid, stages in held.items():
-            known = iid in self.instances or iid in self.ended
-            inst = adoptable(iid, stages) if not known else None
+            seen = iid in self.instances or iid in self.ended
+            inst = adoptable(iid, stages) if not seen else None
             if inst is not None:
                 was = self.restored.pop(iid, None)
                 if was is not None:
@@ -265,7 +244,7 @@ class Deployer:
                     P.Download(
                         model=inst.model,
                         revision="main",
-                        **self.weights_source(inst.model, nodes[n], view),
+                        source=weights_source(inst.model, nodes[n], self.reg.nodes(), view),
                     ),
                 )
                 inst.downloads_asked.add(n)
@@ -286,60 +265,14 @@ class Deployer:
                 self.end(inst, 503, code, nxt.error or "instance failed")
         self.journal.save(self.instances.values())
 
-    def weights_source(self, model: str, node: Peer, view: Topology) -> dict[str, str]:
-        """A peer that holds `model` complete, as a download source for `node` (over
-        the best link between them): weights cross the cluster once, not the internet
-        once per machine."""
-        holders = [
-            p
-            for p in self.reg.nodes()
-            if p is not node and model in p.models and p.info.get("weights_port")
-        ]
-        if not holders:
-            return {}
-        publics, found = view
-        holder = min(holders, key=lambda p: (p.load(), p.peer_id))
-        host = peer_host(publics[node.peer_id], publics[holder.peer_id], found)
-        return {"source": f"http://{host}:{int(holder.info['weights_port'])}"}
-
-    def routes(
-        self, inst: Instance, nodes: dict[str, Peer], view: Topology
-    ) -> list[dict[str, Any]]:
-        """Per stage, the peer endpoints it sends to: `next` (the next stage) and, on
-        every later stage, `stage0`, each over the best link up now; and `senders`,
-        the peer keys of the nodes it takes messages from (secure clusters)."""
-        publics, found = view
-
-        def endpoint(src: str, dst: str) -> str:
-            port = int(nodes[dst].info.get("peer_port", 0))
-            return f"tcp://{peer_host(publics[src], publics[dst], found)}:{port}"
-
-        def key(n: str) -> str | None:
-            return nodes[n].info.get("peer_key")
-
-        out: list[dict[str, Any]] = []
-        for k, node in enumerate(inst.nodes):
-            route: dict[str, Any] = {}
-            if k + 1 < len(inst.nodes):
-                route["next"] = endpoint(node, inst.nodes[k + 1])
-            if k > 0:  # tokens (last stage) and errors (any later stage) go to stage 0
-                route["stage0"] = endpoint(node, inst.nodes[0])
-            # steps come from the stage before; tokens and errors to stage 0 from the rest
-            senders = [key(n) for n in (inst.nodes[1:] if k == 0 else [inst.nodes[k - 1]])]
-            if senders and all(senders):
-                route["senders"] = senders
-            out.append(route)
-        return out
-
     def load(self, inst: Instance, nodes: dict[str, Peer], view: Topology) -> None:
         """Tell every stage to load, with the peer endpoints it sends to."""
-        inst.routes = self.routes(inst, nodes, view)
+        inst.routes = hops(inst.nodes, nodes, view)
         later = [
-            [s.end - s.start, int(nodes[s.node].status.get("kv_budget") or 0)]
+            (s.end - s.start, int(nodes[s.node].status.get("kv_budget") or 0))
             for s in inst.stages[1:]
         ]
         for k, (spec, route) in enumerate(zip(inst.stages, inst.routes, strict=True)):
-            extra = {"kv_budgets": later} if k == 0 and later else {}
             self.send(
                 nodes[spec.node].identity,
                 P.Load(
@@ -349,8 +282,8 @@ class Deployer:
                     end=spec.end,
                     total=inst.total,
                     stage=k,
+                    kv_budgets=later if k == 0 and later else None,
                     **route,
-                    **extra,
                 ),
             )
         inst.loads_sent = True
@@ -362,7 +295,7 @@ class Deployer:
             return
         if any(n not in nodes for n in inst.nodes):
             return
-        new = self.routes(inst, nodes, view)
+        new = hops(inst.nodes, nodes, view)
         for k, (spec, old, route) in enumerate(zip(inst.stages, inst.routes, new, strict=True)):
             if route != old:
                 log.info("instance %s: stage on %s now sends to %s", inst.id, spec.node, route)

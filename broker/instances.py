@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from exo.broker.hops import Hops
 from exo.broker.placement import StageSpec
 from exo.broker.registry import Peer
 
@@ -34,8 +35,8 @@ class Instance:
     downloads_asked: set[str] = field(default_factory=set)
     created: float = field(default_factory=time.time)
     history: list[str] = field(default_factory=list)  # states in the order they were entered
-    # per stage: next / stage0 endpoints, senders' peer keys (protocol LOAD)
-    routes: list[dict[str, Any]] = field(default_factory=list)
+    # per stage: where it sends and whom it hears (protocol LOAD and ROUTE)
+    routes: list[Hops] = field(default_factory=list)
 
     @property
     def nodes(self) -> list[str]:
@@ -128,7 +129,8 @@ def adoptable(iid: str, held: list[tuple[str, dict[str, Any]]]) -> Instance | No
     stage status), when they are all ready, of one model, and cover its layers
     from the first to the last without a gap; else None. A restarted broker (or
     one a node came back to) adopts it as it is: nothing reloads."""
-    stages, models, total, routes = [], set(), set(), {}
+    stages, models, total = [], set(), set()
+    routes: dict[str, Hops] = {}
     for node, st in held:
         layers = st.get("layers") or []
         if st.get("state") != "ready" or len(layers) != 2 or not st.get("total"):
@@ -136,7 +138,11 @@ def adoptable(iid: str, held: list[tuple[str, dict[str, Any]]]) -> Instance | No
         stages.append(StageSpec(node, int(layers[0]), int(layers[1])))
         models.add(str(st.get("model", "")))
         total.add(int(st["total"]))
-        routes[node] = {k: str(st[k]) for k in ("next", "stage0") if st.get(k)}
+        routes[node] = Hops()
+        if st.get("next"):
+            routes[node]["next"] = str(st["next"])
+        if st.get("stage0"):
+            routes[node]["stage0"] = str(st["stage0"])
     if len(models) != 1 or len(total) != 1 or "" in models:
         return None
     stages.sort(key=lambda s: s.start)

@@ -141,7 +141,7 @@ class Registry:
         """The requests running and waiting, newest first (ids and figures, never
         their text): what the dashboard lists with a cancel button."""
         now, names = time.monotonic(), {p.identity: p.name for p in self.peers.values()}
-        running = [
+        running: list[dict[str, Any]] = [
             {
                 "id": r.rid,
                 "model": r.model,
@@ -153,7 +153,7 @@ class Registry:
             }
             for r in self.requests.values()
         ]
-        waiting = [
+        waiting: list[dict[str, Any]] = [
             {
                 "id": w.rid,
                 "model": w.submit.model,

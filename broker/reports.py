@@ -18,6 +18,8 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta, Struct
 
+from exo.broker.protocol import PeerKey
+
 MAX_DEPTH = 8
 MAX_ITEMS = 4096  # any list or map in a report
 
@@ -69,7 +71,7 @@ class NodeInfo(Struct, forbid_unknown_fields=False):
     disk_free: Count = 0
     cores: Count = 1
     peer_port: Port | None = None
-    peer_key: Annotated[str, Meta(max_length=64)] | None = None  # its stage traffic's key
+    peer_key: PeerKey | None = None  # its stage traffic's key
     probe_port: Port | None = None
     weights_port: Port | None = None
     loading: Text | None = None

@@ -21,7 +21,8 @@ import zmq
 
 from exo.broker import protocol as P
 from exo.broker.cancels import Cancels
-from exo.broker.deploy import Deployer, Topology
+from exo.broker.deploy import Deployer
+from exo.broker.hops import Topology, weights_source
 from exo.broker.registry import InFlight, Parked, Peer, Registry, downloading, failed_download
 from exo.broker.routing import Refusal, choose_instance
 from exo.common.digests import chain
@@ -256,7 +257,7 @@ class Requests:
                 P.Download(
                     model=model,
                     revision=msg.revision or "main",
-                    **self.deploy.weights_source(model, node, self.topology()),
+                    source=weights_source(model, node, self.reg.nodes(), self.topology()),
                 ),
             )
             self.pulls[model] = (node.identity, time.monotonic())

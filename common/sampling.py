@@ -14,8 +14,15 @@ MAX_STOPS = 16
 MAX_STOP_CHARS = 1024
 
 
+# What a request that names no max_tokens may generate: its KV is reserved up front
+# (nodes/engine/book.py), so "the rest of the context" would hold far more than most use.
+DEFAULT_MAX_TOKENS = 256
+
+
 class SamplingParams(Struct, forbid_unknown_fields=False):
-    max_tokens: Annotated[int, Meta(ge=1, le=1 << 31)] = 256
+    # None: DEFAULT_MAX_TOKENS, or what the context leaves; a number the context
+    # cannot hold beside the prompt is refused, as OpenAI does
+    max_tokens: Annotated[int, Meta(ge=1, le=1 << 31)] | None = None
     temperature: Annotated[float, Meta(ge=0.0, le=2.0)] = 1.0
     top_p: Annotated[float, Meta(gt=0.0, le=1.0)] = 1.0
     # OpenAI's seeds are signed 64-bit; the sampler takes them modulo 2^64.

@@ -7,13 +7,17 @@ import signal
 import socket
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from exo.broker.protocol import DEFAULT_ROUTER_PORT
 from exo.common import hugepages, logs, parent
 from exo.nodes.store.store import default_models_dir
+
+if TYPE_CHECKING:
+    from exo.common.keys import Cluster
+    from exo.nodes.engine.engine import Engine
 
 log = logging.getLogger("exo.nodes.main")
 
@@ -177,35 +181,15 @@ def main(
     parent.follow_parent()
     hugepages.ensure()
     logs.setup(log_spec, log_file or logs.default_log_file("node"))
-    from exo.nodes.engine.engine import Engine
-    from exo.nodes.engine.pacing import DEFAULT_IDLE_BUDGET, DEFAULT_MAX_STALL
-    from exo.nodes.engine.watch import DEFAULT_MAX_TTFT_RATIO
-    from exo.nodes.worker import Node
-
-    engine = Engine(
-        prefill_budget=prefill_budget,
-        max_stall=max_stall or DEFAULT_MAX_STALL,
-        idle_budget=idle_budget or DEFAULT_IDLE_BUDGET,
-        kv_budget=kv_budget_mb << 20 if kv_budget_mb else None,
-        lane=prefill_lane,
-        max_ttft_ratio=max_ttft_ratio or DEFAULT_MAX_TTFT_RATIO,
-        prefix_limit=0
-        if not prefix_cache
-        else None
-        if prefix_cache_mb is None
-        else prefix_cache_mb << 20,
-    )
-    from exo.common import keys
     from exo.nodes.machine.interfaces import load_link_types
     from exo.nodes.store.download import Downloader
+    from exo.nodes.worker import Node
 
-    cluster = None
-    if not insecure:
-        try:
-            cluster = keys.Cluster.join(join_token) if join_token else keys.Cluster.load()
-        except (keys.KeysMissing, ValueError) as e:
-            raise click.ClickException(str(e)) from None
-
+    engine = engine_of(
+        prefill_budget, max_stall, idle_budget, kv_budget_mb, prefill_lane, max_ttft_ratio,
+        prefix_cache, prefix_cache_mb,
+    )  # fmt: skip
+    cluster = cluster_of(join_token, insecure)
     try:
         types = load_link_types(link_types)
     except ValueError as e:
@@ -229,6 +213,45 @@ def main(
         sys.exit(node.run())
     except KeyboardInterrupt:
         node.stopping.set()
+
+
+def engine_of(
+    prefill_budget: int | None,
+    max_stall: float | None,
+    idle_budget: int | None,
+    kv_budget_mb: int | None,
+    prefill_lane: bool | None,
+    max_ttft_ratio: float | None,
+    prefix_cache: bool,
+    prefix_cache_mb: int | None,
+) -> Engine:
+    """The engine as the options ask (each left out: its default)."""
+    from exo.nodes.engine.engine import Engine
+    from exo.nodes.engine.pacing import DEFAULT_IDLE_BUDGET, DEFAULT_MAX_STALL
+    from exo.nodes.engine.watch import DEFAULT_MAX_TTFT_RATIO
+
+    prefix_limit = None if prefix_cache_mb is None else prefix_cache_mb << 20
+    return Engine(
+        prefill_budget=prefill_budget,
+        max_stall=max_stall or DEFAULT_MAX_STALL,
+        idle_budget=idle_budget or DEFAULT_IDLE_BUDGET,
+        kv_budget=kv_budget_mb << 20 if kv_budget_mb else None,
+        lane=prefill_lane,
+        max_ttft_ratio=max_ttft_ratio or DEFAULT_MAX_TTFT_RATIO,
+        prefix_limit=prefix_limit if prefix_cache else 0,
+    )
+
+
+def cluster_of(join_token: str | None, insecure: bool) -> Cluster | None:
+    """The cluster's keys (joined with a token, or this machine's own); None: insecure."""
+    from exo.common import keys
+
+    if insecure:
+        return None
+    try:
+        return keys.Cluster.join(join_token) if join_token else keys.Cluster.load()
+    except (keys.KeysMissing, ValueError) as e:
+        raise click.ClickException(str(e)) from None
 
 
 def find_broker(cluster: Any, types: Any) -> str:

@@ -70,29 +70,17 @@ class Node:
         self._servers(cluster, probe_port, weights_port)
         self.interfaces_up: dict[str, bool] = {}
         self.hosting = Hosting(
-            name,
-            self.engine,
-            self.peers,
-            self.store,
+            name, self.engine, self.peers, self.store,
             lambda msg: self.send(msg),  # (as the node's, whoever replaces it)
-            self.emit,
-            stage_timeout,
-            self.stages_changed,
-        )
+            self.emit, stage_timeout, self.stages_changed,
+        )  # fmt: skip
         self.limits = memory.limits([], self.engine.kv_budget, 1)
         self._status: dict[str, Any] = self.engine.status()
         self._reset = threading.Event()
         self.link = BrokerLink(
-            self.ctx,
-            broker,
-            self.peer_id,
-            name,
-            self.pair_addr,
-            info=self.info,
-            status=lambda: self._status,
-            on_reset=self._reset.set,
-            cluster=cluster,
-        )
+            self.ctx, broker, self.peer_id, name, self.pair_addr, info=self.info,
+            status=lambda: self._status, on_reset=self._reset.set, cluster=cluster,
+        )  # fmt: skip
         self.stopping = threading.Event()
         # A download that ends: the next INFO lists what arrived.
         self.downloads = Downloads(
@@ -218,12 +206,8 @@ class Node:
         outputs = self.step()
         self.last_step_s = time.perf_counter() - t0
         if outputs and log.isEnabledFor(logging.DEBUG):
-            log.debug(
-                "step %d: %d outputs in %.1f ms",
-                self.engine.steps,
-                len(outputs),
-                self.last_step_s * 1000,
-            )
+            ms = self.last_step_s * 1000
+            log.debug("step %d: %d outputs in %.1f ms", self.engine.steps, len(outputs), ms)
         self.emit(outputs)
         for rid, code, why in self.engine.take_failed():
             self.send(P.Fail(rid=rid, status=500, code=code, message=why))

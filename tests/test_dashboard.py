@@ -149,7 +149,7 @@ def test_the_page_loads_without_a_key_and_its_data_needs_one(
 def test_requests_in_flight_are_listed_and_marked_for_their_owner_only(
     one: LocalCluster,
 ) -> None:
-    body = {"model": TINY, "prompt": "hi", "max_tokens": 2000, "ignore_eos": True, "stream": True}
+    body = {"model": TINY, "prompt": "hi", "max_tokens": 1000, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", f"{one.url}/v1/completions", json=body, timeout=60) as r:
         rid = r.headers["x-request-id"]
         with httpx.stream("GET", f"{one.url}/v1/cluster/events", timeout=10) as ev:

@@ -700,3 +700,19 @@ def test_prompts_joining_in_one_step_grow_the_batch_once(
     engine.step()  # all twelve prefill and join in this step
     assert len(engine.batches["tiny"].rids) == 12
     assert len(grew) == layers and min(grew) >= 12  # one growth per layer, room for all
+
+
+def test_special_tokens_never_reach_the_text(smollm_path: Path) -> None:
+    """A chat marker the model emits (here forced by logit_bias, past EOS) is a token
+    in the ids, never `<|im_start|>` in the text."""
+    lm = load_model("smollm", smollm_path)
+    marker = lm.tokenizer._tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert marker in lm.hidden and not lm.eos & {marker}
+    params = {"max_tokens": 3, "temperature": 0, "ignore_eos": True, "logit_bias": {marker: 100}}
+    engine = Engine()
+    engine.add_model(lm)
+    prompt = lm.tokenizer.encode("Hello")
+    ids, steps = run(engine, {0: [("x", "smollm", "completion", prompt, params)]})
+    text = "".join(s["outs"]["x"].text for s in steps if "x" in s["outs"])
+    assert ids["x"] == [marker] * 3
+    assert text == ""

@@ -71,6 +71,9 @@ def test_bad_requests_get_the_right_4xx(cluster: LocalCluster) -> None:
         timeout=60,
     )
     assert assert_openai_error(r, 400)["code"] == "context_length_exceeded"
+    # a completion the context cannot hold beside the prompt is OpenAI's 400, not a cap
+    body = assert_openai_error(chat(url, max_tokens=1_000_000_000), 400)
+    assert body["code"] == "context_length_exceeded" and "requested" in body["message"]
     assert chat(url).status_code == 200
 
 

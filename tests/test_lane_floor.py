@@ -18,7 +18,7 @@ from exo.nodes.engine.model import load_model
 from exo.nodes.engine.threads import ALL, Option
 from exo.nodes.engine.watch import FLOOR_STEPS, Watch
 
-STREAM = {"temperature": 0.0, "max_tokens": 100_000, "ignore_eos": True}
+STREAM = {"temperature": 0.0, "max_tokens": 8000, "ignore_eos": True}
 PROMPT = [(i * 7) % 5000 + 10 for i in range(300)]  # two passes of the lane
 
 

@@ -146,7 +146,7 @@ def test_a_model_its_nodes_cannot_split_is_placed_whole_or_refused_with_the_reas
 def test_no_pipeline_across_nodes_whose_mlx_versions_differ_and_the_skew_is_shown() -> None:
     from dataclasses import replace
 
-    from exo.broker.deploy import answer_versions, version_skew
+    from exo.broker.versions import answer_versions, version_skew
     from exo.tools.linkstat import skew
 
     new = answer_versions({"versions": {"mlx": "0.32.4", "mlx_lm": "0.32.2", "protocol": "1"}})

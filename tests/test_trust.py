@@ -384,7 +384,7 @@ def test_only_the_caller_that_submitted_a_request_can_cancel_it(keyed: LocalClus
     body = {
         "model": TINY,
         "messages": [{"role": "user", "content": "go"}],
-        "max_tokens": 2000,
+        "max_tokens": 1000,
         "stream": True,
         "ignore_eos": True,
     }

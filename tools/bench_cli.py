@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ import click
 from exo.tools.options import models_dir_option, resolve_models_dir
 
 
-def _model(model: str | None, models_dir: Path | None) -> tuple[str, Path]:
+def pick_model(model: str | None, models_dir: Path | None) -> tuple[str, Path]:
     """(model id, models dir) for a benchmark: the default model, pulled, unless one
     is named. Its process first runs itself again with the node's huge pages: the
     baselines (and bench lane's engine) run in it (hugepages.py)."""
@@ -39,10 +38,10 @@ def _target(
     nodes: int = 1,
 ) -> Iterator[tuple[str, str, Path]]:
     """(base URL, model id, models dir) for a benchmark: the cluster at `url`, or one
-    started here for the duration (see _model)."""
+    started here for the duration (see pick_model)."""
     from exo.tools.cluster import LocalCluster
 
-    model, d = _model(model, models_dir)
+    model, d = pick_model(model, models_dir)
     if url is not None:
         yield url, model, d
         return
@@ -265,7 +264,7 @@ def bench_lane(
     from exo.nodes.store.store import ModelStore
     from exo.tools import bench_lane as bl
 
-    model, d = _model(model, models_dir)
+    model, d = pick_model(model, models_dir)
     res = bl.run(ModelStore(d).path(model), model, streams, long_tokens, blocks, block_steps)
     bl.report(res)
     print(json.dumps(res) if as_json else "")
@@ -297,54 +296,6 @@ def bench_pipeline(
     print(json.dumps(res) if as_json else "")
 
 
-@bench.command("failover")
-@click.option("--rounds", default=5, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
-@models_dir_option
-def bench_failover(rounds: int, as_json: bool, models_dir: Path | None) -> None:
-    """Streams' longest gap when the link under a split model dies and returns (root)."""
-    from exo.tools import bench_failover as bf
-
-    if os.geteuid() != 0:
-        raise click.ClickException("bench failover builds network namespaces: run it as root")
-    res = bf.run(resolve_models_dir(models_dir), rounds)
-    bf.report(res)
-    print(json.dumps(res) if as_json else "")
-
-
-@bench.command("links")
-@click.option("--rounds", default=5, show_default=True, help="Probes per link.")
-@click.option("--json", "as_json", is_flag=True)
-@models_dir_option
-def bench_links(rounds: int, as_json: bool, models_dir: Path | None) -> None:
-    """Prober bandwidth and RTT vs iperf3 and ping, in a namespace test bed (needs root)."""
-    from exo.tools import bench_links as bl
-
-    if os.geteuid() != 0:
-        raise click.ClickException("bench links builds network namespaces: run it as root")
-    res = bl.run(resolve_models_dir(models_dir), rounds)
-    bl.report(res)
-    print(json.dumps(res) if as_json else "")
-
-
-@bench.command("weights")
-@click.option("--model", default=None, help="Model id (default: the default model).")
-@click.option("--json", "as_json", is_flag=True)
-@models_dir_option
-def bench_weights(model: str | None, as_json: bool, models_dir: Path | None) -> None:
-    """A model's weights copied node to node over a 1 Gbit/s link vs iperf3 on it, in a
-    namespace test bed (needs root)."""
-    from exo.nodes.store.store import ModelStore
-    from exo.tools import bench_weights as bw
-
-    if os.geteuid() != 0:
-        raise click.ClickException("bench weights builds network namespaces: run it as root")
-    model_id, d = _model(model, models_dir)
-    res = bw.run(d, model_id, ModelStore(d).path(model_id))
-    bw.report(res)
-    print(json.dumps(res) if as_json else "")
-
-
 @bench.command("prefix")
 @click.option("--model", default=None, help="Model id (default: the default model).")
 @click.option(
@@ -361,38 +312,42 @@ def bench_prefix(
     from exo.nodes.store.store import ModelStore
     from exo.tools import bench_prefix as bp
 
-    model_id, d = _model(model, models_dir)
+    model_id, d = pick_model(model, models_dir)
     path = ModelStore(d).path(model_id)
     res = bp.run(d, model_id, path, turns, baseline_agent)
     bp.report(res)
     print(json.dumps(res) if as_json else "")
 
 
-@bench.command("curve")
+@bench.command("grammar")
+@target_options
 @click.option(
-    "--sizes",
-    default="9216,1179648",
-    show_default=True,
-    help="Frame bytes, comma-separated (defaults: a 4-row decode step and a 512-row "
-    "prefill chunk of a 576-wide model).",
+    "--streams", default="1,8", show_default=True, help="Concurrent streams, comma-separated."
 )
-@click.option("--round-trips", "n", default=2000, show_default=True)
-@click.option("--pairs", default=3, show_default=True, help="Alternated insecure/CURVE runs.")
-@click.option(
-    "--step-ms", default=75.0, show_default=True, help="A decode step's time, for the bound."
-)
+@click.option("--max-tokens", default=96, show_default=True)
+@click.option("--rounds", default=2, show_default=True, help="Alternated free/schema pairs.")
 @click.option("--json", "as_json", is_flag=True)
-def bench_curve(sizes: str, n: int, pairs: int, step_ms: float, as_json: bool) -> None:
-    """What CURVE adds to one pipeline hop (loopback, the peer sockets' setup), and
-    the decode ratio it bounds: insecure and CURVE side by side."""
-    from exo.tools import bench_curve as bc
+@models_dir_option
+def bench_grammar(
+    url: str | None,
+    model: str | None,
+    streams: str,
+    max_tokens: int,
+    rounds: int,
+    as_json: bool,
+    models_dir: Path | None,
+) -> None:
+    """A json_schema response format beside free decoding (1 and 8 streams), and the
+    grammar libraries' mask cost on the model's tokenizer."""
+    from exo.nodes.store.store import ModelStore
+    from exo.tools import bench_grammar as bg
+    from exo.tools.bench import machine
 
-    rows = bc.run([int(s) for s in sizes.split(",")], n, pairs, step_ms)
-    print(f"{'bytes':>9} {'insecure us':>12} {'CURVE us':>9} {'extra us':>9} {'decode x':>9}")
-    for r in rows:
-        print(
-            f"{r['bytes']:>9} {r['plain_us']:>12.1f} {r['curve_us']:>9.1f} "
-            f"{r['extra_us']:>9.1f} {r['decode_ratio']:>9.4f}"
-        )
-    if as_json:
-        print(json.dumps(rows))
+    with _target(url, model, models_dir) as (base, model_id, d):
+        res: dict[str, Any] = {"machine": machine(), "model": model_id}
+        res["libraries"] = bg.libraries(ModelStore(d).path(model_id))
+        res["decode"] = [
+            bg.decode(base, model_id, int(n), max_tokens, rounds) for n in streams.split(",")
+        ]
+    bg.report(res)
+    print(json.dumps(res) if as_json else "")

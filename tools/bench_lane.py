@@ -49,7 +49,7 @@ def run(
     if lane is None:
         raise RuntimeError("no prefill lane here (it runs on MLX's CPU backend with 2+ cores)")
     memory.apply(memory.limits([lm.nbytes], engine.kv_budget, psutil.virtual_memory().total))
-    params = {"max_tokens": 100_000, "temperature": 0, "ignore_eos": True}
+    params = {"max_tokens": 8000, "temperature": 0, "ignore_eos": True}
     for i in range(streams):
         ids = lm.tokenizer.encode(f"Story number {i}:")
         engine.submit(f"s{i}", model_id, "completion", ids, params)
@@ -58,6 +58,32 @@ def run(
     lane.pause()
     engine.submit("long", model_id, "completion", long_prompt(lm.tokenizer, long_n), params)
     engine.step()  # hands it to the lane
+    held, working, work_s, prefilled = _blocks(engine, lane, blocks, block_steps, long_n)
+    engine.close()
+    if not working or not held:
+        raise RuntimeError("the long prompt left the lane before a block of each kind")
+    base, off, on_ = (statistics.median(x) for x in (before, held, working))
+    return {
+        "streams": streams,
+        "long_tokens": long_n,
+        "step_before_s": base,
+        "step_held_s": off,
+        "step_working_s": on_,
+        "working_over_held": on_ / off,
+        "held_over_before": off / base,
+        "max_working_over_before": max(working) / base,
+        "max_held_over_before": max(held) / base,
+        "steps_working": len(working),
+        "steps_held": len(held),
+        "lane_tokens_per_s": prefilled / work_s if work_s else 0.0,
+    }
+
+
+def _blocks(
+    engine: Any, lane: Any, blocks: int, block_steps: int, long_n: int
+) -> tuple[list[float], list[float], float, int]:
+    """Blocks of steps with the lane held and working in turn, until the long prompt
+    lands: (held step times, working step times, working seconds, tokens prefilled)."""
     held: list[float] = []
     working: list[float] = []
     work_s = 0.0
@@ -77,24 +103,7 @@ def run(
         prefilled = req.prefilled if req is not None else long_n
         if req is None or not req.in_lane:
             break  # landed: the rest would not be the lane's
-    engine.close()
-    if not working or not held:
-        raise RuntimeError("the long prompt left the lane before a block of each kind")
-    base, off, on_ = (statistics.median(x) for x in (before, held, working))
-    return {
-        "streams": streams,
-        "long_tokens": long_n,
-        "step_before_s": base,
-        "step_held_s": off,
-        "step_working_s": on_,
-        "working_over_held": on_ / off,
-        "held_over_before": off / base,
-        "max_working_over_before": max(working) / base,
-        "max_held_over_before": max(held) / base,
-        "steps_working": len(working),
-        "steps_held": len(held),
-        "lane_tokens_per_s": prefilled / work_s if work_s else 0.0,
-    }
+    return held, working, work_s, prefilled
 
 
 def report(r: dict[str, Any]) -> None:

@@ -12,9 +12,9 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from exo.nodes.engine.mlxenv import mx
+from exo.nodes.engine.mlxenv import ints, mx
 from exo.nodes.store import manifest
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,7 @@ def build_tokenizer(md: dict[str, Any], out: Path, context: int) -> None:
     tokens: list[str] = list(md["tokenizer.ggml.tokens"])
     merges = [tuple(m.split(" ", 1)) for m in md["tokenizer.ggml.merges"]]
     types = md.get("tokenizer.ggml.token_type")
-    types_list = types.tolist() if isinstance(types, mx.array) else [1] * len(tokens)
+    types_list = ints(types) if isinstance(types, mx.array) else [1] * len(tokens)
     vocab = {t: i for i, t in enumerate(tokens)}
     unk_id = int(_scalar(md, "tokenizer.ggml.unknown_token_id", 0))
     tok = Tokenizer(
@@ -184,7 +184,8 @@ def build_tokenizer(md: dict[str, Any], out: Path, context: int) -> None:
 
 def import_gguf(gguf: Path, out: Path) -> Path:
     """Write an mlx-lm folder at `out`; written beside as `out.partial` and renamed when whole."""
-    tensors, md = mx.load(str(gguf), return_metadata=True)
+    loaded = mx.load(str(gguf), return_metadata=True)
+    tensors, md = cast(tuple[dict[str, mx.array], dict[str, Any]], loaded)
     weights = dequantized_weights(tensors)
     cfg = build_config(md, has_output="output.weight" in weights)
     hf: dict[str, mx.array] = {}

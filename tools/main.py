@@ -13,6 +13,7 @@ import click
 
 from exo.broker.main import api_options
 from exo.common import logs
+from exo.tools import bench_cli_net  # noqa: F401  (its commands join the bench group)
 from exo.tools.bench_cli import bench
 from exo.tools.doctor import doctor
 from exo.tools.instances_cli import instances

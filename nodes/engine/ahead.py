@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from exo.nodes.engine.batch import Batch, sample_rows
-from exo.nodes.engine.mlxenv import mx
+from exo.nodes.engine.mlxenv import ints, mx
 from exo.nodes.engine.model import LoadedModel
 from exo.nodes.engine.request import Request
 
@@ -58,7 +58,7 @@ def queue_ahead(
             logits, _ = fused_step(lm.model, last, batch.dec_groups(), [])
         else:
             assert lm.span is not None
-            logits, _ = plain_step(lm.model, lm.span, last.tolist(), batch.dec_groups(), [])
+            logits, _ = plain_step(lm.model, lm.span, ints(last), batch.dec_groups(), [])
         assert logits is not None
         toks = in_row_order(sample_rows(rows, logits), batch.rids)
         mx.async_eval(toks)

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from exo.common.digests import chain
+from exo.common.sampling import DEFAULT_MAX_TOKENS
 from exo.nodes.engine.ahead import Prefetched
 from exo.nodes.engine.batch import Batch
 from exo.nodes.engine.lane import Lane
@@ -105,7 +106,8 @@ class Book:
                 f"messages resulted in {len(prompt)} tokens. Please reduce the length of the "
                 "messages.",
             )
-        need = self._kv_need(lm, len(prompt), sp.max_tokens)
+        limit = self._room(lm, len(prompt), sp.max_tokens)
+        need = self._kv_need(lm, len(prompt), limit)
         req = Request(
             rid=rid,
             lm=lm,
@@ -116,6 +118,7 @@ class Book:
             cache=None,
             stop=StopMatcher(sp.stop),
             detok=lm.tokenizer.detokenizer,
+            limit=limit,
             kv_reserved=need,
             tool_text=ToolText(lm.tokenizer, tools or [])
             if use_tools and lm.tokenizer.has_tool_calling
@@ -148,6 +151,23 @@ class Book:
             return sp, sampler_for(lm, sp), params
         except ValueError as e:
             raise EngineError(400, "invalid_params", str(e)) from None
+
+    @staticmethod
+    def _room(lm: LoadedModel, prompt: int, asked: int | None) -> int:
+        """The tokens a request may generate: what it asked for, if the context holds
+        that beside its prompt (else OpenAI's 400, which clients match on)."""
+        room = lm.context - prompt
+        if asked is None:
+            return min(DEFAULT_MAX_TOKENS, room)
+        if asked > room:
+            raise EngineError(
+                400,
+                "context_length_exceeded",
+                f"This model's maximum context length is {lm.context} tokens. However, you "
+                f"requested {prompt + asked} tokens ({prompt} in the messages, {asked} in the "
+                "completion). Please reduce the length of the messages or completion.",
+            )
+        return asked
 
     def _kv_need(self, lm: LoadedModel, prompt: int, max_tokens: int) -> int:
         """The KV bytes a request may come to hold, or EngineError past the budget."""
@@ -349,8 +369,3 @@ class Book:
         return sum(b.nbytes() for b in self.batches.values()) + sum(
             r.kv_bytes() for r in self.requests.values()
         )
-
-    def status(self) -> dict[str, Any]:
-        from exo.nodes.engine.report import status
-
-        return status(self)

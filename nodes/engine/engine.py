@@ -102,6 +102,11 @@ class Engine(Book):
         ]
         return self.pace.plan(decoding, waiting, {m: len(b.rids) for m, b in self.batches.items()})
 
+    def status(self) -> dict[str, Any]:
+        from exo.nodes.engine.report import status
+
+        return status(self)
+
     def step(self) -> list[Output]:
         """One step: the plan (pacing.Pacer, from the engine's state), its
         execution (each model's decode rows and prompt chunks through the model,
@@ -240,7 +245,7 @@ class Engine(Book):
         self,
         model_id: str,
         chunks: list[tuple[Request, Any]],
-        pad_to: int | None,
+        pad_to: int,
         t0: float,
     ) -> tuple[list[tuple[list[Request], mx.array]], list[Request], list[Work], bool]:
         """One model's part of the step: its decode rows and prompt chunks through
@@ -360,7 +365,7 @@ class Engine(Book):
             raise EngineError(500, "stage_error", f"the last stage sent {len(ids)} tokens")
         pairs = list(zip([*w.rows, *done], ids, strict=True))
         # A request cancelled while the step was away gets nothing.
-        live = [(r, t) for r, t in pairs if self.requests.get(r.rid) is r]
+        live = [(r, t) for r, t in pairs if r.rid in self.requests and self.requests[r.rid] is r]
         return self._complete(live, done)
 
     def _complete(self, sampled: list[tuple[Request, int]], joined: list[Request]) -> list[Output]:

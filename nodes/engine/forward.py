@@ -168,7 +168,9 @@ def run_layers(layers: list[Any], h: mx.array, groups: list[Group], pad: int = 0
     for li, layer in enumerate(layers):
         if li and any(g.first == li for g in groups):
             parts = dict(zip(here, _split(h, [groups[i] for i in here]), strict=True))
-            parts.update({i: g.h for i, g in enumerate(groups) if g.first == li})
+            parts.update(
+                {i: g.h for i, g in enumerate(groups) if g.first == li and g.h is not None}
+            )
             here = sorted(parts)
             h = _pack([parts[i] for i in here])
         if not here:

@@ -14,6 +14,7 @@ import logging
 import os
 import platform
 import sys
+from typing import cast
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,16 @@ if blas == "reference":
         "MLX runs without OpenBLAS: prefill will be about 15x slower. "
         "Install it (Debian/Ubuntu: apt-get install libopenblas0-pthread) or set EXO_OPENBLAS."
     )
+
+
+def ints(a: mx.array) -> list[int]:
+    """A 1-D integer array's values (mlx's stubs type tolist() for every shape)."""
+    return cast(list[int], a.tolist())
+
+
+def floats(a: mx.array) -> list[float]:
+    """A 1-D float array's values."""
+    return cast(list[float], a.tolist())
 
 
 def blas_threads_now() -> int:

@@ -61,6 +61,8 @@ class LoadedModel:
     # The layers it runs, by mlx-lm's own forward when not `fused` (span.py).
     span: Span | None = None
     fused: bool = False  # the llama block's fused step (forward.py) runs it
+    # Special tokens that never reach text (chat markers such as <|im_end|>): see unspoken()
+    hidden: frozenset[int] = frozenset()
 
     @property
     def layers(self) -> int:
@@ -101,28 +103,11 @@ def load_model(model_id: str, path: Path, part: Part | None = None) -> LoadedMod
     manifest.verify(path)  # a corrupted file is refused here, never loaded
     model, config = mlx_load_model(path, lazy=True)
     tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
-    inner = model.model
-    keep: list[Any] = [model]
     if part is None or part.whole:
         part = None
-        span = Span.of(model)
+        span, keep = Span.of(model), [model]
     else:
-        if len(inner.layers) != part.total:
-            raise ValueError(f"{model_id} has {len(inner.layers)} layers, not {part.total}")
-        kind = str(getattr(model, "model_type", ""))
-        if kind not in SPLITTABLE:
-            raise UnsupportedModel(f"{model_id} ({kind}) cannot be split into pipeline stages")
-        span = Span.of(model, part.start, part.end)
-        inner.layers = inner.layers[part.start : part.end]
-        keep = list(inner.layers)
-        # Tied heads by what the checkpoint holds (gemma leaves lm_head out of it).
-        tied = getattr(model, "lm_head", None) is None
-        if part.first or (part.last and tied):
-            keep.append(inner.embed_tokens)
-        if part.last:
-            keep.append(inner.norm)
-            if not tied:
-                keep.append(model.lm_head)
+        span, keep = _cut(model_id, model, part)
     # Only this stage's weights are read; the rest stay unloaded, lazy arrays.
     params: list[Any] = [
         v for m in keep for _, v in cast(list[tuple[str, Any]], tree_flatten(m.parameters()))
@@ -147,9 +132,51 @@ def load_model(model_id: str, path: Path, part: Part | None = None) -> LoadedMod
         time.perf_counter() - t0,
         context,
     )
-    return LoadedModel(
+    lm = LoadedModel(
         model_id, model, tokenizer, context, eos, part, nbytes=nbytes, span=span, fused=fused
     )
+    lm.hidden = unspoken(tokenizer)
+    return lm
+
+
+def _cut(model_id: str, model: Any, part: Part) -> tuple[Span, list[Any]]:
+    """The model cut down to `part`'s layers: its span, and the modules whose
+    weights it holds (the embedding on the first stage, the head on the last)."""
+    inner = model.model
+    if len(inner.layers) != part.total:
+        raise ValueError(f"{model_id} has {len(inner.layers)} layers, not {part.total}")
+    kind = str(getattr(model, "model_type", ""))
+    if kind not in SPLITTABLE:
+        raise UnsupportedModel(f"{model_id} ({kind}) cannot be split into pipeline stages")
+    span = Span.of(model, part.start, part.end)
+    inner.layers = inner.layers[part.start : part.end]
+    keep = list(inner.layers)
+    # Tied heads by what the checkpoint holds (gemma leaves lm_head out of it).
+    tied = getattr(model, "lm_head", None) is None
+    if part.first or (part.last and tied):
+        keep.append(inner.embed_tokens)
+    if part.last:
+        keep.append(inner.norm)
+        if not tied:
+            keep.append(model.lm_head)
+    return span, keep
+
+
+def unspoken(tokenizer: Any) -> frozenset[int]:
+    """The tokenizer's special tokens, less the markers a parser reads in the text
+    (tool calls) or the engine routes itself (thinking): a model that emits a chat
+    marker mid-answer (or past EOS, with ignore_eos) shows no `<|im_end|>` to users."""
+    hf = tokenizer._tokenizer
+    ids = set(getattr(hf, "all_special_ids", None) or [])
+    decoder = getattr(hf, "added_tokens_decoder", None) or {}
+    ids.update(i for i, t in decoder.items() if getattr(t, "special", False))
+    for marker in ("tool_call_start", "tool_call_end"):
+        text = getattr(tokenizer, marker, None)
+        if text:
+            ids.difference_update(hf.encode(text, add_special_tokens=False))
+    for name in ("think_start_tokens", "think_end_tokens"):
+        ids.difference_update(getattr(tokenizer, name, None) or ())
+    return frozenset(ids)
 
 
 def kv_bytes_per_token(model: Any) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import statistics
 from collections import deque
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from exo.nodes.engine.scheduler import Pending, PrefillCost, StepPlan, Work, plan
@@ -81,7 +82,9 @@ class Pacer:
         self.fused.pop(model_id, None)
         self.tables.pop(model_id, None)
 
-    def plan(self, decoding: list[str], waiting: list[Prompt], rows: dict[str, int]) -> StepPlan:
+    def plan(
+        self, decoding: list[str], waiting: Sequence[Prompt], rows: dict[str, int]
+    ) -> StepPlan:
         """The next step: `decoding`, the rows of every decode batch; `waiting`, the
         prompts not yet prefilled, first come first; `rows`, decode rows by model."""
         self.t_decode = self.decode_time(len(decoding))
@@ -160,7 +163,7 @@ class Pacer:
             list(decoding), [(req.rid, n)], {} if span == (0, layers) else {req.rid: span}
         )
 
-    def budget(self, decodes: int, waiting: list[Prompt], rows: dict[str, int]) -> int:
+    def budget(self, decodes: int, waiting: Sequence[Prompt], rows: dict[str, int]) -> int:
         """Tokens this step may carry (each decode counts as one), sized for the
         prompts waiting for prefill as if they were one chunk of the first."""
         if not decodes:

@@ -42,6 +42,7 @@ class Request:
     cache: list[Any] | None  # own KV cache while prefilling; None once in the decode batch
     stop: StopMatcher
     detok: Any
+    limit: int  # the tokens it may generate (book.Book._room)
     kv_reserved: int = 0
     prefilled: int = 0
     last: int = 0
@@ -110,12 +111,9 @@ class Request:
             finish, ids = "stop", []
             self.detok.finalize()
         else:
-            if not marker:
+            if not marker and token not in self.lm.hidden:
                 self.detok.add_token(token)
-            if (
-                self.generated >= self.params.max_tokens
-                or len(self.prompt) + self.generated >= self.lm.context
-            ):
+            if self.generated >= self.limit or len(self.prompt) + self.generated >= self.lm.context:
                 finish = "length"
                 self.detok.finalize()
         new = self.detok.text[self.text_len :]

@@ -10,7 +10,7 @@ import os
 from typing import Any
 
 from exo.common.sampling import SamplingParams
-from exo.nodes.engine.mlxenv import mx
+from exo.nodes.engine.mlxenv import floats, ints, mx
 
 __all__ = ["Sampler", "SamplingParams", "StopMatcher", "sampler_for"]
 
@@ -74,13 +74,13 @@ class Sampler:
                 bias = mx.array([p.logit_bias[t] for t in ids], dtype=mx.float32)
                 logits = logits.at[mx.array(ids)].add(bias)
         if self.seen and (p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1):
-            ids = mx.array(list(self.seen))
+            seen = mx.array(list(self.seen))
             counts = mx.array(list(self.seen.values()), dtype=mx.float32)
-            got = logits[ids]
+            got = logits[seen]
             if p.repetition_penalty != 1:
                 got = mx.where(got > 0, got / p.repetition_penalty, got * p.repetition_penalty)
             got = got - p.presence_penalty - p.frequency_penalty * counts
-            logits = logits.at[ids].add(got - logits[ids])
+            logits = logits.at[seen].add(got - logits[seen])
         return logits
 
     def accept(self, token: int) -> None:
@@ -91,8 +91,8 @@ class Sampler:
         if self.pending is not None:
             lp, self.pending = self.pending, None
             n = self.params.logprobs or 0
-            top = mx.argsort(-lp)[:n].tolist() if n else []
-            values = lp[mx.array([token, *top])].tolist()
+            top = ints(mx.argsort(-lp)[:n]) if n else []
+            values = floats(lp[mx.array([token, *top])])
             self.logprobs.append((token, values[0], list(zip(top, values[1:], strict=True))))
 
     def take_logprobs(self) -> list[tuple[int, float, list[tuple[int, float]]]]:

@@ -88,8 +88,8 @@ class PeerSockets:
 
     def send(self, endpoint: str, msg: P.Msg, tensor: mx.array | None = None) -> None:
         frames: list[Any] = [P.encode(msg)]
-        if tensor is not None:
-            frames.append(memoryview(tensor))
+        if tensor is not None:  # (mlx's stubs leave out the buffer protocol it has)
+            frames.append(memoryview(tensor))  # type: ignore[arg-type]
         try:
             self._dealer(endpoint).send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:

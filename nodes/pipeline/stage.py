@@ -22,7 +22,7 @@ import numpy as np
 
 from exo.broker import protocol as P
 from exo.nodes.engine.batch import Batch, sample_rows
-from exo.nodes.engine.mlxenv import mx
+from exo.nodes.engine.mlxenv import ints, mx
 from exo.nodes.engine.model import LoadedModel
 from exo.nodes.engine.prefix import KV, Entry, PrefixCache, copied
 from exo.nodes.engine.sampling import Sampler, SamplingParams, sampler_for
@@ -114,10 +114,10 @@ class StageRunner:
         to_mine, back = self.follow(decode)
         self.batch.grow_ahead()
         chunks = []
-        for rid, n, logits in header.chunks:
+        for rid, n, wants_logits in header.chunks:
             if rid not in self.caches:
                 raise StageError(f"a prompt chunk of {rid}, which this stage does not hold")
-            chunks.append((rid, Chunk([0] * n, self.caches[rid], bool(logits))))
+            chunks.append((rid, Chunk([0] * n, self.caches[rid], bool(wants_logits))))
         groups = groups_of(self.batch.dec_groups(), [c for _, c in chunks])
         if not groups:  # a step that only carries drops
             return h if not self.last else []
@@ -135,7 +135,7 @@ class StageRunner:
         names = decode + [rid for (rid, _), w in zip(chunks, wanted, strict=True) if w is not None]
         sampled = sample_rows([SamplerRow(r, self.samplers[r]) for r in names], logits)
         mx.eval([t for _, t in sampled], states)
-        at = {r.rid: t for reqs, toks in sampled for r, t in zip(reqs, toks.tolist(), strict=True)}
+        at = {r.rid: t for reqs, toks in sampled for r, t in zip(reqs, ints(toks), strict=True)}
         for r in names:
             self.samplers[r].accept(at[r])
         return [at[r] for r in names]
