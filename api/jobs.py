@@ -104,7 +104,10 @@ class Job:
             "tokens": [e["token"] for e in entries],
             "token_logprobs": [e["logprob"] for e in entries],
             "top_logprobs": [
-                {t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries
+                None
+                if e["top_logprobs"] is None  # (a prompt's first token: echo)
+                else {t["token"]: t["logprob"] for t in e["top_logprobs"]}
+                for e in entries
             ],
             "text_offset": offsets,
         }

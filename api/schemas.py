@@ -52,10 +52,9 @@ class ResponseFormat(BaseModel):
 
 
 # OpenAI's (and vLLM's) sampling fields the engine does not honour yet, with the
-# values that ask for nothing (LangChain and others send penalties of 0).
+# values that ask for nothing.
 NOT_YET: dict[str, tuple[Any, ...]] = {
     "best_of": (1,),
-    "echo": (False,),
     "suffix": ("",),
 }
 
@@ -114,7 +113,7 @@ class Sampling(BaseModel):
     def unsupported(self) -> str | None:
         """A field asking for what this server does not do yet (set to anything
         but its no-op value): it is refused by name, never silently ignored."""
-        given = {**(self.model_extra or {}), "echo": getattr(self, "echo", None)}
+        given = self.model_extra or {}
         for name, noop in NOT_YET.items():
             value = given.get(name)
             if value is not None and value not in noop:
@@ -138,6 +137,7 @@ class Sampling(BaseModel):
             repetition_penalty=self.repetition_penalty or 1.0,
             logit_bias=self.bias(),
             logprobs=self.wanted_logprobs(),
+            echo=bool(getattr(self, "echo", False)),
         )
         if max_tokens is not None:
             sp.max_tokens = max_tokens
@@ -284,6 +284,9 @@ class ChatRequest(Sampling):
 
 class CompletionRequest(Sampling):
     prompt: str | list[str] | list[int]
+    # 0 with echo: the prompt scored, nothing generated (as OpenAI's legacy models did)
+    max_tokens: int | None = Field(default=None, ge=0, le=MAX_TOKENS)
+    # the prompt back before the answer; with logprobs, its tokens' too
     echo: bool | None = False
     logprobs: int | None = Field(default=None, ge=0, le=5)
 

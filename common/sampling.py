@@ -22,7 +22,7 @@ DEFAULT_MAX_TOKENS = 256
 class SamplingParams(Struct, forbid_unknown_fields=False):
     # None: DEFAULT_MAX_TOKENS, or what the context leaves; a number the context
     # cannot hold beside the prompt is refused, as OpenAI does
-    max_tokens: Annotated[int, Meta(ge=1, le=1 << 31)] | None = None
+    max_tokens: Annotated[int, Meta(ge=0, le=1 << 31)] | None = None
     temperature: Annotated[float, Meta(ge=0.0, le=2.0)] = 1.0
     top_p: Annotated[float, Meta(gt=0.0, le=1.0)] = 1.0
     # OpenAI's seeds are signed 64-bit; the sampler takes them modulo 2^64.
@@ -48,6 +48,9 @@ class SamplingParams(Struct, forbid_unknown_fields=False):
     repetition_penalty: Annotated[float, Meta(gt=0.0, le=10.0)] = 1.0
     # log probabilities: None off; N: the sampled token's and the N likeliest (0-20)
     logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
+    # OpenAI's echo (completions): the prompt comes back before the answer, with its
+    # tokens' log probabilities when `logprobs` asks (a prompt scored: max_tokens 0)
+    echo: bool = False
     # token id -> bias added to its logit, as OpenAI's logit_bias
     logit_bias: Annotated[
         dict[Annotated[int, Meta(ge=0, le=1 << 24)], Annotated[float, Meta(ge=-100, le=100)]],

@@ -321,8 +321,9 @@ def test_a_sampling_field_not_honoured_yet_is_refused_by_name_not_ignored(cluste
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=TINY, prompt="x", max_tokens=2, suffix="end")
     assert e.value.body["param"] == "suffix", e.value.body  # type: ignore[index]
-    with pytest.raises(openai.BadRequestError):
-        client.completions.create(model=TINY, prompt="x", max_tokens=2, echo=True)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=TINY, prompt="x", max_tokens=2, best_of=3)
+    assert e.value.body["param"] == "best_of", e.value.body  # type: ignore[index]
     # what asks for nothing is fine (LangChain sends penalties of 0)
     ok = client.chat.completions.create(
         model=TINY,
@@ -571,6 +572,8 @@ def test_logprobs_for_chat_and_completions_streamed_or_not(cluster: Any) -> None
         assert e.logprob <= 0 and len(e.top_logprobs) == 3
         # greedy: the sampled token is the likeliest one
         assert math.isclose(e.logprob, e.top_logprobs[0].logprob, abs_tol=1e-4)
+        if "\ufffd" not in e.token:  # (part of a character: its own bytes)
+            assert e.bytes == list(e.token.encode())
     # (a token may be part of a character: its text alone is not the content's)
     streamed = [
         e
@@ -598,6 +601,45 @@ def test_logprobs_for_chat_and_completions_streamed_or_not(cluster: Any) -> None
     lp = comp.choices[0].logprobs
     assert lp is not None and lp.tokens is not None and len(lp.tokens) == 4
     assert lp.top_logprobs is not None and all(len(t) <= 2 for t in lp.top_logprobs)
+
+
+def test_echo_returns_the_prompt_and_scores_it(cluster: Any) -> None:
+    """Completions' echo, as lm-eval-harness scores text: the prompt's tokens and
+    their log probabilities (the first has none), with max_tokens 0 nothing more."""
+    client = oai(cluster)
+    prompt = "Once upon a time there was"
+    got = client.completions.create(
+        model=TINY, prompt=prompt, max_tokens=3, echo=True, temperature=0,
+        extra_body={"ignore_eos": True, "return_token_ids": True},
+    )  # fmt: skip
+    answer = got.choices[0].text
+    assert answer.startswith(prompt) and len(answer) > len(prompt)
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model=TINY,
+            prompt=prompt,
+            max_tokens=3,
+            echo=True,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        if c.choices
+    )
+    assert streamed == answer
+    scored = client.completions.create(
+        model=TINY, prompt=prompt, max_tokens=0, echo=True, logprobs=1, temperature=0
+    )
+    c = scored.choices[0]
+    assert c.text == prompt and c.finish_reason == "length"
+    assert scored.usage is not None and scored.usage.completion_tokens == 0
+    lp = c.logprobs
+    assert lp is not None and lp.tokens and lp.token_logprobs and lp.top_logprobs
+    assert "".join(lp.tokens) == prompt and lp.text_offset and lp.text_offset[0] == 0
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(v is not None and v <= 0 for v in lp.token_logprobs[1:])
+    assert all(len(t) == 1 for t in lp.top_logprobs[1:] if t is not None)
 
 
 def test_ollama_takes_tools_and_a_tool_history(cluster: Any) -> None:

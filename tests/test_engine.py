@@ -716,3 +716,44 @@ def test_special_tokens_never_reach_the_text(smollm_path: Path) -> None:
     text = "".join(s["outs"]["x"].text for s in steps if "x" in s["outs"])
     assert ids["x"] == [marker] * 3
     assert text == ""
+
+
+@pytest.mark.parametrize("model", ["tiny", "smollm", "gemma"])
+def test_an_echoed_prompt_is_scored_as_one_forward_pass_scores_it(
+    model: str, tiny_path: Path, smollm_path: Path, models_dir: Path
+) -> None:
+    """echo + logprobs + max_tokens 0 (how lm-eval-harness scores text): every prompt
+    token's log probability, its chunks beside a stream, equal to one mlx-lm pass;
+    fused (llama) and mlx-lm's own forward (gemma)."""
+    from exo.nodes.store.store import ModelStore
+
+    path = {"tiny": tiny_path, "smollm": smollm_path}.get(model)
+    lm = load_model(model, path or ModelStore(models_dir).path("test/tiny-gemma3_text"))
+    prompt = lm.tokenizer.encode(PROMPTS[1])[:70]
+    engine = Engine(idle_budget=16, prefill_budget=16, lane=False)  # chunks of 16
+    engine.add_model(lm)
+    scored = {"max_tokens": 0, "echo": True, "logprobs": 2, "temperature": 0}
+    stream = {"max_tokens": 30, "temperature": 0, "ignore_eos": True}
+    ids, steps = run(
+        engine,
+        {
+            0: [("s", model, "completion", [5, 6, 7], stream)],
+            2: [("x", model, "completion", prompt, scored)],
+        },
+    )
+    outs = [s["outs"]["x"] for s in steps if "x" in s["outs"]]
+    assert len(outs) == 1 and ids["x"] == [] and outs[0].finish == "length"
+    assert outs[0].usage["completion_tokens"] == 0
+    assert outs[0].text == lm.tokenizer.decode([t for t in prompt if t not in lm.hidden])
+    entries = outs[0].logprobs
+    assert len(entries) == len(prompt) and entries[0]["logprob"] is None
+    logits = lm.model(mx.array([prompt]))[0].astype(mx.float32)
+    ref = (logits - mx.logsumexp(logits, axis=-1, keepdims=True)).tolist()
+    for k in range(1, len(prompt)):
+        e, row = entries[k], ref[k - 1]
+        assert e["token"] == lm.tokenizer.decode([prompt[k]])
+        assert abs(e["logprob"] - row[prompt[k]]) < 2e-3, k
+        assert [t["logprob"] for t in e["top_logprobs"]] == sorted(
+            (t["logprob"] for t in e["top_logprobs"]), reverse=True
+        )
+        assert abs(e["top_logprobs"][0]["logprob"] - max(row)) < 2e-3, k

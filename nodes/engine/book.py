@@ -125,6 +125,8 @@ class Book:
             else None,
         )
         req.think, req.thinking = thinking_markers(lm, prompt)
+        if sp.echo and sp.logprobs is not None:
+            req.scored = []
         req.asked = (kind, payload)
         self.queue.append(req)
         self._admit()
@@ -233,8 +235,8 @@ class Book:
 
     def _reuse(self, req: Request) -> None:
         """Start `req` from the longest cached prefix of its prompt, if any."""
-        if req.lm.model_id not in self.prefix_models:
-            return
+        if req.lm.model_id not in self.prefix_models or req.scored is not None:
+            return  # (a scored prompt's every token goes through the model)
         entry, n = self.prefix.lookup(req.lm.model_id, req.prompt)
         if entry is not None:
             assert req.cache is not None

@@ -166,6 +166,7 @@ class Engine(Book):
                 req.prompt[req.prefilled : req.prefilled + n],
                 req.cache,
                 logits=n == req.to_prefill and end == layers,
+                every=req.scored is not None,
                 first=first,
                 end=end,
                 h=req.h,
@@ -297,6 +298,9 @@ class Engine(Book):
                 req.inflight, req.through, req.h = len(chunk.tokens), chunk.end, logits
                 continue
             req.inflight, req.through, req.h = 0, 0, None
+            if chunk.every and logits is not None:
+                req.score(logits)  # (its prompt's log probabilities, echo)
+                logits = logits[-1] if chunk.logits else None
             req.prefilled += len(chunk.tokens)
             if logits is not None:
                 sampled.append(([req], req.sampler(logits)[None]))
@@ -346,6 +350,7 @@ class Engine(Book):
                     and not req.inflight
                     and req.lm.part is None
                     and req.lm.fused
+                    and req.scored is None  # (the lane takes the last logits only)
                     and req.lm.model_id not in busy
                 ):
                     req.in_lane = True

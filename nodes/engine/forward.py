@@ -34,6 +34,7 @@ class Chunk:
     tokens: list[int]
     cache: list[Any]  # per-layer KVCache
     logits: bool  # whether the last position's logits are wanted
+    every: bool = False  # every position's logits (a prompt scored: echo with logprobs)
     # The layers this step runs the chunk through, [first, end); end None: to the
     # last. A chunk that starts past layer 0 brings its hidden state `h`.
     first: int = 0
@@ -79,7 +80,10 @@ def plain_step(
         whole = c.first == 0 and c.h is None and (c.end or span.end) - span.start == len(c.cache)
         assert whole, "a chunk through part of the layers: the fused step's"
         h = span.forward(model, mx.array([c.tokens]), None, c.cache)
-        outs.append(span.logits(model, h[0, -1:])[0] if c.logits else None)
+        if c.every:
+            outs.append(span.logits(model, h[0]))
+        else:
+            outs.append(span.logits(model, h[0, -1:])[0] if c.logits else None)
     return dec_logits, outs
 
 
@@ -280,7 +284,7 @@ def packs(chunks: list[Chunk], layers: int) -> list[list[int]]:
     for i, c in enumerate(chunks):
         whole = c.first == 0 and (c.end or layers) == layers and c.h is None
         fresh = whole and int(c.cache[0].offset) == 0
-        if fresh and len(c.tokens) <= PACK_MAX:
+        if fresh and len(c.tokens) <= PACK_MAX and not c.every:
             by.setdefault(-(-len(c.tokens) // PACK_TO), []).append(i)
         else:
             alone.append([i])
@@ -305,8 +309,9 @@ def fused_step(
 ) -> tuple[mx.array | None, list[mx.array | None]]:
     """`dec`: the decode rows' tokens (a lazy array when the step is queued ahead),
     in the order of `dec_groups` -> the decode rows' logits, and per chunk: its last
-    position's logits when it ends the prompt, its hidden state when it stops short
-    of the last layer, else None. `pad_to`: a step of decodes only multiplies its
+    position's logits when it ends the prompt (every position's, [n, vocab], when
+    it is scored: Chunk.every), its hidden state when it stops short of the last
+    layer, else None. `pad_to`: a step of decodes only multiplies its
     weights for a multiple of this many rows, the extra ones zero: on one thread
     OpenBLAS's sgemm here is fastest at multiples of 4 rows (a 4-row step 119 ms
     against 150 for 3 rows; BENCHMARKS.md)."""
@@ -327,15 +332,22 @@ def fused_step(
         h = no_rows(model)
     groups = groups_of(dec_groups, []) + [g for _, g in order]
     h = run_layers(inner.layers, _padded(h, pad), groups, pad)
-    # The rows of h (the groups that reached the last layer, in order) to take logits of.
-    rows, want, at = list(range(B)), {}, B
+    # The rows of h (the groups that reached the last layer, in order) to take logits
+    # of; per chunk that wants any, (its first among them, how many: 0 for its last).
+    rows, at = list(range(B)), B
+    want: dict[int, tuple[int, int]] = {}
     for p, g in order:
         if (g.end or last) != last:
+            continue
+        if chunks[p[0]].every:  # (alone: packs)
+            want[p[0]] = (len(rows), g.n)
+            rows += range(at, at + g.n)
+            at += g.n
             continue
         got, wanted = sampled_rows(0, [(len(chunks[i].tokens), chunks[i].logits) for i in p], g.n)
         for i, w in zip(p, wanted, strict=True):
             if w is not None:
-                want[i] = len(rows) + w
+                want[i] = (len(rows) + w, 0)
         rows += [at + r for r in got]
         at += g.rows * g.n
     logits = logits_of(model, h, rows + list(range(B, B + pad))) if rows else None
@@ -345,7 +357,8 @@ def fused_step(
             if (g.end or last) != last:
                 outs[i] = g.out
             elif i in want and logits is not None:
-                outs[i] = logits[want[i]]
+                k, n = want[i]
+                outs[i] = logits[k : k + n] if n else logits[k]
     return (logits[:B] if B and logits is not None else None), outs
 
 

@@ -68,6 +68,12 @@ class LoadedModel:
     def layers(self) -> int:
         return len(self.model.layers)
 
+    def token_entry(self, token: int) -> dict[str, Any]:
+        """The token's text and bytes, as OpenAI's log probabilities show it."""
+        from exo.nodes.engine.tokens import entry
+
+        return entry(self.tokenizer, token, self.hidden)
+
 
 def model_meta(path: Path) -> dict[str, Any]:
     """What placement needs to know about a model folder: its layers, weight

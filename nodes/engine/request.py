@@ -7,8 +7,9 @@ import enum
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
+from exo.nodes.engine.mlxenv import floats, mx
 from exo.nodes.engine.model import LoadedModel
 from exo.nodes.engine.sampling import Sampler, SamplingParams, StopMatcher
 from exo.nodes.engine.tools import ToolText, chat_parts, template_kwargs
@@ -66,6 +67,9 @@ class Request:
     # what it was asked, as sent (kind, payload): its prefix digests (common/digests.py)
     asked: tuple[str, Any] = ("", None)
     sampled: list[int] = field(default_factory=list)  # every token it drew, EOS included
+    # echo with logprobs: its prompt tokens' entries, filled as its chunks go through
+    # (score); None: its prompt is not scored
+    scored: list[dict[str, Any]] | None = None
 
     @property
     def phase(self) -> Phase:
@@ -84,18 +88,48 @@ class Request:
             return 0
         return sum(c.nbytes for c in self.cache if getattr(c, "keys", None) is not None)
 
-    def logprob(self, token: int, lp: float, top: list[tuple[int, float]]) -> dict[str, Any]:
-        """OpenAI's entry for one token (chat's shape; the API reshapes completions')."""
-        name = self.lm.tokenizer.decode
-        return {
-            "token": name([token]),
-            "logprob": lp,
-            "top_logprobs": [{"token": name([t]), "logprob": v} for t, v in top],
-        }
+    def logprob(
+        self, token: int, lp: float | None, top: list[tuple[int, float]] | None
+    ) -> dict[str, Any]:
+        """OpenAI's entry for one token (chat's shape; the API reshapes completions');
+        None for a prompt's first token, which nothing predicts."""
+        entry = self.lm.token_entry(token)
+        entry["logprob"] = lp
+        entry["top_logprobs"] = (
+            None if top is None else [{**self.lm.token_entry(t), "logprob": v} for t, v in top]
+        )
+        return entry
+
+    def score(self, logits: mx.array) -> None:
+        """Entries for the prompt tokens a chunk's every-position `logits` predict
+        (the chunk starts at `prefilled`): what echo with logprobs returns."""
+        assert self.scored is not None
+        start = self.prefilled
+        if start == 0:
+            self.scored.append(self.logprob(self.prompt[0], None, None))
+        after = self.prompt[start + 1 : start + 1 + logits.shape[0]]
+        if not after:
+            return
+        lp = logits[: len(after)].astype(mx.float32)
+        lp = lp - mx.logsumexp(lp, axis=-1, keepdims=True)
+        got = floats(mx.take_along_axis(lp, mx.array(after)[:, None], axis=-1)[:, 0])
+        n = self.params.logprobs or 0
+        tops: list[list[int]] = [[] for _ in after]
+        vals: list[list[float]] = [[] for _ in after]
+        if n:
+            best = mx.argpartition(-lp, kth=n - 1, axis=-1)[:, :n]
+            tops = cast(list[list[int]], best.tolist())
+            vals = cast(list[list[float]], mx.take_along_axis(lp, best, axis=-1).tolist())
+        for t, v, top, tv in zip(after, got, tops, vals, strict=True):
+            ranked = sorted(zip(top, tv, strict=True), key=lambda x: -x[1])
+            self.scored.append(self.logprob(t, v, ranked))
 
     def emit(self, token: int) -> Output:
         """This request's next token: its text so far (held back where a stop
         sequence may be starting), and whether it finishes here."""
+        if self.limit == 0:  # a prompt scored, nothing generated (echo, max_tokens 0)
+            self.sampler.take_logprobs()
+            return self._echoed(self._finished(Output(self.rid, [], "", "length"), 0))
         self.generated += 1
         self.last = token
         self.sampled.append(token)
@@ -137,21 +171,33 @@ class Request:
         if self.params.logprobs is not None:
             out.logprobs = [self.logprob(t, lp, top) for t, lp, top in self.sampler.take_logprobs()]
         if finish:
-            self.finish = finish
-            out.usage = {
-                "prompt_tokens": len(self.prompt),
-                "completion_tokens": self.generated - is_eos,
-                "total_tokens": len(self.prompt) + self.generated - is_eos,
-                "prompt_tokens_details": {"cached_tokens": self.cached},
-            }
-            log.info(
-                "rid=%s finished (%s): %d prompt + %d generated tokens in %.2fs",
-                self.rid,
-                finish,
-                len(self.prompt),
-                out.usage["completion_tokens"],
-                time.perf_counter() - self.t_submit,
-            )
+            self._finished(out, self.generated - is_eos)
+        return self._echoed(out) if self.generated == 1 else out
+
+    def _finished(self, out: Output, generated: int) -> Output:
+        assert out.finish is not None
+        self.finish = out.finish
+        out.usage = {
+            "prompt_tokens": len(self.prompt),
+            "completion_tokens": generated,
+            "total_tokens": len(self.prompt) + generated,
+            "prompt_tokens_details": {"cached_tokens": self.cached},
+        }
+        log.info(
+            "rid=%s finished (%s): %d prompt + %d generated tokens in %.2fs",
+            self.rid, out.finish, len(self.prompt), generated, time.perf_counter() - self.t_submit,
+        )  # fmt: skip
+        return out
+
+    def _echoed(self, out: Output) -> Output:
+        """The first output of an echo: the prompt's text (and its tokens' entries,
+        when scored) before the answer's."""
+        if self.params.echo:
+            shown = [t for t in self.prompt if t not in self.lm.hidden]
+            out.text = self.lm.tokenizer.decode(shown) + out.text
+            if self.scored is not None:
+                out.logprobs = self.scored + (out.logprobs or [])
+                self.scored = []
         return out
 
 
