@@ -22,7 +22,7 @@ from exo.nodes.engine.batch import Batch, sample_rows
 from exo.nodes.engine.book import Book
 from exo.nodes.engine.forward import Chunk
 from exo.nodes.engine.lane import Lane, lane_default
-from exo.nodes.engine.mlxenv import blas_max_threads, blas_threads, mx
+from exo.nodes.engine.mlxenv import blas_max_threads, blas_threads, ints, mx
 from exo.nodes.engine.model import LoadedModel
 from exo.nodes.engine.pacing import DEFAULT_IDLE_BUDGET, DEFAULT_MAX_STALL, Pacer
 from exo.nodes.engine.request import EngineError, Output, Request
@@ -145,14 +145,8 @@ class Engine(Book):
             blas_threads(run.option.threads)  # (nothing else is inside BLAS between steps)
         mx.eval([t for _, t in run.sampled], states)
         self._observe(plan, run, time.perf_counter() - t0)
-        return self._complete(
-            [
-                (r, t)
-                for reqs, toks in run.sampled
-                for r, t in zip(reqs, toks.tolist(), strict=True)
-            ],
-            run.joined,
-        )
+        pairs = [(r, t) for reqs, toks in run.sampled for r, t in zip(reqs, ints(toks), strict=True)]
+        return self._complete(pairs, run.joined)
 
     def _chunks(self, plan: StepPlan) -> dict[str, list[tuple[Request, Chunk]]]:
         """The plan's prompt chunks, by model."""
