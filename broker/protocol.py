@@ -335,10 +335,16 @@ class Act(Msg, tag="ACT"):
     forget: list[Id] = []  # entries stage 0 let go
 
 
+# A sampled token's log probability and the likeliest tokens' (id, log probability)
+Logprob = tuple[int, float, Annotated[list[tuple[int, float]], Meta(max_length=20)]]
+
+
 class Result(Msg, tag="RESULT"):
     instance: Id
     step: int
     ids: list[int]
+    # per request that asked (SamplingParams.logprobs), its tokens' of this step
+    logprobs: dict[Id, list[Logprob]] = {}
 
 
 class StageError(Msg, tag="STAGE_ERROR"):

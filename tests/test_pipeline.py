@@ -61,9 +61,11 @@ def interrupted_stream(
     return stream_acting(c.url, body, after, action)
 
 
-def concurrent(c: LocalCluster, model: str) -> list[list[int]]:
-    """Three requests joining at staggered moments, greedy; their token ids."""
+def concurrent(c: LocalCluster, model: str) -> tuple[list[list[int]], list[list[float]]]:
+    """Three requests joining at staggered moments, greedy; their token ids and
+    log probabilities (the last stage's, sent back to stage 0)."""
     out: list[list[int]] = [[] for _ in PROMPTS]
+    lps: list[list[float]] = [[] for _ in PROMPTS]
 
     def one(i: int) -> None:
         time.sleep(0.3 * i)
@@ -75,18 +77,22 @@ def concurrent(c: LocalCluster, model: str) -> list[list[int]]:
                 "max_tokens": 12 + i,
                 "temperature": 0,
                 "return_token_ids": True,
+                "logprobs": 2,
             },
             timeout=300,
         )
         assert r.status_code == 200, r.text
-        out[i] = r.json()["choices"][0]["token_ids"]
+        choice = r.json()["choices"][0]
+        out[i] = choice["token_ids"]
+        # (an answer that ends at once has no tokens, so no log probabilities)
+        lps[i] = (choice["logprobs"] or {}).get("token_logprobs", [])
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(len(PROMPTS))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return out
+    return out, lps
 
 
 @pytest.mark.parametrize("model", ["test/tiny-llama", "test/tiny-gemma3_text", DEFAULT_MODEL])
@@ -120,8 +126,14 @@ def test_one_two_three_stages_give_the_same_tokens(three: LocalCluster, model: s
             assert head["kv_caps"][model] == min(caps)
         results.append(concurrent(c, model))
         delete_all(c)
-    assert results[0] == results[1] == results[2]
-    assert sum(len(x) for x in results[0]) >= 20
+    tokens = [ids for ids, _ in results]
+    assert tokens[0] == tokens[1] == tokens[2]
+    assert sum(len(x) for x in tokens[0]) >= 20
+    # log probabilities too, split or not (computed on the last stage)
+    whole = [v for lps in results[0][1] for v in lps]
+    assert len(whole) == sum(len(x) for x in tokens[0])
+    for _, split in results[1:]:
+        assert [v for lps in split for v in lps] == pytest.approx(whole, abs=1e-3)
     # Hidden states went node to node, not through the broker.
     for n in c.cluster_state()["nodes"]:
         assert sum(n["status"]["peer_bytes_sent"].values()) > 0
@@ -418,7 +430,7 @@ def test_two_stages_on_nodes_in_different_network_namespaces(
                     # Stage 0 reached stage 1 over the data link, the only path between them.
                     assert [e for e in sent if e.startswith(f"tcp://{b_addr}:")], sent
                 delete_all(c)
-            assert outs[0] == outs[1] and sum(map(len, outs[0])) >= 20
+            assert outs[0][0] == outs[1][0] and sum(map(len, outs[0][0])) >= 20
     finally:
         bed.close()
 

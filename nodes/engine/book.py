@@ -140,8 +140,8 @@ class Book:
         forced tool call), and the parameters as later stages get them."""
         try:
             sp = SamplingParams.from_wire(params)
-            if sp.logprobs is not None and lm.part is not None:
-                raise ValueError("logprobs: not yet for a model split across nodes")
+            if sp.echo and sp.logprobs is not None and lm.part is not None:
+                raise ValueError("echo with logprobs: not yet for a model split across nodes")
             tools = chat_parts(payload)[1] if kind == "chat" else None
             if tools and sp.tool_choice not in (None, "none", "auto"):
                 sp.grammar = forced_grammar(lm.tokenizer, tools, sp.tool_choice)

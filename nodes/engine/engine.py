@@ -48,11 +48,8 @@ class Engine(Book):
     ) -> None:
         # Prompts arriving while streams decode prefill beside them on another core
         # (lane.py); None: where that pays (MLX's CPU backend, 2+ cores).
-        super().__init__(
-            kv_budget,
-            Lane() if (lane_default() if lane is None else lane) else None,
-            prefix_limit,
-        )
+        lane_on = lane_default() if lane is None else lane
+        super().__init__(kv_budget, Lane() if lane_on else None, prefix_limit)
         self.pace = Pacer(prefill_budget, idle_budget, max_stall)
         self.watch = Watch(self.lane, max_ttft_ratio) if self.lane is not None else None
         self.step_faults: Counter[str] = Counter()  # model -> its steps that raised, in a row
@@ -145,7 +142,9 @@ class Engine(Book):
             blas_threads(run.option.threads)  # (nothing else is inside BLAS between steps)
         mx.eval([t for _, t in run.sampled], states)
         self._observe(plan, run, time.perf_counter() - t0)
-        pairs = [(r, t) for reqs, toks in run.sampled for r, t in zip(reqs, ints(toks), strict=True)]
+        pairs = [
+            (r, t) for reqs, toks in run.sampled for r, t in zip(reqs, ints(toks), strict=True)
+        ]
         return self._complete(pairs, run.joined)
 
     def _chunks(self, plan: StepPlan) -> dict[str, list[tuple[Request, Chunk]]]:
@@ -223,18 +222,13 @@ class Engine(Book):
             self.threads.learn(run.dec_rows, run.option, seconds)
         pace = self.pace
         if run.work or pace.t_ref is not None:
+            work = [(n, k, round(f, 3)) for n, k, f in run.work]
             log.debug(
                 "step %d: %.4fs, %d decodes, chunks %s, predicted +%.4fs, baseline %s (%s), "
-                "cost %s",
-                self.steps,
-                seconds,
-                len(plan.decode),
-                [(n, k, round(f, 3)) for n, k, f in run.work],
-                pace.predicted if run.work else 0.0,
-                pace.t_decode,
-                pace.t_ref[1] if pace.t_ref else None,
-                pace.cost.theta,
-            )
+                "cost %s", self.steps, seconds, len(plan.decode), work,
+                pace.predicted if run.work else 0.0, pace.t_decode,
+                pace.t_ref[1] if pace.t_ref else None, pace.cost.theta,
+            )  # fmt: skip
 
     def _model_step(
         self,
@@ -351,9 +345,12 @@ class Engine(Book):
                     self.lane.submit(req)
         return landed
 
-    def finish_remote(self, model_id: str, step: int, ids: list[int]) -> list[Output]:
+    def finish_remote(
+        self, model_id: str, step: int, ids: list[int], logprobs: dict[str, list[Any]] | None = None
+    ) -> list[Output]:
         """The last stage's tokens for a step this node began: decode rows in
-        batch order, then the chunks that finished their prompts."""
+        batch order, then the chunks that finished their prompts (and the log
+        probabilities the last stage computed for those that ask)."""
         w = self.stage0.back(model_id, step)
         if w is None:
             log.warning("tokens for step %d of %s that nobody waits for", step, model_id)
@@ -365,6 +362,9 @@ class Engine(Book):
         pairs = list(zip([*w.rows, *done], ids, strict=True))
         # A request cancelled while the step was away gets nothing.
         live = [(r, t) for r, t in pairs if r.rid in self.requests and self.requests[r.rid] is r]
+        for r, _ in live:
+            if r.params.logprobs is not None:
+                r.sampler.logprobs.extend((logprobs or {}).get(r.rid, [])[:1])
         return self._complete(live, done)
 
     def _complete(self, sampled: list[tuple[Request, int]], joined: list[Request]) -> list[Output]:

@@ -227,7 +227,8 @@ class Hosting:
             return
         if isinstance(msg, P.Result):
             try:
-                self.emit(self.engine.finish_remote(stage.model, msg.step, msg.ids))
+                outs = self.engine.finish_remote(stage.model, msg.step, msg.ids, msg.logprobs)
+                self.emit(outs)
             except EngineError as e:
                 self.fail_requests(stage.model, e.message)
         else:
@@ -269,7 +270,7 @@ class Hosting:
                 )
             return
         if isinstance(out, list):
-            result = P.Result(instance=iid, step=msg.step, ids=out)
+            result = P.Result(instance=iid, step=msg.step, ids=out, logprobs=runner.logprobs)
             stage.last_out = (result, None)
             if stage.stage0:
                 self.peers.send(stage.stage0, result)

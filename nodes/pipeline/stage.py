@@ -50,6 +50,8 @@ class StageRunner:
     entries: dict[str, KV] = field(default_factory=dict)
     steps: int = 0
     last_step: int = 0  # stage 0's number of the last step run here
+    # the last step's log probabilities, per request that asks (last stage only)
+    logprobs: dict[str, list[Any]] = field(default_factory=dict)
 
     @property
     def width(self) -> int:
@@ -138,6 +140,11 @@ class StageRunner:
         at = {r.rid: t for reqs, toks in sampled for r, t in zip(reqs, ints(toks), strict=True)}
         for r in names:
             self.samplers[r].accept(at[r])
+        self.logprobs = {
+            r: self.samplers[r].take_logprobs()
+            for r in names
+            if self.samplers[r].params.logprobs is not None
+        }
         return [at[r] for r in names]
 
     def keep(self, rid: str, key: str, n: int) -> None:
