@@ -22,11 +22,23 @@ def test_every_command_group_is_wired() -> None:
     for cmd in ("up", "linkstat", "models", "instances", "bench", "api"):
         assert f"  {cmd} " in top, top
     bench = tools("bench", "--help")
-    for cmd in ("overhead", "cancel", "stall", "churn", "pipeline", "links", "lane"):
+    for cmd in (
+        "overhead", "cancel", "stall", "churn", "pipeline", "links", "lane", "grammar",
+        "curve", "weights", "failover", "prefix",
+    ):  # fmt: skip
         assert f"  {cmd} " in bench, bench
     # the options shared between command groups reach each of them
     assert "--models-dir" in tools("bench", "stall", "--help")
     assert "--models-dir" in tools("models", "list", "--help")
+
+
+def test_bench_grammar_steps_each_library_through_a_valid_document(tiny_path: Path) -> None:
+    from exo.tools.bench_grammar import libraries
+
+    rows = {r["library"]: r for r in libraries(tiny_path)}
+    for name in ("llguidance", "outlines-core"):  # (each accepts every token of it)
+        assert rows[name]["tokens"] > 50 and rows[name]["median_us"] > 0, rows[name]
+    assert "torch" in rows["xgrammar"]["skipped"]
 
 
 def test_bench_lane_measures_steps_with_the_lane_held_and_working(models_dir: Path) -> None:

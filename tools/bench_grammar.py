@@ -4,8 +4,8 @@
   one schema, stepping through a valid document token by token: the time to
   compile the schema and, per token, to compute the mask of allowed tokens and
   accept the sampled one. llguidance is the engine's; outlines-core is measured
-  when installed (a dev dependency); xgrammar when it imports (its matcher takes
-  torch tensors, so its wheel requires torch).
+  when installed (a dev dependency); xgrammar is not (its matcher takes torch
+  tensors: its wheel requires torch and, on Linux, triton).
 - decode: 1 and 8 streams through a cluster, each asking for a long list under a
   `json_schema` response format, beside the same streams unconstrained
   (ignore_eos, the same length); decode tokens/s per stream, alternated rounds.
@@ -62,17 +62,14 @@ PROMPT = "List the steps to set up a home cluster of Macs for running language m
 
 
 def _bytes_vocab(tok: Any) -> dict[bytes, list[int]]:
-    """Each token's bytes, from a byte-level BPE vocabulary (GPT-2's alphabet)."""
-    # GPT-2's alphabet: printable bytes stand for themselves, the rest from U+0100 on
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    others = [b for b in range(256) if b not in printable]
-    decode = {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(others)}
+    """Each token's bytes (outlines-core's vocabulary), special tokens left out."""
+    from exo.nodes.engine.tokens import raw_bytes
+
     special = set(tok.all_special_ids)
     out: dict[bytes, list[int]] = {}
     for text, i in tok.get_vocab().items():
-        if i in special or not all(c in decode for c in text):
-            continue
-        out.setdefault(bytes(decode[c] for c in text), []).append(i)
+        if i not in special:
+            out.setdefault(raw_bytes(text), []).append(i)
     return out
 
 
@@ -152,16 +149,13 @@ def libraries(path: Path) -> list[dict[str, Any]]:
     vocab = len(tok)
     ids = tok.encode(json.dumps(DOC, separators=(",", ":")), add_special_tokens=False)
     rows = [_llguidance(tok, vocab, ids)]
-    for name, run in (("outlines-core", _outlines), ("xgrammar", None)):
-        try:
-            if run is None:
-                import xgrammar  # noqa: F401  (its matcher needs torch: not run here)
-
-                rows.append({"library": name, "skipped": "imports, not wired in here"})
-            else:
-                rows.append(run(tok, vocab, ids))
-        except ImportError as e:
-            rows.append({"library": name, "skipped": f"does not import: {e}"})
+    try:
+        rows.append(_outlines(tok, vocab, ids))
+    except ImportError as e:
+        rows.append({"library": "outlines-core", "skipped": f"does not import: {e}"})
+    # xgrammar's matcher fills torch tensors: its wheel requires torch (and triton on
+    # Linux), gigabytes a node would carry for this alone; not a dependency here.
+    rows.append({"library": "xgrammar", "skipped": "its matcher needs torch (not installed)"})
     return rows
 
 
