@@ -268,18 +268,17 @@ class Broker:
                 self.send(ident, P.Refused(reason=f"bad info: {e}"))
                 return
         known = self.reg.peers.get(ident)
-        resumed = known is not None and (known.peer_id, known.role, known.key) == (
-            peer_id,
-            role,
-            key,
-        )
+        same = (peer_id, role, key)
+        resumed = known is not None and (known.peer_id, known.role, known.key) == same
         if known is not None and not resumed:
             self.drop_peer(ident, "registered again")
         if known is not None and resumed:
             # Back over another link within its grace: the same node, stages and
             # requests; the routes it may have missed while away go again.
             silent = time.monotonic() - known.last_seen
-            known.info, known.last_seen = info or known.info, time.monotonic()
+            known.last_seen = time.monotonic()
+            if info:
+                known.report_info(info)
             self.stats["resumed"] += 1
             log.warning("%s %s is back after %.1fs; its work goes on", role, peer_id, silent)
             self.deploy.resend_routes(peer_id)
@@ -344,14 +343,14 @@ class Broker:
     def on_heartbeat(self, peer: Peer, msg: P.Heartbeat, frame: zmq.Frame) -> None:
         status = msg.status
         if status is not None and peer.role == "node":
-            peer.status = reports.node_status(status)
-            clock = peer.status.get("clock")
-            if isinstance(clock, int | float):
+            peer.report_status(reports.node_status(status))
+            clock = peer.live.clock
+            if clock is not None:
                 # its clock less ours, as the heartbeat lands (off by the link's delay)
                 peer.clock_skew = round(float(clock) - time.time(), 3)
 
     def on_info(self, peer: Peer, msg: P.Info, frame: zmq.Frame) -> None:
-        peer.info = reports.node_info(msg.info)
+        peer.report_info(reports.node_info(msg.info))
         self.reg.saw_models(peer.models)
 
     # -- requests -------------------------------------------------------------------

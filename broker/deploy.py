@@ -34,6 +34,7 @@ from exo.broker.placement import (
     place,
 )
 from exo.broker.registry import InFlight, Peer, Registry
+from exo.broker.reports import StageState
 from exo.broker.routing import Refusal, no_holder
 from exo.broker.versions import answer_versions
 from exo.common.retry import BROKER_WARMUP_S, LOSSES
@@ -96,15 +97,9 @@ class Deployer:
 
     def meta(self, model: str) -> ModelMeta | None:
         for n in self.reg.nodes():
-            m = n.info.get("model_meta", {}).get(model)
-            if model in n.models and m and m.get("layers"):
-                return ModelMeta(
-                    model,
-                    int(m["layers"]),
-                    int(m.get("bytes", 0)),
-                    str(m.get("type", "")),
-                    bool(m.get("split", True)),
-                )
+            m = n.facts.model_meta.get(model)
+            if model in n.models and m and m.layers:
+                return ModelMeta(model, m.layers, m.bytes, m.type, m.split)
         return None
 
     def views(self, meta: ModelMeta) -> list[NodeView]:
@@ -124,12 +119,12 @@ class Deployer:
                 NodeView(
                     n.peer_id,
                     n.name,
-                    available=int(n.info.get("memory_available", 0)),
-                    level=str(n.info.get("memory_pressure", {}).get("level", "normal")),
+                    available=n.facts.memory_available,
+                    level=n.facts.memory_pressure.level,
                     has_model=meta.model in n.models,
                     promised=promised,
                     holds_model=any(i.model == meta.model and n.peer_id in i.nodes for i in live),
-                    answer=answer_versions(n.info),
+                    answer=answer_versions(n.facts.versions),
                 )
             )
         return out
@@ -181,9 +176,9 @@ class Deployer:
         """Stages the nodes report that no live instance here owns: adopted as their
         instance when complete and ready; unloaded once the warm-up is over (unless
         still loading)."""
-        held: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+        held: dict[str, list[tuple[str, StageState]]] = {}
         for n in nodes.values():
-            for iid, st in (n.status.get("stages") or {}).items():
+            for iid, st in n.live.stages.items():
                 known = self.instances.get(iid)
                 if known is None or known.state == "failed":
                     held.setdefault(iid, []).append((n.peer_id, st))
@@ -204,7 +199,7 @@ class Deployer:
                 )
                 self.on_ready()
                 continue
-            if self.warming() or any(st.get("state") == "loading" for _, st in stages):
+            if self.warming() or any(st.state == "loading" for _, st in stages):
                 continue
             for node, _ in stages:
                 if now - self.unloads.get((iid, node), 0.0) > 2.0:
@@ -269,7 +264,7 @@ class Deployer:
         """Tell every stage to load, with the peer endpoints it sends to."""
         inst.routes = hops(inst.nodes, nodes, view)
         later = [
-            (s.end - s.start, int(nodes[s.node].status.get("kv_budget") or 0))
+            (s.end - s.start, nodes[s.node].live.kv_budget)
             for s in inst.stages[1:]
         ]
         for k, (spec, route) in enumerate(zip(inst.stages, inst.routes, strict=True)):

@@ -28,7 +28,7 @@ def hops(order: list[str], nodes: dict[str, Peer], view: Topology) -> list[Hops]
     publics, found = view
 
     def endpoint(src: str, dst: str) -> str:
-        port = int(nodes[dst].info.get("peer_port", 0))
+        port = nodes[dst].facts.peer_port or 0
         return f"tcp://{peer_host(publics[src], publics[dst], found)}:{port}"
 
     out: list[Hops] = []
@@ -39,8 +39,8 @@ def hops(order: list[str], nodes: dict[str, Peer], view: Topology) -> list[Hops]
         if k > 0:  # tokens (last stage) and errors (any later stage) go to stage 0
             route["stage0"] = endpoint(node, order[0])
         # steps come from the stage before; tokens and errors to stage 0 from the rest
-        keys = [nodes[n].info.get("peer_key") for n in (order[1:] if k == 0 else [order[k - 1]])]
-        senders = [str(key) for key in keys if key]
+        keys = [nodes[n].facts.peer_key for n in (order[1:] if k == 0 else [order[k - 1]])]
+        senders = [key for key in keys if key]
         if senders and len(senders) == len(keys):
             route["senders"] = senders
         out.append(route)
@@ -52,11 +52,11 @@ def weights_source(model: str, node: Peer, peers: list[Peer], view: Topology) ->
     the best link between them): weights cross the cluster once, not the internet
     once per machine."""
     holders = [
-        p for p in peers if p is not node and model in p.models and p.info.get("weights_port")
+        p for p in peers if p is not node and model in p.models and p.facts.weights_port
     ]
     if not holders:
         return None
     publics, found = view
     holder = min(holders, key=lambda p: (p.load(), p.peer_id))
     host = peer_host(publics[node.peer_id], publics[holder.peer_id], found)
-    return f"http://{host}:{int(holder.info['weights_port'])}"
+    return f"http://{host}:{holder.facts.weights_port}"

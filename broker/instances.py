@@ -17,9 +17,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from exo.broker.hops import Hops
 from exo.broker.placement import StageSpec
 from exo.broker.registry import Peer
+from exo.broker.reports import StageState
 
 
 @dataclass
@@ -84,9 +87,9 @@ def downloads(inst: Instance, nodes: dict[str, Peer]) -> list[dict[str, Any]]:
     out = []
     for node_id in inst.nodes:
         node = nodes.get(node_id)
-        for d in node.status.get("downloads", []) if node else []:
-            if d.get("model") == inst.model and d.get("state") != "done":
-                out.append({**d, "node": node_id})
+        for d in node.live.downloads if node else []:
+            if d.model == inst.model and d.state != "done":
+                out.append({**msgspec.structs.asdict(d), "node": node_id})
     return out
 
 
@@ -106,25 +109,25 @@ def advance(inst: Instance, nodes: dict[str, Peer]) -> Next:
             return Next("loading", load=True)
         ask = []
         for n in lacking:
-            mine = [d for d in nodes[n].status.get("downloads", []) if d.get("model") == inst.model]
-            if any(d.get("state") == "failed" for d in mine) and n in inst.downloads_asked:
-                err = next(d.get("error") for d in mine if d.get("state") == "failed")
+            mine = [d for d in nodes[n].live.downloads if d.model == inst.model]
+            if any(d.state == "failed" for d in mine) and n in inst.downloads_asked:
+                err = next(d.error for d in mine if d.state == "failed")
                 return Next("failed", f"node {n} could not download {inst.model}: {err}")
             if n not in inst.downloads_asked and not any(
-                d.get("state") in ("listing", "downloading") for d in mine
+                d.state in ("listing", "downloading") for d in mine
             ):
                 ask.append(n)
         return Next("downloading", download=ask)
-    states = [nodes[n].status.get("stages", {}).get(inst.id, {}) for n in inst.nodes]
+    states = [nodes[n].live.stages.get(inst.id) for n in inst.nodes]
     for n, st in zip(inst.nodes, states, strict=True):
-        if st.get("state") == "failed":
-            return Next("failed", f"node {n} could not load its stage: {st.get('error')}")
-    if all(st.get("state") == "ready" for st in states):
+        if st is not None and st.state == "failed":
+            return Next("failed", f"node {n} could not load its stage: {st.error}")
+    if all(st is not None and st.state == "ready" for st in states):
         return Next("ready")
     return Next("loading")
 
 
-def adoptable(iid: str, held: list[tuple[str, dict[str, Any]]]) -> Instance | None:
+def adoptable(iid: str, held: list[tuple[str, StageState]]) -> Instance | None:
     """The instance `iid` rebuilt from the stages nodes report holding (peer id,
     stage status), when they are all ready, of one model, and cover its layers
     from the first to the last without a gap; else None. A restarted broker (or
@@ -132,17 +135,16 @@ def adoptable(iid: str, held: list[tuple[str, dict[str, Any]]]) -> Instance | No
     stages, models, total = [], set(), set()
     routes: dict[str, Hops] = {}
     for node, st in held:
-        layers = st.get("layers") or []
-        if st.get("state") != "ready" or len(layers) != 2 or not st.get("total"):
+        if st.state != "ready" or len(st.layers) != 2 or not st.total:
             return None
-        stages.append(StageSpec(node, int(layers[0]), int(layers[1])))
-        models.add(str(st.get("model", "")))
-        total.add(int(st["total"]))
+        stages.append(StageSpec(node, st.layers[0], st.layers[1]))
+        models.add(st.model)
+        total.add(st.total)
         routes[node] = Hops()
-        if st.get("next"):
-            routes[node]["next"] = str(st["next"])
-        if st.get("stage0"):
-            routes[node]["stage0"] = str(st["stage0"])
+        if st.next:
+            routes[node]["next"] = st.next
+        if st.stage0:
+            routes[node]["stage0"] = st.stage0
     if len(models) != 1 or len(total) != 1 or "" in models:
         return None
     stages.sort(key=lambda s: s.start)

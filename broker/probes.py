@@ -97,14 +97,14 @@ class Prober:
         if self.probing is not None:
             k, node_id, sent, wall = self.probing
             node = nodes.get(node_id)
-            got = node.status.get("probes", {}).get(k) if node else None
-            if node is None or (got and got.get("at", 0) >= wall - 1) or now - sent > TIMEOUT_S:
+            got = node.live.probes.get(k) if node else None
+            if node is None or (got and got.at >= wall - 1) or now - sent > TIMEOUT_S:
                 self.probing = None
         link = due(view[1], self.probed, now, self.probing is not None, self.every)
         if link is None:
             return
         a, b = nodes.get(link["a"]["node"]), nodes.get(link["b"]["node"])
-        if a is None or b is None or not b.info.get("probe_port"):
+        if a is None or b is None or not b.facts.probe_port:
             return
         k = key(link)
         self.send(
@@ -113,7 +113,7 @@ class Prober:
                 key=k,
                 src=link["a"]["address"],
                 dst=link["b"]["address"],
-                port=int(b.info["probe_port"]),
+                port=b.facts.probe_port,
             ),
         )
         self.probing = (k, a.peer_id, now, time.time())

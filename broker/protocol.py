@@ -72,7 +72,7 @@ Peer sockets (node to node, never through the broker)
     the raw float32 hidden states [T, D] (none for RESULT and STAGE_ERROR).
     stage k -> k+1   ACT: one step (its fields below)
     last -> stage 0  RESULT: one token per decode row, then one per chunk that
-                     finished its prompt
+                     finished its prompt; the log probabilities of those that ask
     any -> stage 0   STAGE_ERROR: a stage could not run the step
 
 Liveness: a frontend silent for expiry_s is dead; a node gets GRACE_S more, in
@@ -116,6 +116,8 @@ Id = Annotated[str, Meta(max_length=MAX_ID)]
 Payload = dict[str, Any] | list[Any] | str
 PeerKey = Annotated[str, Meta(max_length=64)]  # a node's own CURVE public key, z85
 Map = dict[str, Any]
+# A sampled token's log probability and the likeliest tokens' (id, log probability)
+Logprob = tuple[int, float, Annotated[list[tuple[int, float]], Meta(max_length=20)]]
 
 ROLES = ("node", "frontend")
 
@@ -335,16 +337,11 @@ class Act(Msg, tag="ACT"):
     forget: list[Id] = []  # entries stage 0 let go
 
 
-# A sampled token's log probability and the likeliest tokens' (id, log probability)
-Logprob = tuple[int, float, Annotated[list[tuple[int, float]], Meta(max_length=20)]]
-
-
 class Result(Msg, tag="RESULT"):
     instance: Id
     step: int
     ids: list[int]
-    # per request that asked (SamplingParams.logprobs), its tokens' of this step
-    logprobs: dict[Id, list[Logprob]] = {}
+    logprobs: dict[Id, list[Logprob]] = {}  # per request that asks: this step's token's
 
 
 class StageError(Msg, tag="STAGE_ERROR"):

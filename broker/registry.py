@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from exo.broker import protocol as P
+from exo.broker.reports import Download, NodeInfo, NodeStatus, typed
 
 
 @dataclass
@@ -15,27 +16,42 @@ class Peer:
     peer_id: str
     role: str  # "node" | "frontend"
     name: str = ""
+    # A node's reports as it sent them (checked: reports.py), published as they
+    # are; the broker reads them typed: `facts` and `live`.
     info: dict[str, Any] = field(default_factory=dict)
     status: dict[str, Any] = field(default_factory=dict)
     last_seen: float = field(default_factory=time.monotonic)
     joined: float = field(default_factory=time.time)
     key: str | None = None  # its connection's CURVE key (None: an insecure cluster)
     clock_skew: float | None = None  # its wall clock less the broker's, seconds
+    # requests placed on it since its last status: a burst spreads over instances
+    # before their heartbeats count them
+    placed: int = 0
+
+    def __post_init__(self) -> None:
+        self.facts: NodeInfo = typed(self.info, NodeInfo)
+        self.live: NodeStatus = typed(self.status, NodeStatus)
+
+    def report_info(self, info: dict[str, Any]) -> None:
+        self.info, self.facts = info, typed(info, NodeInfo)
+
+    def report_status(self, status: dict[str, Any]) -> None:
+        self.status, self.live, self.placed = status, typed(status, NodeStatus), 0
 
     @property
     def models(self) -> list[str]:
-        return list(self.info.get("models", []))
+        return list(self.facts.models)
 
     @property
     def loaded(self) -> list[str]:
-        return list(self.status.get("loaded", []))
+        return list(self.live.loaded)
 
     def silent(self) -> float:
         """Seconds since it was last heard."""
         return time.monotonic() - self.last_seen
 
     def load(self) -> int:
-        return int(self.status.get("running", 0)) + int(self.status.get("prefilling", 0))
+        return self.live.running + self.live.prefilling + self.placed
 
     def public(self) -> dict[str, Any]:
         return {
@@ -80,25 +96,25 @@ class Parked:
     avoid: str = ""  # the instance it lost: another ready one is preferred
 
 
-def downloading(nodes: list[Peer], model: str) -> list[tuple[Peer, dict[str, Any]]]:
+def downloading(nodes: list[Peer], model: str) -> list[tuple[Peer, Download]]:
     """Nodes with a download of `model` in progress, and its progress."""
     out = []
     for n in nodes:
-        for d in n.status.get("downloads", []):
-            state = d.get("state")
+        for d in n.live.downloads:
             # "done" counts until the node's INFO lists the model: the heartbeat that
             # says done can overtake it.
-            if d.get("model") == model and (
-                state in ("listing", "downloading") or (state == "done" and model not in n.models)
+            if d.model == model and (
+                d.state in ("listing", "downloading")
+                or (d.state == "done" and model not in n.models)
             ):
                 out.append((n, d))
     return out
 
 
-def failed_download(nodes: list[Peer], model: str) -> tuple[Peer, dict[str, Any]] | None:
+def failed_download(nodes: list[Peer], model: str) -> tuple[Peer, Download] | None:
     for n in nodes:
-        for d in n.status.get("downloads", []):
-            if d.get("model") == model and d.get("state") == "failed":
+        for d in n.live.downloads:
+            if d.model == model and d.state == "failed":
                 return n, d
     return None
 

@@ -13,7 +13,7 @@ break the JSON answers built from them.
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 from msgspec import Meta, Struct
@@ -166,6 +166,15 @@ def _checked(obj: Any, kind: type[Struct]) -> dict[str, Any]:
     except msgspec.ValidationError as e:
         raise BadReport(f"{kind.__name__}: {e}") from None
     return obj
+
+
+S = TypeVar("S", bound=Struct)
+
+
+def typed(obj: dict[str, Any], kind: type[S]) -> S:
+    """A checked report (or a test's partial one) as the broker reads it: `kind`,
+    with defaults where a field is absent."""
+    return msgspec.convert(obj, kind)
 
 
 def node_info(obj: Any) -> dict[str, Any]:

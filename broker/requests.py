@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
 
 import zmq
 
@@ -24,6 +23,7 @@ from exo.broker.cancels import Cancels
 from exo.broker.deploy import Deployer
 from exo.broker.hops import Topology, weights_source
 from exo.broker.registry import InFlight, Parked, Peer, Registry, downloading, failed_download
+from exo.broker.reports import Download
 from exo.broker.routing import Refusal, choose_instance
 from exo.common.digests import chain
 from exo.common.retry import LOSSES, may_place_again
@@ -154,8 +154,7 @@ class Requests:
             submit=s,
             placements=waiting.placements + 1,
         )
-        # Count it now so a burst spreads over instances before their next heartbeat.
-        node0.status["prefilling"] = int(node0.status.get("prefilling", 0)) + 1
+        node0.placed += 1  # (its load until its next heartbeat counts it)
         if first:
             self.send(waiting.frontend, P.Accepted(rid=rid, node=node0.peer_id))
         log.info("rid=%s model=%s -> instance %s on %s", rid, model, inst.id, node0.peer_id)
@@ -175,7 +174,7 @@ class Requests:
             refusal = Refusal(
                 503,
                 "download_failed",
-                f"node {node.peer_id} could not download {model}: {d.get('error')}",
+                f"node {node.peer_id} could not download {model}: {d.error}",
             )
         elif waiting.lost:
             refusal = Refusal(
@@ -192,15 +191,15 @@ class Requests:
             log.info("rid=%s waits for an instance of %s", waiting.rid, waiting.submit.model)
         return False
 
-    def recently_pulled(self, model: str) -> list[tuple[Peer, dict[str, Any]]]:
+    def recently_pulled(self, model: str) -> list[tuple[Peer, Download]]:
         """A node just asked to download `model`, whose status does not show it yet."""
         asked = self.pulls.get(model)
         if asked is None or time.monotonic() - asked[1] > PULL_GRACE_S:
             return []
         node = self.reg.peers.get(asked[0])
-        if node is None or any(d.get("model") == model for d in node.status.get("downloads", [])):
+        if node is None or any(d.model == model for d in node.live.downloads):
             return []
-        return [(node, {"model": model, "done": 0, "total": 0})]
+        return [(node, Download(model))]
 
     def tend_parked(self, now: float) -> None:
         """Dispatch parked jobs whose model arrived; tell the others how the download goes."""
@@ -226,8 +225,8 @@ class Requests:
                         rid=rid,
                         state="downloading",
                         node=node.peer_id,
-                        done=int(d.get("done", 0)),
-                        total=int(d.get("total", 0)),
+                        done=d.done,
+                        total=d.total,
                     ),
                 )
 
@@ -245,9 +244,7 @@ class Requests:
             or [
                 max(
                     nodes,
-                    key=lambda n: (
-                        int(n.info.get("disk_free", 0)) or int(n.info.get("memory_available", 0))
-                    ),
+                    key=lambda n: n.facts.disk_free or n.facts.memory_available,
                 )
             ]
         )[0]

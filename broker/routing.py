@@ -25,8 +25,8 @@ PREFIX_SLACK = 4
 
 def cached(node: Peer, model: str) -> set[str]:
     """The prefix digests `node` reports for `model` (common/digests.py)."""
-    report = node.status.get("prefix_cache") or {}
-    return set((report.get("digests") or {}).get(model, []))
+    report = node.live.prefix_cache
+    return set(report.digests.get(model, [])) if report is not None else set()
 
 
 def choose_instance(

@@ -10,9 +10,9 @@ from typing import Any
 ANSWER_KEYS = ("mlx", "mlx_lm", "protocol")
 
 
-def answer_versions(info: dict[str, Any]) -> tuple[tuple[str, str], ...]:
-    given = info.get("versions") or {}
-    return tuple((k, str(given.get(k, ""))) for k in ANSWER_KEYS)
+def answer_versions(versions: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    """What a node's versions (NodeInfo.versions) say of the tokens it computes."""
+    return tuple((k, versions.get(k, "")) for k in ANSWER_KEYS)
 
 
 def version_skew(nodes: list[dict[str, Any]]) -> dict[str, dict[str, list[str]]]:

@@ -149,8 +149,8 @@ def test_no_pipeline_across_nodes_whose_mlx_versions_differ_and_the_skew_is_show
     from exo.broker.versions import answer_versions, version_skew
     from exo.tools.linkstat import skew
 
-    new = answer_versions({"versions": {"mlx": "0.32.4", "mlx_lm": "0.32.2", "protocol": "1"}})
-    old = answer_versions({"versions": {"mlx": "0.31.0", "mlx_lm": "0.32.2", "protocol": "1"}})
+    new = answer_versions({"mlx": "0.32.4", "mlx_lm": "0.32.2", "protocol": "1"})
+    old = answer_versions({"mlx": "0.31.0", "mlx_lm": "0.32.2", "protocol": "1"})
     a, b = replace(n("a", 5), answer=new), replace(n("b", 5), answer=old)
     with pytest.raises(PlacementError) as e:
         place(META, [a, b], Ask())

@@ -14,6 +14,7 @@ import pytest
 from exo.broker.instances import adoptable
 from exo.broker.journal import Journal
 from exo.broker.placement import StageSpec
+from exo.broker.reports import StageState
 from exo.common import retry
 from exo.tools.cluster import LocalCluster
 from tests.helpers import instances, node, place_ready, stream_acting, wait_until
@@ -98,8 +99,8 @@ def test_stages_no_instance_owns_are_unloaded_after_the_warm_up(
 
 
 def test_adoptable_wants_every_layer_ready_and_of_one_model() -> None:
-    def st(a: int, b: int, **kw: Any) -> dict[str, Any]:
-        return {"state": "ready", "model": "m", "layers": [a, b], "total": 4, **kw}
+    def st(a: int, b: int, **kw: Any) -> StageState:
+        return StageState(**{"state": "ready", "model": "m", "layers": [a, b], "total": 4, **kw})
 
     whole = adoptable(
         "i", [("n1", st(2, 4, stage0="tcp://a:1")), ("n0", st(0, 2, next="tcp://b:2"))]

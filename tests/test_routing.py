@@ -62,7 +62,9 @@ def test_prefix_digests_cover_every_part_before_them() -> None:
 def test_a_request_goes_where_its_prefix_is_cached_unless_that_is_much_busier() -> None:
     convo = chat("sys", "hi", "hello", "more?")
     a, b = node("a", ["m"], running=2), node("b", ["m"], running=0)
-    a.status["prefix_cache"] = {"digests": {"m": chain("chat", chat("sys", "hi"), "hello")}}
+    a.report_status(
+        {**a.status, "prefix_cache": {"digests": {"m": chain("chat", chat("sys", "hi"), "hello")}}}
+    )
     nodes = {"a": a, "b": b}
     found = [inst("i1", "a"), inst("i2", "b")]
     wanted = chain("chat", convo)
@@ -71,7 +73,7 @@ def test_a_request_goes_where_its_prefix_is_cached_unless_that_is_much_busier() 
     assert choose_instance(found, nodes, "m").id == "i2"  # type: ignore[union-attr]
     other = chain("chat", chat("other", "x"))
     assert choose_instance(found, nodes, "m", other).id == "i2"  # type: ignore[union-attr]
-    a.status["running"] = PREFIX_SLACK + 1
+    a.report_status({**a.status, "running": PREFIX_SLACK + 1})
     assert choose_instance(found, nodes, "m", wanted).id == "i2"  # type: ignore[union-attr]
 
 
@@ -91,10 +93,10 @@ def test_a_finished_download_counts_until_the_node_lists_the_model() -> None:
     from exo.broker.registry import downloading
 
     n = node("a", [])
-    n.status["downloads"] = [{"model": "m", "state": "done"}]
+    n.report_status({"downloads": [{"model": "m", "state": "done"}]})
     assert [p.peer_id for p, _ in downloading([n], "m")] == ["a"]  # its INFO has not come yet
-    n.info["models"] = ["m"]
+    n.report_info({"models": ["m"]})
     assert downloading([n], "m") == []
-    n.status["downloads"] = [{"model": "m", "state": "failed"}]
-    n.info["models"] = []
+    n.report_status({"downloads": [{"model": "m", "state": "failed"}]})
+    n.report_info({"models": []})
     assert downloading([n], "m") == []
