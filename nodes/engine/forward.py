@@ -34,12 +34,12 @@ class Chunk:
     tokens: list[int]
     cache: list[Any]  # per-layer KVCache
     logits: bool  # whether the last position's logits are wanted
-    every: bool = False  # every position's logits (a prompt scored: echo with logprobs)
     # The layers this step runs the chunk through, [first, end); end None: to the
     # last. A chunk that starts past layer 0 brings its hidden state `h`.
     first: int = 0
     end: int | None = None
     h: mx.array | None = None
+    every: bool = False  # every position's logits (a prompt scored: echo with logprobs)
 
 
 def supports_fused(model: Any) -> bool:
