@@ -17,29 +17,30 @@ compact form (a random or weak model padded it for ever).
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from exo.nodes.engine.mlxenv import mx
+
+if TYPE_CHECKING:
+    from exo.nodes.engine.model import LoadedModel
 
 # A schema's text as the API passes it on (SamplingParams.json_schema); longer is refused.
 MAX_SCHEMA_CHARS = 64 * 1024
 ANY_OBJECT = '{"type": "object"}'
 
 
-def _tokenizer(lm: Any, vocab: int) -> Any:
+def _tokenizer(lm: LoadedModel, vocab: int) -> Any:
     """llguidance's view of the model's tokenizer, made once per loaded model."""
     import llguidance.hf
 
-    cached = getattr(lm, "_llg_tokenizer", None)
-    if cached is None:
-        cached = llguidance.hf.from_tokenizer(lm.tokenizer._tokenizer, n_vocab=vocab)
-        lm._llg_tokenizer = cached
-    return cached
+    if lm.grammar_view is None:
+        lm.grammar_view = llguidance.hf.from_tokenizer(lm.tokenizer._tokenizer, n_vocab=vocab)
+    return lm.grammar_view
 
 
-def vocab_of(lm: Any) -> int:
+def vocab_of(lm: LoadedModel) -> int:
     args = getattr(lm.model, "args", None)
     return int(getattr(args, "vocab_size", 0) or len(lm.tokenizer._tokenizer))
 
@@ -48,7 +49,9 @@ class Constraint:
     """One request's grammar state: a JSON schema's text, or a lark grammar (a
     forced tool call: tools.py). ValueError when it does not compile."""
 
-    def __init__(self, lm: Any, schema: str | None = None, lark: str | None = None) -> None:
+    def __init__(
+        self, lm: LoadedModel, schema: str | None = None, lark: str | None = None
+    ) -> None:
         import llguidance
         import llguidance.numpy as lln
 

@@ -63,6 +63,7 @@ class LoadedModel:
     fused: bool = False  # the llama block's fused step (forward.py) runs it
     # Special tokens that never reach text (chat markers such as <|im_end|>): see unspoken()
     hidden: frozenset[int] = frozenset()
+    grammar_view: Any = None  # llguidance's view of its tokenizer (grammar.py), made once
 
     @property
     def layers(self) -> int:

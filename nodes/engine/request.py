@@ -55,7 +55,7 @@ class Request:
     # through, and its hidden state there.
     inflight: int = 0
     through: int = 0
-    h: Any = None
+    h: mx.array | None = None
     in_lane: bool = False  # being prefilled by the engine's lane (lane.py)
     tool_text: ToolText | None = None  # holds a tool call's text back (tools.py)
     # A thinking model's markers (single tokens), and whether it is thinking now:

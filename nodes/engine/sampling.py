@@ -7,16 +7,20 @@ request gives the same tokens whatever else runs beside it.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING
 
 from exo.common.sampling import SamplingParams
 from exo.nodes.engine.mlxenv import floats, ints, mx
+
+if TYPE_CHECKING:
+    from exo.nodes.engine.grammar import Constraint
+    from exo.nodes.engine.model import LoadedModel
 
 __all__ = ["Sampler", "SamplingParams", "StopMatcher", "sampler_for"]
 
 
 class Sampler:
-    def __init__(self, params: SamplingParams, constraint: Any = None) -> None:
+    def __init__(self, params: SamplingParams, constraint: Constraint | None = None) -> None:
         # grammar.Constraint: the tokens a structured output allows (None: any)
         self.constraint = constraint
         self.params = params
@@ -101,7 +105,7 @@ class Sampler:
         return out
 
 
-def sampler_for(lm: Any, params: SamplingParams) -> Sampler:
+def sampler_for(lm: LoadedModel, params: SamplingParams) -> Sampler:
     """A request's sampler, held to its schema when it has one."""
     from exo.nodes.engine.grammar import Constraint
 
