@@ -138,6 +138,7 @@ class Sampling(BaseModel):
             logit_bias=self.bias(),
             logprobs=self.wanted_logprobs(),
             echo=bool(getattr(self, "echo", False)),
+            parallel_tool_calls=getattr(self, "parallel_tool_calls", None) is not False,
         )
         if max_tokens is not None:
             sp.max_tokens = max_tokens

@@ -38,6 +38,9 @@ class SamplingParams(Struct, forbid_unknown_fields=False):
     # a forced call is held by `grammar`, the lark grammar stage 0 makes for it
     # (nodes/engine/tools.py) and a split model's last stage follows.
     tool_choice: Annotated[str, Meta(max_length=256)] | None = None
+    # False: at most one call per answer (OpenAI's parallel_tool_calls, Anthropic's
+    # disable_parallel_tool_use); the calls after the first are dropped
+    parallel_tool_calls: bool = True
     grammar: Annotated[str, Meta(max_length=256 * 1024)] | None = None
     # Off at their defaults. Penalties count the tokens generated so far (OpenAI's
     # presence and frequency; repetition divides a seen token's positive logit).

@@ -757,3 +757,28 @@ def test_an_echoed_prompt_is_scored_as_one_forward_pass_scores_it(
             (t["logprob"] for t in e["top_logprobs"]), reverse=True
         )
         assert abs(e["top_logprobs"][0]["logprob"] - max(row)) < 2e-3, k
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_parallel_tool_calls_false_keeps_the_first_call(parallel: bool, models_dir: Path) -> None:
+    """A model that answers with two calls: both, or with parallel_tool_calls false
+    (Anthropic's disable_parallel_tool_use) the first only."""
+    import json
+
+    from exo.nodes.store.store import ModelStore
+    from tests.conftest import TINY_TOOLS
+
+    lm = load_model("tools", ModelStore(models_dir).path(TINY_TOOLS))
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    payload = {"messages": [{"role": "user", "content": "x"}], "tools": [tool]}
+    params = {"max_tokens": 200, "parallel_tool_calls": parallel}
+    engine = Engine()
+    engine.add_model(lm)
+    req = engine.submit("r", "tools", "chat", payload, params)
+    call = '<tool_call>\n{"name": "f", "arguments": {"a": %d}}\n</tool_call>\n'
+    answer = lm.tokenizer.encode(call % 1 + call % 2, add_special_tokens=False)
+    outs = [req.emit(t) for t in [*answer, next(iter(lm.eos))]]
+    assert outs[-1].finish == "tool_calls"
+    calls = outs[-1].tool_calls or []
+    got = [json.loads(c["function"]["arguments"]) for c in calls]
+    assert got == ([{"a": 1}, {"a": 2}] if parallel else [{"a": 1}])

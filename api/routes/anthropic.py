@@ -105,11 +105,12 @@ def turns_of(m: dict[str, Any], where: str) -> list[dict[str, Any]]:
     return out
 
 
-def tools_of(body: dict[str, Any]) -> tuple[list[dict[str, Any]] | None, str | None]:
-    """Anthropic's tools and tool_choice -> the chat's (OpenAI's shape)."""
+def tools_of(body: dict[str, Any]) -> tuple[list[dict[str, Any]] | None, str | None, bool]:
+    """Anthropic's tools and tool_choice -> the chat's (OpenAI's shape), and whether
+    several calls may come at once."""
     tools = body.get("tools")
     if not tools:
-        return None, None
+        return None, None, True
     if not isinstance(tools, list) or not all(isinstance(t, dict) and t.get("name") for t in tools):
         raise Refused("tools: each tool needs its name")
     fns = [
@@ -124,7 +125,7 @@ def tools_of(body: dict[str, Any]) -> tuple[list[dict[str, Any]] | None, str | N
         named = str(choice.get("name"))
     if named is None:
         raise Refused("tool_choice: auto, any, tool or none")
-    return fns, named
+    return fns, named, choice.get("disable_parallel_tool_use") is not True
 
 
 def parse(body: Any, counting: bool = False) -> tuple[str, Any, dict[str, Any], bool]:
@@ -148,10 +149,11 @@ def parse(body: Any, counting: bool = False) -> tuple[str, Any, dict[str, Any], 
         if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
             raise Refused(f"messages.{i}: role must be user or assistant")
         turns += turns_of(m, f"messages.{i}")
-    tools, choice = tools_of(body)
+    tools, choice, parallel = tools_of(body)
     wire: dict[str, Any] = {"max_tokens": max_tokens}
     if tools:
         wire["tool_choice"] = choice
+        wire["parallel_tool_calls"] = parallel
     for ours, theirs in (
         ("temperature", "temperature"),
         ("top_p", "top_p"),

@@ -135,6 +135,8 @@ def parse(
     tools = tools_of(body.get("tools"))
     if tools and isinstance(choice, str):
         wire["tool_choice"] = choice
+    if body.get("parallel_tool_calls") is False:
+        wire["parallel_tool_calls"] = False
     try:
         params = SamplingParams.from_wire(wire).wire()
     except ValueError as e:

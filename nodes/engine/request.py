@@ -165,6 +165,8 @@ class Request:
             text = self.tool_text.feed(text)
             if finish:
                 calls, rest = self.tool_text.calls()
+                if not self.params.parallel_tool_calls:
+                    calls = calls[:1]
                 text += rest
                 finish = "tool_calls" if calls else finish
         out = Output(self.rid, ids, text, finish, tool_calls=calls or None, reasoning=reasoning)
