@@ -4,8 +4,6 @@ engine's steps, never seconds."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,9 @@ PROMPT = [(i * 7) % 5000 + 10 for i in range(300)]  # two passes of the lane
 @pytest.fixture()
 def busy() -> Iterator[None]:
     """A busy nice-0 process on every core: what a compile job does to a node."""
-    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    from exo.tools.streams import hog
+
+    hogs = [hog() for _ in range(2)]
     try:
         yield
     finally:

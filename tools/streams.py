@@ -127,14 +127,30 @@ def traffic(url: str, model: str) -> None:
     cancelled.join()
 
 
+# A busy loop that dies with the process that started it (Linux: PR_SET_PDEATHSIG),
+# so that a benchmark or test killed midway leaves no core spinning behind it.
+HOG = """
+import ctypes, signal, sys
+if sys.platform.startswith("linux"):
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)
+while True:
+    pass
+"""
+
+
+def hog() -> Any:
+    """A busy nice-0 process (a subprocess.Popen): a compile job, a browser tab."""
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-c", HOG])
+
+
 class Busy:
     """One busy nice-0 process beside the node (a compile job, a browser tab)."""
 
     def __enter__(self) -> Busy:
-        import subprocess
-        import sys
-
-        self.proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        self.proc = hog()
         return self
 
     def __exit__(self, *exc: object) -> None:
