@@ -39,7 +39,7 @@ def exo_stall(
     if varied:
         traffic(url, model)
     # alone: on an idle cluster and machine, whatever the round then adds
-    alone = Stream(url, model, long_ids, 1).start()
+    alone = Stream(url, model, long_prompt(tokenizer, long_n), 1).start()
     alone.wait()
     ttft_alone = alone.times[0] - alone.sent
     if busy:

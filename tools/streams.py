@@ -4,6 +4,7 @@ streams, a busy process, the machine's own floor)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 import threading
@@ -86,8 +87,13 @@ def pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(p / 100 * len(xs)))] if xs else float("nan")
 
 
+_prompts = itertools.count()
+
+
 def long_prompt(tokenizer: Any, n: int) -> list[int]:
-    text = (
+    """`n` tokens of prose, each call's its own from the first token on: a prompt
+    measured twice would be the prefix cache's the second time."""
+    text = f"Story {next(_prompts)}. " + (
         "The river runs through the old town, past the market and the mill, and on to the sea. "
         * 400
     )
