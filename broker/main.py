@@ -8,13 +8,19 @@ import os
 import signal
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from exo.broker import protocol as P
 from exo.common import logs, parent
 from exo.common.paths import exo_home
+
+if TYPE_CHECKING:
+    from exo.api.security import Policy
+    from exo.broker.broker import Broker
+    from exo.common.discovery import Announcer
+    from exo.common.keys import Cluster
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +53,7 @@ def api_options(f: Any) -> Any:
 
 def policy(
     host: str, keys: tuple[str, ...], hosts: tuple[str, ...], origins: tuple[str, ...]
-) -> Any:
+) -> Policy:
     from exo.api.security import LOOPBACK_HOSTS, Policy, host_of, keys_from_env
 
     all_keys = [*keys, *keys_from_env()]
@@ -61,7 +67,9 @@ def policy(
     return Policy(keys=all_keys, hosts=[*bound, *hosts], origins=list(origins))
 
 
-def serve_api(broker: str, host: str, port: int, access: Any = None, cluster: Any = None) -> None:
+def serve_api(
+    broker: str, host: str, port: int, access: Policy | None = None, cluster: Cluster | None = None
+) -> None:
     import asyncio
 
     import uvicorn
@@ -202,7 +210,9 @@ def main(
             announcer.close()
 
 
-def with_api(broker: Any, local: str, host: str, port: int, access: Any, cluster: Any) -> None:
+def with_api(
+    broker: Broker, local: str, host: str, port: int, access: Policy, cluster: Cluster | None
+) -> None:
     """The broker's loop on a thread, the API in this one (uvicorn takes the signals)."""
 
     def run() -> None:
@@ -224,8 +234,8 @@ def with_api(broker: Any, local: str, host: str, port: int, access: Any, cluster
 
 
 def announced(
-    cluster: Any, host: str, port: int, pub_port: int, api_port: int, announce: bool
-) -> Any:
+    cluster: Cluster | None, host: str, port: int, pub_port: int, api_port: int, announce: bool
+) -> Announcer | None:
     """The broker's mDNS announcement (common/discovery.py), or None: not asked,
     bound to loopback only, or the network would not take it (said in the log)."""
     from exo.common import discovery

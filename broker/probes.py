@@ -11,11 +11,16 @@ than BUSY_BPS of other traffic is skipped (serving comes first) and tried later.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from exo.broker import protocol as P
+
+if TYPE_CHECKING:
+    from exo.broker.hops import Topology
+    from exo.broker.registry import Peer
 
 EVERY_S = 300.0
 GAP_S = 2.0
@@ -85,15 +90,17 @@ class Prober:
     """The broker's link probes: one at a time, each link again when it changed or
     its last figure is old; the result comes back in the probing node's status."""
 
-    def __init__(self, send: Callable[[bytes, Any], bool], stats: Any, every: float) -> None:
+    def __init__(
+        self, send: Callable[[bytes, P.Msg], bool], stats: Counter[str], every: float
+    ) -> None:
         self.send, self.stats, self.every = send, stats, every
         self.probed: dict[str, Probed] = {}
         # (link key, probing node id, sent at monotonic, sent at wall clock)
         self.probing: tuple[str, str, float, float] | None = None
 
-    def tend(self, now: float, view: Any, nodes: dict[str, Any]) -> None:
+    def tend(self, now: float, view: Topology, nodes: dict[str, Peer]) -> None:
         """Start the next link probe when one is due (`due` decides). `view`: the
-        broker's topology; `nodes`: its nodes by id (registry.Peer)."""
+        broker's topology; `nodes`: its nodes by id."""
         if self.probing is not None:
             k, node_id, sent, wall = self.probing
             node = nodes.get(node_id)
