@@ -77,9 +77,10 @@ class Node:
         self.limits = memory.limits([], self.engine.kv_budget, 1)
         self._status: dict[str, Any] = self.engine.status()
         self._reset = threading.Event()
+        self._reset_at = 0.0  # (perf_counter) when the broker last forgot this node
         self.link = BrokerLink(
             self.ctx, broker, self.peer_id, name, self.pair_addr, info=self.info,
-            status=lambda: self._status, on_reset=self._reset.set, cluster=cluster,
+            status=lambda: self._status, on_reset=self.forgotten, cluster=cluster,
         )  # fmt: skip
         self.stopping = threading.Event()
         # A download that ends: the next INFO lists what arrived.
@@ -129,6 +130,12 @@ class Node:
         d["model_meta"] = {m: model_meta(p) for m, p in models.items()}
         return d
 
+    def forgotten(self) -> None:
+        """The broker forgot this node (on the link's thread, before it registers
+        again): the requests it held are nobody's now."""
+        self._reset_at = time.perf_counter()
+        self._reset.set()
+
     def send(self, msg: P.Msg) -> None:
         self.pair.send(P.encode(msg))
 
@@ -152,9 +159,13 @@ class Node:
                 # requests (their frontends submit again those that had no token). The
                 # stages stay loaded: the broker adopts them from our status, or tells
                 # us to unload them.
+                # Only the requests it gave before: a GENERATE from the broker that
+                # forgot us may have come in the same poll as the news.
                 self._reset.clear()
-                for rid in [*self.engine.requests, *(r.rid for r in self.engine.queue)]:
-                    self.engine.cancel(rid)
+                held = [*self.engine.requests.values(), *self.engine.queue]
+                for req in held:
+                    if req.t_submit < self._reset_at:
+                        self.engine.cancel(req.rid)
             busy = bool(self.engine.requests)
             if was_busy and not busy:
                 # Give back the buffers MLX cached while serving (requests of every

@@ -49,14 +49,16 @@ def run(
     if lane is None:
         raise RuntimeError("no prefill lane here (it runs on MLX's CPU backend with 2+ cores)")
     memory.apply(memory.limits([lm.nbytes], engine.kv_budget, psutil.virtual_memory().total))
-    params = {"max_tokens": 8000, "temperature": 0, "ignore_eos": True}
+    # the streams decode throughout: as long as the model's context allows
+    params = {"max_tokens": lm.context - 64, "temperature": 0, "ignore_eos": True}
     for i in range(streams):
         ids = lm.tokenizer.encode(f"Story number {i}:")
         engine.submit(f"s{i}", model_id, "completion", ids, params)
     _steps(engine, 10)  # the streams join and settle
     before = _steps(engine, 12)
     lane.pause()
-    engine.submit("long", model_id, "completion", long_prompt(lm.tokenizer, long_n), params)
+    long = long_prompt(lm.tokenizer, long_n)
+    engine.submit("long", model_id, "completion", long, {**params, "max_tokens": 16})
     engine.step()  # hands it to the lane
     held, working, work_s, prefilled = _blocks(engine, lane, blocks, block_steps, long_n)
     engine.close()
