@@ -97,15 +97,6 @@ class Book:
         tools = chat_parts(payload)[1] if kind == "chat" else None
         use_tools = bool(tools) and sp.tool_choice != "none"
         prompt = encode_prompt(lm, kind, payload, tools=use_tools)
-        if len(prompt) >= lm.context:
-            raise EngineError(
-                400,
-                "context_length_exceeded",
-                # OpenAI's wording: clients (LiteLLM's fallbacks) look for it
-                f"This model's maximum context length is {lm.context} tokens. However, your "
-                f"messages resulted in {len(prompt)} tokens. Please reduce the length of the "
-                "messages.",
-            )
         limit = self._room(lm, len(prompt), sp.max_tokens)
         need = self._kv_need(lm, len(prompt), limit)
         req = Request(
@@ -157,8 +148,17 @@ class Book:
     @staticmethod
     def _room(lm: LoadedModel, prompt: int, asked: int | None) -> int:
         """The tokens a request may generate: what it asked for, if the context holds
-        that beside its prompt (else OpenAI's 400, which clients match on)."""
+        that beside its prompt; else OpenAI's 400, in OpenAI's wording (clients, such
+        as LiteLLM's fallbacks, look for it)."""
         room = lm.context - prompt
+        if room <= 0:
+            raise EngineError(
+                400,
+                "context_length_exceeded",
+                f"This model's maximum context length is {lm.context} tokens. However, your "
+                f"messages resulted in {prompt} tokens. Please reduce the length of the "
+                "messages.",
+            )
         if asked is None:
             return min(DEFAULT_MAX_TOKENS, room)
         if asked > room:
@@ -171,9 +171,10 @@ class Book:
             )
         return asked
 
-    def _kv_need(self, lm: LoadedModel, prompt: int, max_tokens: int) -> int:
-        """The KV bytes a request may come to hold, or EngineError past the budget."""
-        need = (prompt + min(max_tokens, lm.context - prompt)) * kv_bytes_per_token(lm.model)
+    def _kv_need(self, lm: LoadedModel, prompt: int, limit: int) -> int:
+        """The KV bytes a request may come to hold (`limit`: its tokens to generate,
+        within the context: _room), or EngineError past the budget."""
+        need = (prompt + limit) * kv_bytes_per_token(lm.model)
         cap = min(self.kv_budget, lm.kv_cap if lm.kv_cap is not None else self.kv_budget)
         if need > cap:
             where = "the node" if cap == self.kv_budget else "the instance's tightest stage"

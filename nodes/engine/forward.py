@@ -310,11 +310,10 @@ def fused_step(
     """`dec`: the decode rows' tokens (a lazy array when the step is queued ahead),
     in the order of `dec_groups` -> the decode rows' logits, and per chunk: its last
     position's logits when it ends the prompt (every position's, [n, vocab], when
-    it is scored: Chunk.every), its hidden state when it stops short of the last
-    layer, else None. `pad_to`: a step of decodes only multiplies its
-    weights for a multiple of this many rows, the extra ones zero: on one thread
-    OpenBLAS's sgemm here is fastest at multiples of 4 rows (a 4-row step 119 ms
-    against 150 for 3 rows; BENCHMARKS.md)."""
+    scored: Chunk.every), its hidden state when it stops short of the last layer,
+    else None. `pad_to`: a step of decodes only multiplies its weights for a multiple
+    of this many rows, the extra ones zero: on one thread OpenBLAS's sgemm here is
+    fastest at multiples of 4 rows (a 4-row step 119 ms against 150 for 3 rows)."""
     inner = model.model
     B = len(dec)
     pad = (-B) % pad_to if B and not chunks else 0
@@ -332,8 +331,7 @@ def fused_step(
         h = no_rows(model)
     groups = groups_of(dec_groups, []) + [g for _, g in order]
     h = run_layers(inner.layers, _padded(h, pad), groups, pad)
-    # The rows of h (the groups that reached the last layer, in order) to take logits
-    # of; per chunk that wants any, (its first among them, how many: 0 for its last).
+    # The last layer's rows to take logits of; per chunk: (its first, how many; 0: its last).
     rows, at = list(range(B)), B
     want: dict[int, tuple[int, int]] = {}
     for p, g in order:

@@ -95,6 +95,7 @@ class StageRunner:
 
         self.steps += 1
         self.last_step = header.step
+        self.logprobs = {}
         # The prefix cache's orders first: keys kept before their rows leave,
         # entries started from before they are let go.
         for rid, key, n in header.keep:
