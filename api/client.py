@@ -23,6 +23,7 @@ from exo.broker import protocol as P
 from exo.common import keys
 from exo.common.dealer import Session
 from exo.common.retry import BROKER_RETURN_S, may_place_again
+from exo.common.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class BrokerClient:
         # rid -> the API key that submitted it (None: keys off), while it runs
         self.owners: dict[str, str | None] = {}
         self.unanswered: dict[str, Unanswered] = {}
-        self.queries: dict[str, asyncio.Future[Any]] = {}
+        self.queries: dict[str, asyncio.Future[P.Map]] = {}
         self.registered = asyncio.Event()  # the session's, to wait on
         self.tasks: list[asyncio.Task[None]] = []
         self.dropped = P.Counters()
@@ -219,8 +220,8 @@ class BrokerClient:
         rid: str,
         model: str,
         kind: str,
-        payload: Any,
-        params: dict[str, Any],
+        payload: P.Payload,
+        params: SamplingParams,
         timeout_s: float | None = None,
         owner: str | None = None,
     ) -> asyncio.Queue[Event]:
@@ -259,14 +260,14 @@ class BrokerClient:
 
     async def pull(self, model: str, node: str | None) -> dict[str, Any]:
         if node:
-            return dict(await self.ask("PULL", model=model, node=node))
-        return dict(await self.ask("PULL", model=model))
+            return await self.ask("PULL", model=model, node=node)
+        return await self.ask("PULL", model=model)
 
-    async def ask(self, type_: str, timeout: float = 5.0, **fields: Any) -> Any:
+    async def ask(self, type_: str, timeout: float = 5.0, **fields: Any) -> P.Map:
         """Send a message carrying a fresh qid and wait for the broker's REPLY."""
         await self._ready()
         qid = uuid.uuid4().hex
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[P.Map] = asyncio.get_running_loop().create_future()
         self.queries[qid] = fut
         assert self.sock is not None
         await self.sock.send(P.encode(type_, qid=qid, **fields))
@@ -277,5 +278,10 @@ class BrokerClient:
         finally:
             self.queries.pop(qid, None)
 
-    async def query(self, what: str, timeout: float = 5.0) -> Any:
+    async def query(self, what: str, timeout: float = 5.0) -> P.Map:
         return await self.ask("QUERY", timeout, what=what)
+
+    async def models(self) -> list[P.Map]:
+        """Every model some node holds, with where it is and whether it is loaded."""
+        models: list[P.Map] = (await self.query("models")).get("models", [])
+        return models

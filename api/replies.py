@@ -20,11 +20,12 @@ from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from exo.api.client import BrokerClient
 from exo.api.errors import error_response
 from exo.api.jobs import Disconnected, Event, Job
+from exo.api.metrics import Metrics
 from exo.broker import protocol as P
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,8 @@ class Waiting:
 
 
 Reply: TypeAlias = Text | Done | Waiting | P.Fail
+# What a face answers over HTTP: a response of its own, or a body FastAPI sends as JSON
+Answer: TypeAlias = Response | dict[str, Any]
 
 
 def failed(msg: P.Fail, headers: dict[str, str]) -> JSONResponse:
@@ -66,9 +69,9 @@ def failed(msg: P.Fail, headers: dict[str, str]) -> JSONResponse:
 
 
 class Replier:
-    def __init__(self, client: BrokerClient, metrics: Any = None) -> None:
+    def __init__(self, client: BrokerClient, metrics: Metrics | None = None) -> None:
         self.client = client
-        self.metrics = metrics  # metrics.Metrics: latencies as the client sees them
+        self.metrics = metrics  # latencies as the client sees them
 
     async def open(self, job: Job, stream: bool) -> P.Fail | Disconnected | None:
         """Wait until the request is taken (streamed: admitted by its node, or
@@ -175,10 +178,10 @@ class Replier:
         self,
         job: Job,
         stream: bool,
-        fail: Callable[[P.Fail], Any],
-        streamed: Callable[[AsyncGenerator[Reply, None]], Any],
-        whole: Callable[[str, list[int], Done], Any],
-    ) -> Any:
+        fail: Callable[[P.Fail], Answer],
+        streamed: Callable[[AsyncGenerator[Reply, None]], Answer],
+        whole: Callable[[str, list[int], Done], Answer],
+    ) -> Answer | None:
         """The request's HTTP answer in a face's own shapes: `fail` for a FAIL,
         `streamed` for the reply stream, `whole` for the collected answer (text,
         token ids, how it ended); None when the client left first."""

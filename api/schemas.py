@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from exo.broker import protocol as P
 from exo.common.json_schema import closed
 from exo.common.sampling import SamplingParams
 
@@ -101,6 +102,14 @@ class Sampling(BaseModel):
         sampled one's (None: none at all). Chat and completions ask differently."""
         return None
 
+    def echoed(self) -> bool:
+        """The prompt back before the answer (completions' echo)."""
+        return False
+
+    def parallel_calls(self) -> bool:
+        """More than one tool call per answer allowed (chat's parallel_tool_calls)."""
+        return True
+
     def bias(self) -> dict[int, float]:
         """OpenAI's logit_bias (token ids as strings, -100..100)."""
         out: dict[int, float] = {}
@@ -120,7 +129,7 @@ class Sampling(BaseModel):
                 return name
         return None
 
-    def params(self, max_tokens: int | None) -> dict[str, Any]:
+    def params(self, max_tokens: int | None) -> SamplingParams:
         """The request's sampling, as it travels to the node (common/sampling.py)."""
         temperature = 1.0 if self.temperature is None else self.temperature
         sp = SamplingParams(
@@ -137,12 +146,12 @@ class Sampling(BaseModel):
             repetition_penalty=self.repetition_penalty or 1.0,
             logit_bias=self.bias(),
             logprobs=self.wanted_logprobs(),
-            echo=bool(getattr(self, "echo", False)),
-            parallel_tool_calls=getattr(self, "parallel_tool_calls", None) is not False,
+            echo=self.echoed(),
+            parallel_tool_calls=self.parallel_calls(),
         )
         if max_tokens is not None:
             sp.max_tokens = max_tokens
-        return sp.wire()
+        return sp
 
 
 class ContentPart(BaseModel):
@@ -247,12 +256,15 @@ class ChatRequest(Sampling):
             return None
         return self.top_logprobs or 0
 
+    def parallel_calls(self) -> bool:
+        return self.parallel_tool_calls is not False
+
     # vLLM's extension: the chat template's own switches (`enable_thinking`...)
     chat_template_kwargs: dict[str, bool | int | float | str] | None = Field(
         default=None, max_length=16
     )
 
-    def payload(self) -> Any:
+    def payload(self) -> P.Payload:
         """What the node's chat template takes: the messages, the tools, its switches."""
         messages = [m.plain() for m in self.messages]
         if not self.tools and not self.chat_template_kwargs:
@@ -293,6 +305,9 @@ class CompletionRequest(Sampling):
 
     def wanted_logprobs(self) -> int | None:
         return self.logprobs
+
+    def echoed(self) -> bool:
+        return bool(self.echo)
 
     def payload(self) -> str | list[int]:
         if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str):

@@ -22,9 +22,8 @@ import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from exo.api.errors import error_body
 
@@ -126,7 +125,7 @@ class Guard:
             await self.app(scope, receive, send)
             return
 
-        async def with_cors(msg: Any) -> None:
+        async def with_cors(msg: Message) -> None:
             if msg["type"] == "http.response.start":
                 msg = {**msg, "headers": [*msg.get("headers", []), *cors]}
             await send(msg)

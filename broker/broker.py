@@ -24,34 +24,15 @@ from exo.broker.journal import Journal
 from exo.broker.placement import PlacementError
 from exo.broker.registry import Peer, Registry
 from exo.broker.requests import Requests
+from exo.broker.sockets import DOMAIN, publisher, router
 from exo.broker.topology import links
 from exo.broker.versions import version_skew
 from exo.common import keys
 
 log = logging.getLogger(__name__)
 
-DOMAIN = "exo-broker"  # the ZAP domain of the broker's sockets
 PUBLISH_S = 1.0
 RECONNECT_EVERY_S = 1.0
-
-
-def router(ctx: zmq.Context, addr: str, cluster: keys.Cluster | None) -> zmq.Socket:
-    """The ROUTER every peer talks to."""
-    sock = ctx.socket(zmq.ROUTER)
-    if cluster is not None:
-        keys.serve(sock, cluster.broker, DOMAIN)
-    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-    sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
-    sock.setsockopt(zmq.SNDHWM, 100_000)
-    sock.setsockopt(zmq.RCVHWM, 100_000)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.HEARTBEAT_IVL, int(P.HEARTBEAT_S * 1000))
-    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(P.EXPIRY_S * 1000))
-    # A hard ceiling: larger frames cost a reconnect; ones under it but over
-    # MAX_FRAME are dropped and counted by decode().
-    sock.setsockopt(zmq.MAXMSGSIZE, 4 * P.MAX_FRAME)
-    sock.bind(addr)
-    return sock
 
 
 class Broker:
@@ -59,7 +40,7 @@ class Broker:
         self,
         router_addr: str,
         pub_addr: str,
-        ctx: zmq.Context | None = None,
+        ctx: zmq.Context[zmq.Socket[bytes]] | None = None,
         request_timeout: float = P.DEFAULT_REQUEST_TIMEOUT_S,
         probe_every: float = probes.EVERY_S,
         cluster: keys.Cluster | None = None,
@@ -76,13 +57,8 @@ class Broker:
             self.role_keys = {"node": cluster.node.public, "frontend": cluster.frontend.public}
             self.auth = keys.authenticator(self.ctx, {DOMAIN: set(self.role_keys.values())})
         self.router = router(self.ctx, router_addr, cluster)
-        self.pub = self.ctx.socket(zmq.PUB)
-        if cluster is not None:
-            keys.serve(self.pub, cluster.broker, DOMAIN)
-        self.pub.setsockopt(zmq.SNDHWM, 10_000)
-        self.pub.setsockopt(zmq.LINGER, 0)
-        self.pub.bind(pub_addr)
-        self.pub_port = int(self.pub.getsockopt(zmq.LAST_ENDPOINT).decode().rsplit(":", 1)[1])
+        self.pub = publisher(self.ctx, pub_addr, cluster)
+        self.pub_port = int(self.pub.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
         self.reg = Registry()
         self.dropped = P.Counters()
         self.stats = P.Counters()
@@ -194,6 +170,18 @@ class Broker:
                 [P.TOPIC_CLUSTER, P.encode(P.Reply(qid="cluster", data=self.cluster()))]
             )
 
+    def key_of(self, frame: zmq.Frame) -> str | None:
+        """The CURVE key the frame came with (None: an insecure cluster)."""
+        return str(frame.get("User-Id")) if self.cluster_keys is not None else None
+
+    def refuse(self, ident: bytes, key: str | None, rid: str, why: str) -> None:
+        """A SUBMIT whose fields did not decode (its sampling parameters out of
+        bounds...): its frontend, if registered, is told, not left waiting."""
+        peer = self.reg.peers.get(ident)
+        if peer is not None and peer.role == "frontend" and peer.key == key:
+            code = "invalid_params" if "$.params" in why else "invalid_request"
+            self.send(ident, P.Fail(rid=rid, status=400, code=code, message=why))
+
     def on_frames(self, parts: list[zmq.Frame]) -> None:
         if len(parts) != 2:
             self.dropped["bad_framing"] += 1
@@ -204,9 +192,11 @@ class Broker:
         except P.ProtocolError as e:
             self.dropped[e.reason] += 1
             log.debug("dropped frame from %r: %s", ident[:32], e)
+            if e.rid is not None:
+                self.refuse(ident, self.key_of(parts[1]), e.rid, e.detail)
             return
         peer = self.reg.peers.get(ident)
-        key = str(parts[1].get("User-Id")) if self.cluster_keys is not None else None
+        key = self.key_of(parts[1])
         if isinstance(msg, P.Hello):
             self.on_hello(ident, msg, key)
             return
@@ -365,9 +355,9 @@ class Broker:
 
     def on_query(self, fe: Peer, msg: P.Query, frame: zmq.Frame) -> None:
         what = msg.what
-        data: dict[str, Any] | list[Any]
+        data: dict[str, Any]
         if what == "models":
-            data = list(self.reg.models().values())
+            data = {"models": list(self.reg.models().values())}
         elif what == "cluster":
             data = self.cluster()
         else:

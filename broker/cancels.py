@@ -19,7 +19,7 @@ from exo.common.retry import CANCEL_RESEND_S
 
 class Cancels:
     def __init__(
-        self, send_raw: Callable[[bytes, bytes], bool], pub: zmq.Socket, stats: P.Counters
+        self, send_raw: Callable[[bytes, bytes], bool], pub: zmq.Socket[bytes], stats: P.Counters
     ) -> None:
         self.send_raw, self.pub, self.stats = send_raw, pub, stats
         # (rid, node identity) -> when to resend the CANCEL if no CANCEL_ACK came

@@ -263,10 +263,7 @@ class Deployer:
     def load(self, inst: Instance, nodes: dict[str, Peer], view: Topology) -> None:
         """Tell every stage to load, with the peer endpoints it sends to."""
         inst.routes = hops(inst.nodes, nodes, view)
-        later = [
-            (s.end - s.start, nodes[s.node].live.kv_budget)
-            for s in inst.stages[1:]
-        ]
+        later = [(s.end - s.start, nodes[s.node].live.kv_budget) for s in inst.stages[1:]]
         for k, (spec, route) in enumerate(zip(inst.stages, inst.routes, strict=True)):
             self.send(
                 nodes[spec.node].identity,
@@ -330,7 +327,9 @@ class Deployer:
         if inst.auto or inst.state != "failed":
             self.instances.pop(inst.id, None)
 
-    def op(self, op: str, spec: dict[str, Any], iid: Any) -> Any:
+    def op(
+        self, op: str, spec: dict[str, Any], iid: str | None
+    ) -> dict[str, Any] | list[dict[str, Any]] | PlacementError:
         nodes = self.reg.by_id()
         if op == "list":
             return [i.public(nodes) for i in self.instances.values()]

@@ -51,9 +51,7 @@ def weights_source(model: str, node: Peer, peers: list[Peer], view: Topology) ->
     """A peer that holds `model` complete, as a download source for `node` (over
     the best link between them): weights cross the cluster once, not the internet
     once per machine."""
-    holders = [
-        p for p in peers if p is not node and model in p.models and p.facts.weights_port
-    ]
+    holders = [p for p in peers if p is not node and model in p.models and p.facts.weights_port]
     if not holders:
         return None
     publics, found = view

@@ -7,8 +7,10 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from types import FrameType
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -23,9 +25,10 @@ if TYPE_CHECKING:
     from exo.common.keys import Cluster
 
 log = logging.getLogger(__name__)
+Command = TypeVar("Command", bound=Callable[..., Any])
 
 
-def api_options(f: Any) -> Any:
+def api_options(f: Command) -> Command:
     """The HTTP API's access options, shared by exo-broker and `exo-tools api`."""
     f = click.option(
         "--api-key",
@@ -79,7 +82,7 @@ def serve_api(
     app = create_app(broker, access, cluster)
 
     class Server(uvicorn.Server):
-        def handle_exit(self, sig: int, frame: Any) -> None:
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             # Before uvicorn waits for open connections to finish: end every request
             # with an error its client reads, rather than a connection reset.
             if not self.should_exit and loop is not None:

@@ -36,10 +36,9 @@ Conversation
                         PUB (topic "cancel"), which may drop it: never relied on
     broker -> frontend  FAIL 504 deadline_exceeded past the deadline; FAIL 499
                         cancelled to the owner of an explicitly cancelled request
-    frontend -> broker  QUERY {qid, what}, answered REPLY {qid, data}
-    frontend -> broker  PULL (POST /v1/models/pull): the broker picks a node (or takes
-                        the one named), sends it DOWNLOAD and answers REPLY {node} or
-                        {error}
+    frontend -> broker  QUERY {qid, what: models | cluster}, answered REPLY {qid, data}
+    frontend -> broker  PULL (POST /v1/models/pull): the broker picks a node (or the
+                        one named), sends it DOWNLOAD, answers REPLY {node} or {error}
     broker -> node      DOWNLOAD: from `source` (a peer node's weights server, hub
                         layout) when a node holds it, falling back to the hub; progress
                         travels in the node's HEARTBEAT status, completion in its INFO
@@ -62,9 +61,8 @@ Instances (a model placed on an ordered list of nodes, each holding a layer rang
 
 Link probes
     broker -> node  PROBE: measure the link from local address src to the peer's dst
-                    (its probe_port) on a raw TCP socket (nodes/machine/prober.py); the
-                    result travels in the node's HEARTBEAT status ("probes"). One
-                    probe at a time (broker/probes.py).
+                    (its probe_port) on a raw TCP socket (nodes/machine/prober.py), one
+                    at a time (broker/probes.py); the result in its status ("probes").
 
 Peer sockets (node to node, never through the broker)
     Each node binds a ROUTER (its INFO's peer_port) and connects one DEALER per
@@ -90,14 +88,15 @@ import msgpack
 import msgspec
 from msgspec import Meta, Struct
 
+from exo.common.sampling import SamplingParams
+
 VERSION = 1
 MAX_FRAME = 8 * 1024 * 1024
 
 HEARTBEAT_S = 0.25
 EXPIRY_S = 1.5
-# A node silent past EXPIRY_S is kept this much longer, its stages and requests
-# included, so that one whose link died can come back over another (its session
-# dials the broker's next address after SILENT_S).
+# A node silent past EXPIRY_S is kept this much longer, stages and requests included:
+# one whose link died comes back over another (dialled after SILENT_S of silence).
 GRACE_S = 3.0
 SILENT_S = 1.0
 DEFAULT_REQUEST_TIMEOUT_S = 600.0
@@ -106,9 +105,7 @@ DEFAULT_REQUEST_TIMEOUT_S = 600.0
 TOPIC_CLUSTER = b"cluster"  # REPLY {qid "cluster", data: the cluster's state}, once a second
 TOPIC_CANCEL = b"cancel"  # CANCEL, a second path to the nodes
 
-DEFAULT_ROUTER_PORT = 52416
-DEFAULT_PUB_PORT = 52417
-DEFAULT_API_PORT = 52415
+DEFAULT_ROUTER_PORT, DEFAULT_PUB_PORT, DEFAULT_API_PORT = 52416, 52417, 52415
 
 # Ids a peer names (request, query, instance, peer): bounded like every other field.
 MAX_ID = 256
@@ -123,11 +120,12 @@ ROLES = ("node", "frontend")
 
 
 class ProtocolError(ValueError):
-    """A frame that must be dropped; `reason` is the counter it goes to."""
+    """A frame that must be dropped; `reason` is the counter it goes to; `rid`: a
+    SUBMIT's, whose frontend is told (FAIL 400) rather than left waiting."""
 
-    def __init__(self, reason: str, detail: str = "") -> None:
+    def __init__(self, reason: str, detail: str = "", rid: str | None = None) -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
+        self.reason, self.detail, self.rid = reason, detail, rid
 
 
 class Msg(Struct, tag_field="t", kw_only=True):
@@ -193,7 +191,7 @@ class Submit(Msg, tag="SUBMIT"):
     model: Id
     kind: str
     payload: Payload
-    params: Map
+    params: SamplingParams
     timeout_s: float | None = None
 
 
@@ -207,7 +205,7 @@ class Generate(Msg, tag="GENERATE"):
     model: Id
     kind: str
     payload: Payload
-    params: Map
+    params: SamplingParams
     instance: Id | None = None
 
 
@@ -257,7 +255,7 @@ class Query(Msg, tag="QUERY"):
 
 class Reply(Msg, tag="REPLY"):
     qid: Id
-    data: Map | list[Any]
+    data: Map
 
 
 # -- models and instances ----------------------------------------------------------------
@@ -328,7 +326,7 @@ class Act(Msg, tag="ACT"):
     decode: list[Id]  # requests decoding this step, in stage 0's row order
     chunks: list[tuple[Id, ChunkTokens, bool]]  # prompt chunks: rid, tokens, wants logits
     shape: list[int]  # of the hidden states: [rows, width]
-    new: dict[Id, Map] = {}  # sampling parameters of requests whose first chunk this is
+    new: dict[Id, SamplingParams] = {}  # of the requests whose first chunk this is
     drops: list[Id] = []  # requests ended since the last step
     # The prefix cache, as stage 0 decides it (nodes/engine/prefix.py); each stage
     # keeps its own layers' part of every entry, under stage 0's key:
@@ -375,22 +373,24 @@ def decode(frame: bytes | memoryview, max_frame: int = MAX_FRAME) -> Msg:
     try:
         return _decoder.decode(frame)
     except (msgspec.DecodeError, msgspec.ValidationError) as e:
-        raise ProtocolError(_why(frame), str(e)[:120]) from None
+        reason, rid = _why(frame)
+        raise ProtocolError(reason, str(e)[:120], rid) from None
 
 
-def _why(frame: bytes | memoryview) -> str:
-    """The counter a frame that did not decode goes to."""
+def _why(frame: bytes | memoryview) -> tuple[str, str | None]:
+    """The counter a frame that did not decode goes to, and a SUBMIT's rid."""
     try:
         obj = msgpack.unpackb(frame, raw=False, strict_map_key=True)
     except Exception:  # msgpack raises several unrelated types
-        return "undecodable"
+        return "undecodable", None
     if not isinstance(obj, dict):
-        return "undecodable"
+        return "undecodable", None
     if not isinstance(obj.get("v"), int) or not isinstance(obj.get("t"), str):
-        return "no_envelope"
+        return "no_envelope", None
     if obj["t"] not in TYPES:
-        return "unknown_type"
-    return "bad_fields"
+        return "unknown_type", None
+    rid = obj.get("rid") if obj["t"] == "SUBMIT" else None
+    return "bad_fields", rid if isinstance(rid, str) and 0 < len(rid) <= MAX_ID else None
 
 
 class Counters(Counter[str]):

@@ -128,7 +128,7 @@ class NodeStatus(Struct, forbid_unknown_fields=False):
     clock: Annotated[float, Meta(ge=0.0, le=1e11)] | None = None  # its time.time()
 
 
-def plain(obj: Any, depth: int = 0) -> None:
+def plain(obj: object, depth: int = 0) -> None:
     """Raise BadReport unless `obj` is JSON-safe plain data within the bounds."""
     if depth > MAX_DEPTH:
         raise BadReport("nested too deep")

@@ -13,7 +13,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import zmq
 
@@ -21,6 +21,7 @@ from exo.broker import protocol as P
 from exo.common import keys, retry
 
 log = logging.getLogger(__name__)
+S = TypeVar("S", bound=zmq.Socket[Any])  # a zmq or zmq.asyncio socket, as its context makes
 
 
 def routing_id(peer_id: str) -> bytes:
@@ -31,7 +32,7 @@ def routing_id(peer_id: str) -> bytes:
     return f"{peer_id}.{secrets.token_hex(16)}".encode()
 
 
-def configure_dealer(sock: zmq.Socket, identity: bytes) -> None:
+def configure_dealer(sock: zmq.Socket[Any], identity: bytes) -> None:
     sock.setsockopt(zmq.IDENTITY, identity)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, 10000)
@@ -92,7 +93,7 @@ class Session:
     def public(self) -> dict[str, Any]:
         return {"endpoint": self.broker, "endpoints": self.endpoints, "failovers": self.failovers}
 
-    def dial(self, ctx: Any) -> Any:
+    def dial(self, ctx: zmq.Context[S]) -> S:
         """A new DEALER to the broker (a zmq or zmq.asyncio context's), connected:
         send `hello()` on it next."""
         sock = ctx.socket(zmq.DEALER)
@@ -103,7 +104,7 @@ class Session:
         self.last_heard = time.monotonic()
         return sock
 
-    def subscribe(self, ctx: Any, *topics: bytes) -> Any:
+    def subscribe(self, ctx: zmq.Context[S], *topics: bytes) -> S:
         """A SUB to the broker's PUB (on the host dialled now, at the port its
         WELCOME gave), with this peer's key, subscribed to `topics`."""
         sock = ctx.socket(zmq.SUB)

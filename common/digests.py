@@ -15,20 +15,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
 
 BLOCK_CHARS = 512
 BLOCK_IDS = 128
 SIZE = 8  # bytes per digest: 16 hex characters
 
 
-def _text(content: Any) -> str:
+def _text(content: object) -> str:
     if isinstance(content, str):
         return content
     return json.dumps(content, sort_keys=True, separators=(",", ":"), default=str)
 
 
-def _parts(kind: str, payload: Any) -> list[str]:
+def _parts(kind: str, payload: object) -> list[str]:
     if kind == "chat" and isinstance(payload, dict):
         head = _text([payload.get("tools"), payload.get("template")])
         messages = payload.get("messages") or []
@@ -52,14 +51,14 @@ def _parts(kind: str, payload: Any) -> list[str]:
     return parts
 
 
-def chain(kind: str, payload: Any, answer: str | None = None) -> list[str]:
+def chain(kind: str, payload: object, answer: str | None = None) -> list[str]:
     """The digests of a request's prefixes, shortest first. `answer`: what the
     model answered, as a client repeats it (a chat's next assistant message, a
     prompt's continuation)."""
     if answer is not None:
-        if kind == "chat":
-            messages = payload.get("messages") if isinstance(payload, dict) else payload
-            turn = [*(messages or []), {"role": "assistant", "content": answer}]
+        messages = payload.get("messages") if isinstance(payload, dict) else payload
+        if kind == "chat" and isinstance(messages, list):
+            turn = [*messages, {"role": "assistant", "content": answer}]
             payload = {**payload, "messages": turn} if isinstance(payload, dict) else turn
         elif kind == "completion" and isinstance(payload, str):
             payload = payload + answer

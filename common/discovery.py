@@ -17,7 +17,12 @@ import ipaddress
 import logging
 import socket
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from zeroconf import ServiceInfo
+
+    from exo.nodes.machine.interfaces import Interface
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +99,10 @@ class Announcer:
             self.zc.close()
 
 
-def parse(info: Any) -> Found | None:
+def parse(info: ServiceInfo) -> Found | None:
     """A ServiceInfo as a Found, or None when it is not a broker's."""
+    if info.port is None:
+        return None
     props = {
         (k.decode() if isinstance(k, bytes) else str(k)): (
             v.decode() if isinstance(v, bytes) else str(v or "")
@@ -149,7 +156,7 @@ def browse(seconds: float = BROWSE_S) -> list[Found]:
         zc.close()
 
 
-def ranked(addresses: list[str], mine: list[Any]) -> list[str]:
+def ranked(addresses: list[str], mine: list[Interface]) -> list[str]:
     """`addresses` best first: those on one of this machine's networks (`mine`:
     its interfaces, nodes/machine/interfaces.py), by the interface's type (the
     topology's ranking: Thunderbolt, Ethernet, WiFi...), then the rest."""

@@ -28,6 +28,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
@@ -135,7 +136,7 @@ class Cluster:
         return hmac.new(self.node.secret.encode(), purpose.encode(), hashlib.sha256).hexdigest()
 
 
-def serve(sock: zmq.Socket, pair: Pair, domain: str) -> None:
+def serve(sock: zmq.Socket[Any], pair: Pair, domain: str) -> None:
     """Make `sock` a CURVE server with `pair`, checked by the ZAP `domain`."""
     assert pair.secret is not None
     sock.setsockopt(zmq.CURVE_SERVER, 1)
@@ -144,7 +145,7 @@ def serve(sock: zmq.Socket, pair: Pair, domain: str) -> None:
     sock.setsockopt(zmq.ZAP_DOMAIN, domain.encode())
 
 
-def connect_as(sock: zmq.Socket, me: Pair, server: Pair) -> None:
+def connect_as(sock: zmq.Socket[Any], me: Pair, server: Pair) -> None:
     """Make `sock` a CURVE client: `me`, talking to the server whose key is `server`."""
     assert me.secret is not None
     sock.setsockopt(zmq.CURVE_SERVERKEY, server.public.encode())
@@ -165,7 +166,7 @@ class Allowed:
         return ok
 
 
-def authenticator(ctx: zmq.Context, by_domain: dict[str, set[str]]) -> ThreadAuthenticator:
+def authenticator(ctx: zmq.Context[Any], by_domain: dict[str, set[str]]) -> ThreadAuthenticator:
     """Start the context's ZAP handler (before any server socket binds)."""
     auth = ThreadAuthenticator(ctx)
     auth.start()

@@ -65,7 +65,7 @@ class SamplingParams(Struct, forbid_unknown_fields=False):
         return out
 
     @classmethod
-    def from_wire(cls, p: Any) -> SamplingParams:
+    def from_wire(cls, p: object) -> SamplingParams:
         """The parameters as a message carries them, or ValueError naming the bad one."""
         if isinstance(p, dict) and isinstance(p.get("stop"), str):
             p = {**p, "stop": [p["stop"]]}

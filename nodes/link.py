@@ -14,6 +14,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import zmq
@@ -46,10 +47,19 @@ def on_my_networks(endpoint: str) -> bool:
     return ip.is_loopback or any(ip in n for n in nets)
 
 
+@dataclass
+class Outgoing:
+    """Request traffic to the broker, kept KEEP_S after it went (`at`)."""
+
+    at: float
+    frame: bytes
+    sent: bool = False
+
+
 class BrokerLink(threading.Thread):
     def __init__(
         self,
-        ctx: zmq.Context,
+        ctx: zmq.Context[zmq.Socket[bytes]],
         broker: str,
         peer_id: str,
         name: str,
@@ -76,11 +86,11 @@ class BrokerLink(threading.Thread):
         self.stop_event = threading.Event()
         self.info_now = threading.Event()  # send INFO at once (a download just finished)
         self.dropped = P.Counters()
-        # Request traffic to the broker (TOKENS, FAIL, STATE, CANCEL_ACK): [when,
-        # frame, sent], kept KEEP_S after it went, to send again after a failover.
-        self.outbox: deque[list[Any]] = deque()
-        self.dealer: zmq.Socket | None = None
-        self.sub: zmq.Socket | None = None
+        # Request traffic to the broker (TOKENS, FAIL, STATE, CANCEL_ACK), to send
+        # again after a failover.
+        self.outbox: deque[Outgoing] = deque()
+        self.dealer: zmq.Socket[bytes] | None = None
+        self.sub: zmq.Socket[bytes] | None = None
         self.poller = zmq.Poller()
 
     @property
@@ -115,7 +125,7 @@ class BrokerLink(threading.Thread):
         elif what == "resumed":
             # Back over another link: what the dead one may have lost goes again.
             cutoff = time.monotonic() - KEEP_S
-            self.outbox = deque([t, f, False] for t, f, _ in self.outbox if t >= cutoff)
+            self.outbox = deque(Outgoing(o.at, o.frame) for o in self.outbox if o.at >= cutoff)
         if what in ("welcome", "again", "resumed") and self.session.pub_port:
             self._subscribe()
         elif what == "refused":
@@ -129,10 +139,10 @@ class BrokerLink(threading.Thread):
         if self.registered:
             assert self.dealer is not None
             for item in self.outbox:
-                if not item[2]:
-                    self.dealer.send(item[1])
-                    item[2] = True
-        while self.outbox and self.outbox[0][2] and self.outbox[0][0] < now - KEEP_S:
+                if not item.sent:
+                    self.dealer.send(item.frame)
+                    item.sent = True
+        while self.outbox and self.outbox[0].sent and self.outbox[0].at < now - KEEP_S:
             self.outbox.popleft()
 
     def run(self) -> None:
@@ -178,7 +188,7 @@ class BrokerLink(threading.Thread):
                         self.on_session(msg)
             if pair in events:
                 while pair.poll(0):
-                    self.outbox.append([now, pair.recv(), False])
+                    self.outbox.append(Outgoing(now, pair.recv()))
             self.flush(now)
             if self.session.silent(now):
                 self.session.next_endpoint()

@@ -7,7 +7,7 @@ import signal
 import socket
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import click
 
@@ -254,7 +254,7 @@ def cluster_of(join_token: str | None, insecure: bool) -> Cluster | None:
         raise click.ClickException(str(e)) from None
 
 
-def find_broker(cluster: Any, types: Any) -> str:
+def find_broker(cluster: Cluster | None, types: dict[str, str]) -> str:
     """The broker of this node's cluster on the local network (common/discovery.py),
     over this machine's best link to it; else one on this machine's loopback."""
     from exo.common import discovery

@@ -7,8 +7,9 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import zmq
 
@@ -62,7 +63,8 @@ class Node:
         self.peer_id = f"{name}-{uuid.uuid4().hex[:8]}"
         self.store = ModelStore(models_dir, extra_dirs)
         self.engine = engine or Engine()
-        self.ctx: zmq.Context = zmq.Context.instance()
+        # (pyzmq types the shared instance as making no sockets at all)
+        self.ctx = cast("zmq.Context[zmq.Socket[bytes]]", zmq.Context.instance())
         self.pair_addr = f"inproc://engine-{self.peer_id}"
         self.pair = self.ctx.socket(zmq.PAIR)
         self.pair.bind(self.pair_addr)
@@ -159,13 +161,8 @@ class Node:
                 # requests (their frontends submit again those that had no token). The
                 # stages stay loaded: the broker adopts them from our status, or tells
                 # us to unload them.
-                # Only the requests it gave before: a GENERATE from the broker that
-                # forgot us may have come in the same poll as the news.
                 self._reset.clear()
-                held = [*self.engine.requests.values(), *self.engine.queue]
-                for req in held:
-                    if req.t_submit < self._reset_at:
-                        self.engine.cancel(req.rid)
+                self.engine.cancel_before(self._reset_at)
             busy = bool(self.engine.requests)
             if was_busy and not busy:
                 # Give back the buffers MLX cached while serving (requests of every
@@ -194,7 +191,7 @@ class Node:
             self.weights.close()
         return 2 if self.link.refused else 0
 
-    def guarded(self, what: str, fn: Any, *args: Any) -> None:
+    def guarded(self, what: str, fn: Callable[..., object], *args: object) -> None:
         """Run a handler; what it raises is logged and counted, never the node's end."""
         try:
             fn(*args)

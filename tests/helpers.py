@@ -12,8 +12,16 @@ from typing import Any
 
 import httpx
 
+from exo.common.sampling import SamplingParams
 from exo.tools.cluster import LocalCluster
 from exo.tools.default_model import DEFAULT_MODEL
+
+
+def sp(params: dict[str, Any] | SamplingParams) -> SamplingParams:
+    """A request's sampling parameters, from the dict a test writes them as."""
+    if isinstance(params, SamplingParams):
+        return params
+    return SamplingParams.from_wire(params)
 
 
 def wait_until(cond: Callable[[], Any], timeout: float = 60.0) -> Any:

@@ -11,6 +11,7 @@ from exo.nodes.engine.engine import Engine
 from exo.nodes.engine.mlxenv import mx
 from exo.nodes.engine.model import LoadedModel, load_model
 from exo.nodes.engine.request import EngineError
+from tests.helpers import sp
 
 PROMPTS = [
     "What is the capital of France?",
@@ -52,7 +53,7 @@ def run(
         for args in arrivals.get(step, []):
             if beside is not None and any(b.rids for b in engine.batches.values()):
                 beside.add(args[0])
-            engine.submit(*args)
+            engine.submit(*args[:4], sp(args[4]))
             ids[args[0]] = []
         outs = engine.step()
         plan = engine.last_plan
@@ -162,8 +163,8 @@ def test_requests_beyond_the_kv_budget_wait_in_a_queue(tiny_path: Path) -> None:
     engine = Engine(kv_budget=int(per_request * 1.5))
     engine.add_model(lm)
     params = {"max_tokens": 20, "temperature": 0, "ignore_eos": True}
-    engine.submit("a", "tiny", "completion", [5, 6, 7], params)
-    engine.submit("b", "tiny", "completion", [8, 9, 10], params)
+    engine.submit("a", "tiny", "completion", [5, 6, 7], sp(params))
+    engine.submit("b", "tiny", "completion", [8, 9, 10], sp(params))
     assert engine.status()["queued"] == 1 and list(engine.requests) == ["a"]
     done: dict[str, int] = {}
     for _ in range(100):
@@ -173,7 +174,7 @@ def test_requests_beyond_the_kv_budget_wait_in_a_queue(tiny_path: Path) -> None:
             break
     assert done == {"a": 20, "b": 20}
     with pytest.raises(EngineError) as e:
-        engine.submit("huge", "tiny", "completion", [5], {"max_tokens": 900})
+        engine.submit("huge", "tiny", "completion", [5], sp({"max_tokens": 900}))
     assert e.value.status == 400
 
 
@@ -182,10 +183,10 @@ def test_cancel_frees_the_kv_cache_at_any_stage(tiny_path: Path) -> None:
     engine = Engine(prefill_budget=16)
     engine.add_model(lm)
     params = {"max_tokens": 100, "temperature": 0, "ignore_eos": True}
-    engine.submit("dec", "tiny", "completion", [5, 6], params)
+    engine.submit("dec", "tiny", "completion", [5, 6], sp(params))
     for _ in range(3):
         engine.step()
-    engine.submit("pre", "tiny", "completion", list(range(3, 200)), params)
+    engine.submit("pre", "tiny", "completion", list(range(3, 200)), sp(params))
     engine.step()
     assert engine.status()["running"] == 1 and engine.status()["prefilling"] == 1
     assert engine.kv_bytes() > 0
@@ -193,6 +194,34 @@ def test_cancel_frees_the_kv_cache_at_any_stage(tiny_path: Path) -> None:
     assert not engine.cancel("dec")
     assert engine.kv_bytes() == 0 and engine.status()["running"] == 0
     assert engine.step() == []
+
+
+def test_a_forgotten_node_cancels_what_it_held_not_what_came_since(tiny_path: Path) -> None:
+    """The broker forgot the node (restarted): the requests it gave before are
+    nobody's, running or queued; one the restarted broker sent since, even before
+    the node heard the news, goes on (it was once cancelled and never answered)."""
+    import time
+
+    from exo.nodes.engine.model import kv_bytes_per_token
+
+    lm = load_model("tiny", tiny_path)
+    engine = Engine(kv_budget=int((3 + 20) * kv_bytes_per_token(lm.model) * 1.5))
+    engine.add_model(lm)
+    params = sp({"max_tokens": 20, "temperature": 0, "ignore_eos": True})
+    engine.submit("running", "tiny", "completion", [5, 6, 7], params)
+    engine.submit("queued", "tiny", "completion", [8, 9, 10], params)
+    engine.step()
+    assert list(engine.requests) == ["running"] and engine.status()["queued"] == 1
+    forgotten_at = time.perf_counter()
+    engine.submit("since", "tiny", "completion", [4, 5, 6], params)
+    assert sorted(engine.cancel_before(forgotten_at)) == ["queued", "running"]
+    assert engine.holds("since") and not engine.holds("running")
+    ids: list[int] = []
+    for _ in range(100):
+        ids += [t for o in engine.step() if o.rid == "since" for t in o.ids]
+        if not engine.requests and not engine.queue:
+            break
+    assert len(ids) == 20
 
 
 @pytest.fixture
@@ -214,7 +243,7 @@ def test_a_cancel_between_steps_leaves_the_queued_next_step_right_for_the_others
     prompts = {"a": [5, 6], "b": [7, 8, 9], "c": [10], "d": [11, 12]}
     ids: dict[str, list[int]] = {rid: [] for rid in prompts}
     for rid, prompt in prompts.items():
-        engine.submit(rid, "tiny", "completion", prompt, params)
+        engine.submit(rid, "tiny", "completion", prompt, sp(params))
     for step in range(100):
         if step == 10:
             assert engine.prefetched  # a decode step is queued ahead
@@ -274,7 +303,7 @@ def test_a_prompt_cache_is_allocated_once_for_the_whole_prompt(tiny_path: Path) 
     engine = Engine(idle_budget=64)
     engine.add_model(lm)
     req = engine.submit(
-        "r", "tiny", "completion", [3 + i % 200 for i in range(600)], {"max_tokens": 1}
+        "r", "tiny", "completion", [3 + i % 200 for i in range(600)], sp({"max_tokens": 1})
     )
     engine.step()
     assert req.cache is not None and 0 < req.prefilled < 600
@@ -334,10 +363,10 @@ def test_a_cancel_mid_chunk_frees_its_cache_and_state(tiny_path: Path) -> None:
     engine.add_model(lm)
     engine.pace.cost.split = lambda *a, inflight=None: (inflight[0] if inflight else 16, 1)  # type: ignore[method-assign]
     params = {"max_tokens": 100, "temperature": 0, "ignore_eos": True}
-    engine.submit("s", "tiny", "completion", [5, 6, 7], params)
+    engine.submit("s", "tiny", "completion", [5, 6, 7], sp(params))
     for _ in range(3):
         engine.step()
-    long = engine.submit("long", "tiny", "completion", list(range(3, 203)), params)
+    long = engine.submit("long", "tiny", "completion", list(range(3, 203)), sp(params))
     while not long.inflight:
         engine.step()
     assert long.h is not None and long.through and long.prefilled == 0
@@ -356,7 +385,7 @@ def test_the_batch_cache_grows_a_layer_per_step_ahead_of_need(tiny_path: Path) -
     params = {"max_tokens": 40, "temperature": 0, "ignore_eos": True}
     prompts = {"a": [3 + i % 100 for i in range(230)], "b": [7 + i % 50 for i in range(200)]}
     for rid, p in prompts.items():
-        engine.submit(rid, "tiny", "completion", p, params)
+        engine.submit(rid, "tiny", "completion", p, sp(params))
     ids: dict[str, list[int]] = {"a": [], "b": []}
     sizes: list[list[int]] = []
     while engine.requests:
@@ -417,7 +446,7 @@ def test_rows_of_very_different_lengths_decode_in_separate_groups(tiny_path: Pat
     batch = engine.batches["tiny"]
     layouts = []
     for rid, p in prompts.items():
-        engine.submit(rid, "tiny", "completion", p, params)
+        engine.submit(rid, "tiny", "completion", p, sp(params))
     while engine.requests:
         for o in engine.step():
             ids[o.rid].extend(o.ids)
@@ -472,11 +501,11 @@ def test_a_prompt_arriving_while_decodes_are_queued_ahead_starts_a_step_later(
     engine.add_model(lm)
     params = {"max_tokens": 20, "temperature": 0, "ignore_eos": True}
     for i in range(3):
-        engine.submit(f"s{i}", "tiny", "completion", [5 + i, 6, 7], params)
+        engine.submit(f"s{i}", "tiny", "completion", [5 + i, 6, 7], sp(params))
     for _ in range(4):
         engine.step()
     assert engine.prefetched
-    engine.submit("new", "tiny", "completion", [9, 10, 11], params)
+    engine.submit("new", "tiny", "completion", [9, 10, 11], sp(params))
     outs = engine.step()
     assert engine.last_plan.prefill == [] and {o.rid for o in outs} == {"s0", "s1", "s2"}
     outs = engine.step()
@@ -494,7 +523,7 @@ def test_no_step_is_queued_ahead_on_the_cpu_backend(tiny_path: Path) -> None:
     lm = load_model("tiny", tiny_path)
     engine = Engine(prefill_budget=32)
     engine.add_model(lm)
-    engine.submit("s", "tiny", "completion", [5, 6, 7], {"max_tokens": 5, "temperature": 0})
+    engine.submit("s", "tiny", "completion", [5, 6, 7], sp({"max_tokens": 5, "temperature": 0}))
     for _ in range(3):
         engine.step()
         assert bool(engine.prefetched) == eng.QUEUE_AHEAD
@@ -535,7 +564,7 @@ def tiny_lane_engine(tiny_path: Path, streams: int, chunk: int | None = None) ->
     if chunk:
         engine.lane.chunk = chunk
     for i in range(streams):
-        engine.submit(f"s{i}", "tiny", "completion", [5 + i, 6], STREAM)
+        engine.submit(f"s{i}", "tiny", "completion", [5 + i, 6], sp(STREAM))
     engine.step()
     return engine
 
@@ -543,7 +572,7 @@ def tiny_lane_engine(tiny_path: Path, streams: int, chunk: int | None = None) ->
 def test_a_cancel_in_the_lane_frees_the_prompt_and_the_streams_go_on(tiny_path: Path) -> None:
     engine = tiny_lane_engine(tiny_path, 2, chunk=8)
     assert engine.lane is not None
-    engine.submit("long", "tiny", "completion", list(range(3, 203)), STREAM)
+    engine.submit("long", "tiny", "completion", list(range(3, 203)), sp(STREAM))
     engine.step()
     assert engine.requests["long"].in_lane and "long" in engine.lane
     assert engine.cancel("long")
@@ -565,7 +594,7 @@ def test_a_paused_lane_holds_its_prompt_and_the_streams_go_on(tiny_path: Path) -
     engine = tiny_lane_engine(tiny_path, 2, chunk=8)
     assert engine.lane is not None
     long_prompt = list(range(3, 83))  # 10 passes of 8
-    engine.submit("long", "tiny", "completion", long_prompt, {**STREAM, "max_tokens": 4})
+    engine.submit("long", "tiny", "completion", long_prompt, sp({**STREAM, "max_tokens": 4}))
     engine.lane.pause()
     engine.step()  # hands the prompt to the lane
     held = []
@@ -602,7 +631,7 @@ def test_the_lanes_threads_give_the_core_to_the_step_loops(tiny_path: Path) -> N
 
     engine = tiny_lane_engine(tiny_path, 1)
     assert engine.lane is not None
-    engine.submit("long", "tiny", "completion", list(range(3, 40)), STREAM)
+    engine.submit("long", "tiny", "completion", list(range(3, 40)), sp(STREAM))
     engine.step()
     engine.lane.wait(5.0)
     assert engine.lane.prompts == 1
@@ -628,7 +657,7 @@ def test_a_prompt_the_lane_fails_on_fails_alone(
     monkeypatch.setattr(Lane, "_layers", broken)
     engine = tiny_lane_engine(tiny_path, 1)
     assert engine.lane is not None
-    engine.submit("bad", "tiny", "completion", list(range(3, 40)), STREAM)
+    engine.submit("bad", "tiny", "completion", list(range(3, 40)), sp(STREAM))
     engine.step()
     engine.lane.wait(5.0)
     # the node's loop sleeps on the lane's wakeup: readable once a result lands,
@@ -696,7 +725,7 @@ def test_prompts_joining_in_one_step_grow_the_batch_once(
     layers = len(engine.models["tiny"].model.model.layers)
     params = {"max_tokens": 3, "temperature": 0, "ignore_eos": True}
     for i in range(12):
-        engine.submit(f"r{i}", "tiny", "completion", [5 + i, 6, 7], params)
+        engine.submit(f"r{i}", "tiny", "completion", [5 + i, 6, 7], sp(params))
     engine.step()  # all twelve prefill and join in this step
     assert len(engine.batches["tiny"].rids) == 12
     assert len(grew) == layers and min(grew) >= 12  # one growth per layer, room for all
@@ -774,7 +803,7 @@ def test_parallel_tool_calls_false_keeps_the_first_call(parallel: bool, models_d
     params = {"max_tokens": 200, "parallel_tool_calls": parallel}
     engine = Engine()
     engine.add_model(lm)
-    req = engine.submit("r", "tools", "chat", payload, params)
+    req = engine.submit("r", "tools", "chat", payload, sp(params))
     call = '<tool_call>\n{"name": "f", "arguments": {"a": %d}}\n</tool_call>\n'
     answer = lm.tokenizer.encode(call % 1 + call % 2, add_special_tokens=False)
     outs = [req.emit(t) for t in [*answer, next(iter(lm.eos))]]

@@ -15,6 +15,7 @@ from exo.nodes.engine.engine import Engine
 from exo.nodes.engine.model import load_model
 from exo.nodes.engine.threads import ALL, Option
 from exo.nodes.engine.watch import FLOOR_STEPS, Watch
+from tests.helpers import sp
 
 STREAM = {"temperature": 0.0, "max_tokens": 8000, "ignore_eos": True}
 PROMPT = [(i * 7) % 5000 + 10 for i in range(300)]  # two passes of the lane
@@ -48,14 +49,14 @@ def test_a_prompt_beside_streams_prefills_while_they_run_under_contention(
     engine.add_model(load_model("smol", smollm_path))
     streams = [f"s{i}" for i in range(4)]
     for i, rid in enumerate(streams):
-        engine.submit(rid, "smol", "completion", [1 + i, 2, 3], STREAM)
+        engine.submit(rid, "smol", "completion", [1 + i, 2, 3], sp(STREAM))
     while len(engine.batches["smol"].rids) < 4:
         engine.step()
     if pressure == "busy process":
         request.getfixturevalue("busy")
     else:
         monkeypatch.setattr(engine_mod, "for_step", all_threads)
-    engine.submit("long", "smol", "completion", PROMPT, {**STREAM, "max_tokens": 1})
+    engine.submit("long", "smol", "completion", PROMPT, sp({**STREAM, "max_tokens": 1}))
     steps, first_pass, landed = 0, None, None
     while landed is None and steps < 400:
         outs = engine.step()
@@ -153,15 +154,15 @@ def test_a_pass_hurried_mid_way_after_a_cancel_lands_its_other_prompts_right(
     assert lane is not None
     alone = Engine(lane=False)
     alone.add_model(load_model("tiny", tiny_path))
-    alone.submit("ref", "tiny", "completion", list(range(3, 40)), {**stream, "max_tokens": 4})
+    alone.submit("ref", "tiny", "completion", list(range(3, 40)), sp({**stream, "max_tokens": 4}))
     want: list[int] = []
     while alone.requests or not want:
         want += [i for o in alone.step() for i in o.ids]
-    engine.submit("s0", "tiny", "completion", [5, 6], stream)
+    engine.submit("s0", "tiny", "completion", [5, 6], sp(stream))
     engine.step()
     lane.pause()  # held before its next layer
-    engine.submit("a", "tiny", "completion", list(range(3, 40)), {**stream, "max_tokens": 4})
-    engine.submit("b", "tiny", "completion", list(range(50, 90)), {**stream, "max_tokens": 4})
+    engine.submit("a", "tiny", "completion", list(range(3, 40)), sp({**stream, "max_tokens": 4}))
+    engine.submit("b", "tiny", "completion", list(range(50, 90)), sp({**stream, "max_tokens": 4}))
     engine.step()  # both go to the lane, in one pass
     assert engine.cancel("b")
     lane.hurry()

@@ -14,6 +14,7 @@ from exo.nodes.engine.engine import Engine
 from exo.nodes.engine.mlxenv import mx
 from exo.nodes.engine.model import LoadedModel, kv_bytes_per_token, load_model
 from exo.nodes.engine.prefix import PrefixCache, supports
+from tests.helpers import sp
 from tests.test_engine import run
 
 SYSTEM = (
@@ -53,7 +54,7 @@ def chat(
     engine: Engine, lm: LoadedModel, rid: str, messages: list[dict], n: int
 ) -> tuple[list[int], str, dict[str, Any]]:
     """One request run to its end: its ids, its text and its usage."""
-    req = engine.submit(rid, lm.model_id, "chat", messages, {**GREEDY, "max_tokens": n})
+    req = engine.submit(rid, lm.model_id, "chat", messages, sp({**GREEDY, "max_tokens": n}))
     ids: list[int] = []
     text, usage = "", {}
     for _ in range(5000):

@@ -15,6 +15,7 @@ from exo.nodes.engine.engine import Engine
 from exo.nodes.engine.mlxenv import mx
 from exo.nodes.engine.model import LoadedModel, Part, load_model, model_meta
 from exo.nodes.pipeline.stage import StageRunner
+from tests.helpers import sp
 
 PROMPTS = [
     "What is the capital of France?",
@@ -66,7 +67,7 @@ def drive(p: Pipeline, arrivals: dict[int, list[str]], cancel: dict[int, str] | 
         for i, rid in enumerate(arrivals.get(step, [])):
             prompt = PROMPTS[int(rid[1:]) % len(PROMPTS)]
             params = {"max_tokens": 8 + i, "temperature": 0}
-            p.engine.submit(rid, "m", "completion", prompt, params)
+            p.engine.submit(rid, "m", "completion", prompt, sp(params))
             ids[rid] = []
         if cancel and step in cancel:
             p.engine.cancel(cancel[step])
@@ -121,12 +122,12 @@ def test_stage_zero_admits_only_what_every_later_stage_can_hold(tiny_path: Path)
     per_token = kv_bytes_per_token(head.model)
     head.kv_cap = 40 * per_token  # a later stage's budget, in stage 0's units
     with pytest.raises(EngineError) as e:
-        p.engine.submit("big", "m", "completion", "hello there", {"max_tokens": 100})
+        p.engine.submit("big", "m", "completion", "hello there", sp({"max_tokens": 100}))
     assert e.value.code == "kv_budget_exceeded" and "tightest stage" in e.value.message
     # Two that fit alone but not together: the second waits for the first.
     params = {"max_tokens": 20, "temperature": 0, "ignore_eos": True}
-    p.engine.submit("r0", "m", "completion", "Hi", params)
-    p.engine.submit("r1", "m", "completion", "Hi", params)
+    p.engine.submit("r0", "m", "completion", "Hi", sp(params))
+    p.engine.submit("r1", "m", "completion", "Hi", sp(params))
     assert list(p.engine.requests) == ["r0"] and [r.rid for r in p.engine.queue] == ["r1"]
     done: dict[str, int] = {}
     for _ in range(500):
@@ -170,7 +171,7 @@ def test_a_stage_whose_rows_sit_in_another_order_gives_each_row_its_own_tokens(
                 decode=[],
                 chunks=[(rid, prompt[rid].shape[0], True)],
                 shape=[],
-                new={rid: {"temperature": 0}},
+                new={rid: sp({"temperature": 0})},
             )
             runner.run(header, prompt[rid])
         first = tokens(runner, 0, ["a", "b", "c", "d"], [])
@@ -194,7 +195,7 @@ def test_structured_output_holds_on_the_last_stage_of_a_split(tiny_path: Path) -
     }
     p = pipeline(tiny_path, [0, 2, 4])
     params = {"max_tokens": 60, "temperature": 1.0, "seed": 5, "json_schema": json.dumps(schema)}
-    p.engine.submit("j", "m", "completion", "Number:", params)
+    p.engine.submit("j", "m", "completion", "Number:", sp(params))
     text, finish = "", None
     for _ in range(500):
         outs = p.step()

@@ -13,6 +13,7 @@ from exo.nodes.engine import forward
 from exo.nodes.engine.engine import Engine
 from exo.nodes.engine.model import load_model
 from exo.nodes.worker import FAILING_STEPS, Node
+from tests.helpers import sp
 
 MARK = 77  # a prompt holding this token makes the "bad" model's step raise
 PROMPT = [1, 2, 3, 4, 5]
@@ -43,7 +44,7 @@ class Harness:
         monkeypatch.setattr(forward, "step_forward", trap)
 
     def submit(self, rid: str, model: str, prompt: list[int]) -> None:
-        self.engine.submit(rid, model, "completion", prompt, GREEDY)
+        self.engine.submit(rid, model, "completion", prompt, sp(GREEDY))
 
     def ended(self, rid: str) -> dict[str, Any] | None:
         for t, f in self.sent:

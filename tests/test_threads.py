@@ -22,6 +22,7 @@ from exo.nodes.engine.threads import (
     for_step,
     pick,
 )
+from tests.helpers import sp
 
 ONE, SPREAD, SPREAD8 = OPTIONS
 
@@ -133,7 +134,7 @@ def test_the_engine_runs_decode_steps_with_the_chosen_threads(tiny_path: Path) -
     assert engine.threads is not None
     params = {"max_tokens": 200, "temperature": 0, "ignore_eos": True}
     for i in range(2):
-        engine.submit(f"s{i}", "tiny", "completion", [5 + i, 6, 7], params)
+        engine.submit(f"s{i}", "tiny", "completion", [5 + i, 6, 7], sp(params))
     engine.step()  # both prefill in this step: all threads
     assert blas_threads_now() == blas_max_threads()
     used = []
@@ -153,7 +154,7 @@ def test_the_engine_runs_decode_steps_with_the_chosen_threads(tiny_path: Path) -
     engine.step()
     assert blas_threads_now() == 1
     # a step carrying a prompt gets every thread
-    engine.submit("p", "tiny", "completion", list(range(3, 40)), {**params, "max_tokens": 2})
+    engine.submit("p", "tiny", "completion", list(range(3, 40)), sp({**params, "max_tokens": 2}))
     engine.step()
     assert [r for r, _ in engine.last_plan.prefill] == ["p"]
     assert blas_threads_now() == blas_max_threads()
@@ -197,7 +198,7 @@ def test_a_decode_step_on_one_thread_pads_its_rows_to_four(
     engine.add_model(load_model("tiny", tiny_path))
     params = {"max_tokens": 50, "temperature": 0, "ignore_eos": True}
     for i in range(3):
-        engine.submit(f"s{i}", "tiny", "completion", [5 + i, 6, 7], params)
+        engine.submit(f"s{i}", "tiny", "completion", [5 + i, 6, 7], sp(params))
     engine.step()
     assert engine.threads is not None  # OpenBLAS with 2 threads, as CI's machine has
     for o in OPTIONS:

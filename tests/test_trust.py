@@ -122,7 +122,8 @@ def test_a_frontend_with_a_bad_instances_spec_or_params_cannot_stop_anything(
         d.send(msgpack.packb({"v": 1, "t": "INSTANCES", "qid": "q1", "op": "place", "spec": [1]}))
         d.send(P.encode("INSTANCES", qid="q2", op="place", spec={"model": TINY, "stages": 5}))
         d.send(P.encode("INSTANCES", qid="q3", op="place", spec={"model": TINY, "nodes": [[]]}))
-        # Sampling parameters no API would send reach the node: it refuses the request.
+        # Sampling parameters no API would send: the frame does not decode at the
+        # broker, which tells the frontend (FAIL 400) rather than leave it waiting.
         bad_params = [
             {"seed": -1, "temperature": 0, "max_tokens": 2},  # fine: any signed 64-bit seed
             {"seed": 1.5},

@@ -7,11 +7,15 @@ import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from exo.tools.cluster import api_headers
+
+if TYPE_CHECKING:
+    from mlx.nn import Module
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 PROMPT = "Write a long story about a dragon who learns to read."
 
@@ -55,7 +59,9 @@ def stream_http(url: str, model: str, prompt: str, max_tokens: int) -> dict[str,
     return timings(t0, first, last, tokens)
 
 
-def stream_bare(model: Any, tokenizer: Any, prompt: str, max_tokens: int) -> dict[str, float]:
+def stream_bare(
+    model: Module, tokenizer: TokenizerWrapper, prompt: str, max_tokens: int
+) -> dict[str, float]:
     from mlx_lm import stream_generate
     from mlx_lm.sample_utils import make_sampler
 

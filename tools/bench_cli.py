@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from exo.tools.options import models_dir_option, resolve_models_dir
+from exo.tools.options import Command, models_dir_option, resolve_models_dir
 
 
 def pick_model(model: str | None, models_dir: Path | None) -> tuple[str, Path]:
@@ -56,7 +56,7 @@ def _target(
         cluster.stop()
 
 
-def target_options(f: Any) -> Any:
+def target_options(f: Command) -> Command:
     """--url and --model: what every benchmark runs against (see _target)."""
     f = click.option("--model", default=None, help="Model id (default: the default model).")(f)
     return click.option(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ def _next_hop(c: LocalCluster, iid: str) -> str:
     return str(inst["routes"][0]["next"]) if inst["routes"] else ""
 
 
-def _until(cond: Any, timeout: float = 30.0) -> None:
+def _until(cond: Callable[[], object], timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:

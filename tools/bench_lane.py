@@ -15,10 +15,18 @@ from __future__ import annotations
 import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from exo.common.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from exo.nodes.engine.engine import Engine
+    from exo.nodes.engine.lane import Lane
 
 
-def _steps(engine: Any, n: int) -> list[float]:
+def _steps(engine: Engine, n: int) -> list[float]:
     out = []
     for _ in range(n):
         t = time.perf_counter()
@@ -50,7 +58,7 @@ def run(
         raise RuntimeError("no prefill lane here (it runs on MLX's CPU backend with 2+ cores)")
     memory.apply(memory.limits([lm.nbytes], engine.kv_budget, psutil.virtual_memory().total))
     # the streams decode throughout: as long as the model's context allows
-    params = {"max_tokens": lm.context - 64, "temperature": 0, "ignore_eos": True}
+    params = SamplingParams(max_tokens=lm.context - 64, temperature=0, ignore_eos=True)
     for i in range(streams):
         ids = lm.tokenizer.encode(f"Story number {i}:")
         engine.submit(f"s{i}", model_id, "completion", ids, params)
@@ -58,7 +66,9 @@ def run(
     before = _steps(engine, 12)
     lane.pause()
     long = long_prompt(lm.tokenizer, long_n)
-    engine.submit("long", model_id, "completion", long, {**params, "max_tokens": 16})
+    engine.submit(
+        "long", model_id, "completion", long, msgspec.structs.replace(params, max_tokens=16)
+    )
     engine.step()  # hands it to the lane
     held, working, work_s, prefilled = _blocks(engine, lane, blocks, block_steps, long_n)
     engine.close()
@@ -82,7 +92,7 @@ def run(
 
 
 def _blocks(
-    engine: Any, lane: Any, blocks: int, block_steps: int, long_n: int
+    engine: Engine, lane: Lane, blocks: int, block_steps: int, long_n: int
 ) -> tuple[list[float], list[float], float, int]:
     """Blocks of steps with the lane held and working in turn, until the long prompt
     lands: (held step times, working step times, working seconds, tokens prefilled)."""

@@ -35,7 +35,7 @@ def run(url: str, model: str, stages: list[int], tokens: int, rounds: int) -> di
     stages = [k for k in stages if k <= len(nodes)]
     rows: dict[int, list[dict[str, float]]] = {k: [] for k in stages}
     per_token: dict[int, list[float]] = {k: [] for k in stages}
-    splits: dict[int, list[Any]] = {}
+    splits: dict[int, list[list[int]]] = {}  # each stage's [start, end) layers
     _clear(url)
     for _ in range(rounds):
         for k in stages:

@@ -94,7 +94,9 @@ def text(words: int, seed: int) -> str:
     return " ".join(sentences)
 
 
-def ask(url: str, model: str, messages: list[dict], tools: list | None = None) -> dict[str, Any]:
+def ask(
+    url: str, model: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
     """One streamed chat turn: its TTFT, answer, tokens and cached prompt tokens."""
     body: dict[str, Any] = {
         "model": model,

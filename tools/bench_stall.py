@@ -9,7 +9,7 @@ from __future__ import annotations
 import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from exo.tools.streams import (
     JOINED_TOKENS,
@@ -23,11 +23,15 @@ from exo.tools.streams import (
     wait_tokens,
 )
 
+if TYPE_CHECKING:
+    from mlx.nn import Module
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+
 
 def exo_stall(
     url: str,
     model: str,
-    tokenizer: Any,
+    tokenizer: TokenizerWrapper,
     streams: int,
     long_n: int,
     before_s: float,
@@ -56,7 +60,7 @@ def exo_stall(
 def _beside_streams(
     url: str,
     model: str,
-    tokenizer: Any,
+    tokenizer: TokenizerWrapper,
     streams: int,
     long_ids: list[int],
     before_s: float,
@@ -101,7 +105,7 @@ def _beside_streams(
     }
 
 
-def exo_throughput(url: str, model: str, tokenizer: Any, n: int, tokens: int) -> float:
+def exo_throughput(url: str, model: str, tokenizer: TokenizerWrapper, n: int, tokens: int) -> float:
     streams = [
         Stream(url, model, tokenizer.encode(f"Story number {i}:"), tokens).start() for i in range(n)
     ]
@@ -113,7 +117,7 @@ def exo_throughput(url: str, model: str, tokenizer: Any, n: int, tokens: int) ->
     return count / (end - start) if end > start else float("nan")
 
 
-def batchgen_throughput(model: Any, tokenizer: Any, n: int, tokens: int) -> float:
+def batchgen_throughput(model: Module, tokenizer: TokenizerWrapper, n: int, tokens: int) -> float:
     from mlx_lm.generate import BatchGenerator
 
     gen = BatchGenerator(model, max_tokens=tokens, stop_tokens=[])
@@ -133,7 +137,7 @@ def batchgen_throughput(model: Any, tokenizer: Any, n: int, tokens: int) -> floa
 
 
 def batchgen_stall(
-    model: Any, tokenizer: Any, streams: int, long_n: int, before_steps: int = 20
+    model: Module, tokenizer: TokenizerWrapper, streams: int, long_n: int, before_steps: int = 20
 ) -> dict[str, float]:
     """The same stall test on mlx-lm's BatchGenerator (prefill chunks of 2048, alternating)."""
     from mlx_lm.generate import BatchGenerator

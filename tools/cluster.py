@@ -15,9 +15,15 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 import httpx
+import zmq
+
+if TYPE_CHECKING:
+    from exo.common.keys import Cluster
+
+S = TypeVar("S", bound=zmq.Socket[Any])
 
 
 def free_ports(n: int) -> list[int]:
@@ -95,13 +101,13 @@ class LocalCluster:
             env["EXO_PARENT_PID"] = str(os.getpid())
         return env
 
-    def keys(self) -> Any:
-        """The cluster's keys (common.keys.Cluster), or None when insecure."""
+    def keys(self) -> Cluster | None:
+        """The cluster's keys, or None when insecure."""
         from exo.common import keys
 
         return None if self.insecure else keys.Cluster.ensure(self.cluster_dir)
 
-    def as_member(self, sock: Any, role: str = "node", peer: bool = False) -> Any:
+    def as_member(self, sock: S, role: str = "node", peer: bool = False) -> S:
         """Give a socket the keys of a `role` ("node" or "frontend") before it
         connects: to the broker, or with `peer` to a node's peer port. Tests that
         play a buggy member of the cluster use it; strangers do not."""
@@ -110,6 +116,7 @@ class LocalCluster:
         cluster = self.keys()
         if cluster is not None:
             me = cluster.node if role == "node" else cluster.frontend
+            assert me is not None, f"this machine holds no {role} key"
             keys.connect_as(sock, me, cluster.node if peer else cluster.broker)
         return sock
 
@@ -119,7 +126,7 @@ class LocalCluster:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         return ["--log-file", str(self.log_dir / f"{name}.log")]
 
-    def _out(self, name: str) -> Any:
+    def _out(self, name: str) -> BinaryIO | None:
         if self.log_dir is None:
             return None
         return (self.log_dir / f"{name}.out").open("ab")

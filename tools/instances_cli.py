@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from exo.tools.cluster import api_headers
+from exo.tools.options import Command
 
 
 def ready_or_exit(url: str, iid: str) -> dict[str, Any]:
@@ -67,7 +68,7 @@ def _spec(
     return spec
 
 
-def placement_options(f: Any) -> Any:
+def placement_options(f: Command) -> Command:
     for opt in reversed(
         [
             click.argument("model"),

@@ -21,7 +21,7 @@ class NoBroker(Exception):
 
 def snapshots(pub: str, timeout_s: float = 5.0) -> Iterator[dict[str, Any]]:
     """Yield the broker's cluster state each time it is published."""
-    sub: zmq.Socket = zmq.Context.instance().socket(zmq.SUB)
+    sub: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
     sub.setsockopt(zmq.SUBSCRIBE, P.TOPIC_CLUSTER)
     try:

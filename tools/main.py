@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
 
@@ -18,6 +18,9 @@ from exo.tools.bench_cli import bench
 from exo.tools.doctor import doctor
 from exo.tools.instances_cli import instances
 from exo.tools.options import models_dir_option, resolve_models_dir
+
+if TYPE_CHECKING:
+    from exo.common.keys import Cluster
 from exo.tools.up import up
 
 log = logging.getLogger("exo.tools")
@@ -283,7 +286,7 @@ def api(
     serve_api(broker, host, port, access, cluster)
 
 
-def member_keys(frontend: bool = False) -> Any:
+def member_keys(frontend: bool = False) -> Cluster:
     """This machine's cluster keys, or a clear error saying how to get them."""
     from exo.common import keys
 

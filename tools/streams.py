@@ -7,14 +7,18 @@ from __future__ import annotations
 import itertools
 import json
 import statistics
+import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import httpx
 
 from exo.tools.cluster import api_headers
+
+if TYPE_CHECKING:
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 
 @dataclass
@@ -90,7 +94,7 @@ def pct(xs: list[float], p: float) -> float:
 _prompts = itertools.count()
 
 
-def long_prompt(tokenizer: Any, n: int) -> list[int]:
+def long_prompt(tokenizer: TokenizerWrapper, n: int) -> list[int]:
     """`n` tokens of prose, each call's its own from the first token on: a prompt
     measured twice would be the prefix cache's the second time."""
     text = f"Story {next(_prompts)}. " + (
@@ -144,9 +148,8 @@ while True:
 """
 
 
-def hog() -> Any:
-    """A busy nice-0 process (a subprocess.Popen): a compile job, a browser tab."""
-    import subprocess
+def hog() -> subprocess.Popen[bytes]:
+    """A busy nice-0 process: a compile job, a browser tab."""
     import sys
 
     return subprocess.Popen([sys.executable, "-c", HOG])

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any, cast
 
-from exo.nodes.engine.mlxenv import mx
+from exo.nodes.engine.mlxenv import mx, nn
 from exo.nodes.store import manifest
 
 CHATML = (
@@ -149,7 +149,7 @@ ARCHS: dict[str, dict[str, Any]] = {
 }
 
 
-def randomize(model: Any) -> None:
+def randomize(model: nn.Module) -> None:
     """Weights larger than the default init, so greedy output varies from token to
     token; norm weights 1 (gemma's norms add 1 themselves), biases small."""
     from mlx.utils import tree_flatten
@@ -162,7 +162,7 @@ def randomize(model: Any) -> None:
             if k.endswith("bias")
             else mx.ones(v.shape)
         )
-        for k, v in cast(list[tuple[str, Any]], tree_flatten(model.parameters()))
+        for k, v in cast(list[tuple[str, mx.array]], tree_flatten(model.parameters()))
     }
     model.load_weights(list(params.items()))
 
@@ -220,7 +220,7 @@ def make_tiny(
     randomize(model)
     if bits is not None:
         model, config = quantize_model(model, config, group_size, bits)
-    weights = dict(cast(list[tuple[str, Any]], tree_flatten(model.parameters())))
+    weights = dict(cast(list[tuple[str, mx.array]], tree_flatten(model.parameters())))
     if arch == "gemma3_text":
         weights = {k: v for k, v in weights.items() if not k.startswith("lm_head.")}
     mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})

@@ -6,13 +6,16 @@ import json
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
 
 from exo.common.paths import exo_home
 from exo.tools.instances_cli import ready_or_exit
 from exo.tools.options import models_dir_option, resolve_models_dir
+
+if TYPE_CHECKING:
+    from exo.tools.cluster import LocalCluster
 
 
 @click.command()
@@ -83,7 +86,7 @@ def placed(url: str, auth: dict[str, str], model: str, nodes: int) -> str | None
     return None
 
 
-def place_and_greet(cluster: Any, model: str, nodes: int) -> None:
+def place_and_greet(cluster: LocalCluster, model: str, nodes: int) -> None:
     """One instance across every node (a pipeline stage each), loaded now so the
     first real request does not wait for it; then how to use it."""
     import httpx

@@ -1,4 +1,7 @@
-"""The API's routes by face: OpenAI's (openai.py) and the cluster's own (cluster.py)."""
+"""The API's routes by face: OpenAI's (openai.py), Ollama's, Anthropic's, Responses',
+LM Studio's, the dashboard's and the cluster's own (cluster.py). Handlers are typed
+`-> Any`: FastAPI reads a return annotation as the response's model, and they return
+a body or a Response of their own (replies.Answer)."""
 
 from __future__ import annotations
 
@@ -6,13 +9,14 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
 
 from fastapi import Request
 
 from exo.api.client import BrokerClient
 from exo.api.jobs import Disconnected, Job
 from exo.api.replies import Replier
+from exo.broker import protocol as P
+from exo.common.sampling import SamplingParams
 
 
 def client_of(request: Request) -> BrokerClient:
@@ -36,8 +40,8 @@ async def submitted(
     request: Request,
     kind: str,
     model: str,
-    payload: Any,
-    params: dict[str, Any],
+    payload: P.Payload,
+    params: SamplingParams,
     timeout_s: float | None = None,
 ) -> AsyncIterator[Job]:
     """The one internal request every face makes: SUBMIT to the broker, and the

@@ -49,7 +49,7 @@ def error(status: int, message: str) -> JSONResponse:
     return JSONResponse(error_body(status, message), status_code=status)
 
 
-def text_of(content: Any, where: str) -> str:
+def text_of(content: object, where: str) -> str:
     """A message's or system prompt's text: a string, or text blocks."""
     if isinstance(content, str):
         return content
@@ -128,7 +128,7 @@ def tools_of(body: dict[str, Any]) -> tuple[list[dict[str, Any]] | None, str | N
     return fns, named, choice.get("disable_parallel_tool_use") is not True
 
 
-def parse(body: Any, counting: bool = False) -> tuple[str, Any, dict[str, Any], bool]:
+def parse(body: Any, counting: bool = False) -> tuple[str, P.Payload, SamplingParams, bool]:
     """-> model, the chat payload, sampling parameters, stream; or Refused.
     `counting` (count_tokens): no max_tokens is asked for."""
     if not isinstance(body, dict):
@@ -163,10 +163,10 @@ def parse(body: Any, counting: bool = False) -> tuple[str, Any, dict[str, Any], 
         if body.get(theirs) is not None:
             wire[ours] = body[theirs]
     try:
-        params = SamplingParams.from_wire(wire).wire()
+        params = SamplingParams.from_wire(wire)
     except ValueError as e:
         raise Refused(str(e)) from None
-    payload: Any = turns
+    payload: P.Payload = turns
     if tools or switch is not None:
         payload = {"messages": turns}
         if tools:
@@ -176,7 +176,7 @@ def parse(body: Any, counting: bool = False) -> tuple[str, Any, dict[str, Any], 
     return model, payload, params, body.get("stream") is True
 
 
-def thinking_of(thinking: Any) -> bool | None:
+def thinking_of(thinking: object) -> bool | None:
     """Anthropic's `thinking` -> the chat template's switch (None: not asked).
     budget_tokens is taken within max_tokens: thoughts and answer share it."""
     if thinking is None:
@@ -245,11 +245,15 @@ async def count_tokens(request: Request) -> Any:
         return error(400, str(e) if isinstance(e, Refused) else "the body is not JSON")
     async with submitted(request, "count", model, payload, params) as job:
 
-        def counted(_text: str, _ids: list[int], done: Done) -> dict[str, int]:
+        def counted(_text: str, _ids: list[int], done: Done) -> dict[str, Any]:
             return {"input_tokens": int((done.usage or {}).get("prompt_tokens", 0))}
 
         return await replier(request).answer(
-            job, False, lambda f: error(f.status, f.message), lambda _: None, counted
+            job,
+            False,
+            lambda f: error(f.status, f.message),
+            lambda _: error(500, "count_tokens does not stream"),  # (never: stream is False)
+            counted,
         )
 
 

@@ -72,7 +72,7 @@ async def ui_file(name: str) -> Response:
     return asset(name)
 
 
-def event(name: str, data: Any) -> bytes:
+def event(name: str, data: object) -> bytes:
     return f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 

@@ -22,11 +22,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from exo.api.jobs import Job
-from exo.api.replies import Done, Reply, Text
+from exo.api.replies import Answer, Done, Reply, Text
 from exo.api.routes import client_of, replier, submitted
 from exo.api.routes.ollama_body import Refused, body_of, messages, model_name, params, tools_of
 from exo.broker import protocol as P
 from exo.common.names import valid_model_id
+from exo.common.sampling import SamplingParams
 
 router = APIRouter()
 
@@ -186,7 +187,7 @@ async def pull(request: Request) -> Any:
 
 @router.post("/api/chat")
 async def chat(request: Request) -> Any:
-    payload: Any
+    payload: P.Payload
     try:
         body = await body_of(request)
         name, p, payload = model_name(body), params(body), messages(body)
@@ -217,7 +218,7 @@ async def generate(request: Request) -> Any:
         return error(400, str(e))
     if not prompt:  # Ollama's way to load a model: nothing to generate
         return {"model": name, "created_at": now_iso(), "response": "", "done": True}
-    payload: Any
+    payload: P.Payload
     if body.get("raw"):
         kind, payload = "completion", prompt
     else:
@@ -231,10 +232,10 @@ async def answer(
     body: dict[str, Any],
     kind: str,
     name: str,
-    payload: Any,
-    p: dict[str, Any],
+    payload: P.Payload,
+    p: SamplingParams,
     field: str,
-) -> Any:
+) -> Answer | None:
     """One internal request, answered as Ollama does: NDJSON lines, or one object."""
     stream = body.get("stream", True) is not False
     async with submitted(request, kind, name, payload, p) as job:
@@ -254,7 +255,7 @@ async def answer(
 
 
 def piece(
-    job: Job, field: str, text: str, thinking: str = "", calls: list[Any] | None = None
+    job: Job, field: str, text: str, thinking: str = "", calls: list[dict[str, Any]] | None = None
 ) -> dict[str, Any]:
     """One line: the text, a thinking model's thoughts as Ollama's `thinking`, and
     tool calls as Ollama gives them (arguments as objects)."""

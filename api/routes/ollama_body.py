@@ -43,7 +43,7 @@ def model_name(body: dict[str, Any]) -> str:
     return name.removesuffix(":latest")
 
 
-def params(body: dict[str, Any]) -> dict[str, Any]:
+def params(body: dict[str, Any]) -> SamplingParams:
     """Ollama's options -> the internal sampling parameters, or Refused."""
     for field in ("images", "suffix", "template"):
         if body.get(field):
@@ -68,7 +68,7 @@ def params(body: dict[str, Any]) -> dict[str, Any]:
     elif fmt not in (None, ""):
         raise Refused("format must be 'json' or a JSON schema")
     try:
-        return SamplingParams.from_wire(out).wire()
+        return SamplingParams.from_wire(out)
     except ValueError as e:
         raise Refused(f"options: {e}") from None
 

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from exo.api.errors import error_body, error_response
 from exo.api.jobs import Job, sse
-from exo.api.replies import Done, Replier, Reply, Text, Waiting, failed
+from exo.api.replies import Answer, Done, Replier, Reply, Text, Waiting, failed
 from exo.api.routes import client_of, replier, submitted
 from exo.api.schemas import ChatRequest, CompletionRequest, Sampling, first_error
 from exo.broker import protocol as P
@@ -25,7 +25,7 @@ Extra = Callable[[Job, Done], dict[str, Any]]
 @router.get("/v1/models")
 @router.get("/models")
 async def models(request: Request) -> dict[str, Any]:
-    data = await client_of(request).query("models")
+    data = await client_of(request).models()
     return {
         "object": "list",
         "data": [
@@ -64,7 +64,7 @@ async def chat_as(request: Request, extra: Extra | None = None) -> Any:
     """`extra`: what another face (LM Studio's) adds to OpenAI's answer."""
     try:
         body = ChatRequest.model_validate_json(await request.body())
-        payload: Any = body.payload()
+        payload: P.Payload = body.payload()
     except ValidationError as e:
         msg, param = first_error(e)
         return error_response(400, msg, param=param)
@@ -104,11 +104,11 @@ async def run(
     request: Request,
     kind: str,
     body: Sampling,
-    payload: Any,
+    payload: P.Payload,
     limit: int | None,
     tool_choice: str | None = None,
     extra: Extra | None = None,
-) -> Any:
+) -> Answer | None:
     if (field := body.unsupported()) is not None:
         return error_response(400, f"'{field}' is not supported by this server yet", param=field)
     try:
@@ -120,7 +120,7 @@ async def run(
     try:
         params = body.params(limit)
         if tool_choice is not None:
-            params["tool_choice"] = tool_choice
+            params.tool_choice = tool_choice
     except ValueError as e:
         known = ("logit_bias", "top_logprobs")
         param = next((k for k in known if k in str(e)), "response_format")
@@ -134,7 +134,7 @@ async def run(
 
 async def respond(
     r: Replier, job: Job, stream: bool, include_usage: bool, extra: Extra | None = None
-) -> Any:
+) -> Answer | None:
     headers = {"X-Request-Id": job.rid}
 
     def streamed(events: AsyncGenerator[Reply, None]) -> StreamingResponse:

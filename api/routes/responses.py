@@ -13,7 +13,7 @@ import json
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -38,7 +38,7 @@ class Refused(ValueError):
         self.param = param
 
 
-def text_of(content: Any, where: str) -> str:
+def text_of(content: object, where: str) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
@@ -104,7 +104,7 @@ def tools_of(tools: Any) -> list[dict[str, Any]] | None:
 
 def parse(
     body: Any, key: str | None
-) -> tuple[str, list[dict[str, Any]], Any, dict[str, Any], bool]:
+) -> tuple[str, list[dict[str, Any]], Any, SamplingParams, bool]:
     """-> model, the conversation so far (kept turns + this input), the chat
     payload, sampling parameters, stream."""
     if not isinstance(body, dict):
@@ -138,10 +138,10 @@ def parse(
     if body.get("parallel_tool_calls") is False:
         wire["parallel_tool_calls"] = False
     try:
-        params = SamplingParams.from_wire(wire).wire()
+        params = SamplingParams.from_wire(wire)
     except ValueError as e:
         raise Refused(str(e)) from None
-    payload: Any = {"messages": turns, "tools": tools} if tools else turns
+    payload: P.Payload = {"messages": turns, "tools": tools} if tools else turns
     return model, turns, payload, params, body.get("stream") is True
 
 
@@ -259,7 +259,7 @@ class Events:
 
 
 async def sse(
-    rid: str, model: str, replies: AsyncGenerator[Reply, None], kept_as: Any
+    rid: str, model: str, replies: AsyncGenerator[Reply, None], kept_as: Callable[[str, Done], None]
 ) -> AsyncIterator[bytes]:
     event = Events()
     yield event("response.created", response=response(rid, model, "in_progress", [], None))

@@ -4,7 +4,6 @@ building its graph overlaps compute (as mlx-lm's generate_step does)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from exo.nodes.engine.batch import Batch, sample_rows
 from exo.nodes.engine.mlxenv import ints, mx
@@ -53,7 +52,7 @@ def queue_ahead(
         rows = [requests[r] for r in batch.rids]
         last = in_row_order(sampled, batch.rids)
         lm = models[model_id]
-        logits: Any
+        logits: mx.array | None
         if lm.fused:
             logits, _ = fused_step(lm.model, last, batch.dec_groups(), [])
         else:

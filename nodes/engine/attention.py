@@ -23,11 +23,10 @@ alike (from CHUNK_MIN); a 2k prompt's first token alone 11.1-12.9 s against
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 
-from exo.nodes.engine.mlxenv import mx, numpy_blas_single
+from exo.nodes.engine.mlxenv import Mask, mx, numpy_blas_single
 
 LOG2E = 1.4426950408889634
 ROUND = 12582912.0  # 1.5 * 2**23: adding and subtracting it rounds a float32 to an integer
@@ -57,7 +56,7 @@ def fast_exp(x: mx.array) -> mx.array:
     return _pow2(*_split(x))
 
 
-def additive_mask(mask: Any, n: int, cached: Any) -> mx.array | None:
+def additive_mask(mask: Mask, n: int, cached: int) -> mx.array | None:
     """mlx-lm's mask for `n` queries (None, "causal", or a bool array [B, 1, n,
     keys]) as float to add to the scores; made once per step, shared by every
     layer. `cached`: the keys before these queries, read only for "causal"."""
@@ -90,8 +89,7 @@ BLOCK = 32  # queries per block in attend_chunk: a block's scores stay in the co
 _FUTURE = np.triu(np.ones((BLOCK, BLOCK), bool), 1)
 # Queries x keys from which a chunk goes through attend_chunk. Below, its sync (the
 # step's graph waits for the chunk's q, k, v) and copies cost more than MLX's passes
-# save: a 40-token prompt's first token came ~15% later through numpy (0.28-0.37 s
-# against 0.25-0.31); at 64 x 1k it is 4.4 ms against 7.8.
+# save (a short prompt's first token came later through numpy).
 CHUNK_MIN = 32768
 
 

@@ -5,22 +5,20 @@ whole model) and by later pipeline stages, which follow stage 0's batch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
-from exo.nodes.engine.mlxenv import mx
+from exo.nodes.engine.mlxenv import LayerCache, mx
 from exo.nodes.engine.rowcache import STEP, RowCache, spare_rows
 from exo.nodes.engine.sampling import Sampler
 
 GROW_MARGIN = 8  # tokens
 # A batch may keep rows of very different lengths in separate attention groups
 # (each with its own cache, rowcache.py): one long row padded into a group of short
-# ones makes every row attend over its length. Here a 2k-token row joining 4 rows
-# of 300 froze them 1.1 s (the copy) and then slowed their step from 180 to 304 ms.
-# But a group costs its own attention ops in every layer of every step: with
-# SmolLM2 on 2 CPU cores, 8 rows took 206 ms in one group, 234 in two, 265 in
-# three, while a padded key costs about 15 us per row. So a row starts a group
-# only when joining the group it pads least would pad more keys than a group costs:
-# chats arriving a few steps apart (70 and 80 tokens) share one.
+# ones makes every row attend over its length (and copies the whole group to join).
+# But a group costs its own attention ops in every layer of every step, where a
+# padded key costs little (docs/NOTES.md). So a row starts a group only when joining
+# the group it pads least would pad more keys than a group costs: chats arriving a
+# few steps apart share one.
 MAX_GROUPS = 3
 SPLIT_KEYS = 2048  # padded keys (summed over the rows) worth a group of their own
 
@@ -46,7 +44,7 @@ class Rows:
             c.grow_columns(need)
             c.grow_rows(spare)
 
-    def join(self, rid: str, cache: list[Any], coming: int = 0) -> None:
+    def join(self, rid: str, cache: list[LayerCache], coming: int = 0) -> None:
         for mine, c in zip(self.cache, cache, strict=True):
             mine.insert(c, coming)
         self.rids.append(rid)
@@ -66,7 +64,7 @@ class Rows:
         self.rids[i] = self.rids[-1]
         self.rids.pop()
         # Once the rows that began at column 0 are gone, the rest attend to masked
-        # columns at every step (4 rows x 900 keys: ~50 ms a step here): one copy
+        # columns at every step (a good part of a decode step's attention): one copy
         # drops them, as mlx-lm's cache drops its common left padding.
         if self.cache[0].dead_front() >= STEP:
             for c in self.cache:
@@ -99,16 +97,16 @@ class Batch:
         return [r for g in self.groups for r in g.rids]
 
     @property
-    def cache(self) -> list[Any] | None:
+    def cache(self) -> list[LayerCache] | None:
         """The one group's cache, for callers that run a single group."""
         assert len(self.groups) <= 1, "a split batch has a cache per group"
         return self.groups[0].cache if self.groups else None
 
-    def dec_groups(self) -> list[tuple[int, list[Any]]]:
+    def dec_groups(self) -> list[tuple[int, list[LayerCache]]]:
         """(rows, per-layer caches) of each group, in step order."""
         return [(len(g.rids), g.cache) for g in self.groups]
 
-    def join(self, rid: str, cache: list[Any], coming: int = 0) -> None:
+    def join(self, rid: str, cache: list[LayerCache], coming: int = 0) -> None:
         """Add a request's prefilled per-layer KVCaches as a row. A row starting a
         group brings its prompt's buffers, uncopied (allocated with room to grow:
         engine.JOIN_ROOM); one joining a group is written into a spare row.
@@ -145,8 +143,7 @@ class Batch:
         before it is full are fewer than its layers (plus a margin), and give them
         a spare row once none is left, so that every layer has grown by the time one
         must. Grown all at once, as BatchKVCache grows, every row of every layer is
-        copied in one step: with 4 rows at 1k keys that step took 0.3 s here, twice
-        a decode step, a freeze every 256 tokens."""
+        copied in one step: a freeze of the streams every 256 tokens."""
         for g in self.groups:
             g.grow_ahead(per_step)
 

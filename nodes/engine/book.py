@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict, deque
-from typing import Any
 
+import msgspec
 import numpy as np
 
+from exo.broker.protocol import Payload
 from exo.common.digests import chain
 from exo.common.sampling import DEFAULT_MAX_TOKENS
 from exo.nodes.engine.ahead import Prefetched
@@ -75,7 +76,7 @@ class Book:
         """A request by this id runs or waits here."""
         return rid in self.requests or any(r.rid == rid for r in self.queue)
 
-    def count(self, model_id: str, payload: Any) -> int:
+    def count(self, model_id: str, payload: Payload) -> int:
         """The prompt tokens a chat `payload` comes to, its tools rendered by the
         template as they would be: nothing is run."""
         lm = self.models.get(model_id)
@@ -85,7 +86,9 @@ class Book:
             )
         return len(encode_prompt(lm, "chat", payload, tools=bool(chat_parts(payload)[1])))
 
-    def submit(self, rid: str, model_id: str, kind: str, payload: Any, params: dict) -> Request:
+    def submit(
+        self, rid: str, model_id: str, kind: str, payload: Payload, params: SamplingParams
+    ) -> Request:
         lm = self.models.get(model_id)
         if lm is None:
             raise EngineError(
@@ -93,7 +96,7 @@ class Book:
             )
         if self.holds(rid):
             raise EngineError(409, "duplicate_request", f"request {rid} already running")
-        sp, sampler, params = self._sampling(lm, kind, payload, params)
+        sp, sampler = self._sampling(lm, kind, payload, params)
         tools = chat_parts(payload)[1] if kind == "chat" else None
         use_tools = bool(tools) and sp.tool_choice != "none"
         prompt = encode_prompt(lm, kind, payload, tools=use_tools)
@@ -104,7 +107,6 @@ class Book:
             lm=lm,
             prompt=prompt,
             params=sp,
-            wire=params,
             sampler=sampler,
             cache=None,
             stop=StopMatcher(sp.stop),
@@ -125,23 +127,22 @@ class Book:
 
     @staticmethod
     def _sampling(
-        lm: LoadedModel, kind: str, payload: Any, params: dict[str, Any]
-    ) -> tuple[SamplingParams, Sampler, dict[str, Any]]:
-        """The request's sampling parameters and sampler (held to its schema or its
-        forced tool call), and the parameters as later stages get them."""
+        lm: LoadedModel, kind: str, payload: Payload, sp: SamplingParams
+    ) -> tuple[SamplingParams, Sampler]:
+        """The request's sampling parameters, as a split model's later stages get
+        them too, and its sampler (held to its schema or its forced tool call)."""
         try:
-            sp = SamplingParams.from_wire(params)
             if sp.echo and sp.logprobs is not None and lm.part is not None:
                 raise ValueError("echo with logprobs: not yet for a model split across nodes")
             tools = chat_parts(payload)[1] if kind == "chat" else None
             if tools and sp.tool_choice not in (None, "none", "auto"):
-                sp.grammar = forced_grammar(lm.tokenizer, tools, sp.tool_choice)
-                if sp.grammar is None:
+                grammar = forced_grammar(lm.tokenizer, tools, sp.tool_choice)
+                if grammar is None:
                     raise ValueError(
                         "tool_choice: a forced call is not supported for this model's syntax"
                     )
-                params = {**params, "grammar": sp.grammar}  # (for a split's last stage)
-            return sp, sampler_for(lm, sp), params
+                sp = msgspec.structs.replace(sp, grammar=grammar)
+            return sp, sampler_for(lm, sp)
         except ValueError as e:
             raise EngineError(400, "invalid_params", str(e)) from None
 
@@ -279,6 +280,16 @@ class Book:
         entry = self.prefix.store(mid, tokens, kv, room, chain(*req.asked, answer=answer))
         if req.lm.part is not None and entry is not None:
             self.stage0.cache_keep(mid, req.rid, entry.key, n)  # (the later stages' parts)
+
+    def cancel_before(self, at: float) -> list[str]:
+        """Cancel the requests submitted before `at` (perf_counter), running or
+        queued: the broker that gave them forgot this node. Not those since: a
+        GENERATE from the restarted broker may come in the same poll as the news."""
+        held = [*self.requests.values(), *self.queue]
+        gone = [r.rid for r in held if r.t_submit < at]
+        for rid in gone:
+            self.cancel(rid)
+        return gone
 
     def cancel(self, rid: str) -> bool:
         for q in self.queue:

@@ -17,6 +17,7 @@ import time
 from collections import Counter
 from typing import Any
 
+from exo.broker import protocol as P
 from exo.nodes.engine.ahead import QUEUE_AHEAD, queue_ahead
 from exo.nodes.engine.batch import Batch, sample_rows
 from exo.nodes.engine.book import Book
@@ -90,7 +91,7 @@ class Engine(Book):
         decoding = [rid for m, b in self.batches.items() if m not in busy for rid in b.rids]
         # A model whose decodes were queued ahead starts new prompts a step later:
         # its decodes are already computed, and a chunk run beside them would be a
-        # second pass over the weights (the streams' step doubled, 0.47 s here).
+        # second pass over the weights (the streams' step doubled).
         held = busy | self.prefetched.keys()
         waiting = [
             r
@@ -233,7 +234,7 @@ class Engine(Book):
     def _model_step(
         self,
         model_id: str,
-        chunks: list[tuple[Request, Any]],
+        chunks: list[tuple[Request, Chunk]],
         pad_to: int,
         t0: float,
     ) -> tuple[list[tuple[list[Request], mx.array]], list[Request], list[Work], bool]:
@@ -296,7 +297,7 @@ class Engine(Book):
         return sampled, joined, work, untimed
 
     def _fail_model_step(
-        self, model_id: str, chunks: list[tuple[Request, Any]], e: Exception
+        self, model_id: str, chunks: list[tuple[Request, Chunk]], e: Exception
     ) -> None:
         log.exception("model %s: step %d failed", model_id, self.steps)
         why = f"the step of {model_id} failed: {type(e).__name__}: {e}"
@@ -346,7 +347,11 @@ class Engine(Book):
         return landed
 
     def finish_remote(
-        self, model_id: str, step: int, ids: list[int], logprobs: dict[str, list[Any]] | None = None
+        self,
+        model_id: str,
+        step: int,
+        ids: list[int],
+        logprobs: dict[str, list[P.Logprob]] | None = None,
     ) -> list[Output]:
         """The last stage's tokens for a step this node began: decode rows in
         batch order, then the chunks that finished their prompts (and the log

@@ -1,21 +1,19 @@
 """One engine step's forward pass: every decode and the prefill chunks together.
 
 Decode rows share a RowCache per layer (rowcache.py), one per group of rows of
-similar length (batch.py); each prefill chunk has its own KVCache. For
-llama-family models (llama, mistral, qwen2: the same attention block) the step is fused: all tokens of the step (B decode tokens and the chunks)
-go through the weight matmuls as one packed matrix, so weights are read once
-per step and a prefill chunk rides along with the decodes almost for free;
-only attention runs per group, each against its own cache. Other architectures
-take the plain path: mlx-lm's own forward (span.py), one call for the decode
-rows, then one per chunk.
+similar length (batch.py); each prefill chunk has its own KVCache. For llama-family
+models (llama, mistral, qwen2: one attention block) the step is fused: all its tokens
+(B decodes and the chunks) go through the weight matmuls as one packed matrix, so
+weights are read once a step and a chunk rides along with the decodes almost free;
+only attention runs per group, against its own cache. Other architectures take
+mlx-lm's own forward (span.py): one call for the decode rows, then one per chunk.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-from exo.nodes.engine.mlxenv import mx  # before mlx_lm: it loads OpenBLAS for MLX (mlxenv.py)
+from exo.nodes.engine.mlxenv import LayerCache, Mask, Model, mx, nn  # (OpenBLAS first)
 
 # isort: split
 from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
@@ -32,7 +30,7 @@ _FAST = mx.default_device() == mx.cpu
 @dataclass
 class Chunk:
     tokens: list[int]
-    cache: list[Any]  # per-layer KVCache
+    cache: list[LayerCache]  # per-layer KVCache
     logits: bool  # whether the last position's logits are wanted
     # The layers this step runs the chunk through, [first, end); end None: to the
     # last. A chunk that starts past layer 0 brings its hidden state `h`.
@@ -42,7 +40,7 @@ class Chunk:
     every: bool = False  # every position's logits (a prompt scored: echo with logprobs)
 
 
-def supports_fused(model: Any) -> bool:
+def supports_fused(model: Model) -> bool:
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
     return (
@@ -56,17 +54,17 @@ def supports_fused(model: Any) -> bool:
     )
 
 
-def lm_head(model: Any, h: mx.array) -> mx.array:
+def lm_head(model: Model, h: mx.array) -> mx.array:
     if getattr(model, "lm_head", None) is None:  # tied: what the checkpoint holds says
         return model.model.embed_tokens.as_linear(h)
     return model.lm_head(h)
 
 
-DecGroups = list[tuple[int, list[Any]]]  # decode rows and their per-layer caches, by group
+DecGroups = list[tuple[int, list[LayerCache]]]  # decode rows and their per-layer caches, by group
 
 
 def plain_step(
-    model: Any, span: Span, dec: list[int], dec_groups: DecGroups, chunks: list[Chunk]
+    model: Model, span: Span, dec: list[int], dec_groups: DecGroups, chunks: list[Chunk]
 ) -> tuple[mx.array | None, list[mx.array | None]]:
     """mlx-lm's own forward (span.py): one call for the decode rows, one per chunk;
     the head runs only on the rows whose logits are wanted."""
@@ -87,7 +85,7 @@ def plain_step(
     return dec_logits, outs
 
 
-def through(model: Any, span: Span, fused: bool, x: mx.array, groups: list[Group]) -> mx.array:
+def through(model: Model, span: Span, fused: bool, x: mx.array, groups: list[Group]) -> mx.array:
     """A pipeline stage's layers over the step's groups (each running all of
     them): `x` packed in group order, token ids [T] on the first stage, hidden
     states [T, D] on a later one -> hidden states [T, D] after its last layer."""
@@ -108,7 +106,7 @@ def through(model: Any, span: Span, fused: bool, x: mx.array, groups: list[Group
 
 
 def _attend(
-    attn: Any, q: mx.array, k: mx.array, v: mx.array, g: Group, cache: Any, mask: Any
+    attn: nn.Module, q: mx.array, k: mx.array, v: mx.array, g: Group, cache: LayerCache, mask: Mask
 ) -> mx.array:
     """q/k/v: [B*L, features] rows of one group -> attention output [B*L, H*hd]."""
     B, L = g.rows, g.n
@@ -122,9 +120,11 @@ def _attend(
     if _FAST and chunk and L * k.shape[2] >= attention.CHUNK_MIN and q.dtype == mx.float32:
         o = attention.attend_chunk(q, k, v, attn.scale)
     elif _FAST:
+        assert not isinstance(mask, str)  # (_mask made it additive)
         o = attention.attend(q, k, v, attn.scale, mask)
-    else:
-        o = scaled_dot_product_attention(q, k, v, cache=cache, scale=attn.scale, mask=mask)
+    else:  # (mlx-lm's annotation leaves out the "causal" it takes: hence the ignore)
+        sdpa = scaled_dot_product_attention
+        o = sdpa(q, k, v, cache=cache, scale=attn.scale, mask=mask)  # type: ignore[arg-type]
     return o.transpose(0, 2, 1, 3).reshape(B * L, -1)
 
 
@@ -134,7 +134,7 @@ class Group:
 
     rows: int
     n: int  # tokens per row
-    caches: list[Any]  # per layer
+    caches: list[LayerCache]  # per layer
     first: int = 0
     end: int | None = None
     h: mx.array | None = None  # entering state, for a group that starts past layer 0
@@ -147,7 +147,7 @@ def groups_of(dec_groups: DecGroups, chunks: list[Chunk]) -> list[Group]:
     return groups
 
 
-def _mask(g: Group) -> Any:
+def _mask(g: Group) -> Mask:
     # Made before any cache grows this step, as mlx-lm's models make them.
     cache = g.caches[g.first]
     mask = create_attention_mask(mx.zeros((g.rows, g.n, 1)), cache)
@@ -158,7 +158,7 @@ def _padded(x: mx.array, pad: int) -> mx.array:
     return mx.concatenate([x, mx.zeros((pad, x.shape[1]), x.dtype)]) if pad else x
 
 
-def run_layers(layers: list[Any], h: mx.array, groups: list[Group], pad: int = 0) -> mx.array:
+def run_layers(layers: list[nn.Module], h: mx.array, groups: list[Group], pad: int = 0) -> mx.array:
     """h: [T, D], the tokens of the groups that start at layer 0, packed in order
     -> the tokens of those that reach the last layer, packed in order. The weight
     matmuls see every row present at a layer at once; attention runs per group.
@@ -235,12 +235,12 @@ def sampled_rows(
     return rows, wanted
 
 
-def no_rows(model: Any) -> mx.array:
+def no_rows(model: Model) -> mx.array:
     """A hidden state of no tokens, for a step that has none at some point."""
     return mx.zeros((0, embedding_dims(model.model.embed_tokens)), dtype=mx.float32)
 
 
-def logits_of(model: Any, h: mx.array, rows: list[int], span: Span | None = None) -> mx.array:
+def logits_of(model: Model, h: mx.array, rows: list[int], span: Span | None = None) -> mx.array:
     """The logits of rows `rows` of the last layer's output `h`: the llama head, or
     with `span` the model's own (span.py)."""
     if span is not None:
@@ -249,10 +249,10 @@ def logits_of(model: Any, h: mx.array, rows: list[int], span: Span | None = None
 
 
 # Fresh prompts up to this long attend as one group in a step, right-padded to a
-# multiple of PACK_TO tokens: one group's ops instead of one group per prompt, each
-# about 40 ms a prompt here (16 prompts of 5 tokens: 0.91 s for their step, one of 80
-# tokens 0.26-0.40 s). Padding keys come after every real one: the causal mask keeps
-# them out of each prompt's own attention, and its cache gets only its own keys.
+# multiple of PACK_TO tokens: one group's ops instead of one group per prompt (a
+# group's fixed cost is most of a short prompt's). Padding keys come after every real
+# one: the causal mask keeps them out of each prompt's attention, and its cache gets
+# only its own keys.
 PACK_MAX = 64
 PACK_TO = 8
 
@@ -263,7 +263,7 @@ class PackCache:
 
     offset = 0
 
-    def __init__(self, caches: list[Any], lens: list[int]) -> None:
+    def __init__(self, caches: list[LayerCache], lens: list[int]) -> None:
         self.caches, self.lens = caches, lens
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
@@ -271,7 +271,7 @@ class PackCache:
             c.update_and_fetch(keys[i : i + 1, :, :n], values[i : i + 1, :, :n])
         return keys, values
 
-    def make_mask(self, N: int, return_array: bool = False, window_size: Any = None) -> Any:
+    def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None) -> Mask:
         return "causal"
 
 
@@ -301,7 +301,7 @@ def _chunk_group(chunks: list[Chunk], pack: list[int], layers: int) -> Group:
 
 
 def fused_step(
-    model: Any,
+    model: Model,
     dec: list[int] | mx.array,
     dec_groups: DecGroups,
     chunks: list[Chunk],
@@ -361,7 +361,7 @@ def fused_step(
 
 
 def step_forward(
-    model: Any,
+    model: Model,
     dec: list[int],
     dec_groups: DecGroups,
     chunks: list[Chunk],
@@ -375,7 +375,7 @@ def step_forward(
     return plain_step(model, span, dec, dec_groups, chunks)
 
 
-def matmul_table(model: Any, max_rows: int = 64, reps: int = 3) -> list[float]:
+def matmul_table(model: Model, max_rows: int = 64, reps: int = 3) -> list[float]:
     """Seconds of one step's weight matmuls for 0..max_rows rows (index = rows),
     timed on the first layer and scaled to all of them: the scheduler sizes
     prompt chunks from it, as the cost is far from linear in the rows on some

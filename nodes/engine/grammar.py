@@ -17,13 +17,15 @@ compact form (a random or weak model padded it for ever).
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from exo.nodes.engine.mlxenv import mx
 
 if TYPE_CHECKING:
+    from llguidance import LLTokenizer
+
     from exo.nodes.engine.model import LoadedModel
 
 # A schema's text as the API passes it on (SamplingParams.json_schema); longer is refused.
@@ -31,7 +33,7 @@ MAX_SCHEMA_CHARS = 64 * 1024
 ANY_OBJECT = '{"type": "object"}'
 
 
-def _tokenizer(lm: LoadedModel, vocab: int) -> Any:
+def _tokenizer(lm: LoadedModel, vocab: int) -> LLTokenizer:
     """llguidance's view of the model's tokenizer, made once per loaded model."""
     import llguidance.hf
 
@@ -49,9 +51,7 @@ class Constraint:
     """One request's grammar state: a JSON schema's text, or a lark grammar (a
     forced tool call: tools.py). ValueError when it does not compile."""
 
-    def __init__(
-        self, lm: LoadedModel, schema: str | None = None, lark: str | None = None
-    ) -> None:
+    def __init__(self, lm: LoadedModel, schema: str | None = None, lark: str | None = None) -> None:
         import llguidance
         import llguidance.numpy as lln
 

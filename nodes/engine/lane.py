@@ -7,18 +7,16 @@ prompt that arrives while streams decode goes through the model here, on this
 lane's thread and MLX stream, in chunks of up to CHUNK tokens, and joins the
 batch once prefilled. The step loop never carries it: the streams' steps keep
 their length and the prompt prefills at about its speed on an idle machine
-(bench stall, BENCHMARKS.md). Three things make the difference, measured here
-(4 streams decoding, a 1k-token prompt in 128-token chunks beside them):
+(bench stall, BENCHMARKS.md). Three things make the difference (figures in
+docs/NOTES.md):
 - The lane evaluates a layer at a time. MLX throttles every stream together on
   the tasks in flight, so a whole chunk queued at once made each decode step wait
-  behind it: 2.6x longer steps. A layer at a time: 1.18x.
+  behind it.
 - OpenBLAS runs one thread per caller while the lane works (`mlxenv.blas_threads`):
-  two callers each asking for two threads on two cores made the steps 2.7x.
+  two callers each asking for two threads on two cores oversubscribe them.
 - The lane's threads run at nice 19 (`NICE`). The step loop wakes its own threads
   hundreds of times a step (MLX hands each op to its stream's worker); at equal
-  priority they queued behind the lane for a core (`exo-tools bench lane`, 2k
-  prompt): the streams' steps 1.16-1.24x as long as with the lane held;
-  at nice 19 1.06-1.10x, the prompt prefilling ~15% slower.
+  priority they queued behind the lane for a core (`exo-tools bench lane`).
 Decodes and the lane's results meet in the engine's step, on its thread: the lane
 hands back each prompt's last logits (evaluated) and its KV cache, complete.
 
@@ -47,10 +45,13 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from exo.nodes.engine.forward import Chunk, fused_step
-from exo.nodes.engine.mlxenv import blas_threads, mx
+from exo.nodes.engine.mlxenv import LayerCache, blas_threads, mx
+
+if TYPE_CHECKING:
+    from exo.nodes.engine.request import Request
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def lane_default() -> bool:
 
 @dataclass
 class Prompt:
-    req: Any  # request.Request: its prompt, cache and progress
+    req: Request  # its prompt, cache and progress
     cancelled: bool = False
     since: float = field(default_factory=time.monotonic)  # when it came to the lane
 
@@ -88,16 +89,19 @@ class Pass:
 
     batch: list[tuple[Prompt, int]]
     layer: int = 0
-    hs: list[Any] = field(default_factory=list)
+    hs: list[mx.array | None] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
     # Taken when the pass begins: a cancel drops a request's cache on the engine's
     # thread, but the pass goes on writing the one it holds (then throws it away).
     toks: list[list[int]] = field(init=False)
-    caches: list[Any] = field(init=False)
+    caches: list[list[LayerCache]] = field(init=False)
 
     def __post_init__(self) -> None:
         self.toks = [j.req.prompt[j.req.prefilled : j.req.prefilled + n] for j, n in self.batch]
-        self.caches = [j.req.cache for j, _ in self.batch]
+        self.caches = []
+        for j, _ in self.batch:
+            assert j.req.cache is not None, "a prompt comes to the lane with its cache"
+            self.caches.append(j.req.cache)
 
 
 _NEW_STREAM = threading.Lock()
@@ -113,7 +117,7 @@ class Lane:
         self.chunk = chunk
         self._cv = threading.Condition()
         self._prompts: list[Prompt] = []
-        self._landed: list[tuple[Any, mx.array | None]] = []
+        self._landed: list[tuple[Request, mx.array | None]] = []
         self._pass: Pass | None = None
         self._busy = False  # a thread is running layers of the pass
         self._threads: dict[bool, threading.Thread] = {}  # urgent? -> its thread
@@ -140,7 +144,7 @@ class Lane:
                 r.rid == rid for r, _ in self._landed
             )
 
-    def submit(self, req: Any) -> None:
+    def submit(self, req: Request) -> None:
         self._start(urgent=False)
         if not self.single_blas:
             # Safe now: the lane is idle (see release_blas) and the engine's own
@@ -189,7 +193,7 @@ class Lane:
                     j.cancelled = True
             self._landed = [(r, x) for r, x in self._landed if r.rid != rid]
 
-    def take(self) -> list[tuple[Any, mx.array | None]]:
+    def take(self) -> list[tuple[Request, mx.array | None]]:
         """Prompts prefilled since the last call, with their last position's logits
         (None: the lane failed on it)."""
         with self._cv:

@@ -3,9 +3,7 @@
 mlx-lm keeps a Linear's weight as [out, in] and multiplies `x @ weight.T`. On the
 CPU backend that goes to OpenBLAS's sgemm with the weight transposed, which is
 20-30% slower than the same product over the weight stored [in, out]
-(SmolLM2's matmuls for a 4-row decode step: 122 ms against 87 on one thread,
-125 against 102 on two; a 256-token chunk 1.12 s against 1.00 on one thread,
-0.80 against 0.58 on two: BENCHMARKS.md). A decode step reads every weight once
+(docs/NOTES.md). A decode step reads every weight once
 for a handful of rows, so the layout is most of its time. So a node on the CPU
 backend stores its float weights transposed once, at load, and multiplies them
 as they lie. Same parameters, same memory; the embedding lookup reads a
@@ -15,7 +13,7 @@ column per token instead of a row, a few thousand scattered reads a step.
 from __future__ import annotations
 
 import os
-from typing import Any, cast
+from typing import cast
 
 from exo.nodes.engine.mlxenv import mx  # before mlx.nn: it loads OpenBLAS for MLX (mlxenv.py)
 
@@ -96,7 +94,7 @@ def _swap(m: nn.Module) -> nn.Module | None:
     kind = type(m)
     if kind not in (nn.Linear, nn.Embedding) or m.weight.dtype not in FLOATS:
         return None
-    new: Any = (
+    new: nn.Module = (
         InputMajorLinear(cast(nn.Linear, m))
         if kind is nn.Linear
         else InputMajorEmbedding(cast(nn.Embedding, m))
@@ -105,7 +103,7 @@ def _swap(m: nn.Module) -> nn.Module | None:
     return new
 
 
-def embedding_dims(embedding: Any) -> int:
+def embedding_dims(embedding: nn.Module) -> int:
     """The width of an embedding layer: either layout, or quantized (its weight
     packs 32 // bits values into each uint32)."""
     if isinstance(embedding, InputMajorEmbedding):

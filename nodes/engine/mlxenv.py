@@ -14,7 +14,7 @@ import logging
 import os
 import platform
 import sys
-from typing import cast
+from typing import Any, TypeAlias, cast
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,16 @@ def _preload_openblas() -> None:
 _preload_openblas()
 
 import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+
+# What mlx-lm leaves loose, typed once. A model is an nn.Module whose layers and
+# arguments are its own attributes (Module's __getattr__: untyped). A layer's cache is
+# one of mlx-lm's KVCache, RotatingKVCache, ArraysCache... or this project's RowCache:
+# they share no public base class, and mlx-lm passes them as Any itself.
+Model: TypeAlias = nn.Module
+LayerCache: TypeAlias = Any
+# An attention mask as mlx-lm makes them: none, "causal", or an array
+Mask: TypeAlias = mx.array | str | None
 
 if blas == "reference":
     log.warning(

@@ -15,10 +15,14 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-from exo.nodes.engine.mlxenv import mx
+from exo.nodes.engine.mlxenv import Model, mx, nn
 from exo.nodes.engine.span import SPLITTABLE, Span, UnsupportedModel
+
+if TYPE_CHECKING:
+    from llguidance import LLTokenizer
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +52,8 @@ class Part:
 @dataclass
 class LoadedModel:
     model_id: str
-    model: Any
-    tokenizer: Any
+    model: Model
+    tokenizer: TokenizerWrapper
     context: int
     eos: set[int]
     part: Part | None = None  # None: the whole model
@@ -63,7 +67,7 @@ class LoadedModel:
     fused: bool = False  # the llama block's fused step (forward.py) runs it
     # Special tokens that never reach text (chat markers such as <|im_end|>): see unspoken()
     hidden: frozenset[int] = frozenset()
-    grammar_view: Any = None  # llguidance's view of its tokenizer (grammar.py), made once
+    grammar_view: LLTokenizer | None = None  # llguidance's, made once (grammar.py)
 
     @property
     def layers(self) -> int:
@@ -116,8 +120,8 @@ def load_model(model_id: str, path: Path, part: Part | None = None) -> LoadedMod
     else:
         span, keep = _cut(model_id, model, part)
     # Only this stage's weights are read; the rest stay unloaded, lazy arrays.
-    params: list[Any] = [
-        v for m in keep for _, v in cast(list[tuple[str, Any]], tree_flatten(m.parameters()))
+    params: list[mx.array] = [
+        v for m in keep for _, v in cast(list[tuple[str, mx.array]], tree_flatten(m.parameters()))
     ]
     mx.eval(params)
     nbytes = sum(v.nbytes for v in params)
@@ -146,7 +150,7 @@ def load_model(model_id: str, path: Path, part: Part | None = None) -> LoadedMod
     return lm
 
 
-def _cut(model_id: str, model: Any, part: Part) -> tuple[Span, list[Any]]:
+def _cut(model_id: str, model: Model, part: Part) -> tuple[Span, list[nn.Module]]:
     """The model cut down to `part`'s layers: its span, and the modules whose
     weights it holds (the embedding on the first stage, the head on the last)."""
     inner = model.model
@@ -169,7 +173,7 @@ def _cut(model_id: str, model: Any, part: Part) -> tuple[Span, list[Any]]:
     return span, keep
 
 
-def unspoken(tokenizer: Any) -> frozenset[int]:
+def unspoken(tokenizer: TokenizerWrapper) -> frozenset[int]:
     """The tokenizer's special tokens, less the markers a parser reads in the text
     (tool calls) or the engine routes itself (thinking): a model that emits a chat
     marker mid-answer (or past EOS, with ignore_eos) shows no `<|im_end|>` to users."""
@@ -186,7 +190,7 @@ def unspoken(tokenizer: Any) -> frozenset[int]:
     return frozenset(ids)
 
 
-def kv_bytes_per_token(model: Any) -> int:
+def kv_bytes_per_token(model: Model) -> int:
     args: Any = getattr(model, "args", None)
     try:
         heads = args.num_key_value_heads or args.num_attention_heads

@@ -14,9 +14,12 @@ from __future__ import annotations
 import statistics
 from collections import deque
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from exo.nodes.engine.scheduler import Pending, PrefillCost, StepPlan, Work, plan
+
+if TYPE_CHECKING:
+    from exo.nodes.engine.model import LoadedModel
 
 # While streams decode, the prefill work in a step is sized from measurement so
 # the step takes at most max_stall times a decode-only step: the streams' inter-
@@ -25,7 +28,7 @@ from exo.nodes.engine.scheduler import Pending, PrefillCost, StepPlan, Work, pla
 # between a 2-core CPU and an M-series GPU, so no fixed token count fits both.
 DEFAULT_MAX_STALL = 1.5
 # With nothing decoding a prompt goes in chunks of this size: on MLX's CPU backend
-# 256-token chunks prefill 2k tokens faster than one 2k pass (23 s vs 40 s here).
+# 256-token chunks prefill a long prompt faster than one whole pass.
 DEFAULT_IDLE_BUDGET = 256
 MIN_CHUNK = 2
 MAX_CHUNK = 1024
@@ -40,7 +43,7 @@ class Prompt(Protocol):
     """A request waiting for prefill, as the pacer sees it."""
 
     rid: str
-    lm: Any  # its LoadedModel
+    lm: LoadedModel
     prefilled: int
     inflight: int  # tokens of a chunk part-way through the model (0: none)
     through: int  # layers that chunk has been through

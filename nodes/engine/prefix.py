@@ -27,11 +27,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from exo.nodes.engine.mlxenv import mx
+from exo.nodes.engine.mlxenv import LayerCache, mx
+
+if TYPE_CHECKING:
+    from exo.nodes.engine.model import LoadedModel
 
 MIN_TOKENS = 16  # a shorter match saves less than the copy costs to arrange
 MAX_DIGESTS = 64  # per entry: the longest prefixes of a conversation (its last turns)
@@ -39,7 +42,7 @@ REPORTED = 512  # digests a node reports per model, most recently used entries f
 KV = list[tuple[mx.array, mx.array]]  # per layer: keys, values [1, heads, tokens, dim]
 
 
-def supports(lm: Any) -> bool:
+def supports(lm: LoadedModel) -> bool:
     """Whether `lm`'s requests can start from a cached prefix (see the module)."""
     from mlx_lm.models.cache import KVCache
 
@@ -132,7 +135,7 @@ class PrefixCache:
         return self._longest(model_id, prompt)[1]
 
     @staticmethod
-    def fill(cache: list[Any], entry: Entry, n: int) -> None:
+    def fill(cache: list[LayerCache], entry: Entry, n: int) -> None:
         """Write the entry's first `n` positions into a request's fresh caches."""
         for c, (k, v) in zip(cache, entry.kv, strict=True):
             c.update_and_fetch(k[:, :, :n, :], v[:, :, :n, :])

@@ -7,12 +7,16 @@ import enum
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-from exo.nodes.engine.mlxenv import floats, mx
+from exo.broker import protocol as P
+from exo.nodes.engine.mlxenv import LayerCache, floats, mx
 from exo.nodes.engine.model import LoadedModel
 from exo.nodes.engine.sampling import Sampler, SamplingParams, StopMatcher
 from exo.nodes.engine.tools import ToolText, chat_parts, template_kwargs
+
+if TYPE_CHECKING:
+    from mlx_lm.tokenizer_utils import StreamingDetokenizer
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +42,10 @@ class Request:
     lm: LoadedModel
     prompt: list[int]
     params: SamplingParams
-    wire: dict[str, Any]  # the sampling parameters as sent, for a pipeline's last stage
     sampler: Sampler
-    cache: list[Any] | None  # own KV cache while prefilling; None once in the decode batch
+    cache: list[LayerCache] | None  # own KV cache while prefilling; None once in the decode batch
     stop: StopMatcher
-    detok: Any
+    detok: StreamingDetokenizer
     limit: int  # the tokens it may generate (book.Book._room)
     kv_reserved: int = 0
     prefilled: int = 0
@@ -65,7 +68,7 @@ class Request:
     admitted: bool = False  # given its cache (and its KV reserved)
     cached: int = 0  # prompt tokens it started with from the prefix cache (prefix.py)
     # what it was asked, as sent (kind, payload): its prefix digests (common/digests.py)
-    asked: tuple[str, Any] = ("", None)
+    asked: tuple[str, P.Payload] = ("", "")
     sampled: list[int] = field(default_factory=list)  # every token it drew, EOS included
     # echo with logprobs: its prompt tokens' entries, filled as its chunks go through
     # (score); None: its prompt is not scored
@@ -227,7 +230,7 @@ def thinking_markers(lm: LoadedModel, prompt: list[int]) -> tuple[tuple[int, int
     return (start[0], end[0]), tok.rfind_think_start(prompt) > tok.rfind_think_end(prompt)
 
 
-def encode_prompt(lm: LoadedModel, kind: str, payload: Any, tools: bool = True) -> list[int]:
+def encode_prompt(lm: LoadedModel, kind: str, payload: P.Payload, tools: bool = True) -> list[int]:
     """`tools`: render the payload's tools (tool_choice "none" leaves them out)."""
     tok = lm.tokenizer
     if kind == "chat":

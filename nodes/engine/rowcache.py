@@ -25,9 +25,12 @@ them under SPLIT_KEYS per group.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
-from exo.nodes.engine.mlxenv import mx
+from exo.nodes.engine.mlxenv import Mask, mx
+
+if TYPE_CHECKING:
+    from mlx_lm.models.cache import KVCache
 
 STEP = 256  # columns added at a time, as BatchKVCache
 
@@ -57,7 +60,7 @@ class RowCache:
         self.gaps = [False]
 
     @classmethod
-    def of(cls, kv: Any) -> RowCache:
+    def of(cls, kv: KVCache) -> RowCache:
         """From a request's prefilled KVCache."""
         return cls(kv.keys, kv.values, int(kv.offset))
 
@@ -82,7 +85,7 @@ class RowCache:
         self.offset = self.offset + n
         return self.keys[: self.rows, :, :b, :], self.values[: self.rows, :, :b, :]
 
-    def make_mask(self, N: int, return_array: bool = False, window_size: Any = None) -> Any:
+    def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None) -> Mask:
         """Which keys each of N new queries sees: [rows, 1, N, idx + N], or as
         mlx-lm's plain caches when no row has masked columns and no window limits
         them. `window_size`: a query sees only the keys less than that many
@@ -117,7 +120,7 @@ class RowCache:
 
     # -- rows joining and leaving -----------------------------------------------------
 
-    def insert(self, kv: Any, coming: int = 0) -> None:
+    def insert(self, kv: KVCache, coming: int = 0) -> None:
         """Add a request's prefilled KVCache as the last row. `coming`: rows about to
         join after it, in the same step: room for them too, in one copy (16 rows
         joining one by one grew the buffers a dozen times: a 0.77 s step)."""

@@ -10,7 +10,12 @@ prefilled over several steps.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # (no MLX at run time: the plan is tested without a model)
+    from exo.nodes.engine.mlxenv import mx
+    from exo.nodes.engine.request import Request
+    from exo.nodes.engine.threads import Option
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,8 +54,8 @@ def plan(decoding: list[str], waiting: list[Pending], budget: int, min_chunk: in
 
 KEYS = 1000.0  # features count attention work in thousands of cached keys
 # Chunk sizes tried when a prompt goes through a few layers per step: past 128
-# tokens a layer's chunk costs more per token on this CPU (0.2-0.3 ms per token
-# and layer at 256 against 0.14 at 128; its activations leave the caches).
+# tokens a layer's chunk costs more per token on a CPU (its activations leave the
+# caches).
 SIZES = (8, 16, 32, 64, 128)
 
 # A prompt chunk in a step: (tokens, keys already cached, share of the model's
@@ -216,12 +221,11 @@ class PrefillCost:
 class Executed:
     """What a step's execution gives its commit and its observer."""
 
-    # (requests, their sampled tokens): request.Request, a lazy mx.array
-    sampled: list[tuple[list[Any], Any]] = field(default_factory=list)
-    joined: list[Any] = field(default_factory=list)  # prompts finished this step
+    sampled: list[tuple[list[Request], mx.array]] = field(default_factory=list)  # (lazy)
+    joined: list[Request] = field(default_factory=list)  # prompts finished this step
     work: list[Work] = field(default_factory=list)  # its chunks, for the cost model
     work_model: str = ""  # whose chunks those are
     timed: bool = True  # whether its time says what its work cost
     dec_rows: int = 0
     pure: bool = False  # decodes only, all computed here
-    option: Any = None  # the OpenBLAS threads chosen for it (threads.ThreadOption)
+    option: Option | None = None  # the OpenBLAS threads chosen for it

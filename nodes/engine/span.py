@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from exo.nodes.engine.mlxenv import mx
+from exo.nodes.engine.mlxenv import LayerCache, Model, mx, nn
 
 # Architectures whose stages are checked token by token against mlx-lm
 # (tests/test_architectures.py); the broker places a split of no other.
@@ -89,7 +89,7 @@ class _Hooked:
     """A layer of the range: the entering state replaces its input (`enter`), and
     its output ends the forward (`leave`)."""
 
-    def __init__(self, layer: Any, enter: mx.array | None, leave: bool) -> None:
+    def __init__(self, layer: nn.Module, enter: mx.array | None, leave: bool) -> None:
         self.layer, self.enter, self.leave = layer, enter, leave
 
     def __getattr__(self, name: str) -> Any:
@@ -105,7 +105,7 @@ class _Hooked:
 class _Mask5D:
     """A cache whose masks get gemma2's extra head axis (MASK_5D)."""
 
-    def __init__(self, cache: Any) -> None:
+    def __init__(self, cache: LayerCache) -> None:
         self.cache = cache
 
     def __getattr__(self, name: str) -> Any:
@@ -138,7 +138,7 @@ class Span:
     passes: list[_Pass] = field(default_factory=list, repr=False)  # per layer of the model
 
     @classmethod
-    def of(cls, model: Any, start: int = 0, end: int | None = None) -> Span:
+    def of(cls, model: Model, start: int = 0, end: int | None = None) -> Span:
         """Made from the whole model, before its layers are cut to the range."""
         layers = model.model.layers
         check_caches(model)
@@ -150,7 +150,7 @@ class Span:
             [_Pass(_plain(layer)) for layer in layers],
         )
 
-    def _call(self, model: Any, layers: list[Any], ids: mx.array, cache: Any) -> Any:
+    def _call(self, model: Model, layers: list[Any], ids: mx.array, cache: Any) -> Any:
         inner = model.model
         mine = inner.layers
         inner.layers = layers
@@ -160,7 +160,7 @@ class Span:
             inner.layers = mine
 
     def forward(
-        self, model: Any, ids: mx.array | None, h: mx.array | None, caches: list[Any]
+        self, model: Model, ids: mx.array | None, h: mx.array | None, caches: list[LayerCache]
     ) -> mx.array:
         """The range's layers over one group of rows: token ids [B, L] (the first
         stage) or entering hidden states `h` [B, L, D] -> hidden states [B, L, D]
@@ -186,7 +186,7 @@ class Span:
             return e.h
         raise AssertionError("the range's last layer did not run")
 
-    def logits(self, model: Any, h: mx.array) -> mx.array:
+    def logits(self, model: Model, h: mx.array) -> mx.array:
         """Hidden states [R, D] after the model's last layer -> logits [R, V], by the
         model's own final norm, head and whatever it does to logits."""
         layers: list[Any] = list(self.passes)
@@ -195,7 +195,7 @@ class Span:
         return out[0]
 
 
-def check_caches(model: Any) -> None:
+def check_caches(model: Model) -> None:
     """A model is run here when each of its layers keeps plain keys and values
     (mlx-lm's KVCache, or RotatingKVCache for a sliding window): the batched
     engine keeps those per row (rowcache.py). State-space and chunked caches are
@@ -211,7 +211,7 @@ def check_caches(model: Any) -> None:
         )
 
 
-def new_cache(layers: int) -> list[Any]:
+def new_cache(layers: int) -> list[LayerCache]:
     """A request's cache for `layers` layers: a plain KVCache each, sliding-window
     layers included (their window is a mask, module doc)."""
     from mlx_lm.models.cache import KVCache

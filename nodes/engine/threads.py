@@ -48,12 +48,12 @@ EARLY = 2
 DROP = 1.3
 # Decode-only steps a batch size runs on its nearest chosen neighbour's choice before
 # it is explored: an exploration's steps run on the slower choices too, and a size
-# that comes and goes (a prompt's 16 tokens decoding beside four streams: 5 rows on two
-# threads, 0.21-0.31 s a step against 0.18-0.21 on one) never earns that back.
+# that comes and goes (a short prompt decoding beside four streams) never earns that
+# back (docs/NOTES.md).
 SETTLE = 32
 # How near (in rows) a chosen size must be to stand in for a new one: beyond it, how
-# OpenBLAS splits the products differs (two threads: 8 rows 103 ms of matmuls, 12 rows
-# 168, 16 rows 109), and the new size is explored at once.
+# OpenBLAS splits the products differs (12 rows can cost more than 16), and the new
+# size is explored at once.
 NEAR = 2
 
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 HEX_BYTE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")  # sentencepiece's byte fallback
 
@@ -30,7 +33,7 @@ def raw_bytes(piece: str) -> bytes:
     return piece.replace("\u2581", " ").encode()
 
 
-def entry(tokenizer: Any, token: int, hidden: frozenset[int]) -> dict[str, Any]:
+def entry(tokenizer: TokenizerWrapper, token: int, hidden: frozenset[int]) -> dict[str, Any]:
     """{"token": its text, "bytes": its bytes (None for a special token)}."""
     text = tokenizer.decode([token])
     if token in hidden:

@@ -14,21 +14,25 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from exo.broker.protocol import Payload
 from exo.common.json_schema import closed
+
+if TYPE_CHECKING:
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 log = logging.getLogger(__name__)
 
 
-def chat_parts(payload: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+def chat_parts(payload: Payload) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
     """A chat payload: a list of messages, or {messages, tools?, template?}."""
     if isinstance(payload, dict):
         return list(payload.get("messages") or []), payload.get("tools") or None
     return list(payload), None
 
 
-def template_kwargs(payload: Any) -> dict[str, Any]:
+def template_kwargs(payload: Payload) -> dict[str, Any]:
     """The chat template's own switches a request sets (`enable_thinking`...):
     plain values only."""
     given = payload.get("template") if isinstance(payload, dict) else None
@@ -44,7 +48,7 @@ def template_kwargs(payload: Any) -> dict[str, Any]:
 class ToolText:
     """Holds back a tool call's text from the content and parses it at the end."""
 
-    def __init__(self, tokenizer: Any, tools: list[dict[str, Any]]) -> None:
+    def __init__(self, tokenizer: TokenizerWrapper, tools: list[dict[str, Any]]) -> None:
         self.start = tokenizer.tool_call_start
         self.end: str = getattr(tokenizer, "tool_call_end", None) or ""
         self.parse = tokenizer._tool_parser
@@ -100,7 +104,9 @@ class ToolText:
         return out, self.tail + rest
 
 
-def forced_grammar(tokenizer: Any, tools: list[dict[str, Any]], choice: str) -> str | None:
+def forced_grammar(
+    tokenizer: TokenizerWrapper, tools: list[dict[str, Any]], choice: str
+) -> str | None:
     """A lark grammar holding the output to one call (tool_choice "required": of
     any tool; else the named one), in the model's own syntax; None when the model's
     syntax is not the JSON one (`<tool_call>{"name", "arguments"}</tool_call>`)."""

@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -37,7 +38,7 @@ def chip() -> str:
     return platform.processor() or platform.machine()
 
 
-def gather(models: list[str], blas: str, models_dir: Path | None = None) -> dict:
+def gather(models: list[str], blas: str, models_dir: Path | None = None) -> dict[str, Any]:
     vm = psutil.virtual_memory()
     disk_free = 0
     if models_dir is not None:

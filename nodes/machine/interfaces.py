@@ -19,6 +19,7 @@ import re
 import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -39,7 +40,7 @@ class Interface:
     source: str = "detected"  # file | alias | detected
     networks: list[str] = field(default_factory=list)  # "addr/prefix", to pair ends into links
 
-    def public(self) -> dict:
+    def public(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -110,7 +111,7 @@ def parse_networksetup(text: str) -> dict[str, str]:
     return out
 
 
-def thunderbolt_generation(profile: dict) -> int:
+def thunderbolt_generation(profile: dict[str, Any]) -> int:
     """From `system_profiler SPThunderboltDataType -json`: 5 when any port links at
     80 Gb/s or more (Thunderbolt 5), else 4 (or older)."""
     best = 0

@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -26,7 +27,7 @@ class Device:
     def usable(self) -> bool:
         return any(p.state == "PORT_ACTIVE" for p in self.ports)
 
-    def public(self) -> dict:
+    def public(self) -> dict[str, Any]:
         return {**asdict(self), "usable": self.usable}
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import Counter
-from typing import Any
 
 import numpy as np
 import zmq
@@ -33,7 +32,7 @@ DOMAIN = "exo-peers"  # the ZAP domain of the peer ROUTER
 class PeerSockets:
     def __init__(
         self,
-        ctx: zmq.Context,
+        ctx: zmq.Context[zmq.Socket[bytes]],
         peer_id: str,
         host: str = "0.0.0.0",
         port: int = 0,
@@ -63,7 +62,7 @@ class PeerSockets:
             self.port = port
         else:
             self.port = self.router.bind_to_random_port(f"tcp://{host}")
-        self.dealers: dict[str, zmq.Socket] = {}
+        self.dealers: dict[str, zmq.Socket[bytes]] = {}
         self.sent: Counter[str] = Counter()  # bytes per endpoint
         self.received = 0
         self.received_from: Counter[str] = Counter()  # bytes per peer address
@@ -71,7 +70,7 @@ class PeerSockets:
         self.rates: dict[str, dict[str, float]] = {}
         self.dropped = P.Counters()
 
-    def _dealer(self, endpoint: str) -> zmq.Socket:
+    def _dealer(self, endpoint: str) -> zmq.Socket[bytes]:
         sock = self.dealers.get(endpoint)
         if sock is None:
             sock = self.ctx.socket(zmq.DEALER)
@@ -87,7 +86,7 @@ class PeerSockets:
         return sock
 
     def send(self, endpoint: str, msg: P.Msg, tensor: mx.array | None = None) -> None:
-        frames: list[Any] = [P.encode(msg)]
+        frames: list[bytes | memoryview] = [P.encode(msg)]
         if tensor is not None:  # (mlx's stubs leave out the buffer protocol it has)
             frames.append(memoryview(tensor))  # type: ignore[arg-type]
         try:
@@ -113,11 +112,11 @@ class PeerSockets:
         sender = None
         if self.cluster is not None:
             with contextlib.suppress(zmq.ZMQError):
-                sender = parts[-1].get("User-Id")
+                sender = str(parts[-1].get("User-Id"))
         size = sum(len(p.buffer) for p in parts[1:])
         self.received += size
         with contextlib.suppress(zmq.ZMQError):
-            self.received_from[parts[-1].get("Peer-Address")] += size
+            self.received_from[str(parts[-1].get("Peer-Address"))] += size
         try:
             msg = P.decode(parts[1].buffer, max_frame=P.MAX_FRAME) if len(parts) >= 2 else None
         except P.ProtocolError as e:

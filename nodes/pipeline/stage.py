@@ -16,16 +16,15 @@ memory within one step of stage 0 seeing it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
 from exo.broker import protocol as P
 from exo.nodes.engine.batch import Batch, sample_rows
-from exo.nodes.engine.mlxenv import ints, mx
+from exo.nodes.engine.mlxenv import LayerCache, ints, mx
 from exo.nodes.engine.model import LoadedModel
 from exo.nodes.engine.prefix import KV, Entry, PrefixCache, copied
-from exo.nodes.engine.sampling import Sampler, SamplingParams, sampler_for
+from exo.nodes.engine.sampling import Sampler, sampler_for
 
 EMPTY = np.zeros(0, dtype=np.int32)
 
@@ -44,14 +43,14 @@ class SamplerRow:
 class StageRunner:
     lm: LoadedModel
     batch: Batch = field(default_factory=Batch)
-    caches: dict[str, list[Any]] = field(default_factory=dict)  # requests still prefilling
+    caches: dict[str, list[LayerCache]] = field(default_factory=dict)  # requests still prefilling
     samplers: dict[str, Sampler] = field(default_factory=dict)  # last stage only
     # this stage's part of stage 0's prefix cache entries, by stage 0's key
     entries: dict[str, KV] = field(default_factory=dict)
     steps: int = 0
     last_step: int = 0  # stage 0's number of the last step run here
     # the last step's log probabilities, per request that asks (last stage only)
-    logprobs: dict[str, list[Any]] = field(default_factory=dict)
+    logprobs: dict[str, list[P.Logprob]] = field(default_factory=dict)
 
     @property
     def width(self) -> int:
@@ -108,7 +107,7 @@ class StageRunner:
                     raise StageError(f"request {rid} starts from a cached prefix this stage lacks")
                 PrefixCache.fill(self.caches[rid], Entry(EMPTY, self.entries[key], 0), n)
             if self.last:
-                self.samplers[rid] = sampler_for(lm, SamplingParams.from_wire(params))
+                self.samplers[rid] = sampler_for(lm, params)
         for key in header.forget:
             self.entries.pop(key, None)
         for rid in header.drops:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, KeysView
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from exo.broker import protocol as P
 from exo.common.retry import STEP_RESEND_MIN_S, STEP_RESEND_X
@@ -21,6 +21,10 @@ from exo.nodes.engine.batch import Batch
 from exo.nodes.engine.mlxenv import mx
 from exo.nodes.engine.model import LoadedModel
 from exo.nodes.engine.scheduler import StepPlan, Work
+
+if TYPE_CHECKING:
+    from exo.nodes.engine.forward import Chunk
+    from exo.nodes.engine.request import Request
 
 Hop = Callable[[LoadedModel, P.Act, mx.array], None]
 
@@ -30,8 +34,8 @@ class Remote:
     """A step out at the later stages."""
 
     step: int
-    rows: list[Any]  # request.Request: the decode rows, in batch order
-    chunks: list[Any]  # requests that sent a prompt chunk
+    rows: list[Request]  # the decode rows, in batch order
+    chunks: list[Request]  # requests that sent a prompt chunk
     plan: StepPlan
     work: list[Work]  # its chunks, for the cost model
     t0: float
@@ -90,8 +94,8 @@ class Stage0:
         self,
         lm: LoadedModel,
         batch: Batch,
-        rows: list[Any],
-        chunks: list[tuple[Any, Any]],
+        rows: list[Request],
+        chunks: list[tuple[Request, Chunk]],
         step: int,
         t0: float,
     ) -> None:
@@ -116,7 +120,7 @@ class Stage0:
             chunks=[(r.rid, len(c.tokens), bool(c.logits)) for r, c in chunks],
             shape=list(h.shape),
             # (a request's first chunk: nothing of it sent yet, cached or not)
-            new={r.rid: r.wire for r, _ in chunks if r.prefilled == r.cached},
+            new={r.rid: r.params for r, _ in chunks if r.prefilled == r.cached},
             drops=self.drops.pop(lm.model_id, []),
         )
         reuses = self.reuses.get(lm.model_id, {})

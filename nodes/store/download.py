@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -28,6 +28,9 @@ from exo.common.names import valid_model_id
 from exo.common.retry import DOWNLOAD
 from exo.nodes.store import manifest
 from exo.nodes.store.manifest import sha256_of
+
+if TYPE_CHECKING:
+    from exo.nodes.store.store import ModelStore
 
 log = logging.getLogger(__name__)
 
@@ -313,7 +316,7 @@ class Downloads:
 
     def __init__(
         self,
-        store: Any,  # store.ModelStore
+        store: ModelStore,
         downloader: Downloader,
         token: str | None,
         done: Callable[[], None],
