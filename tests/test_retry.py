@@ -30,8 +30,9 @@ from exo.broker.deploy import Deployer
 from exo.broker.registry import InFlight, Registry
 from exo.broker.requests import Requests
 from exo.common import retry
+from exo.common.sampling import SamplingParams
 from exo.tools.cluster import LocalCluster
-from tests.helpers import wait_until
+from tests.helpers import sp, wait_until
 
 FAKE = "fake/model"
 TINY = "test/tiny-llama"
@@ -270,7 +271,7 @@ def test_a_submit_sent_twice_runs_once_and_another_frontend_cannot_take_its_id(
     one, two = fronts
     next_of(one, P.Welcome)
     next_of(two, P.Welcome)
-    submit = P.Submit(rid="twice", model=FAKE, kind="completion", payload="x", params={})
+    submit = P.Submit(rid="twice", model=FAKE, kind="completion", payload="x", params=SamplingParams())
     one.send(P.encode(submit))
     next_of(one, P.Accepted)
     wait_until(lambda: a.generates, timeout=30)
@@ -294,7 +295,7 @@ def test_a_node_sent_generate_twice_runs_the_request_once(
 
     h = Harness(tiny_path, tmp_path, monkeypatch)
     try:
-        g = P.Generate(rid="r", model="good", kind="completion", payload=PROMPT, params=GREEDY)
+        g = P.Generate(rid="r", model="good", kind="completion", payload=PROMPT, params=sp(GREEDY))
         h.node.handle(g)
         h.node.tick()
         h.node.handle(g)  # resent while it runs
@@ -333,7 +334,7 @@ def test_the_retry_rule_for_placement() -> None:
         P.Counters(),
         60.0,
     )
-    submit = P.Submit(rid="r", model="m", kind="completion", payload="x", params={})
+    submit = P.Submit(rid="r", model="m", kind="completion", payload="x", params=SamplingParams())
     soon = time.monotonic() + 60
     req.lost(InFlight("r", b"fe", b"n", "m", soon, submit=submit), 503, "node_lost", "gone")
     assert "r" in reg.parked and reg.parked["r"].lost == "gone" and not sent

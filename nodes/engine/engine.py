@@ -17,7 +17,6 @@ import time
 from collections import Counter
 from typing import Any
 
-from exo.broker import protocol as P
 from exo.nodes.engine.ahead import QUEUE_AHEAD, queue_ahead
 from exo.nodes.engine.batch import Batch, sample_rows
 from exo.nodes.engine.book import Book
@@ -30,6 +29,7 @@ from exo.nodes.engine.request import EngineError, Output, Request
 from exo.nodes.engine.scheduler import Executed, StepPlan, Work
 from exo.nodes.engine.threads import ThreadChoice, for_step
 from exo.nodes.engine.watch import DEFAULT_MAX_TTFT_RATIO, YIELD_S, Watch
+from exo.nodes.pipeline.stage0 import StepLogprobs
 
 log = logging.getLogger(__name__)
 
@@ -259,25 +259,18 @@ class Engine(Book):
             for r, c in chunks
         ]
         batch.grow_ahead()
-        untimed = False
+        untimed, cs = False, [c for _, c in chunks]
         ready = self.prefetched.pop(model_id, None)
         if ready is not None and ready.rids == batch.rids:
             # This step's decodes were computed during the last one, so its time
             # says nothing about what its chunks add to a decode step.
             untimed = bool(chunks)
-            _, chunk_logits = step_forward(
-                lm.model, [], [], [c for _, c in chunks], lm.fused, 1, lm.span
-            )
+            _, chunk_logits = step_forward(lm.model, [], [], cs, lm.fused, 1, lm.span)
             sampled.append((rows, ready.toks))
         else:
+            last, groups = [r.last for r in rows], batch.dec_groups()
             dec_logits, chunk_logits = step_forward(
-                lm.model,
-                [r.last for r in rows],
-                batch.dec_groups(),
-                [c for _, c in chunks],
-                lm.fused,
-                pad_to,
-                lm.span,
+                lm.model, last, groups, cs, lm.fused, pad_to, lm.span
             )
             if rows:
                 assert dec_logits is not None
@@ -347,11 +340,7 @@ class Engine(Book):
         return landed
 
     def finish_remote(
-        self,
-        model_id: str,
-        step: int,
-        ids: list[int],
-        logprobs: dict[str, list[P.Logprob]] | None = None,
+        self, model_id: str, step: int, ids: list[int], logprobs: StepLogprobs | None = None
     ) -> list[Output]:
         """The last stage's tokens for a step this node began: decode rows in
         batch order, then the chunks that finished their prompts (and the log

@@ -25,6 +25,7 @@ from exo.nodes.engine.mlxenv import LayerCache, ints, mx
 from exo.nodes.engine.model import LoadedModel
 from exo.nodes.engine.prefix import KV, Entry, PrefixCache, copied
 from exo.nodes.engine.sampling import Sampler, sampler_for
+from exo.nodes.pipeline.stage0 import StepLogprobs
 
 EMPTY = np.zeros(0, dtype=np.int32)
 
@@ -50,7 +51,7 @@ class StageRunner:
     steps: int = 0
     last_step: int = 0  # stage 0's number of the last step run here
     # the last step's log probabilities, per request that asks (last stage only)
-    logprobs: dict[str, list[P.Logprob]] = field(default_factory=dict)
+    logprobs: StepLogprobs = field(default_factory=dict)
 
     @property
     def width(self) -> int:

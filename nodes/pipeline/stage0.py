@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from exo.nodes.engine.request import Request
 
 Hop = Callable[[LoadedModel, P.Act, mx.array], None]
+# A step's log probabilities from the last stage, per request that asks (RESULT's)
+StepLogprobs = dict[str, list[P.Logprob]]
 
 
 @dataclass
