@@ -12,6 +12,7 @@ run: install
 test: install typing
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy tests
 	$(PY) -m pytest
 
 install: system-deps $(VENV)/.installed

@@ -278,13 +278,13 @@ def test_the_broker_resends_a_cancel_until_the_node_acknowledges(
     assert P.decode(fake.recv()).type == "WELCOME"
     status: dict = {"stages": {}}
 
-    def recv(kind: str, timeout: float = 5.0) -> P.Msg:
+    def recv(kind: str, timeout: float = 5.0) -> Any:
         deadline = time.monotonic() + timeout
         while fake.poll(max(1, int((deadline - time.monotonic()) * 1000))):
             msg = P.decode(fake.recv())
             if msg.type == kind:
                 return msg
-            if msg.type == "LOAD":  # the broker places an instance on it first
+            if isinstance(msg, P.Load):  # the broker places an instance on it first
                 status["stages"][msg.instance] = {"state": "ready"}
             if msg.type in ("HEARTBEAT", "LOAD"):
                 fake.send(P.encode("HEARTBEAT", status=status))

@@ -104,7 +104,7 @@ def test_anthropic_messages_create_and_stream(cluster: Any, reference: str) -> N
     again = client.messages.create(
         model=TINY, max_tokens=8, system=SYSTEM, messages=blocks, extra_body={"temperature": 0}
     )
-    assert again.content[0].text == reference  # type: ignore[union-attr]
+    assert again.content[0].text == reference
 
 
 def test_anthropic_count_tokens_counts_what_messages_would_read(cluster: Any) -> None:
@@ -128,11 +128,11 @@ def test_anthropic_errors_come_in_anthropics_shape(cluster: Any) -> None:
         client.messages.create(
             model=TINY, max_tokens=8, messages=turns, extra_body={"thinking": {"type": "enabled"}}
         )
-    assert e.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
-    assert "thinking" in e.value.body["error"]["message"]  # type: ignore[index]
+    assert e.value.body["error"]["type"] == "invalid_request_error"
+    assert "thinking" in e.value.body["error"]["message"]
     with pytest.raises(anthropic.NotFoundError) as nf:
         client.messages.create(model="nobody/nothing", max_tokens=8, messages=turns)
-    assert nf.value.body["error"]["type"] == "not_found_error"  # type: ignore[index]
+    assert nf.value.body["error"]["type"] == "not_found_error"
 
 
 # -- structured output: a random-weight model's output validates, every run ----------
@@ -317,13 +317,13 @@ def test_a_sampling_field_not_honoured_yet_is_refused_by_name_not_ignored(cluste
     turns: Any = [{"role": "user", "content": "x"}]
     with pytest.raises(openai.BadRequestError) as e:  # top_logprobs without logprobs
         client.chat.completions.create(model=TINY, messages=turns, max_tokens=2, top_logprobs=2)
-    assert e.value.body["param"] == "top_logprobs", e.value.body  # type: ignore[index]
+    assert e.value.body["param"] == "top_logprobs", e.value.body
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=TINY, prompt="x", max_tokens=2, suffix="end")
-    assert e.value.body["param"] == "suffix", e.value.body  # type: ignore[index]
+    assert e.value.body["param"] == "suffix", e.value.body
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=TINY, prompt="x", max_tokens=2, best_of=3)
-    assert e.value.body["param"] == "best_of", e.value.body  # type: ignore[index]
+    assert e.value.body["param"] == "best_of", e.value.body
     # what asks for nothing is fine (LangChain sends penalties of 0)
     ok = client.chat.completions.create(
         model=TINY,
@@ -535,7 +535,7 @@ def test_logit_bias_and_penalties_steer_the_tokens(cluster: Any) -> None:
         logit_bias={"300": 100},
         extra_body={"return_token_ids": True, "ignore_eos": True},
     )
-    assert r.choices[0].model_extra["token_ids"] == [300] * 6  # type: ignore[index]
+    assert r.choices[0].model_extra["token_ids"] == [300] * 6
     # a frequency penalty as strong as it goes: greedy never repeats a token here
     r = client.completions.create(
         model=TINY,
@@ -545,7 +545,7 @@ def test_logit_bias_and_penalties_steer_the_tokens(cluster: Any) -> None:
         frequency_penalty=2.0,
         extra_body={"return_token_ids": True, "ignore_eos": True, "top_k": 5, "min_p": 0.01},
     )
-    ids = r.choices[0].model_extra["token_ids"]  # type: ignore[index]
+    ids = r.choices[0].model_extra["token_ids"]
     assert len(ids) == 12
     ol = ollama_client(cluster)
     got = ol.generate(model=TINY, prompt="Once", raw=True, options={"num_predict": 4, "top_k": 1})
@@ -566,7 +566,7 @@ def test_logprobs_for_chat_and_completions_streamed_or_not(cluster: Any) -> None
         top_logprobs=3,
         extra_body={"ignore_eos": True},
     )
-    content = r.choices[0].logprobs.content  # type: ignore[union-attr]
+    content = r.choices[0].logprobs.content
     assert content is not None and len(content) == 5
     for e in content:
         assert e.logprob <= 0 and len(e.top_logprobs) == 3
@@ -675,7 +675,7 @@ def test_anthropic_tool_use_forced_streamed_and_round_trip(cluster: Any) -> None
     )
     assert msg.stop_reason == "tool_use"
     (use,) = [b for b in msg.content if b.type == "tool_use"]
-    assert use.name == "get_weather" and set(use.input) == {"city"}  # type: ignore[arg-type]
+    assert use.name == "get_weather" and set(use.input) == {"city"}
     with client.messages.stream(
         model=TOOLS_MODEL, max_tokens=200, messages=turns, tools=[tool], tool_choice=forced
     ) as stream:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
@@ -25,7 +26,7 @@ def reference_ids(path: Path, prompt: list[int], n: int) -> list[int]:
 
     from exo.nodes.engine.mlxenv import mx
 
-    model, tok = load(str(path))
+    model, tok = load(str(path))[:2]
     out = []
     for t, _ in generate_step(mx.array(prompt), model, max_tokens=n, sampler=make_sampler(0.0)):
         if int(t) in tok.eos_token_ids:
@@ -37,7 +38,7 @@ def reference_ids(path: Path, prompt: list[int], n: int) -> list[int]:
 def chat_prompt(path: Path, messages: list[dict]) -> list[int]:
     from mlx_lm import load
 
-    _, tok = load(str(path), lazy=True)
+    _, tok = load(str(path), lazy=True)[:2]
     return list(tok.apply_chat_template(messages, add_generation_prompt=True))
 
 
@@ -77,7 +78,7 @@ def test_smollm2_streams_paris_with_usage(client: openai.OpenAI) -> None:
 
 
 def test_tiny_chat_matches_mlx_lm_generate(client: openai.OpenAI, tiny_path: Path) -> None:
-    messages = [{"role": "user", "content": "Once upon a time"}]
+    messages: list[Any] = [{"role": "user", "content": "Once upon a time"}]
     r = client.chat.completions.create(
         model=TINY,
         messages=messages,

@@ -53,7 +53,8 @@ def run(
         for args in arrivals.get(step, []):
             if beside is not None and any(b.rids for b in engine.batches.values()):
                 beside.add(args[0])
-            engine.submit(*args[:4], sp(args[4]))
+            rid, model, kind, payload, params = args
+            engine.submit(rid, model, kind, payload, sp(params))
             ids[args[0]] = []
         outs = engine.step()
         plan = engine.last_plan
@@ -326,7 +327,8 @@ def test_a_chunk_split_across_layers_gives_the_logits_of_one_pass(smollm_path: P
         mx.eval(h)
         # layers past the span have not seen the chunk yet
         assert [c.offset for c in split] == [90] * end + [0] * (30 - end)
-    assert h.shape == ref.shape and mx.allclose(h, ref, atol=1e-3).item()
+    assert ref is not None and h is not None and h.shape == ref.shape
+    assert mx.allclose(h, ref, atol=1e-3).item()
 
 
 def test_a_prompt_going_a_layer_per_step_beside_streams_equals_it_run_alone(
@@ -339,7 +341,7 @@ def test_a_prompt_going_a_layer_per_step_beside_streams_equals_it_run_alone(
     engine.add_model(lm)
 
     def one_layer(*args: object, inflight: tuple[int, int] | None = None) -> tuple[int, int]:
-        return (inflight[0] if inflight else min(24, int(args[3]))), 1  # type: ignore[call-overload]
+        return (inflight[0] if inflight else min(24, int(args[3]))), 1
 
     monkeypatch.setattr(engine.pace.cost, "split", one_layer)
     params = {"max_tokens": 60, "temperature": 0, "ignore_eos": True}

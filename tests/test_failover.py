@@ -259,12 +259,12 @@ def test_the_broker_relays_each_tokens_seq_once() -> None:
     cancels = Cancels(send_raw, Pub(), stats)  # type: ignore[arg-type]
     reqs = Requests(
         reg,
-        None,
+        None,  # type: ignore[arg-type]  # (no placement: already placed)
         cancels,
         lambda i, m: True,
         send_raw,
         lambda i, w: None,
-        lambda: ({}, []),  # type: ignore[arg-type]
+        lambda: ({}, []),
         stats,
         60.0,
     )

@@ -127,7 +127,7 @@ def test_a_peer_of_another_protocol_version_is_refused(cluster: LocalCluster) ->
     assert d.poll(5000)
     msg = P.decode(d.recv())
     d.close()
-    assert msg.type == "REFUSED" and "version" in msg.reason
+    assert isinstance(msg, P.Refused) and "version" in msg.reason
     assert "future-node" not in str(cluster.cluster_state()["nodes"])
 
 

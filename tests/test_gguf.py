@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -71,7 +72,7 @@ def perplexity(model, ids: list[int]) -> float:
     logits = model(mx.array([ids[:-1]]))[0].astype(mx.float32)
     logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     nll = -mx.take_along_axis(logp, mx.array(ids[1:])[:, None], axis=-1).mean()
-    return math.exp(nll.item())
+    return math.exp(cast(float, nll.item()))
 
 
 @pytest.fixture(scope="module")

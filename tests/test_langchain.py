@@ -47,11 +47,11 @@ def test_invoke_and_stream_say_what_openai_says(cluster: Any) -> None:
     llm = chat(cluster, temperature=0, max_completion_tokens=8, stream_usage=True)
     got = llm.invoke(TURNS)
     assert isinstance(got, AIMessage) and got.content == expected
-    assert got.usage_metadata and got.usage_metadata["output_tokens"] == ref.usage.completion_tokens  # type: ignore[union-attr]
+    assert got.usage_metadata and got.usage_metadata["output_tokens"] == ref.usage.completion_tokens
     chunks = list(llm.stream(TURNS))
     assert "".join(str(c.content) for c in chunks) == expected
     usage = [c.usage_metadata for c in chunks if c.usage_metadata]
-    assert usage and usage[-1]["output_tokens"] == ref.usage.completion_tokens  # type: ignore[union-attr]
+    assert usage and usage[-1]["output_tokens"] == ref.usage.completion_tokens
 
 
 class City(BaseModel):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import mlx.nn as nn
 import pytest
@@ -60,7 +61,8 @@ def test_loaded_model_is_input_major_and_computes_the_same(
     assert InputMajorLinear in kinds and InputMajorEmbedding in kinds
     ref, _ = mlx_load_model(path)
     # same parameters, same bytes
-    assert lm.nbytes == sum(v.nbytes for _, v in tree_flatten(ref.parameters()))
+    params = cast(list[tuple[str, mx.array]], tree_flatten(ref.parameters()))
+    assert lm.nbytes == sum(v.nbytes for _, v in params)
     ids = mx.array([[1, 5, 9, 200, 17, 3, 64, 101]])
     ours, theirs = lm.model(ids), ref(ids)
     assert mx.allclose(ours, theirs, atol=1e-4, rtol=1e-4).item()

@@ -6,7 +6,7 @@ from exo.broker import protocol as P
 
 def test_round_trip_keeps_fields_and_version() -> None:
     msg = P.decode(P.encode("TOKENS", rid="r1", ids=[1, 2], text="hi", finish="stop"))
-    assert msg.type == "TOKENS"
+    assert isinstance(msg, P.Tokens) and msg.type == "TOKENS"
     assert msg.version == P.VERSION
     assert msg.rid == "r1" and msg.ids == [1, 2] and msg.finish == "stop"
 

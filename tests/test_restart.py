@@ -160,7 +160,7 @@ def test_a_broker_stopped_mid_stream_ends_the_stream_with_an_error_event(
     with LocalCluster.on_free_ports(models_dir, log_dir=tmp_path) as c:
         body = {"model": TINY, "prompt": [1, 2], "max_tokens": 900, "ignore_eos": True}
         assert c.broker is not None
-        lines, _ = stream_acting(c.url, body, 5, lambda: c.broker.send_signal(signal.SIGTERM))  # type: ignore[union-attr]
+        lines, _ = stream_acting(c.url, body, 5, lambda: c.broker.send_signal(signal.SIGTERM))
         assert lines[-1] == "data: [DONE]", lines[-3:]
         (err,) = [json.loads(x[6:]) for x in lines if '"error"' in x]
         assert err["error"]["code"] == "shutting_down"

@@ -271,7 +271,9 @@ def test_a_submit_sent_twice_runs_once_and_another_frontend_cannot_take_its_id(
     one, two = fronts
     next_of(one, P.Welcome)
     next_of(two, P.Welcome)
-    submit = P.Submit(rid="twice", model=FAKE, kind="completion", payload="x", params=SamplingParams())
+    submit = P.Submit(
+        rid="twice", model=FAKE, kind="completion", payload="x", params=SamplingParams()
+    )
     one.send(P.encode(submit))
     next_of(one, P.Accepted)
     wait_until(lambda: a.generates, timeout=30)

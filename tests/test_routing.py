@@ -70,11 +70,11 @@ def test_a_request_goes_where_its_prefix_is_cached_unless_that_is_much_busier() 
     wanted = chain("chat", convo)
     chosen = choose_instance(found, nodes, "m", wanted)
     assert chosen is not None and chosen.id == "i1"  # the cache, though busier
-    assert choose_instance(found, nodes, "m").id == "i2"  # type: ignore[union-attr]
+    assert choose_instance(found, nodes, "m").id == "i2"
     other = chain("chat", chat("other", "x"))
-    assert choose_instance(found, nodes, "m", other).id == "i2"  # type: ignore[union-attr]
+    assert choose_instance(found, nodes, "m", other).id == "i2"
     a.report_status({**a.status, "running": PREFIX_SLACK + 1})
-    assert choose_instance(found, nodes, "m", wanted).id == "i2"  # type: ignore[union-attr]
+    assert choose_instance(found, nodes, "m", wanted).id == "i2"
 
 
 def test_unknown_model_is_404_and_a_gone_one_is_503() -> None:

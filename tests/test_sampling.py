@@ -1,3 +1,5 @@
+from typing import cast
+
 from exo.nodes.engine.mlxenv import mx
 from exo.nodes.engine.sampling import Sampler, SamplingParams, StopMatcher
 
@@ -35,7 +37,7 @@ def test_seeded_sampling_is_reproducible_and_seeds_differ() -> None:
 
     def draw(seed: int) -> list[int]:
         s = Sampler(SamplingParams(temperature=1.0, seed=seed))
-        return [s(logits).item() for _ in range(20)]
+        return [cast(int, s(logits).item()) for _ in range(20)]
 
     assert draw(7) == draw(7)
     assert draw(7) != draw(8)

@@ -66,8 +66,8 @@ def fuzz(
 def test_no_request_built_from_the_served_schema_gets_a_server_error(
     cluster: LocalCluster,
 ) -> None:
-    schema = schemathesis.openapi.from_url(f"{cluster.url}/openapi.json")
-    schema = schema.exclude(path_regex=LEFT_OUT)
+    served = schemathesis.openapi.from_url(f"{cluster.url}/openapi.json")
+    schema = served.exclude(path_regex=LEFT_OUT)
     assert len(list(schema.get_all_operations())) >= 19  # every face's
     assert fuzz(cluster, schema, lambda case: None, 15, "/v1/") >= 40
 

@@ -28,7 +28,7 @@ class Harness:
         self.engine = Engine(lane=False)
         self.node = Node("tcp://127.0.0.1:9", "t", tmp_path, engine=self.engine, weights_port=None)
         self.sent: list[tuple[str, dict[str, Any]]] = []
-        self.node.send = lambda m: self.sent.append((m.type, msgspec.structs.asdict(m)))  # type: ignore[method-assign]
+        self.node.send = lambda m: self.sent.append((m.type, msgspec.structs.asdict(m)))  # type: ignore[method-assign, assignment]
         self.good = load_model("good", tiny_path)
         self.bad = load_model("bad", tiny_path)
         self.engine.add_model(self.good)
@@ -91,7 +91,7 @@ def test_a_raising_step_fails_its_models_requests_and_the_rest_finish_right(h: H
         end = h.ended(rid)
         assert end is not None and end["type"] == "FAIL", end
         assert end["code"] == "step_failed" and "marker token" in end["message"]
-    assert h.ended("g1")["type"] == "TOKENS"  # type: ignore[index]
+    assert h.ended("g1")["type"] == "TOKENS"
     assert h.tokens("g1") == reference  # and its tokens are the ones it gets alone
     # the node goes on serving both models
     h.submit("b3", "bad", PROMPT)
@@ -105,11 +105,11 @@ def test_a_model_whose_steps_keep_failing_is_unloaded_with_the_reason(h: Harness
     for i in range(FAILING_STEPS):
         h.submit(f"m{i}", "bad", [*PROMPT, MARK])
         h.run(f"m{i}")
-        assert h.ended(f"m{i}")["code"] == "step_failed"  # type: ignore[index]
+        assert h.ended(f"m{i}")["code"] == "step_failed"
     assert "bad" not in h.engine.models and "good" in h.engine.models
     h.submit("g", "good", PROMPT)
     h.run("g")
-    assert h.ended("g")["type"] == "TOKENS"  # type: ignore[index]
+    assert h.ended("g")["type"] == "TOKENS"
 
 
 def test_a_fault_outside_any_models_part_fails_the_steps_requests_and_the_node_goes_on(
@@ -137,4 +137,4 @@ def test_a_fault_outside_any_models_part_fails_the_steps_requests_and_the_node_g
     assert not h.engine.requests and h.node.errors["step"] == 1
     h.submit("c", "good", PROMPT)
     h.run("c")
-    assert h.ended("c")["type"] == "TOKENS"  # type: ignore[index]
+    assert h.ended("c")["type"] == "TOKENS"

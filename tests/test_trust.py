@@ -7,6 +7,7 @@ import json
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import msgpack
@@ -78,7 +79,7 @@ def test_a_node_hello_with_bad_facts_is_refused_and_the_broker_serves_on(
     try:
         if isinstance(info, dict):
             msg = hello(d, "node", "rogue", info=info)
-            assert msg.type == "REFUSED" and "bad info" in msg.reason
+            assert isinstance(msg, P.Refused) and "bad info" in msg.reason
         else:  # not even the map a HELLO's info is: a bad frame, dropped unanswered
             d.send(P.encode("HELLO", role="node", peer_id="rogue", info=info))
             assert not d.poll(1000)
@@ -143,22 +144,22 @@ def test_a_frontend_with_a_bad_instances_spec_or_params_cannot_stop_anything(
                     params=params,
                 )
             )
-        replies: dict[str, P.Msg] = {}
-        ended: dict[str, P.Msg] = {}
+        replies: dict[str, P.Reply] = {}
+        ended: dict[str, P.Tokens | P.Fail] = {}
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and len(ended) < len(bad_params):
             if not d.poll(500):
                 continue
             msg = P.decode(d.recv())
-            if msg.type == "REPLY":
+            if isinstance(msg, P.Reply):
                 replies[msg.qid] = msg
-            elif msg.type == "FAIL" or (msg.type == "TOKENS" and msg.finish):
+            elif isinstance(msg, P.Fail) or (isinstance(msg, P.Tokens) and msg.finish):
                 ended[msg.rid] = msg
-        assert ended["bad-0"].type == "TOKENS"
+        assert isinstance(ended["bad-0"], P.Tokens)
         for i in range(1, len(bad_params)):
-            assert ended[f"bad-{i}"].type == "FAIL", ended[f"bad-{i}"]
-            assert ended[f"bad-{i}"].status == 400
-            assert ended[f"bad-{i}"].code == "invalid_params"
+            failed = ended[f"bad-{i}"]
+            assert isinstance(failed, P.Fail), failed
+            assert failed.status == 400 and failed.code == "invalid_params"
         assert "q1" not in replies  # a spec that is not a map is a bad frame
         for q in ("q2", "q3"):
             assert replies[q].data["status"] == 400, replies[q]
@@ -170,13 +171,14 @@ def test_a_frontend_with_a_bad_instances_spec_or_params_cannot_stop_anything(
 
 def test_http_bounds_answer_4xx_in_openais_shape(cluster: LocalCluster) -> None:
     url = cluster.url
-    for body, param in [
+    bounds: list[tuple[dict[str, Any], str]] = [
         ({"seed": 1 << 64}, "seed"),
         ({"seed": -(1 << 63) - 1}, "seed"),
         ({"max_tokens": 10**30}, "max_tokens"),
         ({"max_completion_tokens": 1 << 40}, "max_completion_tokens"),
         ({"stop": ["x" * 5000]}, "stop"),
-    ]:
+    ]
+    for body, param in bounds:
         r = chat(url, **body)
         assert r.status_code == 400, (body, r.text)
         assert r.json()["error"]["param"] == param
@@ -413,7 +415,7 @@ def test_only_the_caller_that_submitted_a_request_can_cancel_it(keyed: LocalClus
         reply = P.decode(d.recv()) if d.poll(5000) else None
         while reply is not None and reply.type == "HEARTBEAT":  # (the broker's, any time)
             reply = P.decode(d.recv()) if d.poll(5000) else None
-        assert reply is not None and reply.type == "REPLY" and reply.data == {"found": False}
+        assert isinstance(reply, P.Reply) and reply.data == {"found": False}
     finally:
         d.close()
     n = len(lines)
@@ -526,7 +528,7 @@ def test_a_stranger_without_the_clusters_keys_can_neither_join_nor_listen(
     d = dealer(cluster, "node")
     try:
         msg = hello(d, "frontend", "sneaky")
-        assert msg.type == "REFUSED" and "key" in msg.reason
+        assert isinstance(msg, P.Refused) and "key" in msg.reason
     finally:
         d.close()
     # the nodes' plain-TCP servers want the cluster's token
