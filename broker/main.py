@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from exo.common.keys import Cluster
 
 log = logging.getLogger(__name__)
+# A click command (or the function becoming one) that options decorate
 Command = TypeVar("Command", bound=Callable[..., Any])
 
 

@@ -1,11 +1,11 @@
 """What a request asks of sampling, defined once: the API builds it from the
-client's body, it travels in GENERATE and in the first step header a later
-stage sees, and it is checked again wherever it enters a node (nothing on the
-wire is trusted)."""
+client's body, and it travels as itself in SUBMIT, GENERATE and the first step
+header a later stage sees, its bounds checked wherever a frame carrying it is
+decoded (nothing on the wire is trusted)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 import msgspec
 from msgspec import Meta, Struct
@@ -60,13 +60,10 @@ class SamplingParams(Struct, forbid_unknown_fields=False):
         Meta(max_length=300),
     ] = {}
 
-    def wire(self) -> dict[str, Any]:
-        out: dict[str, Any] = msgspec.to_builtins(self)
-        return out
-
     @classmethod
     def from_wire(cls, p: object) -> SamplingParams:
-        """The parameters as a message carries them, or ValueError naming the bad one."""
+        """The parameters from a plain map (a face's reading of its body; `stop` may
+        be one string), or ValueError naming the bad one."""
         if isinstance(p, dict) and isinstance(p.get("stop"), str):
             p = {**p, "stop": [p["stop"]]}
         try:

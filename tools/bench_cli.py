@@ -11,7 +11,8 @@ from typing import Any
 
 import click
 
-from exo.tools.options import Command, models_dir_option, resolve_models_dir
+from exo.broker.main import Command
+from exo.tools.options import models_dir_option, resolve_models_dir
 
 
 def pick_model(model: str | None, models_dir: Path | None) -> tuple[str, Path]:

@@ -15,15 +15,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import httpx
-import zmq
 
 if TYPE_CHECKING:
+    from exo.common.dealer import S
     from exo.common.keys import Cluster
-
-S = TypeVar("S", bound=zmq.Socket[Any])
 
 
 def free_ports(n: int) -> list[int]:

@@ -8,8 +8,8 @@ from typing import Any
 
 import click
 
+from exo.broker.main import Command
 from exo.tools.cluster import api_headers
-from exo.tools.options import Command
 
 
 def ready_or_exit(url: str, iid: str) -> dict[str, Any]:

@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
 
 import click
-
-# A click command (or the function becoming one) that options decorate
-Command = TypeVar("Command", bound=Callable[..., Any])
 
 
 def resolve_models_dir(value: Path | None) -> Path:

@@ -104,7 +104,7 @@ def tools_of(tools: Any) -> list[dict[str, Any]] | None:
 
 def parse(
     body: Any, key: str | None
-) -> tuple[str, list[dict[str, Any]], Any, SamplingParams, bool]:
+) -> tuple[str, list[dict[str, Any]], P.Payload, SamplingParams, bool]:
     """-> model, the conversation so far (kept turns + this input), the chat
     payload, sampling parameters, stream."""
     if not isinstance(body, dict):

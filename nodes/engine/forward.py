@@ -313,7 +313,7 @@ def fused_step(
     scored: Chunk.every), its hidden state when it stops short of the last layer,
     else None. `pad_to`: a step of decodes only multiplies its weights for a multiple
     of this many rows, the extra ones zero: on one thread OpenBLAS's sgemm here is
-    fastest at multiples of 4 rows (a 4-row step 119 ms against 150 for 3 rows)."""
+    fastest at multiples of 4 rows (docs/NOTES.md)."""
     inner = model.model
     B = len(dec)
     pad = (-B) % pad_to if B and not chunks else 0
